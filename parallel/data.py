@@ -1,0 +1,32 @@
+"""Data parallelism with FSDP2 (``fully_shard``): ZeRO-3 sharding within 'dp_shard',
+replication across 'dp_replicate' (HSDP when both are > 1).
+
+Each block is its own FSDP unit so that only one block's parameters are gathered at a
+time; the embedding, final norm and head are gathered with the root.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Shard ``model`` over the data-parallel dimensions of ``mesh`` in place.
+
+    Parameters stay fp32 (the master weights); ``param_dtype`` is the compute dtype that
+    FSDP casts gathered parameters to, gradients are reduced in fp32.
+    """
+    if mesh.mesh_dim_names == ("dp_replicate", "dp_shard") and mesh["dp_replicate"].size() == 1:
+        dp_mesh = mesh["dp_shard"]
+    else:
+        dp_mesh = mesh
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    blocks = getattr(model, "blocks", None)
+    if blocks is not None:
+        for block in blocks.values():
+            fully_shard(block, mesh=dp_mesh, mp_policy=mp)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp)
+    return model

@@ -1,0 +1,3 @@
+"""Pretraining hybrid decoder language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,163 @@
+"""`pretrain prepare|train|generate|eval|plan` — the command line.
+
+User errors (a bad config field, a missing file, a damaged checkpoint) print one line on
+stderr and exit with code 2; they never show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from pretrain.config import ConfigError, load_config
+
+EXIT_USAGE = 2
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="TOML config (default: configs/tiny.toml values built in)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override a config field (repeatable), e.g. --set train.max_steps=100",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pretrain", description="Pretrain hybrid decoder language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="tokenize the configured corpus into indexed token shards")
+    _add_config_args(p)
+    p.add_argument("--force", action="store_true", help="prepare again even if the data dir is up to date")
+
+    p = sub.add_parser("train", help="train a config (prepares the data first when missing)")
+    _add_config_args(p)
+    p.add_argument(
+        "--resume",
+        default="auto",
+        help="'auto' (newest complete checkpoint of the run, if any), 'none', or a checkpoint folder",
+    )
+
+    p = sub.add_parser("generate", help="sample text from a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a run folder, its checkpoints folder or one step folder")
+    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (1: off)")
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-samples", type=int, default=1)
+
+    p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a run folder, its checkpoints folder or one step folder")
+    p.add_argument("--samples", type=int, default=0, help="validation sequences (0: the config's train.eval_samples)")
+
+    p = sub.add_parser("plan", help="layer pattern, parameters, FLOPs per token and memory per device")
+    _add_config_args(p)
+    p.add_argument("--dp", type=int, default=1, help="data-parallel ranks to estimate memory for")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from pretrain.data import DataError
+    from pretrain.train.checkpoint import CheckpointError
+
+    try:
+        return _COMMANDS[args.command](args)
+    except (ConfigError, DataError, CheckpointError) as exc:
+        print(f"pretrain {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"pretrain {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _cmd_prepare(args) -> int:
+    from pretrain.data import prepare
+
+    cfg = load_config(args.config, args.overrides)
+    prepare(cfg.data, force=args.force)
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from pretrain.train.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    train(cfg, resume=args.resume)
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    import torch
+
+    from pretrain.data import Tokenizer
+    from pretrain.generate import generate
+    from pretrain.train.checkpoint import load_for_inference
+
+    if args.max_new_tokens < 1:
+        raise ConfigError("--max-new-tokens: must be >= 1")
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise ConfigError("--temperature must be >= 0, --top-p in (0, 1], --top-k >= 0")
+    _, model, tok_path = load_for_inference(Path(args.checkpoint))
+    tok = Tokenizer(str(tok_path))
+    prompt = tok.encode(args.prompt) if args.prompt else []
+    # Training documents follow an end-of-document token: start the prompt with one too.
+    prompt = [tok.eos_id] + prompt
+    gen = torch.Generator().manual_seed(args.seed)
+    for i in range(args.num_samples):
+        new = generate(
+            model,
+            prompt,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            greedy=args.greedy or args.temperature == 0,
+            eos_id=tok.eos_id,
+            generator=gen,
+        )
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1}")
+        print(args.prompt + tok.decode(new), flush=True)
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from pretrain.evaluate import perplexity
+
+    result = perplexity(Path(args.checkpoint), samples=args.samples or None)
+    print(
+        f"validation loss {result['val_loss']:.4f} nats/token, perplexity {result['val_ppl']:.2f} "
+        f"({result['tokens']:,} tokens); unigram baseline {result['unigram_entropy']:.4f}"
+    )
+    return 0
+
+
+def _cmd_plan(args) -> int:
+    from pretrain.plan import format_plan
+
+    cfg = load_config(args.config, args.overrides)
+    print(format_plan(cfg, dp=args.dp))
+    return 0
+
+
+_COMMANDS = {
+    "prepare": _cmd_prepare,
+    "train": _cmd_train,
+    "generate": _cmd_generate,
+    "eval": _cmd_eval,
+    "plan": _cmd_plan,
+}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,250 @@
+"""Checkpoints: one DCP directory per saved step, written atomically.
+
+Layout of ``<checkpoint dir>/step-00000100/``::
+
+    .metadata, *.distcp   model + optimizer (DCP; any parallel layout can load them)
+    rng/rank<R>.pt        RNG states of each rank (torch, CUDA, numpy, python)
+    train_state.json      step, data position, run bookkeeping
+    config.toml           the resolved config of the run
+    tokenizer.model       the tokenizer, so the folder alone can generate text
+    manifest.json         every file's size; written last
+
+A step is first written to ``step-00000100.tmp`` and renamed when complete, so a folder
+without the suffix is complete unless its files were damaged later; the manifest catches
+truncation, a failing load catches the rest, and either way the step is reported and the
+next older one is tried.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+PREFIX = "step-"
+TMP_SUFFIX = ".tmp"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the folder and the reason."""
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"{PREFIX}{step:08d}"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _dcp(op: str, state: dict, path: Path) -> None:
+    """dcp.save / dcp.load; a single process passes no_dist and silences DCP's notice of it."""
+    no_dist = not dist.is_initialized()
+    with warnings.catch_warnings():
+        if no_dist:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        getattr(dcp, op)(state, checkpoint_id=str(path), no_dist=no_dist)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_state: dict[str, Any],
+    config_toml: str,
+    tokenizer_path: Path | None,
+    keep_last: int,
+) -> Path:
+    """Write step ``step`` atomically and prune all but the newest ``keep_last``. Collective."""
+    final = step_dir(root, step)
+    tmp = final.with_name(final.name + TMP_SUFFIX)
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "rng").mkdir(parents=True)
+    _barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    _dcp("save", {"model": model_sd, "optim": optim_sd}, tmp)
+    torch.save(rng_state(), tmp / "rng" / f"rank{_rank()}.pt")
+    _barrier()
+    if _rank() == 0:
+        _write_file(tmp / "train_state.json", json.dumps({"step": step, **train_state}, indent=1).encode())
+        _write_file(tmp / "config.toml", config_toml.encode())
+        if tokenizer_path is not None:
+            shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+        sizes = {
+            str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()
+        }
+        _write_file(tmp / "manifest.json", json.dumps({"step": step, "files": sizes}, indent=1).encode())
+        _fsync_dir(tmp)
+        if final.exists():  # a re-run of the same step replaces the older copy
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        prune(root, keep_last)
+    _barrier()
+    return final
+
+
+def complete_steps(root: Path) -> list[Path]:
+    """Checkpoint folders whose write finished (renamed), newest first."""
+    if not root.is_dir():
+        return []
+    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit()]
+    return sorted(dirs, key=lambda p: int(p.name[len(PREFIX) :]), reverse=True)
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints and stale partial writes."""
+    for old in complete_steps(root)[keep_last:]:
+        shutil.rmtree(old, ignore_errors=True)
+    for tmp in root.glob(f"{PREFIX}*{TMP_SUFFIX}"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def verify(path: Path) -> None:
+    """Raise CheckpointError if a file listed in the manifest is missing or has another size."""
+    manifest = path / "manifest.json"
+    if not manifest.is_file():
+        raise CheckpointError(f"checkpoint {path}: manifest.json is missing")
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"checkpoint {path}: manifest.json is unreadable ({exc})") from None
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {path}: {name} is missing")
+        if f.stat().st_size != size:
+            raise CheckpointError(f"checkpoint {path}: {name} has {f.stat().st_size} bytes, expected {size}")
+
+
+def read_train_state(path: Path) -> dict[str, Any]:
+    return json.loads((path / "train_state.json").read_text())
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """Load model (and optimizer) state and this rank's RNG from ``path``; returns train_state."""
+    verify(path)
+    try:
+        if optimizer is None:
+            model_sd = get_state_dict(model, [])[0]
+            state = {"model": model_sd}
+            _dcp("load", state, path)
+            set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={})
+        else:
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            state = {"model": model_sd, "optim": optim_sd}
+            _dcp("load", state, path)
+            set_state_dict(
+                model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+            )
+    except (Exception, CheckpointException) as exc:  # DCP's own exception is a BaseException
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path}: cannot be loaded ({first})") from None
+    rng_file = path / "rng" / f"rank{_rank()}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return read_train_state(path)
+
+
+def resume_latest(
+    root: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    report: Callable[[str], None] = print,
+) -> dict[str, Any] | None:
+    """Load the newest usable checkpoint under ``root``; damaged ones are reported and skipped.
+
+    Returns its train_state, or None when there is none to resume from.
+    """
+    for path in complete_steps(root):
+        try:
+            state = load_checkpoint(path, model, optimizer)
+        except CheckpointError as exc:
+            report(f"skipping {exc}")
+            continue
+        return state
+    return None
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A step folder from a step folder, a checkpoint folder or a run folder (newest step)."""
+    if (path / "manifest.json").is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        steps = complete_steps(root)
+        if steps:
+            return steps[0]
+    raise CheckpointError(f"checkpoint {path}: no complete checkpoint found there")
+
+
+def load_for_inference(path: Path, device: torch.device | str = "cpu"):
+    """(config, model in eval mode, tokenizer path) of the checkpoint at or under ``path``."""
+    from pretrain.config import load_config
+    from pretrain.models import build_model
+
+    step = resolve_checkpoint(Path(path))
+    cfg = load_config(step / "config.toml")
+    model = build_model(cfg.model)
+    verify(step)
+    state = {"model": model.state_dict()}
+    try:
+        _dcp("load", state, step)
+    except (Exception, CheckpointException) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint {step}: cannot be loaded ({first})") from None
+    model.load_state_dict(state["model"])
+    return cfg, model.to(device).eval(), step / "tokenizer.model"

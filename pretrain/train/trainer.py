@@ -1,0 +1,274 @@
+"""The training loop: one process, or one rank of a torchrun/slurm job (FSDP2 over dp)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import resource
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from parallel.data import apply_fsdp
+from parallel.dims import ParallelDims, destroy_distributed, init_distributed
+from pretrain.config import Config, ConfigError
+from pretrain.data import PackedLoader, prepare, prepared_datasets, read_meta, validation_batches
+from pretrain.models import build_model, flops_per_token
+from pretrain.train import checkpoint as ckpt
+from pretrain.train.metrics import MetricsLogger, peak_flops
+from pretrain.train.optim import build_optimizer, lr_at, set_lr
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    want = cfg.train.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: 'cuda' requested but CUDA is not available")
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(want)
+
+
+def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    if cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy; logits [B, T, V], labels [B, T]."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+
+
+class Trainer:
+    """Owns model, optimizer, data and checkpoints of one rank."""
+
+    def __init__(self, cfg: Config, resume: str = "auto", log=print):
+        self.device = resolve_device(cfg)
+        self.rank, local_rank, world = init_distributed(self.device.type)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", local_rank)
+        self.dims = ParallelDims.from_config(cfg.parallel, world)
+        self.mesh = self.dims.build_mesh(self.device.type)
+        self.dp_rank = self.rank  # the only dimensions so far are data-parallel ones
+        self.main = self.rank == 0
+        self.log = log if self.main else (lambda *_: None)
+
+        dp = self.dims.dp
+        t = cfg.train
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            raise ConfigError(
+                f"train.global_batch_size: {t.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size x data-parallel ranks = {t.micro_batch_size} x {dp}"
+            )
+        self.grad_accum = t.global_batch_size // (t.micro_batch_size * dp)
+
+        self.meta = self._prepare_data(cfg)
+        self.tokenizer_path = Path(cfg.data.dir) / "tokenizer.model"
+        if cfg.model.vocab_size == 0:
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=self.meta["vocab_size"]))
+        elif cfg.model.vocab_size < self.meta["vocab_size"]:
+            raise ConfigError(
+                f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's {self.meta['vocab_size']}"
+            )
+        self.cfg = cfg
+        self.ckpt_root = cfg.checkpoint_dir
+        self.run_dir = Path(cfg.run.dir)
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.toml").write_text(cfg.to_toml())
+
+        torch.manual_seed(t.seed)
+        self.dtype = compute_dtype(cfg, self.device)
+        self.model = self._build_model()
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        self.loader = PackedLoader(
+            prepared_datasets(cfg.data.dir, "train", cfg.data.weights or None),
+            seq_len=cfg.data.seq_len,
+            seed=t.seed,
+            global_batch_size=t.global_batch_size,
+            micro_batch_size=t.micro_batch_size,
+            dp_rank=self.dp_rank,
+            dp_size=dp,
+        )
+        self.step = 0
+        self._resume(resume)
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)["total"]
+        self.peak = peak_flops(self.device, t.peak_flops)
+
+    # ------------------------------------------------------------------ setup
+
+    def _prepare_data(self, cfg: Config) -> dict[str, Any]:
+        """Rank 0 prepares the data when it is missing; the others wait and read meta.json."""
+        if self.main:
+            prepare(cfg.data, log=self.log)
+        if dist.is_initialized():
+            dist.barrier()
+        return read_meta(cfg.data.dir)
+
+    def _build_model(self) -> nn.Module:
+        # Built whole on the CPU from the seed on every rank, then sharded: every layout starts
+        # from the same weights as a single process.
+        model = build_model(self.cfg.model)
+        model.to(self.device)
+        if self.cfg.train.compile:
+            for name, block in model.blocks.items():
+                model.blocks[name] = torch.compile(block)
+        if self.mesh is not None:
+            apply_fsdp(model, self.mesh)
+        return model
+
+    def _resume(self, mode: str) -> None:
+        if mode == "none":
+            if ckpt.complete_steps(self.ckpt_root):
+                raise ConfigError(
+                    f"checkpoint.dir: {self.ckpt_root} already holds checkpoints; "
+                    "resume with --resume auto or choose another run.dir"
+                )
+            return
+        if mode == "auto":
+            state = ckpt.resume_latest(self.ckpt_root, self.model, self.optimizer, report=self.log)
+            if state is None:
+                return
+        else:
+            state = ckpt.load_checkpoint(Path(mode), self.model, self.optimizer)
+        self.step = state["step"]
+        self.loader.load_state_dict(state["data"])
+        self.log(f"resumed from step {self.step} ({self.ckpt_root})")
+
+    # ---------------------------------------------------------------- running
+
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def _all_reduce_mean(self, value: torch.Tensor) -> float:
+        if dist.is_initialized():
+            value = value.clone()
+            dist.all_reduce(value)  # SUM: gloo has no AVG
+            value /= dist.get_world_size()
+        return value.item()
+
+    def train_step(self) -> dict[str, float]:
+        micro_batches = self.loader.next_step()
+        lr = lr_at(self.step, self.cfg.optim, self.cfg.train.max_steps)
+        set_lr(self.optimizer, lr)
+        total = torch.zeros((), device=self.device)
+        for i, batch in enumerate(micro_batches):
+            if self.mesh is not None:
+                self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            with self._autocast():
+                logits = self.model(batch["input_ids"], position_ids=batch["position_ids"])
+            loss = lm_loss(logits, batch["labels"]) / len(micro_batches)
+            loss.backward()
+            total += loss.detach()
+        clip = self.cfg.train.grad_clip
+        norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"loss": self._all_reduce_mean(total), "grad_norm": norm.item(), "lr": lr}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean validation loss over a fixed set of sequences, and its perplexity."""
+        cfg = self.cfg
+        batches = validation_batches(
+            cfg.data.dir, cfg.data.seq_len, cfg.train.eval_samples, cfg.train.micro_batch_size,
+            self.dp_rank, self.dims.dp,
+        )
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        for batch in batches:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with self._autocast():
+                logits = self.model(batch["input_ids"], position_ids=batch["position_ids"])
+            total += lm_loss(logits, batch["labels"])
+        self.model.train()
+        loss = self._all_reduce_mean(total / max(1, len(batches)))
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+    def save(self) -> Path:
+        return ckpt.save_checkpoint(
+            self.ckpt_root,
+            self.step,
+            self.model,
+            self.optimizer,
+            {"data": self.loader.state_dict(), "world_size": self.dims.world_size},
+            self.cfg.to_toml(),
+            self.tokenizer_path,
+            self.cfg.checkpoint.keep_last,
+        )
+
+    def _peak_memory_gb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**30
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+    def fit(self) -> dict[str, Any]:
+        cfg, t = self.cfg, self.cfg.train
+        metrics = MetricsLogger(cfg, self.run_dir, self.main, self.step, t.max_steps)
+        tokens_per_step = t.global_batch_size * cfg.data.seq_len
+        self.log(
+            f"training {cfg.run.name}: {sum(p.numel() for p in self.model.parameters()):,} parameters, "
+            f"{self.dims.world_size} rank(s), {self.grad_accum} micro-batch(es) per step, "
+            f"{tokens_per_step:,} tokens per step, device {self.device}"
+        )
+        started = time.perf_counter()
+        window_start, window_steps = time.perf_counter(), 0
+        last_eval: dict[str, float] = {}
+        try:
+            while self.step < t.max_steps:
+                record = self.train_step()
+                window_steps += 1
+                step = self.step
+                done = step == t.max_steps
+                if step % t.log_interval == 0 or done:
+                    elapsed = time.perf_counter() - window_start
+                    tps = window_steps * tokens_per_step / max(elapsed, 1e-9)
+                    record.update(
+                        tokens_per_s=tps,
+                        mfu=tps * self.flops_per_token / (self.peak * self.dims.world_size),
+                        peak_mem_gb=self._peak_memory_gb(),
+                    )
+                    window_start, window_steps = time.perf_counter(), 0
+                if (t.eval_interval and step % t.eval_interval == 0) or done:
+                    last_eval = self.evaluate()
+                    record.update(last_eval)
+                if step % t.log_interval == 0 or done or "val_loss" in record:
+                    metrics.log({"step": step, **record})
+                if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or done:
+                    self.save()
+        finally:
+            metrics.close()
+        summary = {
+            "steps": self.step,
+            "seconds": time.perf_counter() - started,
+            "unigram_entropy": self.meta.get("unigram_entropy"),
+            **last_eval,
+        }
+        if last_eval and summary["unigram_entropy"] is not None:
+            self.log(
+                f"validation loss {last_eval['val_loss']:.4f} nats/token vs unigram baseline "
+                f"{summary['unigram_entropy']:.4f} (perplexity {last_eval['val_ppl']:.1f} vs "
+                f"{math.exp(summary['unigram_entropy']):.1f})"
+            )
+        return summary
+
+
+def train(cfg: Config, resume: str = "auto", log=print) -> dict[str, Any]:
+    """Train ``cfg`` to train.max_steps; returns a summary (steps, seconds, final val loss)."""
+    try:
+        trainer = Trainer(cfg, resume=resume, log=log)
+        return trainer.fit()
+    finally:
+        destroy_distributed()
