@@ -127,7 +127,8 @@ def _cmd_generate(args) -> int:
         )
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
-        print(args.prompt + tok.decode(new), flush=True)
+        # Decoded together with the prompt: a piece's leading space survives only mid-text.
+        print(tok.decode(prompt[1:] + [t for t in new if t != tok.eos_id]), flush=True)
     return 0
 
 

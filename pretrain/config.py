@@ -14,7 +14,7 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import tomli_w
 
@@ -57,6 +57,119 @@ class MambaConfig:
 
 
 @dataclass
+class GLAConfig:
+    used_by: ClassVar[tuple[str, ...]] = ("gla",)
+    """Pattern names (mixer or FFN, or their prefix before '_') whose blocks read this section."""
+
+    n_heads: int = 4
+    """Heads of every 'gla' mixer."""
+    expand_k: float = 0.5
+    """Key/query width = expand_k * d_model."""
+    expand_v: float = 1.0
+    """Value width = expand_v * d_model."""
+    gate_low_rank: int = 16
+    """Rank of the low-rank projection that produces the forget gate alpha."""
+    gate_normalizer: float = 16.0
+    """alpha = exp(logsigmoid(.) / gate_normalizer)."""
+    chunk_size: int = 64
+    """Chunk length of the chunkwise-parallel form."""
+
+    def check(self, name: str, cfg: "ModelConfig") -> None:
+        _check(self.n_heads > 0, f"{name}.n_heads", "must be > 0")
+        _check(self.expand_k > 0 and self.expand_v > 0, f"{name}.expand_k", "expand_k and expand_v must be > 0")
+        for field_name, width in (("expand_k", self.expand_k), ("expand_v", self.expand_v)):
+            dim = width * cfg.d_model
+            _check(
+                dim == int(dim) and int(dim) % self.n_heads == 0,
+                f"{name}.{field_name}",
+                f"{field_name} * model.d_model = {dim} is not divisible by {name}.n_heads={self.n_heads}",
+            )
+        _check(self.gate_low_rank > 0, f"{name}.gate_low_rank", "must be > 0")
+        _check(self.gate_normalizer > 0, f"{name}.gate_normalizer", "must be > 0")
+        _check(self.chunk_size > 0, f"{name}.chunk_size", "must be > 0")
+
+
+@dataclass
+class Mamba2Config:
+    used_by: ClassVar[tuple[str, ...]] = ("mamba2",)
+    """Pattern names (mixer or FFN, or their prefix before '_') whose blocks read this section."""
+
+    d_state: int = 64
+    """SSM state size N per head."""
+    d_conv: int = 4
+    """Width of the short causal depthwise convolution."""
+    expand: int = 2
+    """Inner width = expand * d_model."""
+    head_dim: int = 64
+    """Channels per SSM head (scalar A per head)."""
+    n_groups: int = 1
+    """Groups of heads sharing B and C."""
+    chunk_size: int = 64
+    """Chunk length of the SSD algorithm."""
+
+    def check(self, name: str, cfg: "ModelConfig") -> None:
+        for f in ("d_state", "d_conv", "expand", "head_dim", "n_groups", "chunk_size"):
+            _check(getattr(self, f) > 0, f"{name}.{f}", "must be > 0")
+        inner = self.expand * cfg.d_model
+        _check(inner % self.head_dim == 0, f"{name}.head_dim", f"does not divide the inner width {inner}")
+        _check((inner // self.head_dim) % self.n_groups == 0, f"{name}.n_groups", "does not divide the heads")
+
+
+@dataclass
+class TitansConfig:
+    used_by: ClassVar[tuple[str, ...]] = ("mac", "mag", "mal")
+    """Pattern names (mixer or FFN, or their prefix before '_') whose blocks read this section."""
+
+    memory_depth: int = 2
+    """Layers of the neural memory MLP (1: a linear memory)."""
+    memory_expand: int = 2
+    """Hidden width of a deep memory = memory_expand * key width."""
+    n_heads: int = 4
+    """Memory heads (each head has its own memory)."""
+    chunk_size: int = 64
+    """Tokens per memory update (mini-batch gradient descent step)."""
+    segment_size: int = 128
+    """MAC: tokens per segment attended together with the memory read."""
+    n_persistent: int = 16
+    """Learned persistent memory tokens."""
+
+    def check(self, name: str, cfg: "ModelConfig") -> None:
+        for f in ("memory_depth", "memory_expand", "n_heads", "chunk_size", "segment_size"):
+            _check(getattr(self, f) > 0, f"{name}.{f}", "must be > 0")
+        _check(self.n_persistent >= 0, f"{name}.n_persistent", "must be >= 0")
+        _check(cfg.d_model % self.n_heads == 0, f"{name}.n_heads", f"does not divide model.d_model={cfg.d_model}")
+
+
+@dataclass
+class MoEConfig:
+    used_by: ClassVar[tuple[str, ...]] = ("moe", "moe_gru")
+    """Pattern names (mixer or FFN, or their prefix before '_') whose blocks read this section."""
+
+    n_experts: int = 8
+    """Routed experts per MoE layer."""
+    top_k: int = 2
+    """Experts each token is sent to."""
+    expert_hidden: int = 0
+    """SwiGLU hidden width of one expert; 0 means the dense MLP's width."""
+    router_hidden: int = 256
+    """Hidden size h of the layerwise GRU router ('moe_gru')."""
+    aux_loss_coef: float = 1e-3
+    """Switch load-balancing loss coefficient (summed over MoE layers)."""
+    z_loss_coef: float = 0.0
+    """Router z-loss coefficient (0: off)."""
+    shared_expert: bool = False
+    """Add one always-on shared expert."""
+
+    def check(self, name: str, cfg: "ModelConfig") -> None:
+        _check(self.n_experts > 0, f"{name}.n_experts", "must be > 0")
+        _check(0 < self.top_k <= self.n_experts, f"{name}.top_k", f"must be in [1, {name}.n_experts]")
+        _check(self.expert_hidden >= 0, f"{name}.expert_hidden", "must be >= 0")
+        _check(self.router_hidden > 0, f"{name}.router_hidden", "must be > 0")
+        _check(self.aux_loss_coef >= 0, f"{name}.aux_loss_coef", "must be >= 0")
+        _check(self.z_loss_coef >= 0, f"{name}.z_loss_coef", "must be >= 0")
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 0
     """Vocabulary size; 0 takes the tokenizer's size when the model is built for training."""
@@ -83,6 +196,14 @@ class ModelConfig:
     """Attention mixers ('attn' full causal, 'swa' sliding window)."""
     mamba: MambaConfig = field(default_factory=MambaConfig)
     """Mamba-1 mixers ('mamba')."""
+    mamba2: Mamba2Config = field(default_factory=Mamba2Config)
+    """Mamba-2 (SSD) mixers ('mamba2')."""
+    gla: GLAConfig = field(default_factory=GLAConfig)
+    """Gated Linear Attention mixers ('gla')."""
+    titans: TitansConfig = field(default_factory=TitansConfig)
+    """Titans neural long-term memory ('mac', 'mag', 'mal')."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """Mixture-of-Experts FFNs ('moe' softmax top-k router, 'moe_gru' layerwise GRU router)."""
 
     def pattern(self) -> list[tuple[str, str]]:
         """The (mixer, ffn) of each of the n_layers blocks."""
@@ -405,6 +526,12 @@ def validate(cfg: Config) -> None:
     _check(mb.d_conv > 0, "model.mamba.d_conv", "must be > 0")
     _check(mb.expand > 0, "model.mamba.expand", "must be > 0")
     _check(mb.dt_rank >= 0, "model.mamba.dt_rank", "must be >= 0")
+    used = {n for pair in m.pattern() for n in pair}
+    used |= {n.split("_")[0] for n in used}
+    for f in dataclasses.fields(m):
+        section = getattr(m, f.name)
+        if hasattr(section, "check") and used & set(section.used_by):
+            section.check(f"model.{f.name}", m)
 
     d = cfg.data
     _check(all(isinstance(s, str) for s in d.sources), "data.sources", "must be a list of strings")

@@ -48,5 +48,9 @@ def format_plan(cfg: Config, dp: int = 1) -> str:
         lines.append(f"  {key:<22}{_human(value, 'FLOP'):>16}")
     lines.append(f"memory per device (dp={dp}, micro-batch {cfg.train.micro_batch_size}, fp32 master weights)")
     for key, value in mem.items():
-        lines.append(f"  {key:<22}{value / 2**30:>13.3f} GiB")
+        if isinstance(value, dict):
+            for sub, v in value.items():
+                lines.append(f"    {sub:<20}{v / 2**30:>13.3f} GiB")
+        else:
+            lines.append(f"  {key:<22}{value / 2**30:>13.3f} GiB")
     return "\n".join(lines)

@@ -224,23 +224,24 @@ class Trainer:
             f"{tokens_per_step:,} tokens per step, device {self.device}"
         )
         started = time.perf_counter()
-        window_start, window_steps = time.perf_counter(), 0
+        window_seconds, window_steps = 0.0, 0
         last_eval: dict[str, float] = {}
         try:
             while self.step < t.max_steps:
+                step_start = time.perf_counter()
                 record = self.train_step()
+                window_seconds += time.perf_counter() - step_start  # excludes eval and saving
                 window_steps += 1
                 step = self.step
                 done = step == t.max_steps
                 if step % t.log_interval == 0 or done:
-                    elapsed = time.perf_counter() - window_start
-                    tps = window_steps * tokens_per_step / max(elapsed, 1e-9)
+                    tps = window_steps * tokens_per_step / max(window_seconds, 1e-9)
                     record.update(
                         tokens_per_s=tps,
                         mfu=tps * self.flops_per_token / (self.peak * self.dims.world_size),
                         peak_mem_gb=self._peak_memory_gb(),
                     )
-                    window_start, window_steps = time.perf_counter(), 0
+                    window_seconds, window_steps = 0.0, 0
                 if (t.eval_interval and step % t.eval_interval == 0) or done:
                     last_eval = self.evaluate()
                     record.update(last_eval)

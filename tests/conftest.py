@@ -1,0 +1,111 @@
+"""Shared fixtures: a small slice of the built-in corpus prepared once per session, and the
+overrides that shrink any config to a model that trains in seconds."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def kjv_path() -> Path:
+    spec = importlib.util.find_spec("bible")
+    return Path(list(spec.submodule_search_locations)[0]) / "data" / "kjv.jsonl"
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """The first chapters of the King James text as a jsonl file of one document per chapter."""
+    out = tmp_path_factory.mktemp("corpus") / "kjv_small.jsonl"
+    chapters: dict[tuple[str, int], list[str]] = {}
+    with open(kjv_path()) as f:
+        for line in f:
+            verse = json.loads(line)
+            key = (verse["book"], verse["chapter"])
+            if key not in chapters and len(chapters) == 120:
+                break
+            chapters.setdefault(key, []).append(verse["text"])
+    with open(out, "w") as f:
+        for verses in chapters.values():
+            f.write(json.dumps({"text": " ".join(verses)}) + "\n")
+    return out
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(small_corpus, tmp_path_factory) -> Path:
+    """``small_corpus`` tokenized with a 256-token BPE vocabulary."""
+    from pretrain.config import load_config
+    from pretrain.data import prepare
+
+    data_dir = tmp_path_factory.mktemp("prepared")
+    cfg = load_config(None, data_overrides(small_corpus, data_dir))
+    prepare(cfg.data, log=lambda *_: None)
+    return data_dir
+
+
+def data_overrides(corpus: Path, data_dir: Path) -> list[str]:
+    return [
+        f"data.sources=['{corpus}']",
+        f"data.dir='{data_dir}'",
+        "data.vocab_size=256",
+        "data.seq_len=32",
+        "data.valid_fraction=0.05",
+        "data.num_workers=1",
+    ]
+
+
+def tiny_overrides(corpus: Path, data_dir: Path, run_dir: Path, **extra) -> list[str]:
+    """A two-block Mamba + sliding-window model, 4 sequences of 32 tokens per step."""
+    values = {
+        "run.dir": f"'{run_dir}'",
+        "model.d_model": 32,
+        "model.n_layers": 2,
+        "model.layer_pattern": "'mamba swa'",
+        "model.attention.n_heads": 2,
+        "model.attention.window": 16,
+        "model.mamba.d_state": 4,
+        "train.max_steps": 8,
+        "train.global_batch_size": 4,
+        "train.micro_batch_size": 2,
+        "train.eval_interval": 4,
+        "train.eval_samples": 4,
+        "train.log_interval": 1,
+        "optim.warmup_steps": 2,
+        "checkpoint.interval": 2,
+        "checkpoint.keep_last": 10,
+        "logging.wandb": "disabled",
+        "logging.progress": "off",
+    }
+    values.update(extra)
+    return data_overrides(corpus, data_dir) + [f"{k}={v}" for k, v in values.items()]
+
+
+def set_args(overrides: list[str]) -> list[str]:
+    out = []
+    for o in overrides:
+        out += ["--set", o]
+    return out
+
+
+def run_cli(args: list[str], timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """``python -m pretrain ARGS`` in a fresh process (the way users run it)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
+    return subprocess.run(
+        [sys.executable, "-m", "pretrain", *args], capture_output=True, text=True, timeout=timeout,
+        env=env, cwd=kwargs.pop("cwd", ROOT), **kwargs,
+    )
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [
+        (r["step"], r["loss"])
+        for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+        if "loss" in r
+    ]
