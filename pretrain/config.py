@@ -475,9 +475,6 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 # ---------------------------------------------------------------------- validation
 
-_MIXERS_BUILTIN = {"attn", "swa", "mamba"}
-_FFNS_BUILTIN = {"mlp", "none"}
-
 
 def _check(cond: bool, name: str, msg: str) -> None:
     if not cond:
@@ -597,10 +594,7 @@ def validate(cfg: Config) -> None:
 
 
 def _known_blocks() -> tuple[set, set]:
-    """Mixer and FFN names of the model registry (falls back to the built-in names while the
-    models package is being imported)."""
-    try:
-        from pretrain.models.registry import FFNS, MIXERS
-    except ImportError:
-        return _MIXERS_BUILTIN, _FFNS_BUILTIN
+    """Mixer and FFN names of the model registry."""
+    from pretrain.models.registry import FFNS, MIXERS
+
     return set(MIXERS), set(FFNS)

@@ -11,17 +11,20 @@ from pretrain.config import OptimConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: weight decay on the weight matrices of linear layers; none on norms,
-    biases, embeddings and the small per-channel parameters of mixers (A_log, D, dt bias)."""
-    embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    """Two AdamW groups: weight decay on weight matrices; none on norms, biases, embeddings
+    and the parameters a module lists in its ``no_weight_decay`` attribute (e.g. Mamba's
+    A_log). A module attribute, not a parameter one, so it survives FSDP's re-wrapping."""
+    exempt = set()
+    for module in model.modules():
+        names = getattr(module, "no_weight_decay", ())
+        exempt |= {id(p) for n, p in module.named_parameters(recurse=False) if n in names}
+        if isinstance(module, nn.Embedding):
+            exempt.add(id(module.weight))
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if not p.requires_grad:
             continue
-        if p.ndim >= 2 and id(p) not in embedding_params and not getattr(p, "_no_weight_decay", False):
-            decay.append(p)
-        else:
-            no_decay.append(p)
+        (decay if p.ndim >= 2 and id(p) not in exempt else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

@@ -148,27 +148,36 @@ class Trainer:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def _all_reduce_mean(self, value: torch.Tensor) -> float:
+    def _all_reduce_mean_tensor(self, value: torch.Tensor) -> torch.Tensor:
         if dist.is_initialized():
             value = value.clone()
             dist.all_reduce(value)  # SUM: gloo has no AVG
             value /= dist.get_world_size()
-        return value.item()
+        return value
+
+    def _all_reduce_mean(self, value: torch.Tensor) -> float:
+        return self._all_reduce_mean_tensor(value).item()
 
     def train_step(self) -> dict[str, float]:
         micro_batches = self.loader.next_step()
         lr = lr_at(self.step, self.cfg.optim, self.cfg.train.max_steps)
         set_lr(self.optimizer, lr)
+        n = len(micro_batches)
         total = torch.zeros((), device=self.device)
+        aux_metrics: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(micro_batches):
             if self.mesh is not None:
-                self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+                self.model.set_requires_gradient_sync(i == n - 1)
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with self._autocast():
-                logits = self.model(batch["input_ids"], position_ids=batch["position_ids"])
-            loss = lm_loss(logits, batch["labels"]) / len(micro_batches)
-            loss.backward()
-            total += loss.detach()
+                logits, aux = self.model(batch["input_ids"], position_ids=batch["position_ids"], return_aux=True)
+            loss = lm_loss(logits, batch["labels"])
+            total += loss.detach() / n
+            if "aux_loss" in aux:
+                loss = loss + aux["aux_loss"]
+            (loss / n).backward()
+            for key, value in aux.items():  # aux_loss and the layers' metric/... tensors
+                aux_metrics[key] = aux_metrics.get(key, 0) + value.detach().float() / n
         clip = self.cfg.train.grad_clip
         norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
         if hasattr(norm, "full_tensor"):
@@ -176,7 +185,11 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {"loss": self._all_reduce_mean(total), "grad_norm": norm.item(), "lr": lr}
+        record = {"loss": self._all_reduce_mean(total), "grad_norm": norm.item(), "lr": lr}
+        for key, value in aux_metrics.items():
+            value = self._all_reduce_mean_tensor(value)
+            record[key.removeprefix("metric/")] = value.item() if value.ndim == 0 else value.tolist()
+        return record
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

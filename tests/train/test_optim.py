@@ -47,3 +47,15 @@ def test_no_decay_on_norms_biases_embeddings():
     assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == sum(
         p.numel() for p in model.parameters()
     )
+
+
+def test_mamba_a_log_is_exempt_from_decay():
+    from pretrain.config import load_config
+    from pretrain.models import build_model
+
+    model = build_model(load_config(None, ["model.vocab_size=32", "model.d_model=16", "model.n_layers=2"]).model)
+    decay, _ = param_groups(model, 0.1)
+    decayed = {id(p) for p in decay["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in decayed}
+    assert not any(n.endswith("A_log") for n in names)
+    assert {"blocks.0.mixer.in_proj.weight", "blocks.0.ffn.w1.weight", "blocks.1.mixer.wq.weight"} <= names

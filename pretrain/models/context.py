@@ -1,0 +1,115 @@
+"""What every block of one forward pass shares: positions, masks, RoPE tables and the cache.
+
+:func:`build_context` computes all of it once per forward (never per layer). Mixers read it;
+only the cache's per-block states are written (in place, by the block that owns them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pretrain.models.layers.rope import rope_tables
+
+
+@dataclass
+class Cache:
+    """Decoding state: one entry per block name (each mixer's own state object, or None) and
+    the number of tokens already consumed, which is where RoPE positions continue."""
+
+    states: dict[str, Any]
+    offset: int = 0
+
+
+@dataclass
+class ForwardContext:
+    positions: Tensor
+    """[B, T] int64: position inside the document when doc masking is on, else the absolute
+    index offset + t. Drives RoPE, document resets and Mamba's conv mask."""
+    offset: int = 0
+    """Tokens already in the cache (0 without one)."""
+    reset: Tensor | None = None
+    """[B, T] bool, True at document starts (doc masking only): recurrent mixers drop their state."""
+    cache: Cache | None = None
+    rope: tuple[Tensor, Tensor] | None = None
+    """cos, sin [B, T, head_dim // 2] shared by all rotary attention layers."""
+    masks: dict[int | None, Tensor] = field(default_factory=dict)
+    """Attention window (None: full) -> bool mask [B, 1, T, S], True where a query may attend.
+    Keys are the cached keys this window keeps followed by the T new ones."""
+    cu_seqlens: Tensor | None = None
+    """[n_docs + 1] int32 document boundaries of the flattened batch, set only for flash-attn."""
+    max_seqlen: int = 0
+
+
+def cached_keys(offset: int, window: int | None) -> int:
+    """How many past keys an attention layer keeps in its cache after ``offset`` tokens."""
+    return offset if window is None else min(offset, window - 1)
+
+
+def attention_mask(positions: Tensor, offset: int, window: int | None, doc_masking: bool) -> Tensor:
+    """Bool ``[B, 1, T, S]``: causal, within ``window`` and (with doc masking) same document.
+
+    Query t has absolute index i = offset + t; its document started at i - positions[t], so a
+    key j is in the same document iff j >= that start (a key is never after its query).
+    """
+    t = positions.shape[1]
+    q = offset + torch.arange(t, device=positions.device)  # [T]
+    k = torch.arange(offset - cached_keys(offset, window), offset + t, device=positions.device)  # [S]
+    dist = q[:, None] - k[None, :]  # [T, S]
+    allowed = dist >= 0
+    if window is not None:
+        allowed = allowed & (dist < window)
+    allowed = allowed.unsqueeze(0)  # [1, T, S]
+    if doc_masking:
+        doc_start = q - positions  # [B, T]
+        allowed = allowed & (k[None, None, :] >= doc_start.unsqueeze(-1))  # [B, T, S]
+    return allowed.expand(positions.shape[0], t, k.numel()).unsqueeze(1)
+
+
+def doc_boundaries(positions: Tensor) -> tuple[Tensor, int]:
+    """cu_seqlens (int32) and the longest document of the flattened ``[B*T]`` batch, for varlen
+    kernels. Every row also starts a segment."""
+    starts = positions == 0
+    starts[:, 0] = True
+    idx = torch.nonzero(starts.flatten()).flatten()
+    cu = torch.cat([idx, idx.new_tensor([positions.numel()])]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max().item())
+
+
+def build_context(
+    batch: int,
+    seq: int,
+    device: torch.device,
+    position_ids: Tensor | None,
+    cache: Cache | None,
+    doc_masking: bool,
+    mask_windows: set[int | None],
+    rope: tuple[int, float] | None,
+    flash: bool,
+) -> ForwardContext:
+    """Everything the blocks of one forward need.
+
+    ``mask_windows``: attention windows whose masks are needed; ``rope``: (head_dim, theta) or
+    None; ``flash``: the attention layers will call flash-attn (varlen) instead of SDPA.
+    Without doc masking, ``position_ids`` are ignored: the sample is one causal stream.
+    """
+    offset = cache.offset if cache is not None else 0
+    if position_ids is not None and position_ids.shape != (batch, seq):
+        raise ValueError(f"position_ids {tuple(position_ids.shape)} must be {(batch, seq)}")
+    if doc_masking and position_ids is not None:
+        positions = position_ids.to(device=device, dtype=torch.long)
+    else:
+        positions = (offset + torch.arange(seq, device=device)).expand(batch, seq)
+    ctx = ForwardContext(positions=positions, offset=offset, cache=cache)
+    if doc_masking:
+        ctx.reset = positions == 0
+    if rope is not None:
+        ctx.rope = rope_tables(positions, *rope)
+    if flash:
+        ctx.cu_seqlens, ctx.max_seqlen = doc_boundaries(positions)  # no cache here: offset is 0
+    else:
+        ctx.masks = {w: attention_mask(positions, offset, w, doc_masking) for w in mask_windows}
+    return ctx

@@ -1,0 +1,164 @@
+"""The hybrid decoder: embedding -> blocks from the layer pattern -> norm -> head.
+
+Reads like single-device code. A pipeline stage deletes the modules it does not own (set
+``embed``/``norm``/``head`` to None, drop entries of ``blocks``) and forward skips them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pretrain.models.context import Cache, ForwardContext, build_context
+from pretrain.models.layers.attention import Attention, flash_available
+from pretrain.models.layers.norm import RMSNorm
+from pretrain.models.registry import FFNS, MIXERS
+
+if TYPE_CHECKING:
+    from pretrain.config import ModelConfig
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: h += mixer(norm1(h)); h += ffn(norm2(h))."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.name = str(layer_idx)
+        self.mixer_name, self.ffn_name = cfg.pattern()[layer_idx]
+        if self.mixer_name not in MIXERS:
+            raise ValueError(f"unknown mixer {self.mixer_name!r}; known: {sorted(MIXERS)}")
+        if self.ffn_name not in FFNS:
+            raise ValueError(f"unknown ffn {self.ffn_name!r}; known: {sorted(FFNS)}")
+        self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = MIXERS[self.mixer_name](cfg, layer_idx)
+        self.ffn = FFNS[self.ffn_name](cfg, layer_idx)
+        self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps) if self.ffn is not None else None
+
+    def forward(self, h: Tensor, ctx: ForwardContext, carry: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """``carry``: tensors that cross layers (e.g. a shared KV); passed through untouched by
+        the built-in layers."""
+        state = ctx.cache.states.get(self.name) if ctx.cache is not None else None
+        if getattr(self.mixer, "uses_carry", False):
+            y, carry = self.mixer(self.norm1(h), ctx, state, carry)
+        else:
+            y = self.mixer(self.norm1(h), ctx, state)
+        h = h + y
+        if self.ffn is not None:
+            if getattr(self.ffn, "uses_carry", False):
+                y, carry = self.ffn(self.norm2(h), ctx, carry)
+            else:
+                y = self.ffn(self.norm2(h))
+            h = h + y
+        return h, carry
+
+    def init_weights(self, init_std: float, out_std: float) -> None:
+        self.norm1.init_weights()
+        self.mixer.init_weights(init_std, out_std)
+        if self.ffn is not None:
+            self.norm2.init_weights()
+            self.ffn.init_weights(init_std, out_std)
+
+
+class HybridLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError(f"model.vocab_size must be > 0 to build the model, got {cfg.vocab_size}")
+        self.cfg = cfg
+        # Modules are created on the meta device and materialised uninitialised on the current
+        # default device: the default initialisers never run (nor draw from the RNG), so
+        # init_weights() alone decides every value and `torch.manual_seed(s); HybridLM(cfg)`
+        # equals a meta build + to_empty + seeded init_weights(), on any device.
+        device = torch.get_default_device()
+        with torch.device("meta"):
+            self.embed: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.d_model)
+            self.blocks = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
+            self.norm: RMSNorm | None = RMSNorm(cfg.d_model, cfg.norm_eps)
+            self.head: nn.Linear | None = (
+                None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+            )
+        if device.type != "meta":
+            self.to_empty(device=device)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every parameter from the current RNG (works on materialised meta builds).
+        Linear/embedding weights ~ N(0, init_std); projections into the residual stream
+        ~ N(0, init_std / sqrt(2 n_layers)) (GPT-2); norms 1; mixers add their own (Mamba)."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        if self.embed is not None:
+            nn.init.normal_(self.embed.weight, std=std)
+        for block in self.blocks.values():
+            block.init_weights(std, out_std)
+        if self.norm is not None:
+            self.norm.init_weights()
+        if self.head is not None:
+            nn.init.normal_(self.head.weight, std=std)
+
+    def new_cache(self, batch_size: int) -> Cache:
+        """An empty decoding cache for this model's blocks."""
+        return Cache({name: block.mixer.new_state(batch_size) for name, block in self.blocks.items()})
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor | None = None,
+        cache: Cache | None = None,
+        return_aux: bool = False,
+    ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+        """``input_ids [B, T]`` (hidden states ``[B, T, d_model]`` on a stage without embedding)
+        -> fp32 logits ``[B, T, V]`` (hidden states on a stage without norm/head).
+
+        ``position_ids [B, T]``: position inside each packed document (0 at its start); None is
+        one document (continuing from the cache's offset). ``cache``: consumed and updated in
+        place; any number of new tokens. ``return_aux``: also return the auxiliary outputs of
+        the layers, ``{"aux_loss": scalar to add to the LM loss, "metric/...": detached}``.
+        """
+        h = self.embed(input_ids) if self.embed is not None else input_ids
+        ctx = self._context(h, position_ids, cache)
+        carry: dict[str, Tensor] = {}
+        for block in self.blocks.values():
+            h, carry = block(h, ctx, carry)
+        if cache is not None:
+            cache.offset += h.shape[1]
+        out = self._output(h)
+        if not return_aux:
+            return out
+        return out, {k: v for k, v in carry.items() if k == "aux_loss" or k.startswith("metric/")}
+
+    def _output(self, h: Tensor) -> Tensor:
+        if self.norm is None:
+            return h
+        h = self.norm(h)
+        if self.head is not None:
+            return self.head(h).float()
+        if self.cfg.tie_embeddings and self.embed is not None:
+            return F.linear(h, self.embed.weight).float()
+        return h
+
+    def _context(self, h: Tensor, position_ids: Tensor | None, cache: Cache | None) -> ForwardContext:
+        attn = [b.mixer for b in self.blocks.values() if isinstance(b.mixer, Attention)]
+        a = self.cfg.attention
+        backend = a.backend
+        half = h.dtype in (torch.float16, torch.bfloat16) or (h.is_cuda and torch.is_autocast_enabled("cuda"))
+        flash = bool(attn) and cache is None and backend != "sdpa" and half and h.is_cuda and flash_available()
+        if backend == "flash" and attn and cache is None and not flash:
+            raise RuntimeError("model.attention.backend='flash' needs CUDA, bf16/fp16 and the flash-attn package")
+        use_rope = any(m.use_rope for m in attn)
+        return build_context(
+            h.shape[0],
+            h.shape[1],
+            h.device,
+            position_ids,
+            cache,
+            self.cfg.doc_masking,
+            mask_windows={m.window for m in attn},
+            rope=(attn[0].head_dim, a.rope_theta) if use_rope else None,
+            flash=flash,
+        )

@@ -1,0 +1,146 @@
+"""Causal softmax attention: full ('attn') and sliding-window ('swa'), GQA, RoPE or NoPE.
+
+Backends: flash-attn's varlen kernel (documents as separate sequences via cu_seqlens, the
+window via window_size) on CUDA when installed; otherwise SDPA with the explicit boolean mask
+that :func:`pretrain.models.context.build_context` computed once for the whole forward.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pretrain.models.layers.rope import apply_rope
+from pretrain.models.registry import register_mixer
+
+if TYPE_CHECKING:
+    from pretrain.config import ModelConfig
+    from pretrain.models.context import ForwardContext
+
+
+@functools.cache
+def flash_available() -> bool:
+    """flash-attn importable and a CUDA device present (checked once)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass
+class KVState:
+    """Cached keys/values after RoPE, ``[B, S, H_kv, head_dim]``; a window layer keeps only the
+    last window-1 tokens, which is all its next query can see."""
+
+    k: Tensor
+    v: Tensor
+
+    def update(self, k: Tensor, v: Tensor, window: int | None) -> tuple[Tensor, Tensor]:
+        """Append the new ``k, v`` and return all keys/values the new queries attend to."""
+        k_all, v_all = torch.cat([self.k, k], dim=1), torch.cat([self.v, v], dim=1)
+        keep = k_all.shape[1] if window is None else min(k_all.shape[1], window - 1)
+        self.k, self.v = k_all[:, k_all.shape[1] - keep :], v_all[:, v_all.shape[1] - keep :]
+        return k_all, v_all
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, window: int | None) -> None:
+        super().__init__()
+        a = cfg.attention
+        self.window = window
+        self.head_dim = a.head_dim or cfg.d_model // a.n_heads
+        self.use_rope = a.pos_encoding == "rope"
+        self.backend = a.backend
+        n_kv = a.n_kv_heads or a.n_heads
+        self.wq = nn.Linear(cfg.d_model, a.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, n_kv * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, n_kv * self.head_dim, bias=False)
+        self.wo = nn.Linear(a.n_heads * self.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x: Tensor, ctx: ForwardContext, state: KVState | None = None) -> Tensor:
+        b, t, _ = x.shape
+        # head counts come from the shapes so that tensor parallelism can shard the heads
+        q = self.wq(x).view(b, t, -1, self.head_dim)  # [B, T, H, D]
+        k = self.wk(x).view(b, t, -1, self.head_dim)  # [B, T, H_kv, D]
+        v = self.wv(x).view(b, t, -1, self.head_dim)  # [B, T, H_kv, D]
+        if self.use_rope:
+            if ctx.rope is None:
+                raise RuntimeError("Attention: the forward context has no RoPE tables")
+            q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
+        if state is not None:
+            k, v = state.update(k, v, self.window)  # [B, S, H_kv, D]
+        if ctx.cu_seqlens is not None and state is None:
+            o = self._flash(q, k, v, ctx)
+        else:
+            o = self._sdpa(q, k, v, ctx.masks[self.window])
+        return self.wo(o.reshape(b, t, -1))  # [B, T, H * D]
+
+    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        if mask.shape[-1] != k.shape[1]:
+            raise RuntimeError(f"Attention: mask covers {mask.shape[-1]} keys, the layer has {k.shape[1]}")
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2),  # [B, H, T, D]
+            k.transpose(1, 2),  # [B, H_kv, S, D]
+            v.transpose(1, 2),
+            attn_mask=mask,
+            enable_gqa=q.shape[2] != k.shape[2],
+        )
+        return o.transpose(1, 2)  # [B, T, H, D]
+
+    def _flash(self, q: Tensor, k: Tensor, v: Tensor, ctx: ForwardContext) -> Tensor:
+        from flash_attn import flash_attn_varlen_func
+
+        b, t, h, d = q.shape
+        o = flash_attn_varlen_func(
+            q.reshape(b * t, h, d),  # [B*T, H, D]: documents are the varlen sequences
+            k.reshape(b * t, -1, d),
+            v.reshape(b * t, -1, d),
+            cu_seqlens_q=ctx.cu_seqlens,
+            cu_seqlens_k=ctx.cu_seqlens,
+            max_seqlen_q=ctx.max_seqlen,
+            max_seqlen_k=ctx.max_seqlen,
+            causal=True,
+            window_size=(-1, -1) if self.window is None else (self.window - 1, 0),
+        )
+        return o.view(b, t, h, d)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token beyond 6 x the projection weights: QK^T and AV (2 * 2 * H * D
+        per visible key, x3 for forward + backward), averaged over the sequence's queries."""
+        t = seq_len
+        w = t if self.window is None else min(self.window, t)
+        mean_keys = (w * (w + 1) / 2 + (t - w) * w) / t  # query i sees min(i + 1, w) keys
+        return 12.0 * self.wq.weight.shape[0] * mean_keys
+
+    def activation_elements(self) -> int:
+        """Rough elements per token kept for backward (flash/fused attention: no T x S scores)."""
+        d_in, q, kv = self.wq.weight.shape[1], self.wq.weight.shape[0], self.wk.weight.shape[0]
+        return d_in + 3 * q + 4 * kv  # input, q & k before/after RoPE, v, attention output
+
+    def new_state(self, batch_size: int) -> KVState:
+        w = self.wk.weight
+        empty = w.new_zeros(batch_size, 0, w.shape[0] // self.head_dim, self.head_dim)  # [B, 0, H_kv, D]
+        return KVState(empty, empty.clone())
+
+    def init_weights(self, init_std: float, out_std: float) -> None:
+        for lin in (self.wq, self.wk, self.wv):
+            nn.init.normal_(lin.weight, std=init_std)
+        nn.init.normal_(self.wo.weight, std=out_std)
+
+
+@register_mixer("attn")
+def _full(cfg: ModelConfig, layer_idx: int) -> Attention:
+    return Attention(cfg, window=None)
+
+
+@register_mixer("swa")
+def _sliding(cfg: ModelConfig, layer_idx: int) -> Attention:
+    return Attention(cfg, window=cfg.attention.window)

@@ -1,0 +1,145 @@
+"""Mamba-1 mixer ('mamba'): in_proj -> causal depthwise conv -> selective scan -> gate -> out_proj.
+
+Parameter names follow mamba_ssm (in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj) so
+checkpoints map one to one onto Hugging Face's Mamba layers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pretrain.models.layers.ssm_ops import SCAN_CHUNK, selective_scan, selective_state_update
+from pretrain.models.registry import register_mixer
+
+if TYPE_CHECKING:
+    from pretrain.config import ModelConfig
+    from pretrain.models.context import ForwardContext
+
+DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4  # the Mamba paper's initial step-size range
+
+
+@dataclass
+class MambaState:
+    conv: Tensor
+    """[B, d_inner, d_conv - 1]: the last conv inputs (oldest first)."""
+    ssm: Tensor
+    """[B, d_inner, d_state] fp32."""
+
+
+class Mamba(nn.Module):
+    no_weight_decay = ("A_log",)  # as in mamba_ssm: decaying A_log would shorten every memory
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        m = cfg.mamba
+        self.d_inner = m.expand * cfg.d_model
+        self.d_state = m.d_state
+        self.d_conv = m.d_conv
+        self.dt_rank = m.dt_rank or math.ceil(cfg.d_model / 16)
+        self.in_proj = nn.Linear(cfg.d_model, 2 * self.d_inner, bias=False)
+        # depthwise; only its parameters are used: forward applies the taps itself (see _conv)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, m.d_conv, groups=self.d_inner, bias=True)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * m.d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.empty(self.d_inner, m.d_state))
+        self.D = nn.Parameter(torch.empty(self.d_inner))
+        self.out_proj = nn.Linear(self.d_inner, cfg.d_model, bias=False)
+
+    def forward(self, x: Tensor, ctx: ForwardContext, state: MambaState | None = None) -> Tensor:
+        if state is not None and x.shape[1] == 1:
+            return self.step(x, ctx, state)
+        xi, z = self.in_proj(x).chunk(2, dim=-1)  # [B, T, d_inner] each
+        b, t, _ = xi.shape
+        if state is None:
+            tail = xi.new_zeros(b, self.d_conv - 1, self.d_inner)
+        else:
+            tail = state.conv.transpose(1, 2)  # [B, d_conv-1, d_inner]
+        xp = torch.cat([tail, xi], dim=1)  # [B, d_conv-1+T, d_inner]
+        if state is not None:
+            state.conv = xp[:, t:].transpose(1, 2)
+        xc = F.silu(self._conv(xp, ctx.positions))
+        dt, B, C = self._ssm_params(xc)
+        y, h = selective_scan(
+            xc, dt, self._A(), B, C, self.D, h0=None if state is None else state.ssm, reset=ctx.reset
+        )
+        if state is not None:
+            state.ssm = h
+        return self.out_proj(y * F.silu(z))
+
+    def _conv(self, xp: Tensor, positions: Tensor) -> Tensor:
+        """Causal depthwise conv of ``xp [B, d_conv-1+T, d_inner]`` (past inputs first) that never
+        reads across a document start: the input s steps back counts only where positions >= s."""
+        k = self.d_conv
+        t = xp.shape[1] - (k - 1)
+        w = self.conv1d.weight[:, 0, :]  # [d_inner, k]; tap k-1 multiplies the current token
+        out = xp[:, k - 1 :] * w[:, k - 1] + self.conv1d.bias
+        for s in range(1, k):
+            keep = (positions >= s).unsqueeze(-1).to(xp.dtype)  # [B, T, 1]
+            out = out + xp[:, k - 1 - s : k - 1 - s + t] * (w[:, k - 1 - s] * keep)
+        return out
+
+    def _ssm_params(self, xc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        dt, B, C = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return F.softplus(self.dt_proj(dt)), B, C  # dt bias inside softplus, as in Mamba
+
+    def _A(self) -> Tensor:
+        return -torch.exp(self.A_log.float())  # [d_inner, N], strictly negative: a stable decay
+
+    def step(self, x: Tensor, ctx: ForwardContext, state: MambaState) -> Tensor:
+        """O(1) decoding of one token ``x [B, 1, d_model]``; updates ``state`` in place."""
+        xi, z = self.in_proj(x[:, 0]).chunk(2, dim=-1)  # [B, d_inner] each
+        window = torch.cat([state.conv, xi.unsqueeze(-1)], dim=-1)  # [B, d_inner, d_conv]
+        state.conv = window[:, :, 1:]
+        shift = torch.arange(self.d_conv - 1, -1, -1, device=x.device)  # tap j reads s = d_conv-1-j back
+        keep = (ctx.positions[:, :1] >= shift).to(window.dtype).unsqueeze(1)  # [B, 1, d_conv]
+        xc = F.silu((window * keep * self.conv1d.weight[:, 0, :]).sum(-1) + self.conv1d.bias)
+        dt, B, C = self._ssm_params(xc)
+        reset = None if ctx.reset is None else ctx.reset[:, 0]
+        y, state.ssm = selective_state_update(state.ssm, xc, dt, self._A(), B, C, self.D, reset=reset)
+        return self.out_proj(y * F.silu(z)).unsqueeze(1)  # [B, 1, d_model]
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token beyond 6 x the weights: the scan's ~7 elementwise operations
+        per state entry (decay, exp, input, update, readout), x3 for forward + backward."""
+        return 21.0 * self.d_inner * self.d_state
+
+    def activation_elements(self) -> int:
+        """Rough elements per token kept for backward; the scan keeps one state per chunk."""
+        d_model = self.in_proj.weight.shape[1]
+        return d_model + 9 * self.d_inner + self.dt_rank + 2 * self.d_state + self.d_inner * self.d_state // SCAN_CHUNK
+
+    def new_state(self, batch_size: int) -> MambaState:
+        w = self.in_proj.weight
+        conv = w.new_zeros(batch_size, self.d_inner, self.d_conv - 1)
+        return MambaState(conv, w.new_zeros(batch_size, self.d_inner, self.d_state, dtype=torch.float32))
+
+    def init_weights(self, init_std: float, out_std: float) -> None:
+        with torch.no_grad():
+            nn.init.normal_(self.in_proj.weight, std=init_std)
+            bound = 1 / math.sqrt(self.d_conv)  # nn.Conv1d's default (fan_in = d_conv), as mamba_ssm
+            nn.init.uniform_(self.conv1d.weight, -bound, bound)
+            nn.init.uniform_(self.conv1d.bias, -bound, bound)
+            nn.init.normal_(self.x_proj.weight, std=init_std)
+            r = self.dt_rank**-0.5  # mamba_ssm's dt_init="random", dt_scale=1
+            nn.init.uniform_(self.dt_proj.weight, -r, r)
+            # dt log-uniform in [DT_MIN, DT_MAX]; the bias is its inverse softplus so that
+            # softplus(bias) starts at dt
+            u = torch.rand(self.d_inner, device=self.dt_proj.bias.device)
+            dt = torch.exp(u * (math.log(DT_MAX) - math.log(DT_MIN)) + math.log(DT_MIN)).clamp(min=DT_FLOOR)
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            # S4D-real: A = -(1..N) for every channel
+            n = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_log.device)
+            self.A_log.copy_(torch.log(n).expand(self.d_inner, -1))
+            self.D.fill_(1.0)
+            nn.init.normal_(self.out_proj.weight, std=out_std)
+
+
+@register_mixer("mamba")
+def _mamba(cfg: ModelConfig, layer_idx: int) -> Mamba:
+    return Mamba(cfg)

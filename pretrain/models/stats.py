@@ -1,0 +1,106 @@
+"""Parameter counts, training FLOPs per token and a memory estimate (``pretrain plan``, MFU).
+
+Everything is counted on the real module tree (a meta-device build when given a config), so a
+new layer type is counted without touching this file. Layers may refine the estimates with
+``flops_per_token(seq_len)`` (work beyond 6 x their weights) and ``activation_elements()``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from pretrain.models.hybrid import HybridLM
+from pretrain.models.layers.attention import Attention
+
+if TYPE_CHECKING:
+    from pretrain.config import ModelConfig
+
+_MATMUL_TYPES = (nn.Linear, nn.Conv1d)  # weights used once per token: 2 FLOPs forward, 4 backward
+
+
+def _model(model_or_cfg: nn.Module | ModelConfig) -> nn.Module:
+    if isinstance(model_or_cfg, nn.Module):
+        return model_or_cfg
+    with torch.device("meta"):  # no memory, no initialisation cost
+        return HybridLM(model_or_cfg)
+
+
+def _numel(module: nn.Module | None) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+
+def count_parameters(model_or_cfg: nn.Module | ModelConfig) -> dict[str, int]:
+    """Parameter counts: ``total`` (tied weights once), ``embedding`` (input embedding plus an
+    untied head), ``non_embedding``, ``norm``, and ``mixer.<name>`` / ``ffn.<name>`` summed over
+    the blocks of each type. Counts only the blocks a (pipeline-stage) model owns."""
+    model = _model(model_or_cfg)
+    counts: dict[str, int] = defaultdict(int)
+    counts["total"] = _numel(model)
+    counts["embedding"] = _numel(getattr(model, "embed", None)) + _numel(getattr(model, "head", None))
+    counts["non_embedding"] = counts["total"] - counts["embedding"]
+    counts["norm"] = _numel(getattr(model, "norm", None))
+    for block in model.blocks.values():
+        counts["norm"] += _numel(block.norm1) + _numel(block.norm2)
+        counts[f"mixer.{block.mixer_name}"] += _numel(block.mixer)
+        counts[f"ffn.{block.ffn_name}"] += _numel(block.ffn)
+    return dict(counts)
+
+
+def _matmul_params(module: nn.Module | None) -> int:
+    if module is None:
+        return 0
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, _MATMUL_TYPES))
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+    """Forward + backward training FLOPs per token at ``seq_len``.
+
+    ``dense`` = 6 x every weight used in a matmul (projections, the depthwise conv, the output
+    head, tied or not; not the embedding lookup); ``attention`` = score and value products with
+    the number of keys each query really sees (causal, window); ``scan`` = Mamba's
+    elementwise state updates; ``total`` their sum; ``matmul_params`` the N of 6N.
+    """
+    model = _model(cfg)
+    n = sum(_matmul_params(b) for b in model.blocks.values()) + cfg.vocab_size * cfg.d_model
+    out = {"matmul_params": float(n), "dense": 6.0 * n, "attention": 0.0, "scan": 0.0}
+    for block in model.blocks.values():
+        extra = getattr(block.mixer, "flops_per_token", None)
+        if extra is not None:
+            out["attention" if isinstance(block.mixer, Attention) else "scan"] += extra(seq_len)
+    out["total"] = out["dense"] + out["attention"] + out["scan"]
+    return out
+
+
+def memory_estimate(
+    cfg: ModelConfig, micro_batch_size: int, seq_len: int, dp: int = 1, *, act_bytes: int = 4
+) -> dict[str, float | dict[str, float]]:
+    """Rough training memory per rank in bytes: fp32 ``params``, ``grads`` and AdamW
+    ``optimizer`` states (two fp32 moments), sharded over ``dp`` ranks (FSDP/ZeRO-3; pass dp=1
+    for replicated data parallelism); ``activations`` of one micro-batch without activation
+    checkpointing (``act_bytes`` per element: 4 for fp32, 2 under bf16 autocast), with their
+    split ``activations_by_type``; and ``total``."""
+    model = _model(cfg)
+    p = count_parameters(model)["total"]
+    tokens = micro_batch_size * seq_len
+    acts: dict[str, float] = defaultdict(float)
+    for block in model.blocks.values():
+        acts["norm"] += 2 * cfg.d_model * (2 if block.ffn is not None else 1)  # fp32 in, normalised out
+        for kind, layer in (("mixer", block.mixer), ("ffn", block.ffn)):
+            if layer is not None:
+                elements = getattr(layer, "activation_elements", lambda: 4 * cfg.d_model)()
+                acts[f"{kind}.{getattr(block, kind + '_name')}"] += elements
+    acts["head"] = cfg.d_model + 2 * cfg.vocab_size  # final norm output, fp32 logits and their grad
+    by_type = {k: float(v * tokens * act_bytes) for k, v in acts.items()}
+    out: dict[str, float | dict[str, float]] = {
+        "params": 4.0 * p / dp,
+        "grads": 4.0 * p / dp,
+        "optimizer": 8.0 * p / dp,
+        "activations": float(sum(by_type.values())),
+        "activations_by_type": by_type,
+    }
+    out["total"] = sum(v for v in out.values() if isinstance(v, float))
+    return out
