@@ -14,21 +14,22 @@ from tests.conftest import ROOT, losses, run_cli, set_args, tiny_overrides
 STEPS = 12
 
 
-def _start(args: list[str]) -> subprocess.Popen:
+def _start(args: list[str], log) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "pretrain", *args], cwd=ROOT, env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
+    with open(log, "w") as err:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "pretrain", *args], cwd=ROOT, env=env,
+            stdout=subprocess.DEVNULL, stderr=err,
+        )
 
 
-def _kill_after_step(proc: subprocess.Popen, run_dir, step: int, timeout: float = 240) -> None:
+def _kill_after_step(proc: subprocess.Popen, run_dir, step: int, log, timeout: float = 240) -> None:
     """SIGKILL ``proc`` as soon as metrics.jsonl shows ``step`` (wherever it is then)."""
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"run ended before step {step}: {proc.stderr.read()[-2000:]}")
+            raise AssertionError(f"run ended before step {step}: {log.read_text()[-2000:]}")
         if metrics.is_file() and any(s >= step for s, _ in losses(run_dir)):
             break
         time.sleep(0.02)
@@ -48,8 +49,9 @@ def test_sigkill_and_resume_is_bitwise_identical(small_corpus, prepared_dir, tmp
 
     killed = tmp_path / "killed"
     args = ["train", *set_args(tiny_overrides(small_corpus, prepared_dir, killed, **common))]
-    _kill_after_step(_start(args), killed, 4)  # between checkpoints 3 and 6
-    _kill_after_step(_start(args), killed, 8)  # resumed from 3 or 6, killed again
+    log = tmp_path / "stderr.log"
+    _kill_after_step(_start(args, log), killed, 4, log)  # between checkpoints 3 and 6
+    _kill_after_step(_start(args, log), killed, 8, log)  # resumed from 3 or 6, killed again
     resumed = run_cli(args)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from step" in resumed.stdout
