@@ -1,0 +1,154 @@
+"""Gated Linear Attention in pure PyTorch: the CPU path and the reference a Triton kernel replaces.
+
+The recurrence (Yang et al. 2023), per head, with a per-key-channel forget gate
+``alpha_t = exp(g_t)`` (``g_t <= 0`` given in log space):
+
+    S_t = Diag(alpha_t) S_{t-1} + k_t^T v_t          (S_{t-1} := 0 where reset_t)
+    o_t = (scale * q_t) S_t
+
+:func:`chunk_gla` evaluates it chunkwise: inside a chunk, ``o_i`` sums
+``(q_i * exp(cum_i - cum_j)) . k_j  v_j`` over ``j <= i`` (``cum``: log gates summed from the
+chunk start), and the state entering the chunk reaches ``o_i`` through ``q_i * exp(cum_i)``.
+Every exponent is kept <= 0, so nothing overflows however strong the gates: the intra-chunk
+decays are exact pairwise differences inside sub-chunks of ``SUB_CHUNK`` tokens, and between
+sub-chunks the difference is split at the sub-chunk boundary r between key and query,
+``exp(cum_i - cum_r) * exp(cum_r - cum_j)`` (fla's secondary chunking). A Python loop runs
+only over chunks (the inter-chunk state passing); autograd differentiates the whole thing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SUB_CHUNK = 16  # tokens per secondary chunk: pairwise decays cost SUB_CHUNK x the keys' memory
+
+
+def _to_chunks(z: Tensor, n: int, c: int) -> Tensor:
+    """[B, T, H, D] -> fp32 [B, H, N, C, D], zero-padded at the end to N * C tokens."""
+    z = F.pad(z.float(), (0, 0, 0, 0, 0, n * c - z.shape[1]))
+    return z.unflatten(1, (n, c)).permute(0, 3, 1, 2, 4)
+
+
+def _intra_scores(q: Tensor, k: Tensor, cum: Tensor, sub: int) -> Tensor:
+    """Decayed causal scores inside each chunk, ``A[i, j] = sum_d q_id k_jd exp(cum_id - cum_jd)``
+    for ``j <= i``, else 0. q, k, cum ``[B, H, N, C, K]`` -> ``[B, H, N, C, C]``."""
+    c = q.shape[-2]
+    s = c // sub
+    qs, ks, cs = (z.unflatten(-2, (s, sub)) for z in (q, k, cum))  # [B, H, N, s, sub, K]
+    # diagonal sub-chunks: exact pairwise decays, exponent masked to -inf above the diagonal
+    causal = torch.ones(sub, sub, dtype=torch.bool, device=q.device).tril()
+    diff = (cs.unsqueeze(-2) - cs.unsqueeze(-3)).masked_fill(~causal[:, :, None], float("-inf"))
+    diag = torch.einsum("...ik,...jk,...ijk->...ij", qs, ks, diff.exp())  # [B, H, N, s, sub, sub]
+    eye = torch.eye(s, dtype=q.dtype, device=q.device)
+    scores = torch.einsum("...uij,uw->...uiwj", diag, eye).flatten(-2)  # [B, H, N, s, sub, C]
+    if s > 1:
+        # query sub-chunk u >= 1 against keys of sub-chunks < u, split at r = end of sub-chunk u-1
+        ref = cs[..., :-1, -1:, :]  # [B, H, N, s-1, 1, K]
+        q_r = qs[..., 1:, :, :] * (cs[..., 1:, :, :] - ref).exp()  # [B, H, N, s-1, sub, K]
+        before = torch.arange(c, device=q.device) < torch.arange(1, s, device=q.device)[:, None] * sub
+        k_exp = (ref - cum.unsqueeze(-3)).masked_fill(~before[:, :, None], float("-inf"))
+        k_r = k.unsqueeze(-3) * k_exp.exp()  # [B, H, N, s-1, C, K]
+        off = q_r @ k_r.transpose(-1, -2)  # [B, H, N, s-1, sub, C]
+        scores = torch.cat([scores[..., :1, :, :], scores[..., 1:, :, :] + off], dim=-3)
+    return scores.flatten(-3, -2)  # [B, H, N, C, C]
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, g_log: Tensor, h0: Tensor | None, reset: Tensor | None) -> None:
+    b, t, h, dk = q.shape
+    if k.shape != q.shape or g_log.shape != q.shape:
+        raise ValueError(f"chunk_gla: q {tuple(q.shape)}, k {tuple(k.shape)} and g_log {tuple(g_log.shape)} must match")
+    if v.dim() != 4 or v.shape[:3] != (b, t, h):
+        raise ValueError(f"chunk_gla: v {tuple(v.shape)} must be [B, T, H, V] with B, T, H = {(b, t, h)}")
+    if h0 is not None and h0.shape != (b, h, dk, v.shape[-1]):
+        raise ValueError(f"chunk_gla: h0 {tuple(h0.shape)} must be {(b, h, dk, v.shape[-1])}")
+    if reset is not None and reset.shape != (b, t):
+        raise ValueError(f"chunk_gla: reset {tuple(reset.shape)} must be {(b, t)}")
+    if t == 0:
+        raise ValueError("chunk_gla: empty sequence")
+
+
+@torch.compiler.disable  # the data-dependent chunk loop; a Triton kernel replaces this function
+def chunk_gla(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g_log: Tensor,
+    h0: Tensor | None = None,
+    reset: Tensor | None = None,
+    chunk_size: int = 64,
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Gated linear attention over a whole sequence (training / prefill), chunkwise.
+
+    Args:
+        q, k: ``[B, T, H, K]`` queries and keys.
+        v: ``[B, T, H, V]`` values.
+        g_log: ``[B, T, H, K]`` log forget gates (<= 0), alpha_t = exp(g_log_t).
+        h0: ``[B, H, K, V]`` initial state, or None for zeros.
+        reset: ``[B, T]`` bool, True where a document starts: the carried state is dropped
+            before that token is added.
+        chunk_size: tokens per chunk (a multiple of ``SUB_CHUNK`` splits into sub-chunks).
+        scale: query scale; None is ``K ** -0.5``.
+
+    Returns:
+        ``o [B, T, H, V]`` in the dtype of ``v``, and the final state ``[B, H, K, V]`` in fp32.
+    """
+    _check(q, k, v, g_log, h0, reset)
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_gla: chunk_size {chunk_size} must be > 0")
+    b, t, h, dk = q.shape
+    c, n = chunk_size, math.ceil(t / chunk_size)
+    scale = dk**-0.5 if scale is None else scale
+    with torch.autocast(q.device.type, enabled=False):  # decays and states need fp32
+        qc, kc, vc, gc = (_to_chunks(z, n, c) for z in (q, k, v, g_log))  # [B, H, N, C, *]
+        qc = qc * scale
+        cum = gc.cumsum(-2)  # log decay from the chunk start through each token
+        scores = _intra_scores(qc, kc, cum, SUB_CHUNK if c % SUB_CHUNK == 0 else c)  # [B, H, N, C, C]
+        q_in = qc * cum.exp()  # queries reading the state that entered the chunk
+        k_out = kc * (cum[..., -1:, :] - cum).exp()  # keys decayed to the chunk end
+        decay = cum[..., -1, :].exp()  # [B, H, N, K] chunk-wide decay of the carried state
+        if reset is not None:
+            seg = F.pad(reset.long(), (0, n * c - t)).view(b, 1, n, c).cumsum(-1)  # segment inside chunk
+            scores = scores * (seg.unsqueeze(-1) == seg.unsqueeze(-2))  # same document only
+            q_in = q_in * (seg == 0).unsqueeze(-1)  # no start between chunk start and token
+            k_out = k_out * (seg == seg[..., -1:]).unsqueeze(-1)  # still in the chunk's last document
+            decay = decay * (seg[..., -1] == 0).unsqueeze(-1)
+        o = scores @ vc  # [B, H, N, C, V]
+        chunk_states = k_out.transpose(-1, -2) @ vc  # [B, H, N, K, V]
+        state = qc.new_zeros(b, h, dk, vc.shape[-1]) if h0 is None else h0.float()
+        inter = []
+        for i in range(n):
+            inter.append(q_in[:, :, i] @ state)  # [B, H, C, V]
+            state = decay[:, :, i, :, None] * state + chunk_states[:, :, i]
+        o = o + torch.stack(inter, dim=2)
+    o = o.permute(0, 2, 3, 1, 4).flatten(1, 2)[:, :t]  # [B, T, H, V]
+    return o.to(v.dtype), state
+
+
+def recurrent_gla_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g_log: Tensor,
+    h: Tensor,
+    reset: Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One recurrent step (decoding): ``q, k, g_log [B, H, K]``, ``v [B, H, V]``, state
+    ``h [B, H, K, V]``, ``reset [B]`` bool. Returns ``(o [B, H, V] in v's dtype, new h fp32)``."""
+    if q.dim() != 3 or k.shape != q.shape or g_log.shape != q.shape or h.shape != (*q.shape, v.shape[-1]):
+        raise ValueError(
+            f"recurrent_gla_step: q {tuple(q.shape)}, k {tuple(k.shape)}, g_log {tuple(g_log.shape)}, "
+            f"v {tuple(v.shape)}, h {tuple(h.shape)}"
+        )
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    alpha = g_log.float().exp()
+    if reset is not None:
+        alpha = alpha * (~reset).float()[:, None, None]
+    h = alpha.unsqueeze(-1) * h.float() + k.float().unsqueeze(-1) * v.float().unsqueeze(-2)
+    o = ((q.float() * scale).unsqueeze(-2) @ h).squeeze(-2)
+    return o.to(v.dtype), h
