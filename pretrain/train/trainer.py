@@ -229,6 +229,9 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         cfg, t = self.cfg, self.cfg.train
+        if self.step >= t.max_steps:
+            self.log(f"{cfg.run.dir} is already at step {self.step}: raise train.max_steps to train further")
+            return {"steps": self.step, "seconds": 0.0, "unigram_entropy": self.meta.get("unigram_entropy")}
         metrics = MetricsLogger(cfg, self.run_dir, self.main, self.step, t.max_steps)
         tokens_per_step = t.global_batch_size * cfg.data.seq_len
         self.log(
