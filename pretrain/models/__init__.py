@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+# The registry first: it imports every layer module, so a layer module may import another
+# (DiffAttention subclasses Attention) whichever one a caller happens to import first.
+from pretrain.models import registry  # noqa: F401  # isort: skip
 from pretrain.models.context import Cache, ForwardContext
 from pretrain.models.hybrid import Block, HybridLM
 from pretrain.models.stats import count_parameters, flops_per_token, memory_estimate

@@ -66,22 +66,44 @@ class Attention(nn.Module):
         self.wo = nn.Linear(a.n_heads * self.head_dim, cfg.d_model, bias=False)
 
     def forward(self, x: Tensor, ctx: ForwardContext, state: KVState | None = None) -> Tensor:
+        return self._mix(*self._project(x, ctx, state), ctx)
+
+    # The steps below are separate so that variants (differential attention, SambaY's K/V
+    # exporting and cross-attention layers) override one step instead of copying forward.
+    def _query(self, x: Tensor, ctx: ForwardContext) -> Tensor:
+        """Queries ``[B, T, H, D]`` (after RoPE)."""
         b, t, _ = x.shape
         # head counts come from the shapes so that tensor parallelism can shard the heads
         q = self.wq(x).view(b, t, -1, self.head_dim)  # [B, T, H, D]
-        k = self.wk(x).view(b, t, -1, self.head_dim)  # [B, T, H_kv, D]
-        v = self.wv(x).view(b, t, -1, self.head_dim)  # [B, T, H_kv, D]
         if self.use_rope:
             if ctx.rope is None:
                 raise RuntimeError("Attention: the forward context has no RoPE tables")
-            q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
+            q = apply_rope(q, *ctx.rope)
+        return q
+
+    def _project(self, x: Tensor, ctx: ForwardContext, state: KVState | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries ``[B, T, H, D]`` and the keys/values ``[B, S, H_kv, D]`` they attend to (after
+        RoPE; with a cache, its past keys first and the cache updated)."""
+        b, t, _ = x.shape
+        q = self._query(x, ctx)
+        k = self.wk(x).view(b, t, -1, self.head_dim)  # [B, T, H_kv, D]
+        v = self.wv(x).view(b, t, -1, self.head_dim)  # [B, T, H_kv, D]
+        if self.use_rope:
+            k = apply_rope(k, *ctx.rope)
         if state is not None:
             k, v = state.update(k, v, self.window)  # [B, S, H_kv, D]
-        if ctx.cu_seqlens is not None and state is None:
-            o = self._flash(q, k, v, ctx)
-        else:
-            o = self._sdpa(q, k, v, ctx.masks[self.window])
-        return self.wo(o.reshape(b, t, -1))  # [B, T, H * D]
+        return q, k, v
+
+    def _mix(self, q: Tensor, k: Tensor, v: Tensor, ctx: ForwardContext) -> Tensor:
+        """Output projection of the attention of ``q`` over ``k, v`` -> ``[B, T, d_model]``."""
+        b, t = q.shape[:2]
+        return self.wo(self._attend(q, k, v, ctx).reshape(b, t, -1))  # [B, T, H * D]
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: ForwardContext) -> Tensor:
+        """Per-head attention outputs ``[B, T, H, D]``."""
+        if ctx.cu_seqlens is not None:  # set only without a cache
+            return self._flash(q, k, v, ctx)
+        return self._sdpa(q, k, v, ctx.masks[self.window])
 
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         if mask.shape[-1] != k.shape[1]:

@@ -52,6 +52,13 @@ class Mamba(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, cfg.d_model, bias=False)
 
     def forward(self, x: Tensor, ctx: ForwardContext, state: MambaState | None = None) -> Tensor:
+        y, z = self.scan(x, ctx, state)
+        return self.out_proj(y * F.silu(z))
+
+    def scan(self, x: Tensor, ctx: ForwardContext, state: MambaState | None = None) -> tuple[Tensor, Tensor]:
+        """The scan output y (with the D skip) and the output gate's input z, both
+        ``[B, T, d_inner]``: the mixer's output is out_proj(y * silu(z)); SambaY's memory layer
+        also exports y."""
         if state is not None and x.shape[1] == 1:
             return self.step(x, ctx, state)
         xi, z = self.in_proj(x).chunk(2, dim=-1)  # [B, T, d_inner] each
@@ -70,7 +77,7 @@ class Mamba(nn.Module):
         )
         if state is not None:
             state.ssm = h
-        return self.out_proj(y * F.silu(z))
+        return y, z
 
     def _conv(self, xp: Tensor, positions: Tensor) -> Tensor:
         """Causal depthwise conv of ``xp [B, d_conv-1+T, d_inner]`` (past inputs first) that never
@@ -91,8 +98,9 @@ class Mamba(nn.Module):
     def _A(self) -> Tensor:
         return -torch.exp(self.A_log.float())  # [d_inner, N], strictly negative: a stable decay
 
-    def step(self, x: Tensor, ctx: ForwardContext, state: MambaState) -> Tensor:
-        """O(1) decoding of one token ``x [B, 1, d_model]``; updates ``state`` in place."""
+    def step(self, x: Tensor, ctx: ForwardContext, state: MambaState) -> tuple[Tensor, Tensor]:
+        """O(1) decoding of one token ``x [B, 1, d_model]`` -> y, z ``[B, 1, d_inner]`` as in
+        :meth:`scan`; updates ``state`` in place."""
         xi, z = self.in_proj(x[:, 0]).chunk(2, dim=-1)  # [B, d_inner] each
         window = torch.cat([state.conv, xi.unsqueeze(-1)], dim=-1)  # [B, d_inner, d_conv]
         state.conv = window[:, :, 1:]
@@ -102,7 +110,7 @@ class Mamba(nn.Module):
         dt, B, C = self._ssm_params(xc)
         reset = None if ctx.reset is None else ctx.reset[:, 0]
         y, state.ssm = selective_state_update(state.ssm, xc, dt, self._A(), B, C, self.D, reset=reset)
-        return self.out_proj(y * F.silu(z)).unsqueeze(1)  # [B, 1, d_model]
+        return y.unsqueeze(1), z.unsqueeze(1)  # [B, 1, d_inner] each
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token beyond 6 x the weights: the scan's ~7 elementwise operations
