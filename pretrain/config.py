@@ -127,14 +127,21 @@ class TitansConfig:
     n_heads: int = 4
     """Memory heads (each head has its own memory)."""
     chunk_size: int = 64
-    """Tokens per memory update (mini-batch gradient descent step)."""
+    """MAG/MAL: tokens per memory update (one mini-batch gradient descent step; queries read the
+    weights of their chunk's start). Chunks are aligned to document positions."""
     segment_size: int = 128
-    """MAC: tokens per segment attended together with the memory read."""
+    """MAC: tokens per segment attended together with the memory read; MAC's memory is read and
+    updated once per segment (its chunk is the segment)."""
     n_persistent: int = 16
     """Learned persistent memory tokens."""
+    max_lr: float = 0.1
+    """Largest inner learning rate theta (theta = max_lr * sigmoid(linear(x)))."""
+    conv_size: int = 4
+    """Taps of the short causal depthwise conv on the memory's q, k, v."""
 
     def check(self, name: str, cfg: "ModelConfig") -> None:
-        for f in ("memory_depth", "memory_expand", "n_heads", "chunk_size", "segment_size"):
+        _check(self.max_lr > 0, f"{name}.max_lr", "must be > 0")
+        for f in ("memory_depth", "memory_expand", "n_heads", "chunk_size", "segment_size", "conv_size"):
             _check(getattr(self, f) > 0, f"{name}.{f}", "must be > 0")
         _check(self.n_persistent >= 0, f"{name}.n_persistent", "must be >= 0")
         _check(cfg.d_model % self.n_heads == 0, f"{name}.n_heads", f"does not divide model.d_model={cfg.d_model}")
@@ -175,7 +182,7 @@ class ModelConfig:
     """Vocabulary size; 0 takes the tokenizer's size when the model is built for training."""
     d_model: int = 256
     """Residual stream width."""
-    n_layers: int = 8
+    n_layers: int = 6
     """Number of blocks."""
     layer_pattern: Any = "mamba swa"
     """Blocks' mixers: a string of space-separated names or a list, repeated to fill n_layers.
@@ -257,9 +264,9 @@ class DataConfig:
 class TrainConfig:
     seed: int = 1234
     """Seed of the initialisation, the data order and sampling."""
-    max_steps: int = 300
+    max_steps: int = 250
     """Optimizer steps to train for."""
-    global_batch_size: int = 16
+    global_batch_size: int = 8
     """Sequences per optimizer step, summed over data-parallel ranks and accumulation."""
     micro_batch_size: int = 8
     """Sequences per forward/backward on one rank; accumulation = global / (micro * dp)."""

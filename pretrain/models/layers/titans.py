@@ -1,0 +1,360 @@
+"""Titans (Behrouz et al. 2024): attention with a neural long-term memory, three ways.
+
+* 'mac' (memory as context): per segment of ``segment_size`` tokens, in order: each token reads
+  the memory as it was at the segment start (``h = M*(q)``, q from x), causal attention inside the
+  segment runs over ``[persistent || memory reads || segment tokens]`` giving y, then the memory
+  is trained on y (keys/values from the attention output, as the paper's ``M_t = M_{t-1}(y_t)``)
+  with one mini-batch step per segment (the memory's chunk is the segment).
+* 'mag' (memory as gate): sliding-window attention over ``[persistent || x]`` gated by the memory
+  branch, ``W_o(norm(attn) * sigmoid(norm(memory)))``; the memory trains in ``chunk_size`` steps.
+* 'mal' (memory as layer): the memory branch, then sliding-window attention over
+  ``[persistent || memory(x)]``.
+
+The memory branch: q, k, v projections -> short causal depthwise conv -> SiLU, q and k
+L2-normalised; per token and head the learning rate theta (sigmoid scaled to ``max_lr``), momentum
+eta and forgetting alpha (sigmoids of linear projections of x); the scan is
+:func:`titans_ops.memory_scan`. Deviation from the paper: MAC returns y without the final
+``y * M*(y)`` gate (with the memory updated once per segment, reading it after the update would
+let a token see later tokens of its segment).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pretrain.models.context import attention_mask
+from pretrain.models.layers.norm import RMSNorm
+from pretrain.models.layers.rope import apply_rope, rope_tables
+from pretrain.models.layers.titans_ops import MemoryState, memory_scan, mlp_forward
+from pretrain.models.registry import register_mixer
+
+if TYPE_CHECKING:
+    from pretrain.config import ModelConfig
+    from pretrain.models.context import ForwardContext
+
+
+@dataclass
+class KVState:
+    """Cached attention keys/values after RoPE, ``[B, S, H, D]``: the last window-1 tokens (the
+    layout of ``attention.KVState``, which cannot be imported here: the registry imports layers)."""
+
+    k: Tensor
+    v: Tensor
+
+    def update(self, k: Tensor, v: Tensor, window: int) -> tuple[Tensor, Tensor]:
+        """Append the new ``k, v`` and return all keys/values the new queries attend to."""
+        k_all, v_all = torch.cat([self.k, k], dim=1), torch.cat([self.v, v], dim=1)
+        keep = min(k_all.shape[1], window - 1)
+        self.k, self.v = k_all[:, k_all.shape[1] - keep :], v_all[:, v_all.shape[1] - keep :]
+        return k_all, v_all
+
+
+@dataclass
+class TitansState:
+    conv: Tensor
+    """[B, conv_size - 1, 3 * H * D]: the last inputs of the memory's q/k/v conv (oldest first)."""
+    memory: MemoryState
+    kv: KVState
+    """Attention keys/values of the last window-1 (MAC: segment-1) tokens."""
+    mem_kv: KVState | None = None
+    """MAC: keys/values of the memory reads of the current segment."""
+
+
+def short_conv(xp: Tensor, weight: Tensor, bias: Tensor, positions: Tensor) -> Tensor:
+    """Causal depthwise conv of ``xp [B, K-1+T, C]`` (past inputs first) with ``weight [C, K]``
+    (tap K-1 is the current token) that never reads across a document start."""
+    k = weight.shape[1]
+    t = xp.shape[1] - (k - 1)
+    out = xp[:, k - 1 :] * weight[:, k - 1] + bias
+    for s in range(1, k):
+        keep = (positions >= s).unsqueeze(-1).to(xp.dtype)  # [B, T, 1]
+        out = out + xp[:, k - 1 - s : k - 1 - s + t] * (weight[:, k - 1 - s] * keep)
+    return out
+
+
+class NeuralMemory(nn.Module):
+    """The long-term memory branch: ``x [B, T, d_model] -> [B, T, d_out]`` (reads), trained on x."""
+
+    def __init__(self, cfg: ModelConfig, chunk_size: int, d_out: int) -> None:
+        super().__init__()
+        c = cfg.titans
+        self.n_heads, self.head_dim = c.n_heads, cfg.d_model // c.n_heads
+        self.chunk_size, self.max_lr = chunk_size, c.max_lr
+        inner = self.n_heads * self.head_dim
+        self.qkv = nn.Linear(cfg.d_model, 3 * inner, bias=False)
+        self.conv_weight = nn.Parameter(torch.empty(3 * inner, c.conv_size))
+        self.conv_bias = nn.Parameter(torch.empty(3 * inner))
+        self.gates = nn.Linear(cfg.d_model, 3 * self.n_heads, bias=True)  # theta, eta, alpha logits
+        dims = [self.head_dim] + [c.memory_expand * self.head_dim] * (c.memory_depth - 1) + [self.head_dim]
+        self.init = nn.ParameterList(nn.Parameter(torch.empty(self.n_heads, i, o)) for i, o in zip(dims, dims[1:]))
+        self.norm = RMSNorm(self.head_dim, cfg.norm_eps)
+        self.out = nn.Linear(inner, d_out, bias=False)
+
+    def forward(self, x: Tensor, ctx: ForwardContext, state: TitansState | None) -> Tensor:
+        """Read (at chunk starts) and train the memory on x; returns the projected reads."""
+        b, t, _ = x.shape
+        tail = None if state is None else state.conv
+        zc, tail = self.conv(self.qkv(x), slice(None), tail, ctx.positions)
+        if state is not None:
+            state.conv = tail
+        q, k, v = zc.view(b, t, 3, self.n_heads, self.head_dim).unbind(2)  # [B, T, H, D] each
+        mem = MemoryState.fresh(list(self.init), b) if state is None else state.memory
+        y, mem = self.scan(x, q, k, v, mem, ctx.positions, ctx.reset)
+        if state is not None:
+            state.memory = mem
+        return self.project_out(y, x.dtype)
+
+    def conv(self, z: Tensor, part: slice, tail: Tensor | None, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """SiLU(short conv) of the channels ``part`` of the q/k/v projection ``z [B, T, C]``;
+        ``tail``: the previous inputs of all 3HD channels (None: zeros) -> (output, new tail)."""
+        b, t, _ = z.shape
+        w = self.conv_weight
+        if tail is None:
+            tail = z.new_zeros(b, w.shape[1] - 1, w.shape[0])
+        zp = torch.cat([tail[..., part], z], dim=1)  # [B, K-1+T, C]
+        new_tail = tail.clone()
+        new_tail[..., part] = zp[:, t:]
+        return F.silu(short_conv(zp, w[part], self.conv_bias[part], positions)), new_tail
+
+    def scan(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, mem: MemoryState, positions: Tensor,
+             reset: Tensor | None) -> tuple[Tensor, MemoryState]:
+        """:func:`memory_scan` with L2-normalised q, k and the gates of x."""
+        b, t, _ = x.shape
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        g = torch.sigmoid(self.gates(x).float()).view(b, t, 3, self.n_heads)
+        return memory_scan(
+            q, k, v, self.max_lr * g[:, :, 0], g[:, :, 1], g[:, :, 2], mem, list(self.init),
+            positions, self.chunk_size, reset,
+        )
+
+    def project_out(self, y: Tensor, dtype: torch.dtype) -> Tensor:
+        """``y [B, T, H, D]`` memory reads -> per-head RMSNorm -> output projection."""
+        return self.out(self.norm(y.to(dtype)).flatten(2))
+
+    def new_state(self, batch_size: int) -> tuple[Tensor, MemoryState]:
+        w = self.qkv.weight
+        conv = w.new_zeros(batch_size, self.conv_weight.shape[1] - 1, w.shape[0])
+        return conv, MemoryState.fresh(list(self.init), batch_size)
+
+    def flops_per_token(self) -> float:
+        """Read + gradient (forward and backward through the MLP) + update: ~4 passes over the
+        memory weights at 2 FLOPs per weight, x3 for the outer forward + backward."""
+        return 24.0 * sum(p.numel() for p in self.init)
+
+    def init_weights(self, init_std: float, out_std: float) -> None:
+        with torch.no_grad():
+            nn.init.normal_(self.qkv.weight, std=init_std)
+            bound = 1 / math.sqrt(self.conv_weight.shape[1])
+            nn.init.uniform_(self.conv_weight, -bound, bound)
+            nn.init.uniform_(self.conv_bias, -bound, bound)
+            nn.init.normal_(self.gates.weight, std=init_std)
+            h = self.n_heads
+            self.gates.bias[:h].fill_(0.0)  # theta = max_lr / 2
+            self.gates.bias[h : 2 * h].fill_(2.0)  # eta ~ 0.88
+            self.gates.bias[2 * h :].fill_(-4.0)  # alpha ~ 0.018: forget slowly
+            for p in self.init:
+                nn.init.normal_(p, std=p.shape[1] ** -0.5)
+            self.norm.init_weights()
+            nn.init.normal_(self.out.weight, std=out_std)
+
+
+class PersistentAttention(nn.Module):
+    """Softmax attention whose keys start with ``n_persistent`` learned tokens every query sees."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        a = cfg.attention
+        self.head_dim = a.head_dim or cfg.d_model // a.n_heads
+        self.rope_theta = a.rope_theta if a.pos_encoding == "rope" else None
+        inner = a.n_heads * self.head_dim
+        self.wq = nn.Linear(cfg.d_model, inner, bias=False)
+        self.wk = nn.Linear(cfg.d_model, inner, bias=False)
+        self.wv = nn.Linear(cfg.d_model, inner, bias=False)
+        self.wo = nn.Linear(inner, cfg.d_model, bias=False)
+        self.persistent = nn.Parameter(torch.empty(cfg.titans.n_persistent, cfg.d_model))
+
+    def project(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, which: str = "qkv") -> list[Tensor]:
+        """The projections named in ``which`` of ``x [B, T, d]``, ``[B, T, H, D]``, q and k rotated."""
+        b, t, _ = x.shape
+        out = []
+        for name in which:
+            y = getattr(self, f"w{name}")(x).view(b, t, -1, self.head_dim)
+            out.append(apply_rope(y, *rope) if rope is not None and name != "v" else y)
+        return out
+
+    def rope(self, positions: Tensor) -> tuple[Tensor, Tensor] | None:
+        return None if self.rope_theta is None else rope_tables(positions, self.head_dim, self.rope_theta)
+
+    def attend(self, q: Tensor, kvs: list[tuple[Tensor, Tensor, Tensor]]) -> Tensor:
+        """``q [B, T, H, D]`` over the persistent tokens and each (k, v ``[B, S, H, D]``, mask
+        ``[B, 1, T, S]``) -> ``[B, T, H * D]`` (before ``wo``)."""
+        b, t = q.shape[:2]
+        n_p = self.persistent.shape[0]
+        if n_p:
+            pk, pv = self.project(self.persistent.unsqueeze(0), None, "kv")  # [1, P, H, D]
+            pmask = torch.ones(b, 1, t, n_p, dtype=torch.bool, device=q.device)
+            kvs = [(pk.expand(b, -1, -1, -1), pv.expand(b, -1, -1, -1), pmask)] + kvs
+        k = torch.cat([kv[0] for kv in kvs], dim=1)
+        v = torch.cat([kv[1] for kv in kvs], dim=1)
+        mask = torch.cat([kv[2] for kv in kvs], dim=-1)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        return o.transpose(1, 2).reshape(b, t, -1)
+
+    def flops_per_token(self, mean_keys: float) -> float:
+        return 12.0 * self.wq.weight.shape[0] * (mean_keys + self.persistent.shape[0])
+
+    def new_kv(self, batch_size: int) -> KVState:
+        w = self.wk.weight
+        empty = w.new_zeros(batch_size, 0, w.shape[0] // self.head_dim, self.head_dim)
+        return KVState(empty, empty.clone())
+
+    def init_weights(self, init_std: float, out_std: float) -> None:
+        for p in (self.wq.weight, self.wk.weight, self.wv.weight, self.persistent):
+            nn.init.normal_(p, std=init_std)
+        nn.init.normal_(self.wo.weight, std=out_std)
+
+
+def _mean_keys(seq_len: int, window: int) -> float:
+    w = min(window, seq_len)
+    return (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
+
+
+class _Titans(nn.Module):
+    """Shared plumbing: a memory branch, a persistent-token attention and the decoding state."""
+
+    window: int
+
+    def __init__(self, cfg: ModelConfig, chunk_size: int, mem_out: int) -> None:
+        super().__init__()
+        self.memory = NeuralMemory(cfg, chunk_size, mem_out)
+        self.attn = PersistentAttention(cfg)
+
+    def _kv(self, k: Tensor, v: Tensor, cache: KVState | None) -> tuple[Tensor, Tensor]:
+        return (k, v) if cache is None else cache.update(k, v, self.window)
+
+    def new_state(self, batch_size: int) -> TitansState:
+        conv, mem = self.memory.new_state(batch_size)
+        return TitansState(conv, mem, self.attn.new_kv(batch_size))
+
+    def flops_per_token(self, seq_len: int) -> float:
+        return self.memory.flops_per_token() + self.attn.flops_per_token(_mean_keys(seq_len, self.window))
+
+    def activation_elements(self) -> int:
+        """Rough elements per token kept for backward: projections, conv, memory reads and
+        gradients, attention; plus three memory states ([w0, m, s]) per chunk."""
+        d, inner = self.attn.wq.weight.shape[1], self.attn.wq.weight.shape[0]
+        mem = self.memory
+        state = sum(p.numel() for p in mem.init)
+        return 2 * d + 12 * mem.n_heads * mem.head_dim + 6 * inner + 3 * state // mem.chunk_size
+
+    def init_weights(self, init_std: float, out_std: float) -> None:
+        self.memory.init_weights(init_std, out_std)
+        self.attn.init_weights(init_std, out_std)
+
+
+class TitansMAC(_Titans):
+    """Segments are processed in order (a forward over several segments loops over them, each
+    row's segment starts at ``position % segment_size == 0``): read, attend, then write the
+    attention output into the memory; the decoding cache holds the current segment's keys."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg, cfg.titans.segment_size, cfg.d_model)
+        self.window = cfg.titans.segment_size
+
+    def forward(self, x: Tensor, ctx: ForwardContext, state: TitansState | None = None) -> Tensor:
+        st = self.new_state(x.shape[0]) if state is None else state
+        cut = (ctx.positions % self.window == 0).any(0)  # where any row starts a segment
+        cut[0] = True
+        bounds = torch.nonzero(cut).flatten().tolist() + [x.shape[1]]
+        return torch.cat([self._piece(x, ctx, a, b, st) for a, b in zip(bounds[:-1], bounds[1:])], dim=1)
+
+    def _piece(self, x: Tensor, ctx: ForwardContext, a: int, b: int, st: TitansState) -> Tensor:
+        """Tokens [a, b) of x, inside one segment of every row; updates ``st``."""
+        x, pos = x[:, a:b], ctx.positions[:, a:b]
+        reset = None if ctx.reset is None else ctx.reset[:, a:b]
+        mem, n, inner = self.memory, x.shape[0], self.memory.n_heads * self.memory.head_dim
+        shape = (n, b - a, mem.n_heads, mem.head_dim)
+        # 1. read the memory as it was at the segment start (the initial one after a reset)
+        q_mem, tail = mem.conv(F.linear(x, mem.qkv.weight[:inner]), slice(0, inner), st.conv, pos)
+        q_mem = q_mem.view(shape)
+        w0 = st.memory.w0
+        if reset is not None:
+            w0 = [torch.where(reset[:, 0].view(-1, 1, 1, 1), p.float(), w) for p, w in zip(mem.init, w0)]
+        read = mlp_forward(w0, F.normalize(q_mem, dim=-1).float().transpose(1, 2))[0]  # [B, H, L, D]
+        h = mem.project_out(read.transpose(1, 2), x.dtype)  # [B, L, d]
+        # 2. attend over [persistent || memory reads || tokens] of the segment so far
+        rope = self.attn.rope(pos)
+        q, k, v = self.attn.project(x, rope)
+        hk, hv = self.attn.project(h, rope, "kv")
+        k, v = st.kv.update(k, v, self.window)
+        hk, hv = st.mem_kv.update(hk, hv, self.window)
+        # a segment behaves like a document: its start is i - position % segment_size
+        mask = attention_mask(pos % self.window, ctx.offset + a, self.window, True)
+        y = self.attn.wo(self.attn.attend(q, [(hk, hv, mask), (k, v, mask)]))
+        # 3. write: keys and values from the attention output (the read above is recomputed)
+        kv, st.conv = mem.conv(F.linear(y, mem.qkv.weight[inner:]), slice(inner, None), tail, pos)
+        k_mem, v_mem = kv.view(n, b - a, 2, mem.n_heads, mem.head_dim).unbind(2)
+        _, st.memory = mem.scan(x, q_mem, k_mem, v_mem, st.memory, pos, reset)
+        return y
+
+    def new_state(self, batch_size: int) -> TitansState:
+        s = super().new_state(batch_size)
+        s.mem_kv = self.attn.new_kv(batch_size)
+        return s
+
+
+class TitansMAG(_Titans):
+    def __init__(self, cfg: ModelConfig) -> None:
+        a = cfg.attention
+        super().__init__(cfg, cfg.titans.chunk_size, a.n_heads * (a.head_dim or cfg.d_model // a.n_heads))
+        self.window = a.window
+        inner = self.attn.wo.weight.shape[1]
+        self.attn_norm = RMSNorm(inner, cfg.norm_eps)
+        self.gate_norm = RMSNorm(inner, cfg.norm_eps)
+
+    def forward(self, x: Tensor, ctx: ForwardContext, state: TitansState | None = None) -> Tensor:
+        m = self.memory(x, ctx, state)  # [B, T, H_attn * D]
+        q, k, v = self.attn.project(x, self.attn.rope(ctx.positions))
+        k, v = self._kv(k, v, None if state is None else state.kv)
+        mask = attention_mask(ctx.positions, ctx.offset, self.window, ctx.reset is not None)
+        o = self.attn.attend(q, [(k, v, mask)])
+        return self.attn.wo(self.attn_norm(o) * torch.sigmoid(self.gate_norm(m)))
+
+    def init_weights(self, init_std: float, out_std: float) -> None:
+        super().init_weights(init_std, out_std)
+        self.attn_norm.init_weights()
+        self.gate_norm.init_weights()
+
+
+class TitansMAL(_Titans):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg, cfg.titans.chunk_size, cfg.d_model)
+        self.window = cfg.attention.window
+
+    def forward(self, x: Tensor, ctx: ForwardContext, state: TitansState | None = None) -> Tensor:
+        m = self.memory(x, ctx, state)  # [B, T, d]
+        q, k, v = self.attn.project(m, self.attn.rope(ctx.positions))
+        k, v = self._kv(k, v, None if state is None else state.kv)
+        mask = attention_mask(ctx.positions, ctx.offset, self.window, ctx.reset is not None)
+        return self.attn.wo(self.attn.attend(q, [(k, v, mask)]))
+
+
+@register_mixer("mac")
+def _mac(cfg: ModelConfig, layer_idx: int) -> TitansMAC:
+    return TitansMAC(cfg)
+
+
+@register_mixer("mag")
+def _mag(cfg: ModelConfig, layer_idx: int) -> TitansMAG:
+    return TitansMAG(cfg)
+
+
+@register_mixer("mal")
+def _mal(cfg: ModelConfig, layer_idx: int) -> TitansMAL:
+    return TitansMAL(cfg)

@@ -1,0 +1,246 @@
+"""Titans memory: the chunked scan against a per-token autograd loop, and the MAC/MAG/MAL mixers'
+decoding parity, document resets and training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pretrain.config import AttentionConfig, ModelConfig, TitansConfig, load_config
+from pretrain.models import build_model
+from pretrain.models.layers import titans
+from pretrain.models.layers.titans_ops import MemoryState, memory_scan
+
+B, H, D, HID = 2, 2, 4, 6
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tensors are tiny: intra-op threads only add synchronisation (10-100x slower on a
+    busy 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def naive_mlp(ws, x):
+    """The memory MLP written out: linear for one layer, else x + W_L silu(... silu(x W_1))."""
+    if len(ws) == 1:
+        return x @ ws[0]
+    h = x
+    for w in ws[:-1]:
+        h = F.silu(h @ w)
+    return x + h @ ws[-1]
+
+
+def naive_scan(q, k, v, theta, eta, alpha, state, init, positions, chunk_size, reset=None):
+    """One token at a time: reset, read the chunk-start weights, gradient of ||M(k)-v||^2 there by
+    autograd (create_graph: differentiable), momentum and forgetting step, and at a chunk's last
+    token the chunk-start weights become the running ones."""
+    w0, m, s = list(state.w0), list(state.m), list(state.s)
+    ys = []
+    for t in range(q.shape[1]):
+        if reset is not None:
+            r = reset[:, t].view(-1, 1, 1, 1)
+            w0 = [torch.where(r, p, x) for p, x in zip(init, w0)]
+            m = [torch.where(r, p, x) for p, x in zip(init, m)]
+            s = [torch.where(r, 0.0, x) for x in s]
+        qt, kt, vt = (x[:, t].unsqueeze(2) for x in (q, k, v))  # [B, H, 1, D]
+        ys.append(naive_mlp(w0, qt)[:, :, 0])
+        loss = ((naive_mlp(w0, kt) - vt) ** 2).sum()  # the (b, h) memories are independent
+        grads = torch.autograd.grad(loss, w0, create_graph=True)
+        th, et, al = (x[:, t].view(*x.shape[:1], -1, 1, 1) for x in (theta, eta, alpha))
+        s = [et * si - th * g for si, g in zip(s, grads)]
+        m = [(1 - al) * mi + si for mi, si in zip(m, s)]
+        done = (positions[:, t] % chunk_size == chunk_size - 1).view(-1, 1, 1, 1)
+        w0 = [torch.where(done, mi, wi) for mi, wi in zip(m, w0)]
+    return torch.stack(ys, dim=1), MemoryState(w0, m, s)
+
+
+def _inputs(depth, t, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k = (F.normalize(torch.randn(B, t, H, D, generator=g), dim=-1) for _ in range(2))
+    v = torch.randn(B, t, H, D, generator=g)
+    theta = 0.5 * torch.rand(B, t, H, generator=g)
+    eta, alpha = torch.rand(B, t, H, generator=g), 0.3 * torch.rand(B, t, H, generator=g)
+    dims = [D] + [HID] * (depth - 1) + [D]
+    init = [torch.randn(H, i, o, generator=g) / i**0.5 for i, o in zip(dims, dims[1:])]
+    leaves = [x.requires_grad_() for x in (q, k, v, theta, eta, alpha, *init)]
+    return leaves
+
+
+def _flatten(y, st):
+    return [y, *st.w0, *st.m, *st.s]
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("packed", [False, True])
+def test_memory_scan_matches_naive(depth, packed, rel_err):
+    t, chunk = 11, 4
+    q, k, v, theta, eta, alpha, *init = _inputs(depth, t)
+    if packed:  # row 0: documents of 6 and 5 tokens (a start inside a chunk); row 1: 3 and 8
+        positions = torch.tensor([list(range(6)) + list(range(5)), list(range(3)) + list(range(8))])
+        reset = positions == 0
+    else:
+        positions, reset = torch.arange(t).expand(B, t), None
+    args = (q, k, v, theta, eta, alpha)
+    outs = _flatten(*memory_scan(*args, MemoryState.fresh(init, B), init, positions, chunk, reset))
+    refs = _flatten(*naive_scan(*args, MemoryState.fresh(init, B), init, positions, chunk, reset))
+    for o, r in zip(outs, refs):
+        assert rel_err(o, r) <= 1e-5
+    g = torch.Generator().manual_seed(1)
+    weights = [torch.randn(r.shape, generator=g) for r in refs]
+    leaves = [q, k, v, theta, eta, alpha, *init]
+    got = torch.autograd.grad(sum((o * w).sum() for o, w in zip(outs, weights)), leaves)
+    want = torch.autograd.grad(sum((r * w).sum() for r, w in zip(refs, weights)), leaves)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) <= 1e-4
+
+
+def test_memory_scan_continues_from_a_state(rel_err, nan_poison):
+    """Pieces of 3, 1, 5, 2 tokens chained through the state equal one call."""
+    q, k, v, theta, eta, alpha, *init = (x.detach() for x in _inputs(2, 11, seed=3))
+    positions = torch.arange(11).expand(B, 11)
+    args = (q, k, v, theta, eta, alpha)
+    y, st = memory_scan(*args, MemoryState.fresh(init, B), init, positions, 4)
+    ys, st2, start = [], MemoryState.fresh(init, B), 0
+    for n in (3, 1, 5, 2):
+        sl = slice(start, start + n)
+        yp, st2 = memory_scan(*(x[:, sl] for x in args), st2, init, positions[:, sl], 4)
+        ys.append(yp)
+        start += n
+    for a, b in zip(_flatten(torch.cat(ys, 1), st2), _flatten(y, st)):
+        assert rel_err(a, b) <= 1e-5
+
+
+def test_memory_scan_rejects_bad_shapes():
+    q, k, v, theta, eta, alpha, *init = (x.detach() for x in _inputs(1, 5))
+    with pytest.raises(ValueError):
+        memory_scan(q, k[:, :4], v, theta, eta, alpha, MemoryState.fresh(init, B), init, torch.zeros(B, 5), 4)
+
+
+def _cfg(pattern, doc_masking=True, **titans_kw):
+    kw = dict(n_heads=2, memory_depth=2, memory_expand=2, chunk_size=4, segment_size=6, n_persistent=3, max_lr=0.5)
+    kw.update(titans_kw)
+    return ModelConfig(
+        vocab_size=61, d_model=32, n_layers=len(pattern.split()), layer_pattern=pattern, ffn_hidden=48,
+        init_std=0.2, doc_masking=doc_masking, attention=AttentionConfig(n_heads=4, window=5),
+        titans=TitansConfig(**kw),
+    )
+
+
+def test_projection_gradients_match_naive(monkeypatch, rel_err):
+    """Every parameter gradient of a MAC + MAG + MAL model equals the one through the naive scan."""
+    torch.manual_seed(0)
+    model = build_model(_cfg("mac mag mal"))
+    ids = torch.randint(0, 61, (B, 10))
+
+    def grads():
+        model.zero_grad()
+        model(ids).square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    got = grads()
+    monkeypatch.setattr(titans, "memory_scan", naive_scan)
+    want = grads()
+    for name, g in want.items():
+        assert rel_err(got[name], g) <= 1e-4, name
+
+
+def _decode(model, ids, chunks, positions=None):
+    cache = model.new_cache(ids.shape[0])
+    outs, start = [], 0
+    for n in chunks:
+        pos = None if positions is None else positions[:, start : start + n]
+        outs.append(model(ids[:, start : start + n], pos, cache=cache))
+        start += n
+    return torch.cat(outs, dim=1), cache
+
+
+@pytest.mark.parametrize("pattern", ["mac", "mag", "mal"])
+@pytest.mark.parametrize("docs", ["one", "packed", "no_doc_masking"])
+def test_decoding_parity(pattern, docs, rel_err):
+    """Token by token and uneven pieces (a 13-token prompt first: longer than a chunk of 4, a
+    segment of 6 and a window of 5) equal one forward; with packed documents, starts fall inside
+    chunks and segments."""
+    t = 19
+    torch.manual_seed(0)
+    model = build_model(_cfg(pattern, doc_masking=docs != "no_doc_masking"))
+    ids = torch.randint(0, 61, (B, t))
+    positions = None
+    if docs == "packed":
+        positions = torch.stack([
+            torch.cat([torch.arange(7), torch.arange(12)]), torch.cat([torch.arange(2), torch.arange(17)])
+        ])
+    with torch.no_grad():
+        full = model(ids, positions)
+        for chunks in ([1] * t, [3, 1, 5, 1, 7, 2], [13, 1, 1, 4], [t]):
+            assert rel_err(_decode(model, ids, chunks, positions)[0], full) <= 1e-4
+
+
+@pytest.mark.parametrize("pattern", ["mac", "mag", "mal"])
+def test_packed_equals_separate(pattern, rel_err):
+    torch.manual_seed(0)
+    model = build_model(_cfg(pattern))
+    lens = (9, 3, 8)
+    ids = torch.randint(0, 61, (1, sum(lens)))
+    positions = torch.cat([torch.arange(n) for n in lens]).unsqueeze(0)
+    with torch.no_grad():
+        packed = model(ids, positions)
+        alone = torch.cat([model(doc) for doc in ids.split(list(lens), dim=1)], dim=1)
+    assert rel_err(packed, alone) <= 1e-4
+
+
+def test_short_sequence_updates_memory(rel_err):
+    """A prompt shorter than a chunk leaves the chunk-start weights alone (later tokens of the
+    chunk still read them) but the running weights hold its update, whatever the pieces."""
+    torch.manual_seed(0)
+    model = build_model(_cfg("mag", chunk_size=8))
+    ids = torch.randint(0, 61, (B, 5))
+    with torch.no_grad():
+        _, one = _decode(model, ids, [5])
+        _, steps = _decode(model, ids, [2, 1, 2])
+    init = [p.expand(B, *p.shape) for p in model.blocks["0"].mixer.memory.init]
+    mem, mem2 = one.states["0"].memory, steps.states["0"].memory
+    for p, w0, m, m2 in zip(init, mem.w0, mem.m, mem2.m):
+        assert torch.equal(w0, p)
+        assert (m - p).abs().max() > 1e-3
+        assert rel_err(m2, m) <= 1e-5
+
+
+def test_memory_carries_beyond_the_window():
+    """MAG's attention sees 5 tokens; the first token still changes the last output, through the
+    memory trained on it (and not through the conv, which reaches 3 tokens back)."""
+    torch.manual_seed(0)
+    model = build_model(_cfg("mag"))
+    ids = torch.randint(0, 61, (1, 16))
+    other = ids.clone()
+    other[0, 0] = (ids[0, 0] + 1) % 61
+    with torch.no_grad():
+        diff = (model(ids)[0, -1] - model(other)[0, -1]).abs().max()
+    assert diff > 1e-5
+
+
+def test_trains_end_to_end(small_corpus, prepared_dir, tmp_path):
+    from pretrain.train.trainer import train
+    from tests.conftest import losses, tiny_overrides
+
+    overrides = tiny_overrides(
+        small_corpus, prepared_dir, tmp_path,
+        **{
+            "model.n_layers": 3,
+            "model.layer_pattern": "'mac mag mal'",
+            "model.titans.n_heads": 2,
+            "model.titans.chunk_size": 8,
+            "model.titans.segment_size": 16,
+            "model.titans.n_persistent": 4,
+            "train.max_steps": 6,
+            "checkpoint.interval": 0,
+            "optim.lr": 1e-2,
+        },
+    )
+    train(load_config(None, overrides))
+    logged = losses(tmp_path)
+    assert sum(v for _, v in logged[-2:]) / 2 < logged[0][1]
