@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from pretrain.models.context import Cache, ForwardContext, build_context
 from pretrain.models.layers.attention import Attention, flash_available
+from pretrain.models.layers.moe import RouterGRU, uses_router_gru
 from pretrain.models.layers.norm import RMSNorm
 from pretrain.models.registry import FFNS, MIXERS
 
@@ -81,6 +82,11 @@ class HybridLM(nn.Module):
             self.head: nn.Linear | None = (
                 None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
             )
+            # RMoE's GRU, shared by every 'moe_gru' block: handed to them through the carry
+            # (see pretrain/models/layers/moe.py); like embed, a pipeline's first stage owns it.
+            self.router_gru: RouterGRU | None = (
+                RouterGRU(cfg.moe.router_hidden) if uses_router_gru(cfg) else None
+            )
         if device.type != "meta":
             self.to_empty(device=device)
         self.init_weights()
@@ -98,6 +104,8 @@ class HybridLM(nn.Module):
             block.init_weights(std, out_std)
         if self.norm is not None:
             self.norm.init_weights()
+        if self.router_gru is not None:
+            self.router_gru.init_weights()
         if self.head is not None:
             nn.init.normal_(self.head.weight, std=std)
 
@@ -122,7 +130,7 @@ class HybridLM(nn.Module):
         """
         h = self.embed(input_ids) if self.embed is not None else input_ids
         ctx = self._context(h, position_ids, cache)
-        carry: dict[str, Tensor] = {}
+        carry: dict[str, Tensor] = self.router_gru.carry() if self.router_gru is not None else {}
         for block in self.blocks.values():
             h, carry = block(h, ctx, carry)
         if cache is not None:

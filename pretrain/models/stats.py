@@ -71,6 +71,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
         extra = getattr(block.mixer, "flops_per_token", None)
         if extra is not None:
             out["attention" if isinstance(block.mixer, Attention) else "scan"] += extra(seq_len)
+        ffn_extra = getattr(block.ffn, "flops_per_token", None)
+        if ffn_extra is not None:  # e.g. MoE: the active experts' stacked (non-Linear) weights
+            out["dense"] += ffn_extra(seq_len)
     out["total"] = out["dense"] + out["attention"] + out["scan"]
     return out
 
