@@ -14,6 +14,7 @@ from pretrain.models.context import build_context
 from pretrain.models.layers.diff_attention import DiffAttention, lambda_init
 from pretrain.models.layers.diff_ops import diff_attention
 from pretrain.models.layers.rope import apply_rope
+from tests.models.util import decode as _decode
 
 T = 13  # longer than the window (4)
 
@@ -116,16 +117,6 @@ def test_odd_heads_rejected(make_cfg):
     cfg.attention.n_kv_heads = 1
     with pytest.raises(ValueError, match="even"):
         build_model(cfg)
-
-
-def _decode(model, ids, chunks, positions=None):
-    cache = model.new_cache(ids.shape[0])
-    outs, start = [], 0
-    for n in chunks:
-        pos = None if positions is None else positions[:, start : start + n]
-        outs.append(model(ids[:, start : start + n], pos, cache=cache))
-        start += n
-    return torch.cat(outs, dim=1)
 
 
 @pytest.mark.parametrize("pattern", ["diff_attn", "diff_swa", "mamba diff_swa diff_attn"])

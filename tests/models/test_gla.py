@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from pretrain.config import GLAConfig
 from pretrain.models import build_model
 from pretrain.models.layers.gla_ops import chunk_gla, recurrent_gla_step
+from tests.models.util import decode as _decode
 
 
 def naive_gla(q, k, v, g_log, h0=None, reset=None):
@@ -108,16 +109,6 @@ T = 13
 def _gla_cfg(make_cfg, pattern, **overrides):
     # chunk 4 < T: prefill and decode cross chunk boundaries and pad the last chunk
     return make_cfg(pattern, gla=GLAConfig(n_heads=2, chunk_size=4, gate_normalizer=4.0), init_std=0.2, **overrides)
-
-
-def _decode(model, ids, chunks, positions=None):
-    cache = model.new_cache(ids.shape[0])
-    outs, start = [], 0
-    for n in chunks:
-        pos = None if positions is None else positions[:, start : start + n]
-        outs.append(model(ids[:, start : start + n], pos, cache=cache))
-        start += n
-    return torch.cat(outs, dim=1)
 
 
 @pytest.mark.parametrize("pattern", ["gla", "gla swa"])

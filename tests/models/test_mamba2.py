@@ -15,6 +15,7 @@ from pretrain.models.layers.mamba2 import Mamba2
 from pretrain.models.layers.ssd_ops import segsum, ssd_chunked, ssd_step
 from pretrain.train.optim import param_groups
 from tests.conftest import ROOT, losses, tiny_overrides
+from tests.models.util import decode as _decode
 
 CHUNK = 4
 T = 13  # several chunks, not a multiple of CHUNK
@@ -119,16 +120,6 @@ M2 = dict(d_state=8, d_conv=4, expand=2, head_dim=16, n_groups=2, chunk_size=CHU
 
 def _cfg(make_cfg, pattern, **kw):
     return make_cfg(pattern, mamba2=Mamba2Config(**M2), init_std=0.2, **kw)
-
-
-def _decode(model, ids, chunks, positions=None):
-    cache = model.new_cache(ids.shape[0])
-    outs, start = [], 0
-    for n in chunks:
-        pos = None if positions is None else positions[:, start : start + n]
-        outs.append(model(ids[:, start : start + n], pos, cache=cache))
-        start += n
-    return torch.cat(outs, dim=1)
 
 
 @pytest.mark.parametrize("pattern", ["mamba2", "mamba2 swa"])

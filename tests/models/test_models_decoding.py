@@ -6,19 +6,9 @@ import pytest
 import torch
 
 from pretrain.models import build_model
+from tests.models.util import decode as _decode
 
 T = 13  # longer than the window (4) of 'swa'
-
-
-def _decode(model, ids, chunks, positions=None):
-    cache = model.new_cache(ids.shape[0])
-    outs, start = [], 0
-    for n in chunks:
-        pos = None if positions is None else positions[:, start : start + n]
-        outs.append(model(ids[:, start : start + n], pos, cache=cache))
-        start += n
-    assert cache.offset == ids.shape[1]
-    return torch.cat(outs, dim=1)
 
 
 @pytest.mark.parametrize("pattern", ["attn", "swa", "mamba", "mamba swa attn"])

@@ -15,6 +15,7 @@ from pretrain.models import build_model, count_parameters
 from pretrain.models.context import ForwardContext
 from pretrain.models.layers.moe import MoE, route
 from pretrain.models.layers.moe_ops import moe_experts
+from tests.models.util import decode as _decode
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -173,16 +174,6 @@ def test_every_parameter_gets_a_gradient_and_meta_init(make_cfg, nan_poison):
     meta.init_weights()
     for name, p in meta.state_dict().items():
         torch.testing.assert_close(p, model.state_dict()[name], rtol=0, atol=0, msg=name)
-
-
-def _decode(model, ids, chunks, positions=None):
-    cache = model.new_cache(ids.shape[0])
-    outs, start = [], 0
-    for n in chunks:
-        pos = None if positions is None else positions[:, start : start + n]
-        outs.append(model(ids[:, start : start + n], pos, cache=cache))
-        start += n
-    return torch.cat(outs, dim=1)
 
 
 @pytest.mark.parametrize("pattern", ["attn:moe_gru mamba:moe_gru", "swa:moe mamba:moe_gru"])

@@ -16,6 +16,7 @@ from pretrain.models.layers.gmu import MEMORY, SHARED_K, SHARED_V, CrossAttentio
 from pretrain.models.layers.gmu_ops import gated_memory
 from pretrain.models.sambay import sambay_pattern
 from tests.conftest import ROOT
+from tests.models.util import decode_with_cache as _decode
 
 T = 13  # longer than the window (4)
 DOCS = torch.stack([torch.cat([torch.arange(6), torch.arange(7)]), torch.cat([torch.arange(4), torch.arange(9)])])
@@ -142,16 +143,6 @@ def test_xattn_matches_naive_attention_to_shared_kv(make_cfg, pos_encoding, rel_
                     want[b, t, h] = a @ v[b, start : t + 1, h // group]
         want = want.reshape(2, T, -1) @ xattn.wo.weight.T
     assert rel_err(y, want) <= 1e-5
-
-
-def _decode(model, ids, chunks, positions=None):
-    cache = model.new_cache(ids.shape[0])
-    outs, start = [], 0
-    for n in chunks:
-        pos = None if positions is None else positions[:, start : start + n]
-        outs.append(model(ids[:, start : start + n], pos, cache=cache))
-        start += n
-    return torch.cat(outs, dim=1), cache
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from pretrain.config import AttentionConfig, ModelConfig, TitansConfig, load_con
 from pretrain.models import build_model
 from pretrain.models.layers import titans
 from pretrain.models.layers.titans_ops import MemoryState, memory_scan
+from tests.models.util import decode_with_cache as _decode
 
 B, H, D, HID = 2, 2, 4, 6
 
@@ -147,16 +148,6 @@ def test_projection_gradients_match_naive(monkeypatch, rel_err):
     want = grads()
     for name, g in want.items():
         assert rel_err(got[name], g) <= 1e-4, name
-
-
-def _decode(model, ids, chunks, positions=None):
-    cache = model.new_cache(ids.shape[0])
-    outs, start = [], 0
-    for n in chunks:
-        pos = None if positions is None else positions[:, start : start + n]
-        outs.append(model(ids[:, start : start + n], pos, cache=cache))
-        start += n
-    return torch.cat(outs, dim=1), cache
 
 
 @pytest.mark.parametrize("pattern", ["mac", "mag", "mal"])

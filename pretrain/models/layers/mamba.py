@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pretrain.models.layers.ssm_ops import SCAN_CHUNK, selective_scan, selective_state_update
+from pretrain.models.layers.conv import masked_causal_conv
 from pretrain.models.registry import register_mixer
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ class Mamba(nn.Module):
         self.d_conv = m.d_conv
         self.dt_rank = m.dt_rank or math.ceil(cfg.d_model / 16)
         self.in_proj = nn.Linear(cfg.d_model, 2 * self.d_inner, bias=False)
-        # depthwise; only its parameters are used: forward applies the taps itself (see _conv)
+        # depthwise; only its parameters are used: forward applies the taps itself (masked_causal_conv)
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, m.d_conv, groups=self.d_inner, bias=True)
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * m.d_state, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
@@ -70,7 +71,7 @@ class Mamba(nn.Module):
         xp = torch.cat([tail, xi], dim=1)  # [B, d_conv-1+T, d_inner]
         if state is not None:
             state.conv = xp[:, t:].transpose(1, 2)
-        xc = F.silu(self._conv(xp, ctx.positions))
+        xc = F.silu(masked_causal_conv(xp, self.conv1d.weight[:, 0, :], self.conv1d.bias, ctx.positions))
         dt, B, C = self._ssm_params(xc)
         y, h = selective_scan(
             xc, dt, self._A(), B, C, self.D, h0=None if state is None else state.ssm, reset=ctx.reset
@@ -78,18 +79,6 @@ class Mamba(nn.Module):
         if state is not None:
             state.ssm = h
         return y, z
-
-    def _conv(self, xp: Tensor, positions: Tensor) -> Tensor:
-        """Causal depthwise conv of ``xp [B, d_conv-1+T, d_inner]`` (past inputs first) that never
-        reads across a document start: the input s steps back counts only where positions >= s."""
-        k = self.d_conv
-        t = xp.shape[1] - (k - 1)
-        w = self.conv1d.weight[:, 0, :]  # [d_inner, k]; tap k-1 multiplies the current token
-        out = xp[:, k - 1 :] * w[:, k - 1] + self.conv1d.bias
-        for s in range(1, k):
-            keep = (positions >= s).unsqueeze(-1).to(xp.dtype)  # [B, T, 1]
-            out = out + xp[:, k - 1 - s : k - 1 - s + t] * (w[:, k - 1 - s] * keep)
-        return out
 
     def _ssm_params(self, xc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         dt, B, C = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)

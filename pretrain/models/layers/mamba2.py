@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pretrain.models.layers.ssd_ops import ssd_chunked, ssd_step
+from pretrain.models.layers.conv import masked_causal_conv
 from pretrain.models.registry import register_mixer
 
 if TYPE_CHECKING:
@@ -53,19 +54,6 @@ class RMSNormGated(nn.Module):
     def init_weights(self) -> None:
         with torch.no_grad():
             self.weight.fill_(1.0)
-
-
-def masked_causal_conv(xp: Tensor, weight: Tensor, bias: Tensor, positions: Tensor) -> Tensor:
-    """Causal depthwise conv of ``xp [B, K-1+T, C]`` (the K-1 past inputs first) with ``weight
-    [C, K]`` that never reads across a document start: the input s steps back counts only where
-    ``positions >= s``. Returns ``[B, T, C]``."""
-    k = weight.shape[1]
-    t = xp.shape[1] - (k - 1)
-    out = xp[:, k - 1 :] * weight[:, k - 1] + bias  # tap k-1 multiplies the current token
-    for s in range(1, k):
-        keep = (positions >= s).unsqueeze(-1).to(xp.dtype)  # [B, T, 1]
-        out = out + xp[:, k - 1 - s : k - 1 - s + t] * (weight[:, k - 1 - s] * keep)
-    return out
 
 
 class Mamba2(nn.Module):

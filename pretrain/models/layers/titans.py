@@ -32,6 +32,7 @@ from pretrain.models.context import attention_mask
 from pretrain.models.layers.norm import RMSNorm
 from pretrain.models.layers.rope import apply_rope, rope_tables
 from pretrain.models.layers.titans_ops import MemoryState, memory_scan, mlp_forward
+from pretrain.models.layers.conv import masked_causal_conv
 from pretrain.models.registry import register_mixer
 
 if TYPE_CHECKING:
@@ -64,18 +65,6 @@ class TitansState:
     """Attention keys/values of the last window-1 (MAC: segment-1) tokens."""
     mem_kv: KVState | None = None
     """MAC: keys/values of the memory reads of the current segment."""
-
-
-def short_conv(xp: Tensor, weight: Tensor, bias: Tensor, positions: Tensor) -> Tensor:
-    """Causal depthwise conv of ``xp [B, K-1+T, C]`` (past inputs first) with ``weight [C, K]``
-    (tap K-1 is the current token) that never reads across a document start."""
-    k = weight.shape[1]
-    t = xp.shape[1] - (k - 1)
-    out = xp[:, k - 1 :] * weight[:, k - 1] + bias
-    for s in range(1, k):
-        keep = (positions >= s).unsqueeze(-1).to(xp.dtype)  # [B, T, 1]
-        out = out + xp[:, k - 1 - s : k - 1 - s + t] * (weight[:, k - 1 - s] * keep)
-    return out
 
 
 class NeuralMemory(nn.Module):
@@ -120,7 +109,7 @@ class NeuralMemory(nn.Module):
         zp = torch.cat([tail[..., part], z], dim=1)  # [B, K-1+T, C]
         new_tail = tail.clone()
         new_tail[..., part] = zp[:, t:]
-        return F.silu(short_conv(zp, w[part], self.conv_bias[part], positions)), new_tail
+        return F.silu(masked_causal_conv(zp, w[part], self.conv_bias[part], positions)), new_tail
 
     def scan(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, mem: MemoryState, positions: Tensor,
              reset: Tensor | None) -> tuple[Tensor, MemoryState]:
