@@ -5,6 +5,7 @@ A plain function (no layer registered here) so the recurrent mixers share one de
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 
@@ -19,3 +20,16 @@ def masked_causal_conv(xp: Tensor, weight: Tensor, bias: Tensor, positions: Tens
         keep = (positions >= s).unsqueeze(-1).to(xp.dtype)  # [B, T, 1]
         out = out + xp[:, k - 1 - s : k - 1 - s + t] * (weight[:, k - 1 - s] * keep)
     return out
+
+
+def cached_causal_conv(x: Tensor, state, weight: Tensor, bias: Tensor, positions: Tensor) -> Tensor:
+    """:func:`masked_causal_conv` of new inputs ``x [B, T, C]`` continuing a decoding ``state``
+    whose ``conv [B, C, K-1]`` holds the last inputs (oldest first; updated in place), or from
+    zeros when ``state`` is None."""
+    k = weight.shape[1]
+    b, t, c = x.shape
+    tail = x.new_zeros(b, k - 1, c) if state is None else state.conv.transpose(1, 2)
+    xp = torch.cat([tail, x], dim=1)  # [B, K-1+T, C]
+    if state is not None:
+        state.conv = xp[:, t:].transpose(1, 2)
+    return masked_causal_conv(xp, weight, bias, positions)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pretrain.models.layers.ssm_ops import SCAN_CHUNK, selective_scan, selective_state_update
-from pretrain.models.layers.conv import masked_causal_conv
+from pretrain.models.layers.conv import cached_causal_conv
 from pretrain.models.registry import register_mixer
 
 if TYPE_CHECKING:
@@ -63,15 +63,7 @@ class Mamba(nn.Module):
         if state is not None and x.shape[1] == 1:
             return self.step(x, ctx, state)
         xi, z = self.in_proj(x).chunk(2, dim=-1)  # [B, T, d_inner] each
-        b, t, _ = xi.shape
-        if state is None:
-            tail = xi.new_zeros(b, self.d_conv - 1, self.d_inner)
-        else:
-            tail = state.conv.transpose(1, 2)  # [B, d_conv-1, d_inner]
-        xp = torch.cat([tail, xi], dim=1)  # [B, d_conv-1+T, d_inner]
-        if state is not None:
-            state.conv = xp[:, t:].transpose(1, 2)
-        xc = F.silu(masked_causal_conv(xp, self.conv1d.weight[:, 0, :], self.conv1d.bias, ctx.positions))
+        xc = F.silu(cached_causal_conv(xi, state, self.conv1d.weight[:, 0, :], self.conv1d.bias, ctx.positions))
         dt, B, C = self._ssm_params(xc)
         y, h = selective_scan(
             xc, dt, self._A(), B, C, self.D, h0=None if state is None else state.ssm, reset=ctx.reset

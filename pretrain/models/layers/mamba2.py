@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pretrain.models.layers.ssd_ops import ssd_chunked, ssd_step
-from pretrain.models.layers.conv import masked_causal_conv
+from pretrain.models.layers.conv import cached_causal_conv
 from pretrain.models.registry import register_mixer
 
 if TYPE_CHECKING:
@@ -88,17 +88,8 @@ class Mamba2(nn.Module):
         both ``[B, T, d_inner]`` (a SambaY memory layer keeps the first). Updates ``state``."""
         if state is not None and x.shape[1] == 1:
             return self._step(x, ctx, state)
-        b, t, _ = x.shape
         z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
-        if state is None:
-            tail = xbc.new_zeros(b, self.d_conv - 1, self.conv_dim)
-        else:
-            tail = state.conv.transpose(1, 2)  # [B, d_conv-1, conv_dim]
-        xp = torch.cat([tail, xbc], dim=1)  # [B, d_conv-1+T, conv_dim]
-        if state is not None:
-            state.conv = xp[:, t:].transpose(1, 2)
-        w = self.conv1d.weight[:, 0, :]
-        xbc = F.silu(masked_causal_conv(xp, w, self.conv1d.bias, ctx.positions))
+        xbc = F.silu(cached_causal_conv(xbc, state, self.conv1d.weight[:, 0, :], self.conv1d.bias, ctx.positions))
         xs, B, C = xbc.split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
         y, h = ssd_chunked(
             xs.unflatten(-1, (self.n_heads, self.head_dim)),  # [B, T, H, P]
