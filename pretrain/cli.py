@@ -69,12 +69,16 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from pretrain.data import DataError
     from pretrain.train.checkpoint import CheckpointError
+    from pretrain.train.trainer import DivergenceError
 
     try:
         return _COMMANDS[args.command](args)
     except (ConfigError, DataError, CheckpointError) as exc:
         print(f"pretrain {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except DivergenceError as exc:
+        print(f"pretrain {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"pretrain {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -25,6 +25,10 @@ from pretrain.train.metrics import MetricsLogger, peak_flops
 from pretrain.train.optim import build_optimizer, lr_at, set_lr
 
 
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite gradient norm; the step was not applied."""
+
+
 def resolve_device(cfg: Config) -> torch.device:
     want = cfg.train.device
     if want == "cuda" and not torch.cuda.is_available():
@@ -182,6 +186,13 @@ class Trainer:
         norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
+        if not torch.isfinite(norm):  # the same on every rank: the norm is global
+            self.optimizer.zero_grad(set_to_none=True)
+            raise DivergenceError(
+                f"step {self.step + 1}: non-finite gradient norm (loss {self._all_reduce_mean(total):.4g}); "
+                f"the step was not applied and no checkpoint written; resume from the newest "
+                f"checkpoint in {self.ckpt_root} with a lower optim.lr or a smaller train.grad_clip"
+            )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
+import torch
 
 from tests.conftest import losses, run_cli, set_args, tiny_overrides
 
@@ -83,3 +85,23 @@ def test_bad_input_exits_2_with_one_line(args, needle):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.stderr
+
+
+def test_divergence_stops_before_a_bad_step_is_saved(small_corpus, prepared_dir, tmp_path):
+    """A learning rate that blows the weights up ends the run with one line and exit 1; no
+    checkpoint or metrics record ever holds a non-finite value."""
+    overrides = tiny_overrides(small_corpus, prepared_dir, tmp_path, **{
+        "optim.lr": "1e30", "optim.warmup_steps": 0, "train.grad_clip": 0.0, "checkpoint.interval": 1,
+    })
+    result = run_cli(["train", *set_args(overrides)])
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "non-finite gradient norm" in lines[0]
+    assert all(math.isfinite(loss) for _, loss in losses(tmp_path))
+    from pretrain.train.checkpoint import load_for_inference
+
+    steps = sorted((tmp_path / "checkpoints").iterdir())
+    assert all(not p.name.endswith(".tmp") for p in steps)
+    if steps:
+        _, model, _ = load_for_inference(steps[-1])
+        assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -235,3 +235,29 @@ def test_trains_end_to_end(small_corpus, prepared_dir, tmp_path):
     train(load_config(None, overrides))
     logged = losses(tmp_path)
     assert sum(v for _, v in logged[-2:]) / 2 < logged[0][1]
+
+
+@pytest.mark.parametrize("pattern", ["mac", "mag"])
+def test_memory_stays_bounded_at_training_length(pattern):
+    """The initial gates must keep the inner descent stable over realistic chunks (64 tokens)
+    and a 256-token sequence: earlier gates (theta = max_lr/2, eta 0.88) blew the memory up
+    to ~1e38 and the backward to NaN."""
+    from pretrain.config import load_config
+
+    cfg = load_config("configs/titans_mac_tiny.toml", [
+        "model.vocab_size=512", f"model.layer_pattern='{pattern}'", "model.n_layers=2",
+        "model.titans.chunk_size=64",
+    ]).model
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    ids = torch.randint(0, 512, (2, 256))
+    logits = model(ids)
+    logits.logsumexp(-1).mean().backward()
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p.grad).all(), name
+    cache = model.new_cache(2)
+    with torch.no_grad():
+        model(ids, cache=cache)
+    for state in cache.states.values():
+        for w in state.memory.m:
+            assert w.abs().max() < 10.0

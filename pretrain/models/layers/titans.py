@@ -144,8 +144,13 @@ class NeuralMemory(nn.Module):
             nn.init.uniform_(self.conv_bias, -bound, bound)
             nn.init.normal_(self.gates.weight, std=init_std)
             h = self.n_heads
-            self.gates.bias[:h].fill_(0.0)  # theta = max_lr / 2
-            self.gates.bias[h : 2 * h].fill_(2.0)  # eta ~ 0.88
+            # A chunk applies all its tokens' gradients (taken at the chunk-start weights) and
+            # momentum multiplies them by ~1/(1 - eta): the effective step per chunk is about
+            # theta * chunk * 2 / (1 - eta) for unit keys. Start well below 1 so the inner
+            # descent converges instead of blowing the memory up (theta = max_lr/2 with eta 0.88
+            # diverged to 1e38 within one 256-token sequence).
+            self.gates.bias[:h].fill_(-4.0)  # theta ~ 0.018 * max_lr
+            self.gates.bias[h : 2 * h].fill_(0.0)  # eta = 0.5
             self.gates.bias[2 * h :].fill_(-4.0)  # alpha ~ 0.018: forget slowly
             for p in self.init:
                 nn.init.normal_(p, std=p.shape[1] ** -0.5)
