@@ -14,7 +14,7 @@ from pretrain.models.context import build_context
 from pretrain.models.layers.diff_attention import DiffAttention, lambda_init
 from pretrain.models.layers.diff_ops import diff_attention
 from pretrain.models.layers.rope import apply_rope
-from tests.models.util import decode as _decode
+from tests.models.util import assert_packed_equals_separate, decode as _decode
 
 T = 13  # longer than the window (4)
 
@@ -138,14 +138,4 @@ def test_packed_equals_separate(make_cfg):
     cfg = make_cfg("diff_swa diff_attn", init_std=0.2)
     torch.manual_seed(0)
     model = build_model(cfg)
-    g = torch.Generator().manual_seed(0)
-    docs = [torch.randint(0, cfg.vocab_size, (n,), generator=g) for n in (5, 3, 8)]
-    ids = torch.cat(docs)[None]
-    positions = torch.cat([torch.arange(len(d)) for d in docs])[None]
-    with torch.no_grad():
-        packed = model(ids, positions)[0]
-        start = 0
-        for doc in docs:
-            alone = model(doc[None])[0]
-            assert (packed[start : start + len(doc)] - alone).abs().max() <= 1e-5 * max(1.0, alone.abs().max().item())
-            start += len(doc)
+    assert_packed_equals_separate(model, cfg.vocab_size)

@@ -16,7 +16,7 @@ from pretrain.models.layers.gmu import MEMORY, SHARED_K, SHARED_V, CrossAttentio
 from pretrain.models.layers.gmu_ops import gated_memory
 from pretrain.models.sambay import sambay_pattern
 from tests.conftest import ROOT
-from tests.models.util import decode_with_cache as _decode
+from tests.models.util import assert_packed_equals_separate, decode_with_cache as _decode
 
 T = 13  # longer than the window (4)
 DOCS = torch.stack([torch.cat([torch.arange(6), torch.arange(7)]), torch.cat([torch.arange(4), torch.arange(9)])])
@@ -180,17 +180,7 @@ def test_packed_equals_separate(make_cfg, variant):
     cfg = _cfg(make_cfg, variant)
     torch.manual_seed(0)
     model = build_model(cfg)
-    g = torch.Generator().manual_seed(0)
-    docs = [torch.randint(0, cfg.vocab_size, (n,), generator=g) for n in (5, 3, 8)]
-    ids = torch.cat(docs)[None]
-    positions = torch.cat([torch.arange(len(d)) for d in docs])[None]
-    with torch.no_grad():
-        packed = model(ids, positions)[0]
-        start = 0
-        for doc in docs:
-            alone = model(doc[None])[0]
-            assert (packed[start : start + len(doc)] - alone).abs().max() <= 1e-5 * max(1.0, alone.abs().max().item())
-            start += len(doc)
+    assert_packed_equals_separate(model, cfg.vocab_size)
 
 
 def test_gmu_needs_an_earlier_memory_layer(make_cfg):
