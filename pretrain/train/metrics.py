@@ -73,6 +73,7 @@ class MetricsLogger:
         self.path = run_dir / "metrics.jsonl"
         self.plot_path = run_dir / "loss.png"
         self.cfg = cfg
+        self.baseline: float | None = None  # unigram entropy of the validation split, on the plot
         self._wandb = None
         self._bar = None
         if not enabled:
@@ -128,7 +129,7 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.finish()
         if self.cfg.logging.plot:
-            plot_losses(self.path, self.plot_path)
+            plot_losses(self.path, self.plot_path, baseline=self.baseline)
 
 
 def _wandb_id(run_dir: Path) -> str:
@@ -158,8 +159,8 @@ def _format(record: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
-def plot_losses(metrics: Path, out: Path) -> None:
-    """Training (and validation) loss against step, as a PNG."""
+def plot_losses(metrics: Path, out: Path, baseline: float | None = None) -> None:
+    """Training (and validation) loss against step, as a PNG, with the unigram baseline."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -175,6 +176,8 @@ def plot_losses(metrics: Path, out: Path) -> None:
         ax.plot(*zip(*train), label="train loss", lw=1.2)
     if val:
         ax.plot(*zip(*val), "o-", label="validation loss", lw=1.2, ms=4)
+    if baseline is not None:
+        ax.axhline(baseline, color="grey", ls="--", lw=1, label="unigram baseline")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.grid(alpha=0.3)

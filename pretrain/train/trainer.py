@@ -244,6 +244,7 @@ class Trainer:
             self.log(f"{cfg.run.dir} is already at step {self.step}: raise train.max_steps to train further")
             return {"steps": self.step, "seconds": 0.0, "unigram_entropy": self.meta.get("unigram_entropy")}
         metrics = MetricsLogger(cfg, self.run_dir, self.main, self.step, t.max_steps)
+        metrics.baseline = self.meta.get("unigram_entropy")
         tokens_per_step = t.global_batch_size * cfg.data.seq_len
         self.log(
             f"training {cfg.run.name}: {sum(p.numel() for p in self.model.parameters()):,} parameters, "
