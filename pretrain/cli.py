@@ -7,7 +7,6 @@ stderr and exit with code 2; they never show a traceback.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 

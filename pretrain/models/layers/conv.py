@@ -5,8 +5,10 @@ A plain function (no layer registered here) so the recurrent mixers share one de
 
 from __future__ import annotations
 
+import math
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def masked_causal_conv(xp: Tensor, weight: Tensor, bias: Tensor, positions: Tensor) -> Tensor:
@@ -33,3 +35,11 @@ def cached_causal_conv(x: Tensor, state, weight: Tensor, bias: Tensor, positions
     if state is not None:
         state.conv = xp[:, t:].transpose(1, 2)
     return masked_causal_conv(xp, weight, bias, positions)
+
+
+@torch.no_grad()
+def init_short_conv_(conv: nn.Conv1d) -> None:
+    """nn.Conv1d's default uniform init (fan_in = kernel width for a depthwise conv), as mamba_ssm."""
+    bound = 1 / math.sqrt(conv.kernel_size[0])
+    nn.init.uniform_(conv.weight, -bound, bound)
+    nn.init.uniform_(conv.bias, -bound, bound)

@@ -14,15 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pretrain.models.layers.ssm_ops import SCAN_CHUNK, selective_scan, selective_state_update
-from pretrain.models.layers.conv import cached_causal_conv
+from pretrain.models.layers.ssm_ops import SCAN_CHUNK, sample_dt_bias, selective_scan, selective_state_update
+from pretrain.models.layers.conv import cached_causal_conv, init_short_conv_
 from pretrain.models.registry import register_mixer
 
 if TYPE_CHECKING:
     from pretrain.config import ModelConfig
     from pretrain.models.context import ForwardContext
 
-DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4  # the Mamba paper's initial step-size range
 
 
 @dataclass
@@ -111,17 +110,11 @@ class Mamba(nn.Module):
     def init_weights(self, init_std: float, out_std: float) -> None:
         with torch.no_grad():
             nn.init.normal_(self.in_proj.weight, std=init_std)
-            bound = 1 / math.sqrt(self.d_conv)  # nn.Conv1d's default (fan_in = d_conv), as mamba_ssm
-            nn.init.uniform_(self.conv1d.weight, -bound, bound)
-            nn.init.uniform_(self.conv1d.bias, -bound, bound)
+            init_short_conv_(self.conv1d)
             nn.init.normal_(self.x_proj.weight, std=init_std)
             r = self.dt_rank**-0.5  # mamba_ssm's dt_init="random", dt_scale=1
             nn.init.uniform_(self.dt_proj.weight, -r, r)
-            # dt log-uniform in [DT_MIN, DT_MAX]; the bias is its inverse softplus so that
-            # softplus(bias) starts at dt
-            u = torch.rand(self.d_inner, device=self.dt_proj.bias.device)
-            dt = torch.exp(u * (math.log(DT_MAX) - math.log(DT_MIN)) + math.log(DT_MIN)).clamp(min=DT_FLOOR)
-            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            self.dt_proj.bias.copy_(sample_dt_bias(self.d_inner, self.dt_proj.bias.device))
             # S4D-real: A = -(1..N) for every channel
             n = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_log.device)
             self.A_log.copy_(torch.log(n).expand(self.d_inner, -1))

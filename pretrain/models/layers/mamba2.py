@@ -7,7 +7,6 @@ norm, out_proj; in_proj's output ordered z, x, B, C, dt) so checkpoints map one 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -15,15 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pretrain.models.layers.conv import cached_causal_conv, init_short_conv_
 from pretrain.models.layers.ssd_ops import ssd_chunked, ssd_step
-from pretrain.models.layers.conv import cached_causal_conv
+from pretrain.models.layers.ssm_ops import sample_dt_bias
 from pretrain.models.registry import register_mixer
 
 if TYPE_CHECKING:
     from pretrain.config import ModelConfig
     from pretrain.models.context import ForwardContext
 
-DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4  # mamba_ssm's initial step-size range
 A_INIT_RANGE = (1.0, 16.0)  # mamba_ssm: A = -uniform(1, 16) per head
 
 
@@ -160,13 +159,8 @@ class Mamba2(nn.Module):
     def init_weights(self, init_std: float, out_std: float) -> None:
         with torch.no_grad():
             nn.init.normal_(self.in_proj.weight, std=init_std)
-            bound = 1 / math.sqrt(self.d_conv)  # nn.Conv1d's default (fan_in = d_conv), as mamba_ssm
-            nn.init.uniform_(self.conv1d.weight, -bound, bound)
-            nn.init.uniform_(self.conv1d.bias, -bound, bound)
-            # dt log-uniform in [DT_MIN, DT_MAX]; the bias is its inverse softplus
-            u = torch.rand(self.n_heads, device=self.dt_bias.device)
-            dt = torch.exp(u * (math.log(DT_MAX) - math.log(DT_MIN)) + math.log(DT_MIN)).clamp(min=DT_FLOOR)
-            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            init_short_conv_(self.conv1d)
+            self.dt_bias.copy_(sample_dt_bias(self.n_heads, self.dt_bias.device))
             self.A_log.copy_(torch.empty_like(self.A_log).uniform_(*A_INIT_RANGE).log())
             self.D.fill_(1.0)
             self.norm.init_weights()

@@ -13,8 +13,12 @@ recomputes one chunk at a time (as the CUDA kernels do) instead of storing ``[T,
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
+
+DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4  # mamba_ssm's initial step-size range
 
 SCAN_CHUNK = 8  # tokens per chunk: measured fastest on CPU (8..16) for d_inner=512, N=16, B=8
 
@@ -153,3 +157,12 @@ def selective_state_update(
     h = a * h.float() + (dt.float() * x.float()).unsqueeze(-1) * B.float().unsqueeze(1)
     y = (h @ C.float().unsqueeze(-1)).squeeze(-1) + D.float() * x.float()
     return y.to(x.dtype), h
+
+
+def sample_dt_bias(n: int, device: torch.device) -> Tensor:
+    """Initial bias of the step size of n channels (Mamba) or heads (Mamba-2): dt is drawn
+    log-uniform in [DT_MIN, DT_MAX] and the bias is its inverse softplus, so softplus(bias)
+    starts at dt."""
+    u = torch.rand(n, device=device)
+    dt = torch.exp(u * (math.log(DT_MAX) - math.log(DT_MIN)) + math.log(DT_MIN)).clamp(min=DT_FLOOR)
+    return dt + torch.log(-torch.expm1(-dt))
