@@ -11,7 +11,6 @@ throughput as a ratio of the first config's.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -41,8 +40,7 @@ def run(path: str, steps: int, overrides: list[str], root: Path) -> dict:
     ])
     summary = train(cfg, log=lambda *_: None)
     last = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
-    model_cfg = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or cfg.data.vocab_size)
-    params = count_parameters(model_cfg)["total"]
+    params = count_parameters(cfg.with_vocab().model)["total"]
     return {
         "config": path, "params": params, "tokens/s": last["tokens_per_s"],
         "loss": last["loss"], "val_loss": summary.get("val_loss"), "unigram": summary.get("unigram_entropy"),

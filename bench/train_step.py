@@ -11,7 +11,6 @@ config's tokens/s as a ratio of the first config's.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
 import torch
@@ -24,9 +23,7 @@ from pretrain.train.trainer import compute_dtype, lm_loss, resolve_device
 
 
 def bench(path: str, overrides: list[str], steps: int) -> dict:
-    cfg = load_config(path, overrides)
-    if cfg.model.vocab_size == 0:
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=cfg.data.vocab_size))
+    cfg = load_config(path, overrides).with_vocab()
     device = resolve_device(cfg)
     dtype = compute_dtype(cfg, device)
     torch.manual_seed(0)

@@ -367,6 +367,14 @@ class Config:
     def to_toml(self) -> str:
         return tomli_w.dumps(self.to_dict())
 
+    def with_vocab(self, vocab_size: int | None = None) -> "Config":
+        """This config with model.vocab_size filled in when it is 0: ``vocab_size`` (the
+        tokenizer's), else data.vocab_size (the size the tokenizer will be trained to)."""
+        if self.model.vocab_size:
+            return self
+        size = vocab_size or self.data.vocab_size
+        return dataclasses.replace(self, model=dataclasses.replace(self.model, vocab_size=size))
+
     @property
     def checkpoint_dir(self) -> Path:
         return Path(self.checkpoint.dir or Path(self.run.dir) / "checkpoints")

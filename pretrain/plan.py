@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections import Counter
 
 from pretrain.config import Config
@@ -26,9 +25,7 @@ def _pattern_summary(pattern: list[tuple[str, str]]) -> str:
 
 
 def format_plan(cfg: Config, dp: int = 1) -> str:
-    model_cfg = cfg.model
-    if model_cfg.vocab_size == 0:
-        model_cfg = dataclasses.replace(model_cfg, vocab_size=cfg.data.vocab_size)
+    model_cfg = cfg.with_vocab().model
     pattern = model_cfg.pattern()
     params = count_parameters(model_cfg)
     flops = flops_per_token(model_cfg, cfg.data.seq_len)

@@ -175,25 +175,22 @@ def read_train_state(path: Path) -> dict[str, Any]:
     return json.loads((path / "train_state.json").read_text())
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-    """Load model (and optimizer) state and this rank's RNG from ``path``; returns train_state."""
+def _load_state(path: Path, state: dict) -> None:
+    """dcp.load into ``state`` in place, any failure as a one-line CheckpointError."""
     verify(path)
     try:
-        if optimizer is None:
-            model_sd = get_state_dict(model, [])[0]
-            state = {"model": model_sd}
-            _dcp("load", state, path)
-            set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={})
-        else:
-            model_sd, optim_sd = get_state_dict(model, optimizer)
-            state = {"model": model_sd, "optim": optim_sd}
-            _dcp("load", state, path)
-            set_state_dict(
-                model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
-            )
+        _dcp("load", state, path)
     except (Exception, CheckpointException) as exc:  # DCP's own exception is a BaseException
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"checkpoint {path}: cannot be loaded ({first})") from None
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Load model and optimizer state and this rank's RNG from ``path``; returns train_state."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    _load_state(path, state)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng_file = path / "rng" / f"rank{_rank()}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
@@ -239,12 +236,7 @@ def load_for_inference(path: Path, device: torch.device | str = "cpu"):
     step = resolve_checkpoint(Path(path))
     cfg = load_config(step / "config.toml")
     model = build_model(cfg.model)
-    verify(step)
     state = {"model": model.state_dict()}
-    try:
-        _dcp("load", state, step)
-    except (Exception, CheckpointException) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"checkpoint {step}: cannot be loaded ({first})") from None
+    _load_state(step, state)
     model.load_state_dict(state["model"])
     return cfg, model.to(device).eval(), step / "tokenizer.model"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import resource
 import time
@@ -74,13 +73,11 @@ class Trainer:
 
         self.meta = self._prepare_data(cfg)
         self.tokenizer_path = Path(cfg.data.dir) / "tokenizer.model"
-        if cfg.model.vocab_size == 0:
-            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=self.meta["vocab_size"]))
-        elif cfg.model.vocab_size < self.meta["vocab_size"]:
+        if cfg.model.vocab_size and cfg.model.vocab_size < self.meta["vocab_size"]:
             raise ConfigError(
                 f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's {self.meta['vocab_size']}"
             )
-        self.cfg = cfg
+        self.cfg = cfg = cfg.with_vocab(self.meta["vocab_size"])
         self.ckpt_root = cfg.checkpoint_dir
         self.run_dir = Path(cfg.run.dir)
         if self.main:
@@ -100,6 +97,7 @@ class Trainer:
             dp_rank=self.dp_rank,
             dp_size=dp,
         )
+        self._val_batches: list[dict[str, torch.Tensor]] | None = None
         self.step = 0
         self._resume(resume)
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)["total"]
@@ -205,11 +203,13 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean validation loss over a fixed set of sequences, and its perplexity."""
-        cfg = self.cfg
-        batches = validation_batches(
-            cfg.data.dir, cfg.data.seq_len, cfg.train.eval_samples, cfg.train.micro_batch_size,
-            self.dp_rank, self.dims.dp,
-        )
+        if self._val_batches is None:  # the same fixed set every time: read it once
+            cfg = self.cfg
+            self._val_batches = validation_batches(
+                cfg.data.dir, cfg.data.seq_len, cfg.train.eval_samples, cfg.train.micro_batch_size,
+                self.dp_rank, self.dims.dp,
+            )
+        batches = self._val_batches
         self.model.eval()
         total = torch.zeros((), device=self.device)
         for batch in batches:
