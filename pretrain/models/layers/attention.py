@@ -35,6 +35,12 @@ def flash_available() -> bool:
     return True
 
 
+def mean_visible_keys(seq_len: int, window: int | None) -> float:
+    """Keys a causal query sees on average over a sequence: query i sees min(i + 1, window)."""
+    w = seq_len if window is None else min(window, seq_len)
+    return (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
+
+
 @dataclass
 class KVState:
     """Cached keys/values after RoPE, ``[B, S, H_kv, head_dim]``; a window layer keeps only the
@@ -42,6 +48,12 @@ class KVState:
 
     k: Tensor
     v: Tensor
+
+    @classmethod
+    def empty(cls, weight: Tensor, batch_size: int, head_dim: int) -> "KVState":
+        """No tokens yet, for the key projection ``weight [H_kv * head_dim, d]``."""
+        empty = weight.new_zeros(batch_size, 0, weight.shape[0] // head_dim, head_dim)  # [B, 0, H_kv, D]
+        return cls(empty, empty.clone())
 
     def update(self, k: Tensor, v: Tensor, window: int | None) -> tuple[Tensor, Tensor]:
         """Append the new ``k, v`` and return all keys/values the new queries attend to."""
@@ -137,10 +149,7 @@ class Attention(nn.Module):
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token beyond 6 x the projection weights: QK^T and AV (2 * 2 * H * D
         per visible key, x3 for forward + backward), averaged over the sequence's queries."""
-        t = seq_len
-        w = t if self.window is None else min(self.window, t)
-        mean_keys = (w * (w + 1) / 2 + (t - w) * w) / t  # query i sees min(i + 1, w) keys
-        return 12.0 * self.wq.weight.shape[0] * mean_keys
+        return 12.0 * self.wq.weight.shape[0] * mean_visible_keys(seq_len, self.window)
 
     def activation_elements(self) -> int:
         """Rough elements per token kept for backward (flash/fused attention: no T x S scores)."""
@@ -148,9 +157,7 @@ class Attention(nn.Module):
         return d_in + 3 * q + 4 * kv  # input, q & k before/after RoPE, v, attention output
 
     def new_state(self, batch_size: int) -> KVState:
-        w = self.wk.weight
-        empty = w.new_zeros(batch_size, 0, w.shape[0] // self.head_dim, self.head_dim)  # [B, 0, H_kv, D]
-        return KVState(empty, empty.clone())
+        return KVState.empty(self.wk.weight, batch_size, self.head_dim)
 
     def init_weights(self, init_std: float, out_std: float) -> None:
         for lin in (self.wq, self.wk, self.wv):

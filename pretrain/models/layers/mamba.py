@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pretrain.models.layers.ssm_ops import SCAN_CHUNK, sample_dt_bias, selective_scan, selective_state_update
 from pretrain.models.layers.conv import cached_causal_conv, init_short_conv_
+from pretrain.models.layers.ssm_ops import SCAN_CHUNK, sample_dt_bias, selective_scan, selective_state_update
 from pretrain.models.registry import register_mixer
 
 if TYPE_CHECKING:

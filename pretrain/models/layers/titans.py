@@ -29,31 +29,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pretrain.models.context import attention_mask
+from pretrain.models.layers.attention import KVState, mean_visible_keys
+from pretrain.models.layers.conv import masked_causal_conv
 from pretrain.models.layers.norm import RMSNorm
 from pretrain.models.layers.rope import apply_rope, rope_tables
 from pretrain.models.layers.titans_ops import MemoryState, memory_scan, mlp_forward
-from pretrain.models.layers.conv import masked_causal_conv
 from pretrain.models.registry import register_mixer
 
 if TYPE_CHECKING:
     from pretrain.config import ModelConfig
     from pretrain.models.context import ForwardContext
-
-
-@dataclass
-class KVState:
-    """Cached attention keys/values after RoPE, ``[B, S, H, D]``: the last window-1 tokens (the
-    layout of ``attention.KVState``, which cannot be imported here: the registry imports layers)."""
-
-    k: Tensor
-    v: Tensor
-
-    def update(self, k: Tensor, v: Tensor, window: int) -> tuple[Tensor, Tensor]:
-        """Append the new ``k, v`` and return all keys/values the new queries attend to."""
-        k_all, v_all = torch.cat([self.k, k], dim=1), torch.cat([self.v, v], dim=1)
-        keep = min(k_all.shape[1], window - 1)
-        self.k, self.v = k_all[:, k_all.shape[1] - keep :], v_all[:, v_all.shape[1] - keep :]
-        return k_all, v_all
 
 
 @dataclass
@@ -204,19 +189,12 @@ class PersistentAttention(nn.Module):
         return 12.0 * self.wq.weight.shape[0] * (mean_keys + self.persistent.shape[0])
 
     def new_kv(self, batch_size: int) -> KVState:
-        w = self.wk.weight
-        empty = w.new_zeros(batch_size, 0, w.shape[0] // self.head_dim, self.head_dim)
-        return KVState(empty, empty.clone())
+        return KVState.empty(self.wk.weight, batch_size, self.head_dim)
 
     def init_weights(self, init_std: float, out_std: float) -> None:
         for p in (self.wq.weight, self.wk.weight, self.wv.weight, self.persistent):
             nn.init.normal_(p, std=init_std)
         nn.init.normal_(self.wo.weight, std=out_std)
-
-
-def _mean_keys(seq_len: int, window: int) -> float:
-    w = min(window, seq_len)
-    return (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
 
 
 class _Titans(nn.Module):
@@ -237,7 +215,7 @@ class _Titans(nn.Module):
         return TitansState(conv, mem, self.attn.new_kv(batch_size))
 
     def flops_per_token(self, seq_len: int) -> float:
-        return self.memory.flops_per_token() + self.attn.flops_per_token(_mean_keys(seq_len, self.window))
+        return self.memory.flops_per_token() + self.attn.flops_per_token(mean_visible_keys(seq_len, self.window))
 
     def activation_elements(self) -> int:
         """Rough elements per token kept for backward: projections, conv, memory reads and
