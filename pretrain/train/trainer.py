@@ -160,7 +160,8 @@ class Trainer:
     def _all_reduce_mean(self, value: torch.Tensor) -> float:
         return self._all_reduce_mean_tensor(value).item()
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step; returns its statistics as tensors (see :meth:`_reduce`)."""
         micro_batches = self.loader.next_step()
         lr = lr_at(self.step, self.cfg.optim, self.cfg.train.max_steps)
         set_lr(self.optimizer, lr)
@@ -194,10 +195,18 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        record = {"loss": self._all_reduce_mean(total), "grad_norm": norm.item(), "lr": lr}
-        for key, value in aux_metrics.items():
-            value = self._all_reduce_mean_tensor(value)
-            record[key.removeprefix("metric/")] = value.item() if value.ndim == 0 else value.tolist()
+        return {"loss": total, "grad_norm": norm, "lr": lr, **aux_metrics}
+
+    def _reduce(self, stats: dict[str, Any]) -> dict[str, Any]:
+        """A step's statistics as numbers, averaged over ranks. Only on logged steps: each
+        reduction is a collective and each ``.item()`` waits for the device."""
+        record: dict[str, Any] = {"loss": self._all_reduce_mean(stats["loss"])}
+        record["grad_norm"] = stats["grad_norm"].item()  # already global
+        record["lr"] = stats["lr"]
+        for key, value in stats.items():
+            if key == "aux_loss" or key.startswith("metric/"):
+                value = self._all_reduce_mean_tensor(value)
+                record[key.removeprefix("metric/")] = value.item() if value.ndim == 0 else value.tolist()
         return record
 
     @torch.no_grad()
@@ -257,12 +266,15 @@ class Trainer:
         try:
             while self.step < t.max_steps:
                 step_start = time.perf_counter()
-                record = self.train_step()
-                window_seconds += time.perf_counter() - step_start  # excludes eval and saving
-                window_steps += 1
+                stats = self.train_step()
                 step = self.step
                 done = step == t.max_steps
-                if step % t.log_interval == 0 or done:
+                log_now = step % t.log_interval == 0 or done
+                eval_now = bool(t.eval_interval and step % t.eval_interval == 0) or done
+                record = self._reduce(stats) if log_now or eval_now else {}
+                window_seconds += time.perf_counter() - step_start  # excludes eval and saving
+                window_steps += 1
+                if log_now:
                     tps = window_steps * tokens_per_step / max(window_seconds, 1e-9)
                     record.update(
                         tokens_per_s=tps,
@@ -270,10 +282,10 @@ class Trainer:
                         peak_mem_gb=self._peak_memory_gb(),
                     )
                     window_seconds, window_steps = 0.0, 0
-                if (t.eval_interval and step % t.eval_interval == 0) or done:
+                if eval_now:
                     last_eval = self.evaluate()
                     record.update(last_eval)
-                if step % t.log_interval == 0 or done or "val_loss" in record:
+                if record:
                     metrics.log({"step": step, **record})
                 if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or done:
                     self.save()
