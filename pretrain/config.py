@@ -293,7 +293,8 @@ class OptimConfig:
     lr: float = 3e-3
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
-    """Final learning rate as a fraction of optim.lr (cosine, wsd)."""
+    """Floor of cosine and wsd as a fraction of optim.lr: the last step (train.max_steps - 1)
+    trains at exactly optim.lr * min_lr_ratio. 'linear' ends at 0."""
     weight_decay: float = 0.1
     """AdamW decoupled weight decay (not applied to norms, biases and embeddings)."""
     beta1: float = 0.9
@@ -303,9 +304,12 @@ class OptimConfig:
     eps: float = 1e-8
     """AdamW epsilon."""
     schedule: str = "cosine"
-    """Learning-rate schedule after warmup: 'cosine', 'wsd' (warmup-stable-decay) or 'linear' (to zero)."""
+    """Learning-rate schedule after warmup: 'cosine', 'wsd' (warmup-stable-decay) or 'linear' (to zero).
+    Each starts at optim.lr on the first step after warmup and reaches its final value on the last
+    step (see pretrain.train.optim.lr_at)."""
     warmup_steps: int = 30
-    """Linear warmup steps."""
+    """Linear warmup steps: step 0 trains at optim.lr / warmup_steps, step warmup_steps - 1 at
+    optim.lr. Must be < train.max_steps."""
     decay_fraction: float = 0.2
     """WSD: fraction of max_steps spent in the final decay."""
     fused: str = "auto"
@@ -591,6 +595,11 @@ def validate(cfg: Config) -> None:
     _check(o.eps > 0, "optim.eps", "must be > 0")
     _choice(o.schedule, "optim.schedule", ("cosine", "wsd", "linear"))
     _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _check(
+        o.warmup_steps < t.max_steps,
+        "optim.warmup_steps",
+        f"{o.warmup_steps} must be < train.max_steps={t.max_steps} (the schedule must end on its floor)",
+    )
     _check(0 < o.decay_fraction <= 1, "optim.decay_fraction", "must be in (0, 1]")
     _choice(o.fused, "optim.fused", ("auto", "true", "false"))
 

@@ -44,30 +44,40 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
-    """Learning rate for optimizer step ``step`` (0-based).
+    """Learning rate of optimizer step ``step``; a run takes steps ``0 .. max_steps - 1``.
 
-    Warmup is linear from lr/warmup to lr. Then:
-    - cosine: cosine from lr to lr*min_lr_ratio at max_steps;
-    - wsd: constant lr, then a linear decay to lr*min_lr_ratio over the last decay_fraction;
-    - linear: linear from lr to 0 at max_steps.
+    End points (W = ``cfg.warmup_steps``, floor = ``cfg.lr * cfg.min_lr_ratio``):
+
+    - warmup: steps ``0 .. W-1`` rise linearly, ``lr * (step + 1) / W``: step 0 trains at
+      ``lr / W`` and step ``W - 1`` at the peak (no warmup when W = 0);
+    - cosine: half a cosine from the peak at step W down to the floor at the last step;
+    - wsd (warmup-stable-decay): the peak until the last ``round(decay_fraction * max_steps)``
+      steps, which decay linearly and end at the floor on the last step;
+    - linear: a straight line from the peak at step W to 0 at the last step (decay to zero).
+
+    So the last step, ``max_steps - 1``, always trains at the schedule's final value, as in
+    torchtitan and Megatron; a step past the end (a resumed run with a smaller max_steps) keeps
+    it. A single post-warmup step is the last step. Raises ``ValueError`` when
+    ``warmup_steps >= max_steps`` (the config check names the field first).
     """
+    if cfg.warmup_steps >= max_steps:
+        raise ValueError(f"warmup_steps={cfg.warmup_steps} must be < max_steps={max_steps}")
     peak = cfg.lr
     if step < cfg.warmup_steps:
         return peak * (step + 1) / cfg.warmup_steps
-    floor = peak * cfg.min_lr_ratio
-    span = max(1, max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = 0.0 if cfg.schedule == "linear" else peak * cfg.min_lr_ratio
+    last = max_steps - 1
+    if cfg.schedule == "wsd":
+        decay_steps = max(1, round(cfg.decay_fraction * max_steps))
+        start = max(cfg.warmup_steps, max_steps - decay_steps)
+    else:
+        start = cfg.warmup_steps
+    if step < start:
+        return peak
+    progress = 1.0 if step >= last else (step - start) / (last - start)
     if cfg.schedule == "cosine":
         return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-    if cfg.schedule == "linear":
-        return peak * (1 - progress)
-    # wsd
-    decay_steps = max(1, round(cfg.decay_fraction * max_steps))
-    decay_start = max(cfg.warmup_steps, max_steps - decay_steps)
-    if step < decay_start:
-        return peak
-    frac = min(1.0, (step - decay_start) / max(1, max_steps - decay_start))
-    return peak + (floor - peak) * frac
+    return peak + (floor - peak) * progress
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -11,27 +11,62 @@ from pretrain.train.optim import lr_at, param_groups
 
 def test_cosine_warmup_and_floor():
     cfg = OptimConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=10, schedule="cosine")
-    assert lr_at(0, cfg, 110) == pytest.approx(0.1)
-    assert lr_at(9, cfg, 110) == pytest.approx(1.0)
-    assert lr_at(10, cfg, 110) == pytest.approx(1.0)
-    assert lr_at(60, cfg, 110) == pytest.approx(0.55)  # halfway: midpoint of 1.0 and 0.1
-    assert lr_at(110, cfg, 110) == pytest.approx(0.1)
-    for s in range(10, 110):
+    # 111 steps: warmup 0..9, cosine over steps 10..110 (the last)
+    assert lr_at(0, cfg, 111) == pytest.approx(0.1)
+    assert lr_at(9, cfg, 111) == pytest.approx(1.0)
+    assert lr_at(10, cfg, 111) == pytest.approx(1.0)
+    assert lr_at(60, cfg, 111) == pytest.approx(0.55)  # halfway: midpoint of 1.0 and 0.1
+    assert lr_at(110, cfg, 111) == pytest.approx(0.1)
+    for s in range(10, 111):
         expected = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 10) / 100))
-        assert lr_at(s, cfg, 110) == pytest.approx(expected)
+        assert lr_at(s, cfg, 111) == pytest.approx(expected)
 
 
 def test_wsd_is_flat_then_decays():
-    cfg = OptimConfig(lr=2.0, min_lr_ratio=0.0, warmup_steps=0, schedule="wsd", decay_fraction=0.2)
-    lrs = [lr_at(s, cfg, 100) for s in range(101)]
+    cfg = OptimConfig(lr=2.0, min_lr_ratio=0.0, warmup_steps=0, schedule="wsd", decay_fraction=0.21)
+    lrs = [lr_at(s, cfg, 100) for s in range(100)]  # 21 decay steps: 79 (the peak) .. 99 (the floor)
     assert all(lr == 2.0 for lr in lrs[:80])
-    assert lrs[90] == pytest.approx(1.0) and lrs[100] == pytest.approx(0.0)
-    assert all(a >= b for a, b in zip(lrs[80:], lrs[81:]))
+    assert lrs[89] == pytest.approx(1.0) and lrs[99] == 0.0
+    assert all(a > b for a, b in zip(lrs[79:], lrs[80:]))
 
 
 def test_linear_to_zero():
     cfg = OptimConfig(lr=1.0, warmup_steps=0, schedule="linear")
-    assert [lr_at(s, cfg, 4) for s in range(5)] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+    assert [lr_at(s, cfg, 5) for s in range(5)] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd", "linear"])
+@pytest.mark.parametrize(("warmup", "max_steps"), [(0, 1), (0, 2), (4, 5), (4, 6), (4, 12), (30, 250)])
+def test_every_schedule_ends_on_its_floor(schedule, warmup, max_steps):
+    """Step 0 trains at lr / warmup (lr without warmup unless it is also the last step), the
+    first post-warmup step at lr (unless it is the last), the last step at the floor, and the
+    rate never rises after warmup."""
+    cfg = OptimConfig(lr=3.0, min_lr_ratio=0.1, warmup_steps=warmup, schedule=schedule, decay_fraction=0.25)
+    floor = 0.0 if schedule == "linear" else 0.3
+    lrs = [lr_at(s, cfg, max_steps) for s in range(max_steps)]
+    assert lrs[-1] == pytest.approx(floor, abs=1e-12)
+    assert lr_at(max_steps + 3, cfg, max_steps) == pytest.approx(floor, abs=1e-12)  # past the end
+    if warmup:
+        assert lrs[:warmup] == pytest.approx([3.0 * (s + 1) / warmup for s in range(warmup)])
+    if warmup < max_steps - 1:
+        assert lrs[warmup] == 3.0
+    assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1 :]))
+
+
+def test_issue_example_cosine_12_steps_warmup_4_ends_at_floor():
+    # was 0.134 x peak at the last step (and WSD 0.4)
+    for schedule in ("cosine", "wsd"):
+        cfg = OptimConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=4, schedule=schedule)
+        assert lr_at(11, cfg, 12) == pytest.approx(0.1)
+
+
+def test_warmup_not_shorter_than_the_run_is_refused():
+    from pretrain.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"^optim\.warmup_steps: 30 must be < train\.max_steps=30"):
+        load_config(None, ["train.max_steps=30", "optim.warmup_steps=30"])
+    with pytest.raises(ValueError, match="warmup_steps"):
+        lr_at(0, OptimConfig(warmup_steps=5), 5)
 
 
 def test_no_decay_on_norms_biases_embeddings():
