@@ -17,7 +17,7 @@ import torch
 
 from pretrain.config import load_config
 from pretrain.models import build_model, flops_per_token
-from pretrain.train.metrics import peak_flops
+from pretrain.train.mfu import MFU, peak_flops
 from pretrain.train.optim import build_optimizer
 from pretrain.train.trainer import compute_dtype, lm_loss, resolve_device
 
@@ -55,7 +55,7 @@ def bench(path: str, overrides: list[str], steps: int) -> dict:
         "params": sum(p.numel() for p in model.parameters()),
         "s/step": seconds,
         "tokens/s": tps,
-        "mfu": tps * fpt / peak_flops(device, cfg.train.peak_flops),
+        "mfu": MFU(*peak_flops(device, cfg.train.peak_flops), fpt, 1, print)(tps),
         "device": str(device),
     }
 

@@ -285,7 +285,8 @@ class TrainConfig:
     compile: bool = False
     """torch.compile every block."""
     peak_flops: float = 0.0
-    """Peak FLOP/s of one device for MFU; 0 looks up the GPU or measures a CPU matmul."""
+    """Peak FLOP/s of one device for MFU; 0 looks up the GPU's dense bf16 datasheet peak, or on a
+    CPU takes the best fp32 GEMM rate measured on this machine (see pretrain.train.mfu)."""
 
 
 @dataclass

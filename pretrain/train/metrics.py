@@ -3,53 +3,14 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pretrain.config import Config
-
-# Dense bf16 peak FLOP/s per GPU (no sparsity), by a substring of the device name.
-_GPU_PEAK_BF16 = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "H800": 989e12,
-    "A100": 312e12,
-    "A800": 312e12,
-    "L40S": 362e12,
-    "A10G": 70e12,
-    "4090": 165e12,
-    "V100": 125e12,
-    "B200": 2250e12,
-}
-
-
-def peak_flops(device: torch.device, configured: float) -> float:
-    """Peak FLOP/s of one device for MFU: the configured value, a table of GPUs, or for CPUs
-    a measured fp32 matmul rate (the best this machine does on a large GEMM)."""
-    if configured > 0:
-        return configured
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in _GPU_PEAK_BF16.items():
-            if key in name:
-                return value
-        return 312e12
-    n = 1024
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = math.inf
-    for _ in range(3):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
-
 
 def read_records(path: Path) -> list[dict]:
     if not path.is_file():

@@ -20,7 +20,8 @@ from pretrain.config import Config, ConfigError
 from pretrain.data import PackedLoader, prepare, prepared_datasets, read_meta, validation_batches
 from pretrain.models import build_model, flops_per_token
 from pretrain.train import checkpoint as ckpt
-from pretrain.train.metrics import MetricsLogger, peak_flops
+from pretrain.train.metrics import MetricsLogger
+from pretrain.train.mfu import MFU, peak_flops
 from pretrain.train.optim import build_optimizer, lr_at, set_lr
 
 
@@ -100,8 +101,8 @@ class Trainer:
         self._val_batches: list[dict[str, torch.Tensor]] | None = None
         self.step = 0
         self._resume(resume)
-        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)["total"]
-        self.peak = peak_flops(self.device, t.peak_flops)
+        fpt = flops_per_token(cfg.model, cfg.data.seq_len)["total"]
+        self.mfu = MFU(*peak_flops(self.device, t.peak_flops), fpt, self.dims.world_size, self.log)
 
     # ------------------------------------------------------------------ setup
 
@@ -278,7 +279,7 @@ class Trainer:
                     tps = window_steps * tokens_per_step / max(window_seconds, 1e-9)
                     record.update(
                         tokens_per_s=tps,
-                        mfu=tps * self.flops_per_token / (self.peak * self.dims.world_size),
+                        mfu=self.mfu(tps),
                         peak_mem_gb=self._peak_memory_gb(),
                     )
                     window_seconds, window_steps = 0.0, 0
