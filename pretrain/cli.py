@@ -46,10 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="sample text from a checkpoint")
     p.add_argument("--checkpoint", required=True, help="a run folder, its checkpoints folder or one step folder")
     p.add_argument("--prompt", default="", help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to add (0: print the prompt)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy; inf: uniform")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (1: off)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (1: off; 0: the most likely token)")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-samples", type=int, default=1)
@@ -103,36 +103,58 @@ def _cmd_generate(args) -> int:
     import torch
 
     from pretrain.data import Tokenizer
-    from pretrain.generate import generate
-    from pretrain.train.checkpoint import load_for_inference
+    from pretrain.generate import SamplingError, generate
+    from pretrain.train.checkpoint import CheckpointError, load_for_inference
 
-    if args.max_new_tokens < 1:
-        raise ConfigError("--max-new-tokens: must be >= 1")
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-        raise ConfigError("--temperature must be >= 0, --top-p in (0, 1], --top-k >= 0")
-    _, model, tok_path = load_for_inference(Path(args.checkpoint))
+    _check_generate_args(args)
+    cfg, model, tok_path = load_for_inference(Path(args.checkpoint))
     tok = Tokenizer(str(tok_path))
     prompt = tok.encode(args.prompt) if args.prompt else []
     # Training documents follow an end-of-document token: start the prompt with one too.
     prompt = [tok.eos_id] + prompt
+    if len(prompt) > cfg.data.seq_len:
+        print(
+            f"pretrain generate: note: the prompt is {len(prompt)} tokens, longer than the "
+            f"{cfg.data.seq_len}-token sequences the model was trained on (data.seq_len)",
+            file=sys.stderr,
+        )
     gen = torch.Generator().manual_seed(args.seed)
     for i in range(args.num_samples):
-        new = generate(
-            model,
-            prompt,
-            args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            greedy=args.greedy or args.temperature == 0,
-            eos_id=tok.eos_id,
-            generator=gen,
-        )
+        try:
+            new = generate(
+                model,
+                prompt,
+                args.max_new_tokens,
+                temperature=args.temperature,
+                top_k=args.top_k,
+                top_p=args.top_p,
+                greedy=args.greedy or args.temperature == 0,
+                eos_id=tok.eos_id,
+                generator=gen,
+            )
+        except SamplingError as exc:  # the arguments were checked: the model gave NaN/inf logits
+            raise CheckpointError(f"{args.checkpoint}: {exc}") from None
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
         # Decoded together with the prompt: a piece's leading space survives only mid-text.
         print(tok.decode(prompt[1:] + [t for t in new if t != tok.eos_id]), flush=True)
     return 0
+
+
+def _check_generate_args(args) -> None:
+    """One-line errors (exit 2) for sampling flags out of range, before the model is loaded."""
+    from pretrain.generate import SamplingError, check_sampling
+
+    if args.max_new_tokens < 0:
+        raise ConfigError(f"--max-new-tokens: must be >= 0, got {args.max_new_tokens}")
+    if args.num_samples < 1:
+        raise ConfigError(f"--num-samples: must be >= 1, got {args.num_samples}")
+    if not 0 <= args.seed < 2**63:
+        raise ConfigError(f"--seed: must be in [0, 2**63), got {args.seed}")
+    try:
+        check_sampling(args.temperature, args.top_k, args.top_p)
+    except SamplingError as exc:
+        raise ConfigError(f"--{exc.param.replace('_', '-')}{str(exc)[len(exc.param):]}") from None
 
 
 def _cmd_eval(args) -> int:

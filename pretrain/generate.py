@@ -2,8 +2,30 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
+
+
+class SamplingError(ValueError):
+    """A sampling parameter out of range, or logits nothing can be sampled from; ``param`` names
+    the parameter (``temperature``, ``top_k``, ``top_p``) or ``logits``."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    """Raise :class:`SamplingError` unless ``temperature`` is in [0, inf], ``top_k >= 0`` and
+    ``top_p`` in [0, 1] (NaN is never valid)."""
+    if not temperature >= 0:  # also catches NaN
+        raise SamplingError("temperature", f"must be >= 0 (0: greedy; inf: uniform), got {temperature}")
+    if top_k < 0:
+        raise SamplingError("top_k", f"must be >= 0 (0: no cut), got {top_k}")
+    if not 0 <= top_p <= 1:
+        raise SamplingError("top_p", f"must be in [0, 1] (0: the most likely token; 1: no cut), got {top_p}")
 
 
 def sample_next(
@@ -13,31 +35,55 @@ def sample_next(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Next token ids ``[...]`` from ``logits [..., V]``.
+    """Next token ids ``[...]`` (int64) from ``logits [..., V]`` (any float dtype; ``-inf`` marks
+    a token that can never be drawn).
 
-    temperature <= 0 is greedy (argmax). Otherwise the logits are divided by the temperature,
-    cut to the ``top_k`` largest (0: all), then to the smallest set of most likely tokens whose
-    probability mass reaches ``top_p`` (nucleus; 1.0: all), and sampled with ``generator``.
+    The distribution is ``softmax(logits / temperature)`` restricted to the ``top_k`` tokens of
+    largest logit (0 or >= V: all; ties at the k-th value are kept), then to the nucleus: the
+    smallest set of most likely tokens whose probability reaches ``top_p`` (Holtzman et al.
+    2020; the most likely token is always kept). Every edge is the limit of its neighbourhood:
+
+    - ``temperature == 0`` takes the argmax, and any tiny positive temperature gives the same
+      (the scaled logits never overflow into NaN: they are shifted to a maximum of 0 and
+      scaled in float64); ``temperature == inf`` is uniform over the tokens that survive the
+      cuts;
+    - ``top_p == 0`` keeps only the most likely token; ``top_p == 1`` keeps all;
+    - ``top_k == 1`` is the argmax; the top-k set ranks the raw logits, which orders tokens as
+      every positive temperature does, and so does the nucleus ranking.
+
+    Raises :class:`SamplingError` for a parameter out of range (see :func:`check_sampling`) and
+    for logits holding NaN or +inf, or a row that is all -inf (a diverged model): nothing is
+    ever sampled from NaN.
     """
-    if temperature <= 0:
+    check_sampling(temperature, top_k, top_p)
+    logits = logits.double()
+    if torch.isnan(logits).any() or torch.isposinf(logits).any():
+        raise SamplingError("logits", "contain NaN or +inf (a diverged model or checkpoint?)")
+    if torch.isneginf(logits).all(dim=-1).any():
+        raise SamplingError("logits", "every logit of a row is -inf: no token can be drawn")
+    if temperature == 0:
         return logits.argmax(dim=-1)
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {top_k}")
-    logits = logits.float() / temperature
-    if 0 < top_k < logits.shape[-1]:
+    vocab = logits.shape[-1]
+    if 0 < top_k < vocab:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    shifted = logits - logits.amax(dim=-1, keepdim=True)  # max 0: finite / T never overflows to NaN
+    if math.isinf(temperature):
+        scaled = shifted.masked_fill(shifted.isfinite(), 0.0)  # the T -> inf limit: uniform
+    else:
+        scaled = shifted / temperature  # float64: 0 / 1e-320 is still 0
     if top_p < 1:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # drop a token when the tokens ranked above it already reach top_p (the first never is)
+        # rank by the raw logits (stable): at T = inf every probability ties, the order must not
+        order = torch.sort(logits, dim=-1, descending=True, stable=True).indices
+        probs = scaled.gather(-1, order).softmax(dim=-1)
+        # drop a token when the tokens ranked above it already reach top_p; never the first,
+        # which top_p == 0 (0 >= 0) would otherwise drop too
         drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        drop_sorted[..., 0] = False
         drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)  # [N, 1]
+        scaled = scaled.masked_fill(drop, float("-inf"))
+    probs = scaled.softmax(dim=-1)
+    flat = torch.multinomial(probs.reshape(-1, vocab), 1, generator=generator)  # [N, 1]
     return flat.view(probs.shape[:-1])
 
 
@@ -57,13 +103,24 @@ def generate(
     """Continue one prompt; returns the new token ids (ending with ``eos_id`` if it was drawn).
 
     ``model`` needs ``new_cache(batch_size)`` and ``forward(ids, cache=...)`` (HybridLM).
-    ``greedy`` or ``temperature == 0`` takes the argmax at every step.
+    ``greedy`` or ``temperature == 0`` takes the argmax at every step; the sampling parameters
+    are those of :func:`sample_next`, checked before the model runs. ``max_new_tokens == 0``
+    returns ``[]``. Raises ``ValueError`` for an empty prompt, a negative ``max_new_tokens`` or a
+    token id outside the model's vocabulary, and :class:`SamplingError` as sample_next does.
     """
     ids = torch.as_tensor(prompt_ids, dtype=torch.long).flatten()
     if ids.numel() == 0:
         raise ValueError("generate: the prompt is empty")
-    device = next(model.parameters()).device
+    if max_new_tokens < 0:
+        raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
     temperature = 0.0 if greedy else temperature
+    check_sampling(temperature, top_k, top_p)
+    vocab = model.cfg.vocab_size
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise ValueError(f"generate: prompt token ids must be in [0, {vocab}), got {int(ids.min())}..{int(ids.max())}")
+    if max_new_tokens == 0:
+        return []
+    device = next(model.parameters()).device
     cache = model.new_cache(1)
     logits = model(ids.to(device).view(1, -1), cache=cache)[0, -1]  # [V]
     out: list[int] = []

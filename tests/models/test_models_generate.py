@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pretrain.generate import generate, sample_next
+from pretrain.generate import SamplingError, generate, sample_next
 from pretrain.models import build_model
 
 
@@ -73,3 +73,102 @@ def test_generate_stops_at_eos_and_is_reproducible(make_cfg):
     assert a == b and len(a) == 8
     stop = generate(model, [1, 2, 3], 8, top_k=5, eos_id=a[2], generator=torch.Generator().manual_seed(1))
     assert stop == a[: a.index(a[2]) + 1]
+
+
+# ------------------------------------------------------------------ the edges of every parameter
+
+
+def _counts(logits, n, **kw):
+    draws = sample_next(logits.expand(n, -1), generator=torch.Generator().manual_seed(1), **kw)
+    return torch.bincount(draws, minlength=logits.shape[-1]).double() / n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1e-3, 1e-30, 1e-300, 5e-324])
+def test_temperature_to_zero_is_greedy(temperature, dtype):
+    logits = (torch.randn(6, 50) * 5).to(dtype)
+    g = torch.Generator().manual_seed(0)
+    for top_k, top_p in ((0, 1.0), (7, 0.9)):
+        got = sample_next(logits, temperature, top_k, top_p, generator=g)
+        assert torch.equal(got, logits.float().argmax(-1))
+
+
+@pytest.mark.parametrize("temperature", [1e6, 1e300, float("inf")])
+def test_temperature_to_infinity_is_uniform_over_the_kept_tokens(temperature):
+    logits = torch.tensor([4.0, -3.0, 2.0, float("-inf"), 0.5, 9.0, -1.0, 1.0])
+    finite = torch.isfinite(logits)
+    freq = _counts(logits, 16000, temperature=temperature)
+    assert freq[3] == 0 and (freq[finite] - 1 / 7).abs().max() < 0.02
+    # top-k keeps the k largest raw logits at every temperature: uniform over {5, 0, 2}
+    freq = _counts(logits, 12000, temperature=temperature, top_k=3)
+    assert set(torch.nonzero(freq).flatten().tolist()) == {0, 2, 5} and (freq[[0, 2, 5]] - 1 / 3).abs().max() < 0.03
+    # the nucleus of a uniform distribution: the ceil(p * 7) best-ranked tokens by raw logit
+    freq = _counts(logits, 12000, temperature=temperature, top_p=0.4)
+    assert set(torch.nonzero(freq).flatten().tolist()) == {5, 0, 2}
+
+
+def test_large_finite_temperature_matches_the_softmax():
+    logits = torch.tensor([3.0, 1.0, 0.0, -2.0])
+    expected = torch.tensor([3.0, 1.0, 0.0, -2.0], dtype=torch.float64).div(4.0).softmax(-1)
+    assert (_counts(logits, 20000, temperature=4.0) - expected).abs().max() < 0.015
+
+
+def test_top_p_zero_and_top_k_one_are_greedy_top_p_one_and_huge_top_k_are_no_cut():
+    logits = torch.randn(4, 30)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(sample_next(logits, 1.0, 0, 0.0, generator=g), logits.argmax(-1))
+    assert torch.equal(sample_next(logits, 5.0, 1, 1.0, generator=g), logits.argmax(-1))
+    for kw in ({"top_k": 30}, {"top_k": 10**9}, {"top_p": 1.0}):
+        a = sample_next(logits, 1.3, generator=torch.Generator().manual_seed(3), **kw)
+        b = sample_next(logits, 1.3, generator=torch.Generator().manual_seed(3))
+        assert torch.equal(a, b)
+    assert _support(torch.zeros(12), n=3000, top_p=1.0) == set(range(12))
+
+
+@pytest.mark.parametrize(
+    ("kw", "param"),
+    [
+        ({"temperature": -1.0}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_k": -1}, "top_k"),
+        ({"top_p": -0.1}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_p": float("nan")}, "top_p"),
+    ],
+)
+def test_out_of_range_parameters_are_refused(kw, param):
+    with pytest.raises(SamplingError, match=f"^{param}: ") as info:
+        sample_next(torch.randn(2, 10), **kw)
+    assert info.value.param == param
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_logits_are_never_sampled(bad):
+    logits = torch.randn(3, 10)
+    logits[1, 4] = bad
+    for temperature in (0.0, 1.0):
+        with pytest.raises(SamplingError, match="^logits: contain NaN or \\+inf"):
+            sample_next(logits, temperature)
+    with pytest.raises(SamplingError, match="all -inf|every logit"):
+        sample_next(torch.full((2, 5), float("-inf")), 1.0)
+
+
+def test_generate_edges(make_cfg):
+    model = build_model(make_cfg())
+    assert generate(model, [1, 2, 3], 0) == []
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, [1, 2, 3], -1)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        generate(model, [], 3)
+    with pytest.raises(ValueError, match="token ids"):
+        generate(model, [1, model.cfg.vocab_size], 3)
+    with pytest.raises(SamplingError, match="top_p"):
+        generate(model, [1, 2], 3, top_p=2.0)
+    # a prompt far longer than anything seen in training still decodes, greedily as uncached
+    prompt = torch.randint(0, model.cfg.vocab_size, (300,), generator=torch.Generator().manual_seed(0)).tolist()
+    out = generate(model, prompt, 3, temperature=1e-40)
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(3):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert out == ids[len(prompt) :]
