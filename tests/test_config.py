@@ -7,7 +7,7 @@ from pretrain.config import Config, ConfigError, config_from_dict, load_config
 
 def test_defaults_and_overrides(tmp_path):
     path = tmp_path / "c.toml"
-    path.write_text('[train]\nmax_steps = 7\n[model.attention]\nwindow = 32\n')
+    path.write_text("[train]\nmax_steps = 7\n[optim]\nwarmup_steps = 2\n[model.attention]\nwindow = 32\n")
     cfg = load_config(path, ["train.seed=5", "optim.lr=1e-3", "data.sources=['a.jsonl', 'b.txt']",
                              "run.dir=out/x", "checkpoint.interval=3", "model.tie_embeddings=false"])
     assert cfg.train.max_steps == 7 and cfg.model.attention.window == 32
@@ -23,7 +23,7 @@ def test_int_widens_to_float_and_bare_strings():
 
 
 def test_resolved_config_round_trips(tmp_path):
-    cfg = load_config("configs/tiny.toml", ["train.max_steps=11", "model.layer_pattern=['mamba', 'attn:none']"])
+    cfg = load_config("configs/tiny.toml", ["train.max_steps=31", "model.layer_pattern=['mamba', 'attn:none']"])
     path = tmp_path / "resolved.toml"
     path.write_text(cfg.to_toml())
     assert load_config(path) == cfg
