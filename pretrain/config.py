@@ -160,6 +160,11 @@ class MoEConfig:
     """SwiGLU hidden width of one expert; 0 means the dense MLP's width."""
     router_hidden: int = 256
     """Hidden size h of the layerwise GRU router ('moe_gru')."""
+    renormalize: bool = True
+    """top_k >= 2: scale the chosen experts by their router probabilities renormalised to sum
+    to 1 (Mixtral, RMoE); false: by the raw probabilities. No effect at top_k = 1, which always
+    uses the raw probability (Switch): renormalised, the weight would be the constant 1 and
+    the router would get no gradient from the LM loss."""
     aux_loss_coef: float = 1e-3
     """Switch load-balancing loss coefficient (summed over MoE layers)."""
     z_loss_coef: float = 0.0

@@ -4,7 +4,13 @@ RMoE (Qiu et al. 2024, "Layerwise Recurrent Router for Mixture-of-Experts"): lay
 its input to the router width h (x'_i = W_in,i x, per layer), updates a GRU whose hidden state
 is carried PER TOKEN from one MoE layer to the next (h_i = GRU(x'_i, h_{i-1}), h_0 = 0; not
 along the sequence, so decoding needs no cache), and scores the experts from it
-(logits_i = W_out,i h_i). Both routers then take softmax -> top-k -> renormalise.
+(logits_i = W_out,i h_i). Both routers then take softmax -> top-k and scale each chosen
+expert's output by a routing weight that depends on the logits, so the LM loss trains the router:
+  * top_k >= 2: the chosen probabilities renormalised to sum to 1 (Mixtral, RMoE) when
+    ``model.moe.renormalize``, else the raw probabilities;
+  * top_k = 1: always the raw probability p (Switch Transformer). Renormalising would make
+    every weight exactly 1, constant in the logits, and the router would get no gradient
+    from the LM loss at all, so ``renormalize`` has no effect there.
 
 The GRU cell is ONE parameter set shared by every 'moe_gru' layer. It lives in a dedicated
 module, :class:`RouterGRU`, owned by :class:`~pretrain.models.hybrid.HybridLM` (``router_gru``,
@@ -88,12 +94,20 @@ def uses_router_gru(cfg: ModelConfig) -> bool:
     return any(ffn == "moe_gru" for _, ffn in cfg.pattern())
 
 
-def route(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``logits [N, E]`` -> fp32 ``probs [N, E]`` (softmax), ``expert_idx [N, k]`` (top-k of
-    probs) and ``weight [N, k]`` (their probabilities renormalised to sum to 1)."""
-    probs = torch.softmax(logits.float(), dim=-1)
+def route(logits: Tensor, top_k: int, renormalize: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """Softmax top-k routing (Shazeer et al. 2017; Switch, Fedus et al. 2021; Mixtral).
+
+    ``logits [N, E]`` -> ``probs [N, E]`` (softmax, in fp32 or fp64 when the logits are
+    fp64), ``expert_idx [N, k]`` (int64, top-k of probs, descending) and ``weight [N, k]``:
+    the chosen probabilities, renormalised to sum to 1 when ``renormalize`` and k >= 2. At
+    k = 1 the weight is always the raw probability (Switch): renormalised it would be the
+    constant 1 and the router would get no gradient from the loss of the experts' output.
+    """
+    probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     top, idx = probs.topk(top_k, dim=-1)
-    return probs, idx, top / top.sum(dim=-1, keepdim=True)
+    if renormalize and top_k > 1:
+        top = top / top.sum(dim=-1, keepdim=True)
+    return probs, idx, top
 
 
 def balance_loss(probs: Tensor, expert_idx: Tensor) -> tuple[Tensor, Tensor]:
@@ -116,6 +130,7 @@ class MoE(nn.Module):
         super().__init__()
         self.name = name
         self.top_k = cfg.top_k
+        self.renormalize = cfg.renormalize
         self.aux_loss_coef = cfg.aux_loss_coef
         self.z_loss_coef = cfg.z_loss_coef
         self.recurrent = recurrent
@@ -150,7 +165,7 @@ class MoE(nn.Module):
         b, t, d = x.shape
         logits, carry = self._logits(x, carry)
         logits = logits.reshape(b * t, -1)  # [N, E]
-        probs, idx, weight = route(logits, self.top_k)
+        probs, idx, weight = route(logits, self.top_k, self.renormalize)
         flat = x.reshape(b * t, d)
         y = moe_experts(flat, self.w1, self.w3, self.w2, idx, weight)
         if self.shared is not None:
