@@ -1,4 +1,6 @@
-"""MoE routers: the LM loss alone trains them (finite differences in float64, top-1 included)."""
+"""MoE routers: the LM loss alone trains them (finite differences in float64, top-1 included),
+and the 'global' load-balancing loss equals a naive loop over all layers' router outputs
+concatenated (RMoE's reference, Hugging Face Mixtral's load_balancing_loss_func)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.config import MoEConfig
+from pretrain.config import ConfigError, MoEConfig, load_config
 from pretrain.models import build_model
 from pretrain.models.layers.moe import MoE, route
 from pretrain.models.layers.norm import RMSNorm
@@ -101,3 +103,80 @@ def test_route_weights_renormalised_raw_and_switch_top1():
             expected = raw / raw.sum(-1, keepdim=True) if renorm and k > 1 else raw
             torch.testing.assert_close(weight, expected)
             assert weight.dtype == torch.float64
+
+
+def _naive_global_balance(logits_per_layer: list[torch.Tensor], top_k: int) -> torch.Tensor:
+    """Mixtral's load_balancing_loss_func, one token at a time: the router logits of all
+    layers concatenated [L*N, E]; tokens_per_expert[j, e] = share of the L*N tokens whose
+    j-th choice is e; router_prob[e] = mean probability; loss = E * sum_{j,e} of the product."""
+    cat = torch.cat([x.reshape(-1, x.shape[-1]) for x in logits_per_layer]).double()
+    n, e = cat.shape
+    probs = torch.softmax(cat, dim=-1)
+    counts = torch.zeros(top_k, e, dtype=torch.float64)
+    for t in range(n):
+        order = sorted(range(e), key=lambda i: -probs[t, i].item())
+        for j in range(top_k):
+            counts[j, order[j]] += 1
+    tokens_per_expert = counts / n
+    router_prob = probs.sum(0) / n
+    return e * (tokens_per_expert * router_prob[None]).sum()
+
+
+def test_global_balance_loss_matches_naive_concatenation(make_cfg):
+    """Value and gradient of the 'global' loss over MoE blocks 0, 1, 3 (a dense block between),
+    plus each layer's z-loss; the per-layer expert loads are still reported."""
+    coef, z_coef, k = 0.1, 0.01, 2
+    model = _model(
+        make_cfg, "attn:moe_gru attn:moe attn:mlp attn:moe_gru", top_k=k, aux_loss_coef=coef, z_loss_coef=z_coef,
+        balance="global",
+    )
+    seen = _record_logits(model)
+    ids = torch.randint(0, model.cfg.vocab_size, (3, 5), generator=torch.Generator().manual_seed(4))
+    _, aux = model(ids, return_aux=True)
+    layers = [seen[b] for b in ("0", "1", "3")]
+    ref = coef * _naive_global_balance(layers, k)
+    ref = ref + sum(z_coef * torch.logsumexp(x.double(), -1).square().mean() for x in layers)
+    torch.testing.assert_close(aux["aux_loss"].double(), ref)
+    params = list(_router_params(model).values())
+    got = torch.autograd.grad(aux["aux_loss"], params, retain_graph=True)
+    want = torch.autograd.grad(ref, params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-9)
+    assert sorted(aux) == ["aux_loss", "metric/moe_load.0", "metric/moe_load.1", "metric/moe_load.3"]
+    for name, x in zip(("0", "1", "3"), layers):
+        chosen = x.reshape(-1, 4).topk(k, -1).indices.flatten()
+        torch.testing.assert_close(aux[f"metric/moe_load.{name}"], torch.bincount(chosen, minlength=4) / chosen.numel())
+
+
+def test_global_balance_sums_ride_in_the_carry_across_a_stage_split(make_cfg):
+    """Blocks run as two pipeline stages that hand over only the carry give the full model's
+    aux loss; the running sums are in the carry between the stages and gone at the end."""
+    model = _model(make_cfg, "attn:moe_gru attn:moe_gru attn:moe attn:moe_gru", aux_loss_coef=0.1, balance="global")
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 5), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        _, full = model(ids, return_aux=True)
+        h = model.embed(ids)
+        ctx = model._context(h, None, None)
+        carry = model.router_gru.carry()
+        for name in ("0", "1"):
+            h, carry = model.blocks[name](h, ctx, carry)
+        assert {"moe_balance.load_sum", "moe_balance.prob_sum"} <= set(carry) and "aux_loss" not in carry
+        for name in ("2", "3"):
+            h, carry = model.blocks[name](h, ctx, carry)
+    assert not any(key.startswith("moe_balance") for key in carry)
+    torch.testing.assert_close(carry["aux_loss"], full["aux_loss"])
+
+
+def test_balance_modes_agree_on_one_layer_up_to_top_k(make_cfg):
+    """With a single MoE layer, 'global' is Mixtral's k * (Switch's per-layer loss)."""
+    losses = {}
+    for balance in ("per_layer", "global"):
+        model = _model(make_cfg, "attn:moe", top_k=3, aux_loss_coef=1.0, balance=balance)
+        _, aux = model(torch.arange(12).reshape(2, 6), return_aux=True)
+        losses[balance] = aux["aux_loss"]
+    torch.testing.assert_close(losses["global"], 3 * losses["per_layer"])
+
+
+def test_bad_balance_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"model\.moe\.balance"):
+        load_config(None, ["model.layer_pattern='attn:moe'", "model.moe.balance='sum'"])
