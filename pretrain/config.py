@@ -160,8 +160,20 @@ class MoEConfig:
     """SwiGLU hidden width of one expert; 0 means the dense MLP's width."""
     router_hidden: int = 256
     """Hidden size h of the layerwise GRU router ('moe_gru')."""
+    renormalize: bool = True
+    """top_k >= 2: scale the chosen experts by their router probabilities renormalised to sum
+    to 1 (Mixtral, RMoE); false: by the raw probabilities. No effect at top_k = 1, which always
+    uses the raw probability (Switch): renormalised, the weight would be the constant 1 and
+    the router would get no gradient from the LM loss."""
     aux_loss_coef: float = 1e-3
-    """Switch load-balancing loss coefficient (summed over MoE layers)."""
+    """Load-balancing loss coefficient, applied as model.moe.balance says."""
+    balance: str = "per_layer"
+    """How the MoE layers' load-balancing losses combine. 'per_layer' (Switch, Megatron): the
+    sum over the L MoE layers of each one's E * sum_e f_e P_e, L * coef when balanced.
+    'global' (RMoE's reference = Hugging Face Mixtral's load_balancing_loss_func): one loss
+    over the router outputs of all layers concatenated, k * coef when balanced. The balanced
+    values (and, while the layers' loads are alike, the gradients) match with
+    coef_global = coef_per_layer * L / top_k; see pretrain/models/layers/moe.py."""
     z_loss_coef: float = 0.0
     """Router z-loss coefficient (0: off)."""
     shared_expert: bool = False
@@ -173,6 +185,7 @@ class MoEConfig:
         _check(self.expert_hidden >= 0, f"{name}.expert_hidden", "must be >= 0")
         _check(self.router_hidden > 0, f"{name}.router_hidden", "must be > 0")
         _check(self.aux_loss_coef >= 0, f"{name}.aux_loss_coef", "must be >= 0")
+        _choice(self.balance, f"{name}.balance", ("per_layer", "global"))
         _check(self.z_loss_coef >= 0, f"{name}.z_loss_coef", "must be >= 0")
 
 

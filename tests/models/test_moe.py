@@ -254,6 +254,7 @@ def test_rmoe_trains_and_logs_expert_load(small_corpus, prepared_dir, tmp_path):
             "model.moe.n_experts": 4,
             "model.moe.expert_hidden": 32,
             "model.moe.router_hidden": 16,
+            "model.moe.balance": "'global'",  # as in the RMoE configs
             "train.max_steps": 6,
             "checkpoint.interval": 0,
             "train.eval_interval": 0,

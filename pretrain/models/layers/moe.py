@@ -4,7 +4,13 @@ RMoE (Qiu et al. 2024, "Layerwise Recurrent Router for Mixture-of-Experts"): lay
 its input to the router width h (x'_i = W_in,i x, per layer), updates a GRU whose hidden state
 is carried PER TOKEN from one MoE layer to the next (h_i = GRU(x'_i, h_{i-1}), h_0 = 0; not
 along the sequence, so decoding needs no cache), and scores the experts from it
-(logits_i = W_out,i h_i). Both routers then take softmax -> top-k -> renormalise.
+(logits_i = W_out,i h_i). Both routers then take softmax -> top-k and scale each chosen
+expert's output by a routing weight that depends on the logits, so the LM loss trains the router:
+  * top_k >= 2: the chosen probabilities renormalised to sum to 1 (Mixtral, RMoE) when
+    ``model.moe.renormalize``, else the raw probabilities;
+  * top_k = 1: always the raw probability p (Switch Transformer). Renormalising would make
+    every weight exactly 1, constant in the logits, and the router would get no gradient
+    from the LM loss at all, so ``renormalize`` has no effect there.
 
 The GRU cell is ONE parameter set shared by every 'moe_gru' layer. It lives in a dedicated
 module, :class:`RouterGRU`, owned by :class:`~pretrain.models.hybrid.HybridLM` (``router_gru``,
@@ -19,11 +25,29 @@ created when the pattern uses 'moe_gru'), not inside any block:
   * FSDP2: the GRU is a parameter of the root module, unsharded for the whole forward and
     backward, so references to it in the carry stay valid in every block.
 
-Losses and metrics go through the carry too: the Switch load-balancing loss
-``coef * E * sum_e f_e P_e`` (f_e: fraction of the N*k token->expert assignments that went to
-e, P_e: mean router probability of e; 1 * coef per layer when balanced) and the router z-loss
-``coef * mean(logsumexp(logits)^2)`` add into ``carry["aux_loss"]``, and the expert load f
-of block b is ``carry["metric/moe_load.b"]`` (detached, [E]).
+Losses and metrics go through the carry too. The Switch load-balancing loss of a layer is
+``E * sum_e f_e P_e`` (f_e: fraction of the N*k token->expert assignments that went to e, a
+constant; P_e: mean router probability of e over the N tokens); ``model.moe.balance`` picks
+how the L MoE layers of a model combine it:
+  * 'per_layer' (Switch, Megatron): ``coef * sum_i E sum_e f_ie P_ie``, L * coef when balanced.
+  * 'global' (RMoE's reference, Hugging Face Mixtral's ``load_balancing_loss_func``): one loss
+    over the router outputs of all layers concatenated along the tokens,
+    ``coef * E * sum_e F_e P_e`` with F_e the fraction of the L*N tokens that chose e among
+    their top k (= k * mean_i f_ie) and P_e = mean_i P_ie (every layer routes the same N
+    tokens), k * coef when balanced. Each layer adds f_i and P_i to running sums in the carry
+    (``moe_balance.load_sum``, ``moe_balance.prob_sum``; a pipeline stage forwards them with
+    the rest of the carry) and the model's last MoE layer turns them into the loss. Only the
+    load averaged over layers is balanced: one layer's skew may offset another's.
+  Converting coefficients: the balanced values match with coef_global = coef_per_layer * L / k,
+  and so do the gradients into layer i's router while the layers' loads f_i are alike; the
+  'global' gradient shrinks further as the layers' imbalances cancel in the mean. For
+  configs/rmoe.toml (L = 12, k = 2), 'per_layer' at the paper's 1e-3 is 6x the paper's loss
+  in value and about 20x (10x to 55x per layer) in router gradient at initialisation.
+Every position of the batch counts in either loss (batches are packed without padding, and a
+document start does not change a per-token router). The router z-loss
+``coef * mean(logsumexp(logits)^2)`` is per layer in both modes. All add into
+``carry["aux_loss"]``, and the expert load f of block b is ``carry["metric/moe_load.b"]``
+(detached, [E]).
 """
 
 from __future__ import annotations
@@ -88,20 +112,39 @@ def uses_router_gru(cfg: ModelConfig) -> bool:
     return any(ffn == "moe_gru" for _, ffn in cfg.pattern())
 
 
-def route(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``logits [N, E]`` -> fp32 ``probs [N, E]`` (softmax), ``expert_idx [N, k]`` (top-k of
-    probs) and ``weight [N, k]`` (their probabilities renormalised to sum to 1)."""
-    probs = torch.softmax(logits.float(), dim=-1)
+def route(logits: Tensor, top_k: int, renormalize: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """Softmax top-k routing (Shazeer et al. 2017; Switch, Fedus et al. 2021; Mixtral).
+
+    ``logits [N, E]`` -> ``probs [N, E]`` (softmax, in fp32 or fp64 when the logits are
+    fp64), ``expert_idx [N, k]`` (int64, top-k of probs, descending) and ``weight [N, k]``:
+    the chosen probabilities, renormalised to sum to 1 when ``renormalize`` and k >= 2. At
+    k = 1 the weight is always the raw probability (Switch): renormalised it would be the
+    constant 1 and the router would get no gradient from the loss of the experts' output.
+    """
+    probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     top, idx = probs.topk(top_k, dim=-1)
-    return probs, idx, top / top.sum(dim=-1, keepdim=True)
+    if renormalize and top_k > 1:
+        top = top / top.sum(dim=-1, keepdim=True)
+    return probs, idx, top
 
 
-def balance_loss(probs: Tensor, expert_idx: Tensor) -> tuple[Tensor, Tensor]:
-    """Switch load balancing: ``E * sum_e f_e * P_e`` and the load f [E] (detached), with f_e
-    the fraction of token->expert assignments routed to e and P_e the mean probability of e."""
-    n_experts = probs.shape[-1]
-    load = torch.bincount(expert_idx.flatten(), minlength=n_experts).to(probs.dtype) / expert_idx.numel()
-    return n_experts * (load * probs.mean(dim=0)).sum(), load
+def expert_load(expert_idx: Tensor, n_experts: int) -> Tensor:
+    """f [E] (fp32, no gradient): the fraction of the N*k token->expert assignments
+    ``expert_idx [N, k]`` that went to each expert; sums to 1."""
+    return torch.bincount(expert_idx.flatten(), minlength=n_experts).float() / expert_idx.numel()
+
+
+def balance_loss(load: Tensor, mean_prob: Tensor, top_k: int = 1) -> Tensor:
+    """Switch load balancing ``top_k * E * sum_e f_e * P_e`` (Fedus et al. 2021, eq. 4):
+    ``load`` f [E] from :func:`expert_load`, ``mean_prob`` P [E] the mean router probability
+    of each expert over the tokens (carries the gradient). ``top_k`` = 1 gives Switch's
+    per-layer form (1 when balanced); ``top_k`` = k gives Mixtral's, whose f counts, per
+    expert, the tokens that chose it among their k (k when balanced)."""
+    return top_k * mean_prob.shape[-1] * (load.to(mean_prob.dtype) * mean_prob).sum()
+
+
+LOAD_SUM, PROB_SUM = "moe_balance.load_sum", "moe_balance.prob_sum"
+"""Carry keys of the 'global' balance loss's running sums over MoE layers of f [E] and P [E]."""
 
 
 class MoE(nn.Module):
@@ -112,12 +155,20 @@ class MoE(nn.Module):
 
     uses_carry = True
 
-    def __init__(self, d_model: int, hidden: int, cfg: MoEConfig, name: str, recurrent: bool) -> None:
+    def __init__(
+        self, d_model: int, hidden: int, cfg: MoEConfig, name: str, recurrent: bool, moe_layers: tuple[int, ...] = ()
+    ) -> None:
+        """``moe_layers``: indices of the model's MoE blocks, which the 'global' balance loss
+        spans (its last one finishes the loss); empty: this layer alone."""
         super().__init__()
         self.name = name
         self.top_k = cfg.top_k
+        self.renormalize = cfg.renormalize
         self.aux_loss_coef = cfg.aux_loss_coef
         self.z_loss_coef = cfg.z_loss_coef
+        self.balance = cfg.balance
+        self.n_balance_layers = max(len(moe_layers), 1)
+        self.finishes_balance = not moe_layers or name == str(moe_layers[-1])
         self.recurrent = recurrent
         e = cfg.n_experts
         if recurrent:
@@ -150,18 +201,36 @@ class MoE(nn.Module):
         b, t, d = x.shape
         logits, carry = self._logits(x, carry)
         logits = logits.reshape(b * t, -1)  # [N, E]
-        probs, idx, weight = route(logits, self.top_k)
+        probs, idx, weight = route(logits, self.top_k, self.renormalize)
         flat = x.reshape(b * t, d)
         y = moe_experts(flat, self.w1, self.w3, self.w2, idx, weight)
         if self.shared is not None:
             y = y + self.shared(flat)
-        lb, load = balance_loss(probs, idx)
-        aux = self.aux_loss_coef * lb
+        load = expert_load(idx, probs.shape[-1])
+        carry = {**carry, f"metric/moe_load.{self.name}": load}
+        aux, carry = self._balance(load, probs.mean(dim=0), carry)
         if self.z_loss_coef > 0:
-            aux = aux + self.z_loss_coef * torch.logsumexp(logits.float(), dim=-1).square().mean()
-        carry = {**carry, f"metric/moe_load.{self.name}": load.detach()}
-        carry["aux_loss"] = carry["aux_loss"] + aux if "aux_loss" in carry else aux
+            z = self.z_loss_coef * torch.logsumexp(logits.to(probs.dtype), dim=-1).square().mean()
+            aux = z if aux is None else aux + z
+        if aux is not None:
+            carry["aux_loss"] = carry["aux_loss"] + aux if "aux_loss" in carry else aux
         return y.view(b, t, d), carry
+
+    def _balance(
+        self, load: Tensor, mean_prob: Tensor, carry: dict[str, Tensor]
+    ) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """This layer's weighted balance loss (None while a 'global' loss is still being
+        summed) and the carry with the 'global' running sums updated or, at the last MoE
+        layer, removed."""
+        if self.balance == "per_layer":
+            return self.aux_loss_coef * balance_loss(load, mean_prob), carry
+        load_sum = carry[LOAD_SUM] + load if LOAD_SUM in carry else load
+        prob_sum = carry[PROB_SUM] + mean_prob if PROB_SUM in carry else mean_prob
+        if not self.finishes_balance:
+            return None, {**carry, LOAD_SUM: load_sum, PROB_SUM: prob_sum}
+        carry = {k: v for k, v in carry.items() if k not in (LOAD_SUM, PROB_SUM)}
+        n = self.n_balance_layers
+        return self.aux_loss_coef * balance_loss(load_sum / n, prob_sum / n, self.top_k), carry
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs of the k active experts (6 x their weights; the stacked expert
@@ -195,15 +264,17 @@ class MoE(nn.Module):
             self.shared.init_weights(init_std, out_std)
 
 
-def _expert_hidden(cfg: ModelConfig) -> int:
-    return cfg.moe.expert_hidden or ffn_hidden(cfg)
+def _build(cfg: ModelConfig, layer_idx: int, recurrent: bool) -> MoE:
+    moe_layers = tuple(i for i, (_, ffn) in enumerate(cfg.pattern()) if ffn in ("moe", "moe_gru"))
+    hidden = cfg.moe.expert_hidden or ffn_hidden(cfg)
+    return MoE(cfg.d_model, hidden, cfg.moe, str(layer_idx), recurrent, moe_layers)
 
 
 @register_ffn("moe")
 def _moe(cfg: ModelConfig, layer_idx: int) -> MoE:
-    return MoE(cfg.d_model, _expert_hidden(cfg), cfg.moe, str(layer_idx), recurrent=False)
+    return _build(cfg, layer_idx, recurrent=False)
 
 
 @register_ffn("moe_gru")
 def _moe_gru(cfg: ModelConfig, layer_idx: int) -> MoE:
-    return MoE(cfg.d_model, _expert_hidden(cfg), cfg.moe, str(layer_idx), recurrent=True)
+    return _build(cfg, layer_idx, recurrent=True)
