@@ -130,8 +130,13 @@ class TitansConfig:
     """MAG/MAL: tokens per memory update (one mini-batch gradient descent step; queries read the
     weights of their chunk's start). Chunks are aligned to document positions."""
     segment_size: int = 128
-    """MAC: tokens per segment attended together with the memory read; MAC's memory is read and
-    updated once per segment (its chunk is the segment)."""
+    """MAC: tokens per segment attended together with the memory read; MAC's memory is read for
+    that context and updated once per segment (its chunk is the segment)."""
+    mac_output: str = "per_token"
+    """MAC's output: 'per_token' is the paper's o_t = y_t (x) M*_t(y_t), a read of token t's own
+    weights (after its write; causal) gating the attention output y, with the memory's write gates
+    from y; 'none' returns y ungated and takes the write gates from the block input (the layer
+    before this option, kept to compare with and to load its checkpoints)."""
     n_persistent: int = 16
     """Learned persistent memory tokens."""
     max_lr: float = 0.1
@@ -144,6 +149,7 @@ class TitansConfig:
         for f in ("memory_depth", "memory_expand", "n_heads", "chunk_size", "segment_size", "conv_size"):
             _check(getattr(self, f) > 0, f"{name}.{f}", "must be > 0")
         _check(self.n_persistent >= 0, f"{name}.n_persistent", "must be >= 0")
+        _choice(self.mac_output, f"{name}.mac_output", ("per_token", "none"))
         _check(cfg.d_model % self.n_heads == 0, f"{name}.n_heads", f"does not divide model.d_model={cfg.d_model}")
 
 

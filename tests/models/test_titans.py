@@ -1,5 +1,6 @@
-"""Titans memory: the chunked scan against a per-token autograd loop, and the MAC/MAG/MAL mixers'
-decoding parity, document resets and training."""
+"""Titans memory: the chunked scan (chunk-start reads and per-token reads) against a per-token
+autograd loop, and the MAC/MAG/MAL mixers' decoding parity, causality, document resets and
+training."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.config import AttentionConfig, ModelConfig, TitansConfig, load_config
+from pretrain.config import AttentionConfig, ConfigError, ModelConfig, TitansConfig, load_config
 from pretrain.models import build_model
+from pretrain.models.context import ForwardContext
 from pretrain.models.layers import titans
 from pretrain.models.layers.titans_ops import MemoryState, memory_scan
 from tests.models.util import decode_with_cache as _decode
@@ -36,10 +38,11 @@ def naive_mlp(ws, x):
     return x + h @ ws[-1]
 
 
-def naive_scan(q, k, v, theta, eta, alpha, state, init, positions, chunk_size, reset=None):
+def naive_scan(q, k, v, theta, eta, alpha, state, init, positions, chunk_size, reset=None, read="chunk_start"):
     """One token at a time: reset, read the chunk-start weights, gradient of ||M(k)-v||^2 there by
     autograd (create_graph: differentiable), momentum and forgetting step, and at a chunk's last
-    token the chunk-start weights become the running ones."""
+    token the chunk-start weights become the running ones. read='per_token' reads the running
+    weights right after the token's step instead."""
     w0, m, s = list(state.w0), list(state.m), list(state.s)
     ys = []
     for t in range(q.shape[1]):
@@ -49,12 +52,15 @@ def naive_scan(q, k, v, theta, eta, alpha, state, init, positions, chunk_size, r
             m = [torch.where(r, p, x) for p, x in zip(init, m)]
             s = [torch.where(r, 0.0, x) for x in s]
         qt, kt, vt = (x[:, t].unsqueeze(2) for x in (q, k, v))  # [B, H, 1, D]
-        ys.append(naive_mlp(w0, qt)[:, :, 0])
+        if read == "chunk_start":
+            ys.append(naive_mlp(w0, qt)[:, :, 0])
         loss = ((naive_mlp(w0, kt) - vt) ** 2).sum()  # the (b, h) memories are independent
         grads = torch.autograd.grad(loss, w0, create_graph=True)
         th, et, al = (x[:, t].view(*x.shape[:1], -1, 1, 1) for x in (theta, eta, alpha))
         s = [et * si - th * g for si, g in zip(s, grads)]
         m = [(1 - al) * mi + si for mi, si in zip(m, s)]
+        if read == "per_token":
+            ys.append(naive_mlp(m, qt)[:, :, 0])
         done = (positions[:, t] % chunk_size == chunk_size - 1).view(-1, 1, 1, 1)
         w0 = [torch.where(done, mi, wi) for mi, wi in zip(m, w0)]
     return torch.stack(ys, dim=1), MemoryState(w0, m, s)
@@ -76,9 +82,10 @@ def _flatten(y, st):
     return [y, *st.w0, *st.m, *st.s]
 
 
+@pytest.mark.parametrize("read", ["chunk_start", "per_token"])
 @pytest.mark.parametrize("depth", [1, 2])
 @pytest.mark.parametrize("packed", [False, True])
-def test_memory_scan_matches_naive(depth, packed, rel_err):
+def test_memory_scan_matches_naive(depth, packed, read, rel_err):
     t, chunk = 11, 4
     q, k, v, theta, eta, alpha, *init = _inputs(depth, t)
     if packed:  # row 0: documents of 6 and 5 tokens (a start inside a chunk); row 1: 3 and 8
@@ -87,8 +94,8 @@ def test_memory_scan_matches_naive(depth, packed, rel_err):
     else:
         positions, reset = torch.arange(t).expand(B, t), None
     args = (q, k, v, theta, eta, alpha)
-    outs = _flatten(*memory_scan(*args, MemoryState.fresh(init, B), init, positions, chunk, reset))
-    refs = _flatten(*naive_scan(*args, MemoryState.fresh(init, B), init, positions, chunk, reset))
+    outs = _flatten(*memory_scan(*args, MemoryState.fresh(init, B), init, positions, chunk, reset, read))
+    refs = _flatten(*naive_scan(*args, MemoryState.fresh(init, B), init, positions, chunk, reset, read))
     for o, r in zip(outs, refs):
         assert rel_err(o, r) <= 1e-5
     g = torch.Generator().manual_seed(1)
@@ -100,16 +107,19 @@ def test_memory_scan_matches_naive(depth, packed, rel_err):
         assert rel_err(a, b) <= 1e-4
 
 
-def test_memory_scan_continues_from_a_state(rel_err, nan_poison):
-    """Pieces of 3, 1, 5, 2 tokens chained through the state equal one call."""
-    q, k, v, theta, eta, alpha, *init = (x.detach() for x in _inputs(2, 11, seed=3))
+@pytest.mark.parametrize("read", ["chunk_start", "per_token"])
+@pytest.mark.parametrize("depth", [1, 2])
+def test_memory_scan_continues_from_a_state(depth, read, rel_err, nan_poison):
+    """Pieces of 3, 1, 5, 2 tokens chained through the state equal one call (pieces start inside
+    chunks, where the running weights are not the chunk-start ones)."""
+    q, k, v, theta, eta, alpha, *init = (x.detach() for x in _inputs(depth, 11, seed=3))
     positions = torch.arange(11).expand(B, 11)
     args = (q, k, v, theta, eta, alpha)
-    y, st = memory_scan(*args, MemoryState.fresh(init, B), init, positions, 4)
+    y, st = memory_scan(*args, MemoryState.fresh(init, B), init, positions, 4, read=read)
     ys, st2, start = [], MemoryState.fresh(init, B), 0
     for n in (3, 1, 5, 2):
         sl = slice(start, start + n)
-        yp, st2 = memory_scan(*(x[:, sl] for x in args), st2, init, positions[:, sl], 4)
+        yp, st2 = memory_scan(*(x[:, sl] for x in args), st2, init, positions[:, sl], 4, read=read)
         ys.append(yp)
         start += n
     for a, b in zip(_flatten(torch.cat(ys, 1), st2), _flatten(y, st)):
@@ -120,6 +130,8 @@ def test_memory_scan_rejects_bad_shapes():
     q, k, v, theta, eta, alpha, *init = (x.detach() for x in _inputs(1, 5))
     with pytest.raises(ValueError):
         memory_scan(q, k[:, :4], v, theta, eta, alpha, MemoryState.fresh(init, B), init, torch.zeros(B, 5), 4)
+    with pytest.raises(ValueError, match="read"):
+        memory_scan(q, k, v, theta, eta, alpha, MemoryState.fresh(init, B), init, torch.zeros(B, 5), 4, read="end")
 
 
 def _cfg(pattern, doc_masking=True, **titans_kw):
@@ -132,33 +144,40 @@ def _cfg(pattern, doc_masking=True, **titans_kw):
     )
 
 
-def test_projection_gradients_match_naive(monkeypatch, rel_err):
-    """Every parameter gradient of a MAC + MAG + MAL model equals the one through the naive scan."""
+@pytest.mark.parametrize("mac_output", ["per_token", "none"])
+def test_projection_gradients_match_naive(mac_output, monkeypatch, rel_err):
+    """The output and every parameter gradient of a MAC + MAG + MAL model (10 tokens: MAC's
+    second segment starts inside the sequence) equal those through the token-by-token scan."""
     torch.manual_seed(0)
-    model = build_model(_cfg("mac mag mal"))
+    model = build_model(_cfg("mac mag mal", mac_output=mac_output))
     ids = torch.randint(0, 61, (B, 10))
 
-    def grads():
+    def run():
         model.zero_grad()
-        model(ids).square().mean().backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters()}
+        out = model(ids)
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    got = grads()
+    out, got = run()
     monkeypatch.setattr(titans, "memory_scan", naive_scan)
-    want = grads()
+    out_ref, want = run()
+    assert rel_err(out, out_ref) <= 1e-5
     for name, g in want.items():
         assert rel_err(got[name], g) <= 1e-4, name
 
 
-@pytest.mark.parametrize("pattern", ["mac", "mag", "mal"])
+VARIANTS = [("mac", "per_token"), ("mac", "none"), ("mag", "per_token"), ("mal", "per_token")]
+
+
+@pytest.mark.parametrize("pattern, mac_output", VARIANTS)
 @pytest.mark.parametrize("docs", ["one", "packed", "no_doc_masking"])
-def test_decoding_parity(pattern, docs, rel_err):
+def test_decoding_parity(pattern, mac_output, docs, rel_err):
     """Token by token and uneven pieces (a 13-token prompt first: longer than a chunk of 4, a
     segment of 6 and a window of 5) equal one forward; with packed documents, starts fall inside
     chunks and segments."""
     t = 19
     torch.manual_seed(0)
-    model = build_model(_cfg(pattern, doc_masking=docs != "no_doc_masking"))
+    model = build_model(_cfg(pattern, doc_masking=docs != "no_doc_masking", mac_output=mac_output))
     ids = torch.randint(0, 61, (B, t))
     positions = None
     if docs == "packed":
@@ -171,10 +190,10 @@ def test_decoding_parity(pattern, docs, rel_err):
             assert rel_err(_decode(model, ids, chunks, positions)[0], full) <= 1e-4
 
 
-@pytest.mark.parametrize("pattern", ["mac", "mag", "mal"])
-def test_packed_equals_separate(pattern, rel_err):
+@pytest.mark.parametrize("pattern, mac_output", VARIANTS)
+def test_packed_equals_separate(pattern, mac_output, rel_err):
     torch.manual_seed(0)
-    model = build_model(_cfg(pattern))
+    model = build_model(_cfg(pattern, mac_output=mac_output))
     lens = (9, 3, 8)
     ids = torch.randint(0, 61, (1, sum(lens)))
     positions = torch.cat([torch.arange(n) for n in lens]).unsqueeze(0)
@@ -182,6 +201,56 @@ def test_packed_equals_separate(pattern, rel_err):
         packed = model(ids, positions)
         alone = torch.cat([model(doc) for doc in ids.split(list(lens), dim=1)], dim=1)
     assert rel_err(packed, alone) <= 1e-4
+
+
+@pytest.mark.parametrize("mac_output", ["per_token", "none"])
+def test_mac_is_causal(mac_output):
+    """Changing token j changes no output before j and changes the output at j (14 tokens,
+    segments of 6: j runs through the start, middle and end of segments)."""
+    torch.manual_seed(0)
+    model = build_model(_cfg("mac mac", mac_output=mac_output))
+    ids = torch.randint(0, 61, (1, 14))
+    with torch.no_grad():
+        base = model(ids)[0]
+        for j in range(1, 14):
+            other = ids.clone()
+            other[0, j] = (ids[0, j] + 1) % 61
+            out = model(other)[0]
+            scale = base.abs().max()
+            assert (out[:j] - base[:j]).abs().max() <= 1e-6 * scale, j
+            assert (out[j] - base[j]).abs().max() > 1e-4 * scale, j
+
+
+@pytest.mark.parametrize("mac_output", ["per_token", "none"])
+def test_mac_write_gates_read(mac_output):
+    """The memory's write gates theta, eta, alpha are computed from the attention output y (what
+    attention's W_o returns) with 'per_token', from the block input with 'none'."""
+    torch.manual_seed(0)
+    mixer = build_model(_cfg("mac", mac_output=mac_output)).blocks["0"].mixer
+    seen = {}
+
+    def keep(name, pick):
+        def hook(module, *args):  # the first call's tensor; returns None: the call is unchanged
+            seen.setdefault(name, pick(*args))
+
+        return hook
+
+    hooks = [
+        mixer.register_forward_pre_hook(keep("x", lambda args: args[0])),
+        mixer.attn.wo.register_forward_hook(keep("y", lambda args, out: out)),
+        mixer.memory.gates.register_forward_pre_hook(keep("gates", lambda args: args[0])),
+    ]
+    with torch.no_grad():  # 5 tokens: one piece of one segment, one call of each
+        mixer(torch.randn(B, 5, 32), ForwardContext(positions=torch.arange(5).expand(B, 5)))
+    for h in hooks:
+        h.remove()
+    assert torch.equal(seen["gates"], seen["y" if mac_output == "per_token" else "x"])
+    assert not torch.equal(seen["y"], seen["x"])
+
+
+def test_mac_output_is_checked():
+    with pytest.raises(ConfigError, match="model.titans.mac_output"):
+        load_config("configs/titans_mac_tiny.toml", ["model.vocab_size=512", "model.titans.mac_output='end'"])
 
 
 def test_short_sequence_updates_memory(rel_err):

@@ -3,19 +3,44 @@
 * 'mac' (memory as context): per segment of ``segment_size`` tokens, in order: each token reads
   the memory as it was at the segment start (``h = M*(q)``, q from x), causal attention inside the
   segment runs over ``[persistent || memory reads || segment tokens]`` giving y, then the memory
-  is trained on y (keys/values from the attention output, as the paper's ``M_t = M_{t-1}(y_t)``)
-  with one mini-batch step per segment (the memory's chunk is the segment).
+  is trained on y (keys, values and, with ``mac_output='per_token'``, the write gates from the
+  attention output, as the paper's ``M_t = M_{t-1}(y_t)``) with one mini-batch step per segment
+  (the memory's chunk is the segment). Output (``titans.mac_output``): 'per_token' is the
+  paper's ``o_t = y_t (x) M*_t(y_t)``: the same retrieval M* (W_Q, its conv taps with a tail of
+  its own, the output projection) applied to y reads token t's own weights, after t's write
+  (:func:`titans_ops.memory_scan` with ``read='per_token'``; M_t depends on tokens <= t only, so
+  this is causal); 'none' returns y ungated, with the write gates from x (the layer as it was
+  before the option).
 * 'mag' (memory as gate): sliding-window attention over ``[persistent || x]`` gated by the memory
-  branch, ``W_o(norm(attn) * sigmoid(norm(memory)))``; the memory trains in ``chunk_size`` steps.
+  branch; the memory trains in ``chunk_size`` steps.
 * 'mal' (memory as layer): the memory branch, then sliding-window attention over
   ``[persistent || memory(x)]``.
 
+The gate (x) is the paper's "normalisation with learnable weights, then a non-linearity":
+``sigmoid(RMSNorm(memory))`` multiplies the attention output. MAG takes it in the attention's
+head space before W_o, ``W_o(RMSNorm(attn) * sigmoid(RMSNorm(memory)))``; MAC after W_o,
+``y * sigmoid(RMSNorm(M*_t(y)))``, because y must exist, projected, before the write that the
+gating read depends on, and W_o already sets y's scale (a second projection would add d_model^2
+weights per layer).
+
 The memory branch: q, k, v projections -> short causal depthwise conv -> SiLU, q and k
 L2-normalised; per token and head the learning rate theta (sigmoid scaled to ``max_lr``), momentum
-eta and forgetting alpha (sigmoids of linear projections of x); the scan is
-:func:`titans_ops.memory_scan`. Deviation from the paper: MAC returns y without the final
-``y * M*(y)`` gate (with the memory updated once per segment, reading it after the update would
-let a token see later tokens of its segment).
+eta and forgetting alpha (sigmoids of linear projections of the branch input); the scan is
+:func:`titans_ops.memory_scan`; the reads go through a per-head RMSNorm and an output projection.
+
+Departures from the paper, and why:
+
+* Persistent tokens only enter attention (as keys and values every query sees); in MAG and MAL
+  the paper also runs the memory over them, ``M([p || x])``. After a document start (where the
+  memory restarts) they are the same tokens every time, so the memory state they would leave is a
+  learned constant that the learned initial weights ``init`` already parametrise (up to a
+  non-zero start momentum and conv history); feeding them would cost ``n_persistent`` memory
+  tokens per document and shift every chunk boundary by ``n_persistent``.
+* The memory branch has no extra linear output gate (the paper's "gating with a linear layer
+  before the final output projection", after Mehta et al. 2023): where its result meets the
+  layer output (MAG, MAC 'per_token') it already is the sigmoid gate above, and elsewhere (MAL,
+  MAC's context reads) attention's own projections consume it; a second gate on the same path
+  would add d_model x H*D weights per layer for a variant the paper does not ablate.
 """
 
 from __future__ import annotations
@@ -50,6 +75,8 @@ class TitansState:
     """Attention keys/values of the last window-1 (MAC: segment-1) tokens."""
     mem_kv: KVState | None = None
     """MAC: keys/values of the memory reads of the current segment."""
+    read_conv: Tensor | None = None
+    """MAC 'per_token': [B, conv_size - 1, H * D], the last inputs of the output read's query conv."""
 
 
 class NeuralMemory(nn.Module):
@@ -97,14 +124,14 @@ class NeuralMemory(nn.Module):
         return F.silu(masked_causal_conv(zp, w[part], self.conv_bias[part], positions)), new_tail
 
     def scan(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, mem: MemoryState, positions: Tensor,
-             reset: Tensor | None) -> tuple[Tensor, MemoryState]:
-        """:func:`memory_scan` with L2-normalised q, k and the gates of x."""
+             reset: Tensor | None, read: str = "chunk_start") -> tuple[Tensor, MemoryState]:
+        """:func:`memory_scan` with L2-normalised q, k and the write gates of ``x [B, T, d_model]``."""
         b, t, _ = x.shape
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         g = torch.sigmoid(self.gates(x).float()).view(b, t, 3, self.n_heads)
         return memory_scan(
             q, k, v, self.max_lr * g[:, :, 0], g[:, :, 1], g[:, :, 2], mem, list(self.init),
-            positions, self.chunk_size, reset,
+            positions, self.chunk_size, reset, read,
         )
 
     def project_out(self, y: Tensor, dtype: torch.dtype) -> Tensor:
@@ -233,11 +260,15 @@ class _Titans(nn.Module):
 class TitansMAC(_Titans):
     """Segments are processed in order (a forward over several segments loops over them, each
     row's segment starts at ``position % segment_size == 0``): read, attend, then write the
-    attention output into the memory; the decoding cache holds the current segment's keys."""
+    attention output into the memory (and, 'per_token', gate the output by a read after each
+    token's write); the decoding cache holds the current segment's keys."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg, cfg.titans.segment_size, cfg.d_model)
         self.window = cfg.titans.segment_size
+        self.per_token = cfg.titans.mac_output == "per_token"
+        if self.per_token:
+            self.gate_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
 
     def forward(self, x: Tensor, ctx: ForwardContext, state: TitansState | None = None) -> Tensor:
         st = self.new_state(x.shape[0]) if state is None else state
@@ -268,17 +299,54 @@ class TitansMAC(_Titans):
         hk, hv = st.mem_kv.update(hk, hv, self.window)
         # a segment behaves like a document: its start is i - position % segment_size
         mask = attention_mask(pos % self.window, ctx.offset + a, self.window, True)
-        y = self.attn.wo(self.attn.attend(q, [(hk, hv, mask), (k, v, mask)]))
-        # 3. write: keys and values from the attention output (the read above is recomputed)
+        o = self.attn.attend(q, [(hk, hv, mask), (k, v, mask)])
+        y = self.attn.wo(o)
+        # 3. write: keys and values from the attention output
         kv, st.conv = mem.conv(F.linear(y, mem.qkv.weight[inner:]), slice(inner, None), tail, pos)
         k_mem, v_mem = kv.view(n, b - a, 2, mem.n_heads, mem.head_dim).unbind(2)
-        _, st.memory = mem.scan(x, q_mem, k_mem, v_mem, st.memory, pos, reset)
-        return y
+        if not self.per_token:  # the scan's read (segment-start weights) is step 1's again
+            _, st.memory = mem.scan(x, q_mem, k_mem, v_mem, st.memory, pos, reset)
+            return y
+        # 4. o_t = y_t (x) M*_t(y_t): write gates and the read's query from y, and the read with
+        # each token's own weights; M* is step 1's retrieval (its W_Q, conv taps and W_out)
+        zp = torch.cat([st.read_conv, F.linear(y, mem.qkv.weight[:inner])], dim=1)  # [B, K-1+L, HD]
+        st.read_conv = zp[:, b - a :]
+        q_read = F.silu(masked_causal_conv(zp, mem.conv_weight[:inner], mem.conv_bias[:inner], pos))
+        read, st.memory = mem.scan(y, q_read.view(shape), k_mem, v_mem, st.memory, pos, reset, "per_token")
+        return y * torch.sigmoid(self.gate_norm(mem.project_out(read, x.dtype)))
 
     def new_state(self, batch_size: int) -> TitansState:
         s = super().new_state(batch_size)
         s.mem_kv = self.attn.new_kv(batch_size)
+        if self.per_token:
+            s.read_conv = s.conv[..., : self.memory.n_heads * self.memory.head_dim].clone()
         return s
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Plus, 'per_token', the dual-form read (:func:`titans_ops.memory_scan`): per head the
+        [L, L] decay product and per memory layer two [L, L]-by-width products and two reads of
+        the piece-start weights and momentum, x3 for forward + backward; and W_Q and W_out used a
+        second time (on y) beside their count as Linear weights."""
+        flops = super().flops_per_token(seq_len)
+        if self.per_token:
+            n = min(self.window, seq_len)
+            shapes = [p.shape[1:] for p in self.memory.init]
+            dual = 2 * n * n + sum(2 * n * (i + o) + 4 * i * o for i, o in shapes)
+            flops += 3.0 * self.memory.n_heads * dual + 12.0 * self.memory.out.weight.numel()
+        return flops
+
+    def activation_elements(self) -> int:
+        """Plus, 'per_token', the dual form's [L, L] matrices per head: two decays, their product
+        and two per memory layer."""
+        extra = 0
+        if self.per_token:
+            extra = self.memory.n_heads * self.window * (3 + 2 * len(self.memory.init))
+        return super().activation_elements() + extra
+
+    def init_weights(self, init_std: float, out_std: float) -> None:
+        super().init_weights(init_std, out_std)
+        if self.per_token:
+            self.gate_norm.init_weights()
 
 
 class TitansMAG(_Titans):

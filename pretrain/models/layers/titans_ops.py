@@ -9,7 +9,10 @@ rate theta_t, momentum eta_t and forgetting alpha_t:
     M_t = (1 - alpha_t) M_{t-1} + S_t                   (weights)
 
 Mini-batch gradient descent: every gradient of a chunk is taken at ``W0``, the weights at the
-chunk's start, and a query of the chunk reads ``W0`` too (``y_t = M_{W0}(q_t)``). Chunks are
+chunk's start. A query reads either ``W0`` too (``read="chunk_start"``: ``y_t = M_{W0}(q_t)``) or
+the running weights right after its own token's write (``read="per_token"``: ``y_t = M_t(q_t)``;
+causal, since M_t depends on tokens <= t only), computed without forming per-token weights by
+the dual form of TTT (Sun et al. 2024, "Learning to (Learn at Test Time)"). Chunks are
 aligned to positions: a chunk ends after a token with ``position % chunk_size == chunk_size - 1``
 (so a packed document chunks as it would alone, and a decoding cache completes chunks exactly
 where one forward does); at a document start (``reset``) the memory restarts from its learned
@@ -82,6 +85,21 @@ def _output_grads(ws: list[Tensor], k: Tensor, v: Tensor) -> tuple[list[Tensor],
     return inputs, deltas[::-1]
 
 
+def _log_gates(eta: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
+    """Cumulative ``log(1 - alpha)`` and ``log eta`` over the last dim (the tokens of a piece)."""
+    la = torch.log((1 - alpha).clamp_min(LOG_FLOOR)).cumsum(-1)
+    le = torch.log(eta.clamp_min(LOG_FLOOR)).cumsum(-1)
+    return la, le
+
+
+def _decays(lg: Tensor) -> Tensor:
+    """``D[i, j] = exp(lg_i - lg_j)`` for ``j <= i``, else 0: ``[..., L] -> [..., L, L]``. The
+    exponent of every kept entry is <= 0 (log gates only decrease), so nothing overflows."""
+    n = lg.shape[-1]
+    later = torch.ones(n, n, dtype=torch.bool, device=lg.device).tril()  # [i, j]: j <= i
+    return torch.exp((lg.unsqueeze(-1) - lg.unsqueeze(-2)).masked_fill(~later, float("-inf")))
+
+
 def _chunk_update(
     state_m: list[Tensor], state_s: list[Tensor], inputs: list[Tensor], deltas: list[Tensor],
     theta: Tensor, eta: Tensor, alpha: Tensor,
@@ -94,8 +112,7 @@ def _chunk_update(
       c_s = sum_{t>=s} exp(la_L - la_t + le_t - le_s),  u_s = -theta_s grad l_s.
     Every exponent is <= 0: no overflow, no division by small gates.
     """
-    la = torch.log((1 - alpha).clamp_min(LOG_FLOOR)).cumsum(-1)  # [B, H, L]
-    le = torch.log(eta.clamp_min(LOG_FLOOR)).cumsum(-1)
+    la, le = _log_gates(eta, alpha)  # [B, H, L]
     la_end, le_end = la[..., -1:], le[..., -1:]
     beta = torch.exp(la_end - la + le).sum(-1)  # [B, H]
     expo = (la_end - la + le).unsqueeze(-2) - le.unsqueeze(-1)  # [B, H, L(s), L(t)]
@@ -109,6 +126,34 @@ def _chunk_update(
         new_m.append(a_end * m0 + beta[..., None, None] * s0 - torch.einsum("bhs,bhsi,bhso->bhio", c * theta, x, g))
         new_s.append(e_end * s0 - torch.einsum("bhs,bhsi,bhso->bhio", d * theta, x, g))
     return new_m, new_s
+
+
+def _read_per_token(
+    state_m: list[Tensor], state_s: list[Tensor], q: Tensor, inputs: list[Tensor], deltas: list[Tensor],
+    theta: Tensor, eta: Tensor, alpha: Tensor,
+) -> Tensor:
+    """``M_i(q_i)`` for every token i of a piece inside one chunk, M_i the running weights after
+    token i's write, without forming M_i (TTT's dual form).
+
+    state_m, state_s: running weights and momentum before the piece; q ``[B, H, L, D]``; inputs,
+    deltas: each layer's input and output gradient of the piece's keys at W0; gates ``[B, H, L]``.
+    Unrolling the recurrence, ``M_i = A_i M_0 + beta_i S_0 + sum_{s<=i} C[i, s] u_s`` with
+    ``u_s = -theta_s x_s^T delta_s``, ``A_i = exp(la_i)``, ``beta_i = sum_{t<=i} exp(la_i - la_t
+    + le_t)`` and ``C = D_alpha @ D_eta`` (:func:`_decays`; forgetting after momentum). A layer
+    then maps its query-side input h_i (computed with the per-token weights of the layers below) to
+    ``A_i h_i M_0 + beta_i h_i S_0 - sum_s C[i, s] theta_s (h_i . x_s) delta_s``: O(L^2) per layer
+    like causal attention, instead of L weight copies.
+    """
+    la, le = _log_gates(eta, alpha)
+    d_alpha = _decays(la)  # [B, H, L(i), L(t)]
+    c = (d_alpha @ _decays(le)) * theta.unsqueeze(-2)  # [B, H, L(i), L(s)], theta_s folded in
+    a = la.exp().unsqueeze(-1)  # [B, H, L, 1]
+    beta = d_alpha @ le.exp().unsqueeze(-1)  # [B, H, L, 1]
+    h, last = q, len(state_m) - 1
+    for i, (m0, s0, x, g) in enumerate(zip(state_m, state_s, inputs, deltas)):
+        z = a * (h @ m0) + beta * (h @ s0) - (c * (h @ x.transpose(-1, -2))) @ g  # [B, H, L, d_out]
+        h = F.silu(z) if i < last else z
+    return h if len(state_m) == 1 else q + h
 
 
 def _pieces(positions: Tensor, chunk_size: int, reset: Tensor | None) -> list[tuple[int, int]]:
@@ -136,15 +181,18 @@ def memory_scan(
     positions: Tensor,
     chunk_size: int,
     reset: Tensor | None = None,
+    read: str = "chunk_start",
 ) -> tuple[Tensor, MemoryState]:
     """Read and train the memory over T new tokens.
 
     q, k, v: ``[B, T, H, D]`` (queries and keys already L2-normalised); theta, eta, alpha:
     ``[B, T, H]`` in [0, 1]; state: the memory before these tokens; init: the learned initial
     weights ``[H, d_in, d_out]`` per layer (restored at resets); positions ``[B, T]`` (position in
-    the document, or the absolute index) place the chunk ends; reset ``[B, T]`` bool or None.
-    Returns ``y [B, T, H, D]`` (fp32; ``y_t = M_{W0}(q_t)``, W0 the weights at t's chunk start)
-    and the state after the T tokens. Differentiable in every input, ``init`` included.
+    the document, or the absolute index) place the chunk ends; reset ``[B, T]`` bool or None;
+    read: 'chunk_start' (``y_t = M_{W0}(q_t)``, W0 the weights at t's chunk start) or
+    'per_token' (``y_t = M_t(q_t)``, the weights after t's own write). Returns ``y [B, T, H, D]``
+    (fp32) and the state after the T tokens. Differentiable in every input, ``init`` included.
+    Raises ValueError on mismatched shapes or an unknown ``read``.
     """
     b, t, h, dh = q.shape
     if k.shape != q.shape or v.shape != q.shape:
@@ -154,13 +202,15 @@ def memory_scan(
             raise ValueError(f"memory_scan: {name} {tuple(g.shape)} must be {(b, t, h)}")
     if positions.shape != (b, t) or (reset is not None and reset.shape != (b, t)):
         raise ValueError(f"memory_scan: positions/reset must be {(b, t)}")
+    if read not in ("chunk_start", "per_token"):
+        raise ValueError(f"memory_scan: read={read!r} is not 'chunk_start' or 'per_token'")
     with torch.autocast(q.device.type, enabled=False):  # the inner gradient descent runs in fp32
-        return _scan(q, k, v, theta, eta, alpha, state, init, positions, chunk_size, reset)
+        return _scan(q, k, v, theta, eta, alpha, state, init, positions, chunk_size, reset, read == "per_token")
 
 
 def _scan(
     q: Tensor, k: Tensor, v: Tensor, theta: Tensor, eta: Tensor, alpha: Tensor, state: MemoryState,
-    init: list[Tensor], positions: Tensor, chunk_size: int, reset: Tensor | None,
+    init: list[Tensor], positions: Tensor, chunk_size: int, reset: Tensor | None, per_token: bool,
 ) -> tuple[Tensor, MemoryState]:
     """:func:`memory_scan` after its checks: one piece (a chunk, or part of one) at a time."""
     b = q.shape[0]
@@ -174,9 +224,13 @@ def _scan(
             w0 = [torch.where(r, p.float(), x) for p, x in zip(init, w0)]
             m = [torch.where(r, p.float(), x) for p, x in zip(init, m)]
             s = [torch.where(r, torch.zeros_like(x), x) for x in s]
-        ys.append(mlp_forward(w0, qh[:, :, t0:t1])[0])
         inputs, deltas = _output_grads(w0, kh[:, :, t0:t1], vh[:, :, t0:t1])
-        m, s = _chunk_update(m, s, inputs, deltas, th[..., t0:t1], et[..., t0:t1], al[..., t0:t1])
+        gates = th[..., t0:t1], et[..., t0:t1], al[..., t0:t1]
+        if per_token:  # m, s: the running state before this piece (mid-chunk when decoding)
+            ys.append(_read_per_token(m, s, qh[:, :, t0:t1], inputs, deltas, *gates))
+        else:
+            ys.append(mlp_forward(w0, qh[:, :, t0:t1])[0])
+        m, s = _chunk_update(m, s, inputs, deltas, *gates)
         done = (positions[:, t1 - 1] % chunk_size == chunk_size - 1).view(b, 1, 1, 1)
         w0 = [torch.where(done, x, y) for x, y in zip(m, w0)]
     y = torch.cat(ys, dim=2).transpose(1, 2)  # [B, T, H, D]
