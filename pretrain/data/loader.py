@@ -106,8 +106,11 @@ class PackedLoader:
 
     Step s covers global samples ``[consumed, consumed + global_batch_size)``; rank r takes the
     contiguous ``r``-th of ``dp_size`` slices and splits it into micro-batches. The order is
-    independent of ``dp_size`` and ``micro_batch_size``, so a restored ``consumed_samples``
-    continues exactly under any layout.
+    independent of ``global_batch_size``, ``dp_size`` and ``micro_batch_size``, so a restored
+    ``consumed_samples`` continues exactly under any batch size and layout: no sample is skipped
+    or repeated. It does depend on the datasets, ``seq_len``, the weights and ``seed``: under
+    other values the same count names other tokens (a resume changing them is refused, see
+    :func:`pretrain.train.checkpoint.check_data_order`).
 
     Args:
         datasets: ``(path prefix, weight)`` per dataset (see ``prepared_datasets``).
@@ -173,6 +176,7 @@ class PackedLoader:
         return out
 
     def state_dict(self) -> dict:
+        """The data position: samples of the global order consumed so far (not steps or epochs)."""
         return {"consumed_samples": self.consumed_samples}
 
     def load_state_dict(self, state: dict) -> None:

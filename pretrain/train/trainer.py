@@ -72,6 +72,9 @@ class Trainer:
             )
         self.grad_accum = t.global_batch_size // (t.micro_batch_size * dp)
 
+        self.ckpt_root = cfg.checkpoint_dir
+        self.run_dir = Path(cfg.run.dir)
+        self._check_resume_config(cfg, resume)  # before prepare, which may rewrite data.dir
         self.meta = self._prepare_data(cfg)
         self.tokenizer_path = Path(cfg.data.dir) / "tokenizer.model"
         if cfg.model.vocab_size and cfg.model.vocab_size < self.meta["vocab_size"]:
@@ -79,11 +82,6 @@ class Trainer:
                 f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's {self.meta['vocab_size']}"
             )
         self.cfg = cfg = cfg.with_vocab(self.meta["vocab_size"])
-        self.ckpt_root = cfg.checkpoint_dir
-        self.run_dir = Path(cfg.run.dir)
-        if self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.toml").write_text(cfg.to_toml())
 
         torch.manual_seed(t.seed)
         self.dtype = compute_dtype(cfg, self.device)
@@ -101,6 +99,9 @@ class Trainer:
         self._val_batches: list[dict[str, torch.Tensor]] | None = None
         self.step = 0
         self._resume(resume)
+        if self.main:  # only now: a refused resume leaves the run folder as it was
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.toml").write_text(cfg.to_toml())
         fpt = flops_per_token(cfg.model, cfg.data.seq_len)["total"]
         self.mfu = MFU(*peak_flops(self.device, t.peak_flops), fpt, self.dims.world_size, self.log)
 
@@ -126,7 +127,9 @@ class Trainer:
             apply_fsdp(model, self.mesh)
         return model
 
-    def _resume(self, mode: str) -> None:
+    def _check_resume_config(self, cfg: Config, mode: str) -> None:
+        """Refuse, before anything is written, a resume whose config changes the data order the
+        checkpoint's position counts in (see :func:`~pretrain.train.checkpoint.check_data_order`)."""
         if mode == "none":
             if ckpt.complete_steps(self.ckpt_root):
                 raise ConfigError(
@@ -134,15 +137,41 @@ class Trainer:
                     "resume with --resume auto or choose another run.dir"
                 )
             return
+        for path in (ckpt.complete_steps(self.ckpt_root) if mode == "auto" else [Path(mode)]):
+            try:
+                ckpt.check_data_order(path, cfg)
+            except ckpt.CheckpointError:
+                continue  # damaged: skipped with a report (auto) or refused (a given folder) on loading
+            return
+
+    def _check_resumable(self, path: Path) -> None:
+        """The full check of a checkpoint about to be loaded: the config fields again (an older
+        step may be loaded when the newest is damaged), then the prepared data and the blend."""
+        ckpt.check_data_order(path, self.cfg)
+        ckpt.check_prepared_data(path, self.cfg, self.meta)
+
+    def _resume(self, mode: str) -> None:
+        """Load the checkpoint ``mode`` names ('auto': the newest usable one, 'none': none).
+
+        The data position carries over exactly when only the global batch size, micro-batch size,
+        parallel layout or non-data settings changed; other data changes raise ConfigError."""
+        if mode == "none":
+            return
         if mode == "auto":
-            state = ckpt.resume_latest(self.ckpt_root, self.model, self.optimizer, report=self.log)
+            state = ckpt.resume_latest(
+                self.ckpt_root, self.model, self.optimizer, report=self.log, check=self._check_resumable
+            )
             if state is None:
                 return
         else:
+            self._check_resumable(Path(mode))
             state = ckpt.load_checkpoint(Path(mode), self.model, self.optimizer)
         self.step = state["step"]
         self.loader.load_state_dict(state["data"])
-        self.log(f"resumed from step {self.step} ({self.ckpt_root})")
+        self.log(
+            f"resumed from step {self.step} ({self.ckpt_root}) at sample {self.loader.consumed_samples:,} "
+            "of the data order"
+        )
 
     # ---------------------------------------------------------------- running
 
@@ -237,7 +266,11 @@ class Trainer:
             self.step,
             self.model,
             self.optimizer,
-            {"data": self.loader.state_dict(), "world_size": self.dims.world_size},
+            {
+                "data": self.loader.state_dict(),
+                "prepared_data": ckpt.prepared_data_record(self.meta),
+                "world_size": self.dims.world_size,
+            },
             self.cfg.to_toml(),
             self.tokenizer_path,
             self.cfg.checkpoint.keep_last,

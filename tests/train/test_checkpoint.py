@@ -1,9 +1,16 @@
-"""Atomic DCP checkpoints: round trip, pruning, partial writes and damaged files skipped."""
+"""Atomic DCP checkpoints: round trip, pruning, partial writes and damaged files skipped; the
+checks that refuse a resume under a changed data order."""
 
+import dataclasses
+
+import pytest
 import torch
 from torch import nn
 
+from pretrain.config import ConfigError, load_config
+from pretrain.data import read_meta
 from pretrain.train import checkpoint as ckpt
+from tests.conftest import data_overrides
 
 
 def _model_and_optimizer(seed: int):
@@ -94,3 +101,49 @@ def test_truncated_and_corrupt_checkpoints_are_skipped(tmp_path):
 def test_nothing_to_resume(tmp_path):
     model, opt = _model_and_optimizer(0)
     assert ckpt.resume_latest(tmp_path / "absent", model, opt) is None
+
+
+def test_resume_check_skips_damaged_steps_and_stops_on_a_refusal(tmp_path):
+    model, opt = _model_and_optimizer(0)
+    for step in (1, 2, 3):
+        _train(model, opt, 1)
+        _save(tmp_path, step, model, opt)
+    config = tmp_path / "step-00000003" / "config.toml"
+    config.write_bytes(b"\xff" * config.stat().st_size)  # same size: only reading it tells
+
+    reports = []
+    fresh, fresh_opt = _model_and_optimizer(1)
+    state = ckpt.resume_latest(tmp_path, fresh, fresh_opt, report=reports.append, check=ckpt.read_saved_config)
+    assert state["step"] == 2 and len(reports) == 1 and "config.toml is unreadable" in reports[0]
+
+    def refuse(path):
+        ckpt.read_saved_config(path)
+        raise ConfigError(f"data.seq_len: refused for {path.name}")
+
+    untouched, untouched_opt = _model_and_optimizer(1)
+    with pytest.raises(ConfigError, match="step-00000002"):  # step 3 skipped, step 2 refused: no fallback to 1
+        ckpt.resume_latest(tmp_path, untouched, untouched_opt, report=lambda _: None, check=refuse)
+    reference, _ = _model_and_optimizer(1)
+    for a, b in zip(reference.parameters(), untouched.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_prepared_data_check(tmp_path, small_corpus, prepared_dir):
+    cfg = load_config(None, data_overrides(small_corpus, prepared_dir))
+    meta = read_meta(prepared_dir)
+    model, opt = _model_and_optimizer(0)
+    data = {"data": {"consumed_samples": 8}}
+    path = ckpt.save_checkpoint(tmp_path, 1, model, opt, {**data, "prepared_data": ckpt.prepared_data_record(meta)},
+                                cfg.to_toml(), None, 5)
+    ckpt.check_prepared_data(path, cfg, meta)
+    one_dataset = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, weights=[3.0]))
+    ckpt.check_prepared_data(path, one_dataset, meta)  # a single dataset: any weight is the same blend
+
+    entry = meta["datasets"][0]
+    shorter = {**meta, "datasets": [{**entry, "tokens": {**entry["tokens"], "train": entry["tokens"]["train"] - 1}}]}
+    with pytest.raises(ConfigError, match=r"^data\.dir: .*step-00000001.*train_tokens") as err:
+        ckpt.check_prepared_data(path, cfg, shorter)
+    assert "\n" not in str(err.value)
+    # A checkpoint from before the record was saved has nothing to compare the data with.
+    legacy = ckpt.save_checkpoint(tmp_path, 2, model, opt, data, cfg.to_toml(), None, 5)
+    ckpt.check_prepared_data(legacy, cfg, shorter)
