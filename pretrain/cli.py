@@ -42,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="'auto' (newest complete checkpoint of the run, if any), 'none', or a checkpoint folder",
     )
+    p.add_argument(
+        "--init-from",
+        metavar="CHECKPOINT",
+        help="start a new run from the model weights of this checkpoint (fresh optimizer, schedule and "
+        "data order), e.g. at another data.seq_len; ignored once the run has checkpoints of its own",
+    )
 
     p = sub.add_parser("generate", help="sample text from a checkpoint")
     p.add_argument("--checkpoint", required=True, help="a run folder, its checkpoints folder or one step folder")
@@ -95,7 +101,7 @@ def _cmd_train(args) -> int:
     from pretrain.train.trainer import train
 
     cfg = load_config(args.config, args.overrides)
-    train(cfg, resume=args.resume)
+    train(cfg, resume=args.resume, init_from=args.init_from)
     return 0
 
 

@@ -26,6 +26,7 @@ a resume with a one-line :class:`~pretrain.config.ConfigError` before anything i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -41,7 +42,12 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from pretrain.config import Config, ConfigError
 from pretrain.data.blend import quantize_weights
@@ -215,6 +221,31 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     return read_train_state(path)
 
 
+def load_model_weights(path: Path, model: nn.Module, tokenizer_sha256: str) -> dict[str, Any]:
+    """Load only the model parameters of a checkpoint into ``model``: the starting point of a new
+    run (torchtitan's ``initial_load_model_only``, Megatron's ``--finetune``), whose optimizer,
+    schedule, step and data order start fresh, e.g. to continue at another data.seq_len.
+
+    ``path``: a step folder, a checkpoints folder or a run folder (its newest step), written by
+    any parallel layout; ``model`` may be in any layout. ``tokenizer_sha256``: the SHA-256 of the
+    new run's tokenizer. Returns the checkpoint's train_state. Raises ConfigError when the
+    checkpoint was trained with another tokenizer (its embedding rows would name other tokens),
+    CheckpointError when it is damaged or holds another architecture.
+    """
+    step = resolve_checkpoint(Path(path))
+    verify(step)
+    saved = hashlib.sha256((step / "tokenizer.model").read_bytes()).hexdigest()
+    if saved != tokenizer_sha256:
+        raise ConfigError(
+            f"data.tokenizer: the run's tokenizer is not the one checkpoint {step} was trained with, "
+            "so its embeddings would name other tokens; prepare the data with that checkpoint's tokenizer.model"
+        )
+    state = {"model": get_model_state_dict(model)}
+    _load_state(step, state)
+    set_model_state_dict(model, state["model"])
+    return read_train_state(step)
+
+
 def resume_latest(
     root: Path,
     model: nn.Module,
@@ -280,7 +311,8 @@ def _refusal(name: str, old: Any, new: Any, path: Path, consumed: int) -> Config
     return ConfigError(
         f"{name}: {json.dumps(new)} differs from {json.dumps(old)} in checkpoint {path}, whose data "
         f"position ({consumed:,} samples consumed) has no exact equivalent under the new value; set it "
-        f"back to {json.dumps(old)} to resume, or start a new run in another run.dir"
+        f"back to {json.dumps(old)} to resume, or start a new run in another run.dir (--init-from {path} "
+        "starts it from these weights)"
     )
 
 
@@ -338,7 +370,7 @@ def check_prepared_data(path: Path, cfg: Config, meta: dict) -> None:
             f"data.dir: the prepared data in {cfg.data.dir} is not the data checkpoint {path} was "
             f"trained on ({key} {saved.get(key)} -> {now[key]}), so its data position ({consumed:,} "
             "samples consumed) would name other tokens; prepare the original sources with the original "
-            "tokenizer to resume, or start a new run in another run.dir"
+            "tokenizer to resume, or start a new run in another run.dir (--init-from starts it from these weights)"
         )
     old = _field(read_saved_config(path), "data.weights")
     if blend_quanta(cfg.data.dir, old) != blend_quanta(cfg.data.dir, cfg.data.weights):

@@ -52,7 +52,10 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 class Trainer:
     """Owns model, optimizer, data and checkpoints of one rank."""
 
-    def __init__(self, cfg: Config, resume: str = "auto", log=print):
+    def __init__(self, cfg: Config, resume: str = "auto", log=print, init_from: str | None = None):
+        """``resume``: 'auto' (the run's newest usable checkpoint, if any), 'none' or a step
+        folder. ``init_from``: a checkpoint whose model weights start the run when it has none of
+        its own to resume (see :func:`~pretrain.train.checkpoint.load_model_weights`)."""
         self.device = resolve_device(cfg)
         self.rank, local_rank, world = init_distributed(self.device.type)
         if self.device.type == "cuda":
@@ -74,6 +77,8 @@ class Trainer:
 
         self.ckpt_root = cfg.checkpoint_dir
         self.run_dir = Path(cfg.run.dir)
+        if init_from is not None and resume not in ("auto", "none"):
+            raise ConfigError(f"--init-from: starts a new run; it cannot be combined with --resume {resume}")
         self._check_resume_config(cfg, resume)  # before prepare, which may rewrite data.dir
         self.meta = self._prepare_data(cfg)
         self.tokenizer_path = Path(cfg.data.dir) / "tokenizer.model"
@@ -99,6 +104,8 @@ class Trainer:
         self._val_batches: list[dict[str, torch.Tensor]] | None = None
         self.step = 0
         self._resume(resume)
+        if self.step == 0 and init_from is not None:
+            self._init_from(Path(init_from))
         if self.main:  # only now: a refused resume leaves the run folder as it was
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(cfg.to_toml())
@@ -171,6 +178,13 @@ class Trainer:
         self.log(
             f"resumed from step {self.step} ({self.ckpt_root}) at sample {self.loader.consumed_samples:,} "
             "of the data order"
+        )
+
+    def _init_from(self, path: Path) -> None:
+        state = ckpt.load_model_weights(path, self.model, self.meta["tokenizer_sha256"])
+        self.log(
+            f"initialised from the model weights of {path} (its step {state['step']}); the optimizer, "
+            "schedule and data order start fresh"
         )
 
     # ---------------------------------------------------------------- running
@@ -340,10 +354,11 @@ class Trainer:
         return summary
 
 
-def train(cfg: Config, resume: str = "auto", log=print) -> dict[str, Any]:
-    """Train ``cfg`` to train.max_steps; returns a summary (steps, seconds, final val loss)."""
+def train(cfg: Config, resume: str = "auto", log=print, init_from: str | None = None) -> dict[str, Any]:
+    """Train ``cfg`` to train.max_steps; returns a summary (steps, seconds, final val loss).
+    ``resume`` and ``init_from`` as in :class:`Trainer`."""
     try:
-        trainer = Trainer(cfg, resume=resume, log=log)
+        trainer = Trainer(cfg, resume=resume, log=log, init_from=init_from)
         return trainer.fit()
     finally:
         destroy_distributed()

@@ -115,9 +115,9 @@ def test_safe_changes_resume_on_the_same_samples(reference, run_copy, small_corp
     assert load_config(run_copy / "config.toml").optim.lr == 1e-3
 
 
-def _refused(overrides: list[str], capsys) -> str:
+def _refused(overrides: list[str], capsys, extra: tuple[str, ...] = ()) -> str:
     capsys.readouterr()
-    rc = main(["train", *set_args(overrides)])
+    rc = main(["train", *set_args(overrides), *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1, err
     return err[0]
@@ -186,3 +186,33 @@ def test_changed_prepared_data_is_refused(small_corpus, tmp_path, capsys):
     line = _refused(overrides + ["train.max_steps=4"], capsys)
     assert line.startswith("pretrain train: error: data.dir: ") and "step-00000002" in line, line
     assert _snapshot(run_dir) == before
+
+
+def test_init_from_starts_a_new_run_from_the_weights(stopped, small_corpus, prepared_dir, tmp_path, capsys):
+    """The way on after a refused change: a new run at data.seq_len 64 starts from the stopped
+    run's weights with a fresh optimizer, step and data order, and resumes its own checkpoints
+    when requeued with the same command."""
+    from pretrain.config import ConfigError
+    from pretrain.train import checkpoint as ckpt
+    from pretrain.train.trainer import Trainer
+
+    new_run = tmp_path / "longer"
+    overrides = tiny_overrides(small_corpus, prepared_dir, new_run, **{"data.seq_len": 64, "train.max_steps": 4})
+    trainer = Trainer(load_config(None, overrides), log=_quiet, init_from=str(stopped))
+    _, reference_model, _ = ckpt.load_for_inference(stopped)
+    expected = reference_model.state_dict()
+    assert trainer.step == 0 and trainer.loader.consumed_samples == 0
+    assert all(torch.equal(v, expected[k]) for k, v in trainer.model.state_dict().items())
+    assert not any(s for group in trainer.optimizer.state.values() for s in group.values())  # fresh
+
+    args = ["train", *set_args(overrides), "--init-from", str(stopped)]
+    assert main(args + ["--set", "train.max_steps=3", "--set", "checkpoint.interval=3"]) == 0
+    assert "initialised from the model weights of" in capsys.readouterr().out
+    assert main(args) == 0  # requeued: its own step 3 wins over --init-from
+    out = capsys.readouterr().out
+    assert "resumed from step 3 " in out and "initialised" not in out
+
+    wider = tiny_overrides(small_corpus, prepared_dir, tmp_path / "wider", **{"model.d_model": 48})
+    assert "cannot be loaded" in _refused(wider, capsys, ("--init-from", str(stopped)))
+    with pytest.raises(ConfigError, match="^data.tokenizer: the run's tokenizer is not the one"):
+        ckpt.load_model_weights(stopped, trainer.model, "0" * 64)
