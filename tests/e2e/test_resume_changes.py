@@ -160,7 +160,8 @@ def two_sources(small_corpus, tmp_path_factory) -> tuple[list[str], Path]:
 def test_blend_weights_change_is_refused_unless_the_blend_is_the_same(two_sources, small_corpus, tmp_path, capsys):
     data, data_dir = two_sources
     run_dir = tmp_path / "run"
-    base = tiny_overrides(small_corpus, data_dir, run_dir, **{"train.max_steps": 2}) + data[-1:]
+    base = tiny_overrides(small_corpus, data_dir, run_dir, **{"train.max_steps": 2, "optim.warmup_steps": 1})
+    base += data[-1:]
     train(load_config(None, base + ["data.weights=[1, 1]"]), log=_quiet)
     before = _snapshot(run_dir, data_dir)
     for weights in ("[1, 3]", "[]"):  # [] is token shares, not 1:1
@@ -179,7 +180,7 @@ def test_changed_prepared_data_is_refused(small_corpus, tmp_path, capsys):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("\n".join(lines[:40]) + "\n")
     run_dir = tmp_path / "run"
-    overrides = tiny_overrides(corpus, tmp_path / "data", run_dir, **{"train.max_steps": 2})
+    overrides = tiny_overrides(corpus, tmp_path / "data", run_dir, **{"train.max_steps": 2, "optim.warmup_steps": 1})
     train(load_config(None, overrides), log=_quiet)
     corpus.write_text("\n".join(lines[1:40]) + "\n")
     before = _snapshot(run_dir)
