@@ -110,7 +110,7 @@ class PackedLoader:
     ``consumed_samples`` continues exactly under any batch size and layout: no sample is skipped
     or repeated. It does depend on the datasets, ``seq_len``, the weights and ``seed``: under
     other values the same count names other tokens (a resume changing them is refused, see
-    :func:`pretrain.train.checkpoint.check_data_order`).
+    :func:`pretrain.train.resume_checks.check_data_order`).
 
     Args:
         datasets: ``(path prefix, weight)`` per dataset (see ``prepared_datasets``).

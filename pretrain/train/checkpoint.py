@@ -13,15 +13,6 @@ A step is first written to ``step-00000100.tmp`` and renamed when complete, so a
 without the suffix is complete unless its files were damaged later; the manifest catches
 truncation, a failing load catches the rest, and either way the step is reported and the
 next older one is tried.
-
-Resuming under a changed config: the data position (``consumed_samples`` of one global sample
-order, see :class:`~pretrain.data.loader.PackedLoader`) stays exact under any global batch size,
-micro-batch size or parallel layout, and is unaffected by the optimizer, schedule, logging,
-evaluation and checkpoint settings. Everything that defines the order itself (the prepared token
-streams, data.seq_len, data.weights, train.seed) must be unchanged: a sample index of a 32-token
-order names other tokens in a 64-token one, and a mid-epoch position in a shuffled order has no
-exact equivalent in another. :func:`check_data_order` and :func:`check_prepared_data` refuse such
-a resume with a one-line :class:`~pretrain.config.ConfigError` before anything is written.
 """
 
 from __future__ import annotations
@@ -49,9 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from pretrain.config import Config, ConfigError
-from pretrain.data.blend import quantize_weights
-from pretrain.data.meta import prepared_datasets
+from pretrain.config import ConfigError
 
 PREFIX = "step-"
 TMP_SUFFIX = ".tmp"
@@ -271,110 +260,27 @@ def resume_latest(
     return None
 
 
-# ------------------------------------------------------------ resuming under a changed config
-
-DATA_ORDER_FIELDS = (
-    "data.sources",
-    "data.text_field",
-    "data.tokenizer",
-    "data.tokenizer_type",
-    "data.vocab_size",
-    "data.valid_fraction",
-    "data.seq_len",
-    "train.seed",
-)
-"""Config fields that fix the sample order a saved data position counts in: the inputs of
-``prepare`` (its fingerprint) fix the token streams, data.seq_len cuts them into samples and
-train.seed shuffles them. data.weights is compared by :func:`check_prepared_data`, since its
-empty default (token shares) depends on the prepared data."""
-
-_TOKENIZER_SETTINGS = ("data.tokenizer_type", "data.vocab_size")
+SAVED_CONFIG_DEFAULTS = {("model", "titans", "mac_output"): "none"}
+"""Fields added after checkpoints had been written whose new default would change the model they
+hold: a saved config (which lists every field of its day) without the field meant this value."""
 
 
 def read_saved_config(path: Path) -> dict[str, Any]:
     """The config step folder ``path`` was saved with, as a TOML dict (not validated, so that a
-    config saved by an older version stays readable); CheckpointError when the folder is damaged."""
+    config saved by an older version stays readable), with :data:`SAVED_CONFIG_DEFAULTS` filled
+    in where it predates a field; CheckpointError when the folder is damaged."""
     verify(path)
     try:
-        return tomllib.loads((path / "config.toml").read_text())
+        saved = tomllib.loads((path / "config.toml").read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"checkpoint {path}: config.toml is unreadable ({exc})") from None
-
-
-def _field(config: dict, name: str) -> Any:
-    """Field ``section.key`` of a config dict; its default when the dict predates the field."""
-    section, key = name.split(".")
-    return config.get(section, {}).get(key, getattr(getattr(Config(), section), key))
-
-
-def _refusal(name: str, old: Any, new: Any, path: Path, consumed: int) -> ConfigError:
-    return ConfigError(
-        f"{name}: {json.dumps(new)} differs from {json.dumps(old)} in checkpoint {path}, whose data "
-        f"position ({consumed:,} samples consumed) has no exact equivalent under the new value; set it "
-        f"back to {json.dumps(old)} to resume, or start a new run in another run.dir (--init-from {path} "
-        "starts it from these weights)"
-    )
-
-
-def check_data_order(path: Path, cfg: Config) -> None:
-    """Refuse to resume ``cfg`` from step folder ``path`` if a field of DATA_ORDER_FIELDS changed.
-
-    Raises ConfigError naming the first changed field, its old and new value and how to proceed;
-    CheckpointError when ``path`` is damaged. Reads two small files and writes nothing: the
-    trainer calls it before ``prepare``, which would rewrite data.dir for other sources or
-    tokenizer settings.
-    """
-    saved, new = read_saved_config(path), cfg.to_dict()
-    consumed = read_train_state(path)["data"]["consumed_samples"]
-    same_file = _field(saved, "data.tokenizer") == _field(new, "data.tokenizer") != ""
-    for name in DATA_ORDER_FIELDS:
-        if same_file and name in _TOKENIZER_SETTINGS:
-            continue  # they only configure a tokenizer to train (as in prepare's fingerprint)
-        old, value = _field(saved, name), _field(new, name)
-        if old != value:
-            raise _refusal(name, old, value, path, consumed)
-
-
-def prepared_data_record(meta: dict) -> dict[str, Any]:
-    """What identifies prepared token streams without a pass over the shards (from meta.json):
-    the tokenizer's SHA-256 and each dataset's train documents and tokens. Saved in train_state."""
-    return {
-        "tokenizer_sha256": meta["tokenizer_sha256"],
-        "train_documents": [e["documents"]["train"] for e in meta["datasets"]],
-        "train_tokens": [e["tokens"]["train"] for e in meta["datasets"]],
-    }
-
-
-def blend_quanta(data_dir: str | Path, weights: list[float]) -> list[int]:
-    """The integer blend weights (see :func:`~pretrain.data.blend.quantize_weights`) the sample
-    order of ``data_dir``'s train split is built from: equal quanta give the same order, so
-    weights [1, 3] and [2, 6] are the same blend. Empty ``weights`` means token shares."""
-    return quantize_weights([w for _, w in prepared_datasets(data_dir, "train", weights or None)]).tolist()
-
-
-def check_prepared_data(path: Path, cfg: Config, meta: dict) -> None:
-    """Refuse to resume from step folder ``path`` when the prepared data in cfg.data.dir
-    (``meta``, its meta.json) or the blend it gives under data.weights is not the one the
-    checkpoint was trained on. data.dir itself may move.
-
-    Raises ConfigError (one line: the field, old and new values, how to proceed); CheckpointError
-    when ``path`` is damaged. Checkpoints written before the data record was saved are checked
-    on the weights only.
-    """
-    state = read_train_state(path)
-    consumed = state["data"]["consumed_samples"]
-    saved, now = state.get("prepared_data"), prepared_data_record(meta)
-    if saved is not None and saved != now:
-        key = next(k for k in now if saved.get(k) != now[k])
-        raise ConfigError(
-            f"data.dir: the prepared data in {cfg.data.dir} is not the data checkpoint {path} was "
-            f"trained on ({key} {saved.get(key)} -> {now[key]}), so its data position ({consumed:,} "
-            "samples consumed) would name other tokens; prepare the original sources with the original "
-            "tokenizer to resume, or start a new run in another run.dir (--init-from starts it from these weights)"
-        )
-    old = _field(read_saved_config(path), "data.weights")
-    if blend_quanta(cfg.data.dir, old) != blend_quanta(cfg.data.dir, cfg.data.weights):
-        raise _refusal("data.weights", old, cfg.data.weights, path, consumed)
+    for (*sections, key), value in SAVED_CONFIG_DEFAULTS.items():
+        node = saved
+        for name in sections:
+            node = node.get(name) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.setdefault(key, value)
+    return saved
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -390,12 +296,18 @@ def resolve_checkpoint(path: Path) -> Path:
 
 def load_for_inference(path: Path, device: torch.device | str = "cpu"):
     """(config, model in eval mode, tokenizer path) of the checkpoint at or under ``path``."""
-    from pretrain.config import load_config
+    from pretrain.config import config_from_dict
     from pretrain.models import build_model
 
     step = resolve_checkpoint(Path(path))
-    cfg = load_config(step / "config.toml")
+    try:
+        cfg = config_from_dict(read_saved_config(step))
+    except ConfigError as exc:
+        raise CheckpointError(f"checkpoint {step}: its config.toml is not valid ({exc})") from None
     model = build_model(cfg.model)
+    from pretrain.train.resume_checks import check_model_fits  # it builds on this module
+
+    check_model_fits(step, model)
     state = {"model": model.state_dict()}
     _load_state(step, state)
     model.load_state_dict(state["model"])

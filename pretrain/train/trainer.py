@@ -20,6 +20,7 @@ from pretrain.config import Config, ConfigError
 from pretrain.data import PackedLoader, prepare, prepared_datasets, read_meta, validation_batches
 from pretrain.models import build_model, flops_per_token
 from pretrain.train import checkpoint as ckpt
+from pretrain.train import resume_checks
 from pretrain.train.metrics import MetricsLogger
 from pretrain.train.mfu import MFU, peak_flops
 from pretrain.train.optim import build_optimizer, lr_at, set_lr
@@ -136,7 +137,7 @@ class Trainer:
 
     def _check_resume_config(self, cfg: Config, mode: str) -> None:
         """Refuse, before anything is written, a resume whose config changes the data order the
-        checkpoint's position counts in (see :func:`~pretrain.train.checkpoint.check_data_order`)."""
+        checkpoint's position counts in (see :func:`~pretrain.train.resume_checks.check_data_order`)."""
         if mode == "none":
             if ckpt.complete_steps(self.ckpt_root):
                 raise ConfigError(
@@ -146,7 +147,7 @@ class Trainer:
             return
         for path in (ckpt.complete_steps(self.ckpt_root) if mode == "auto" else [Path(mode)]):
             try:
-                ckpt.check_data_order(path, cfg)
+                resume_checks.check_data_order(path, cfg)
             except ckpt.CheckpointError:
                 continue  # damaged: skipped with a report (auto) or refused (a given folder) on loading
             return
@@ -154,8 +155,9 @@ class Trainer:
     def _check_resumable(self, path: Path) -> None:
         """The full check of a checkpoint about to be loaded: the config fields again (an older
         step may be loaded when the newest is damaged), then the prepared data and the blend."""
-        ckpt.check_data_order(path, self.cfg)
-        ckpt.check_prepared_data(path, self.cfg, self.meta)
+        resume_checks.check_data_order(path, self.cfg)
+        resume_checks.check_prepared_data(path, self.cfg, self.meta)
+        resume_checks.check_model_fits(path, self.model, self.cfg)
 
     def _resume(self, mode: str) -> None:
         """Load the checkpoint ``mode`` names ('auto': the newest usable one, 'none': none).
@@ -181,6 +183,7 @@ class Trainer:
         )
 
     def _init_from(self, path: Path) -> None:
+        resume_checks.check_model_fits(ckpt.resolve_checkpoint(path), self.model, self.cfg)
         state = ckpt.load_model_weights(path, self.model, self.meta["tokenizer_sha256"])
         self.log(
             f"initialised from the model weights of {path} (its step {state['step']}); the optimizer, "
@@ -282,7 +285,7 @@ class Trainer:
             self.optimizer,
             {
                 "data": self.loader.state_dict(),
-                "prepared_data": ckpt.prepared_data_record(self.meta),
+                "prepared_data": resume_checks.prepared_data_record(self.meta),
                 "world_size": self.dims.world_size,
             },
             self.cfg.to_toml(),

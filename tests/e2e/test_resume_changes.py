@@ -214,6 +214,7 @@ def test_init_from_starts_a_new_run_from_the_weights(stopped, small_corpus, prep
     assert "resumed from step 3 " in out and "initialised" not in out
 
     wider = tiny_overrides(small_corpus, prepared_dir, tmp_path / "wider", **{"model.d_model": 48})
-    assert "cannot be loaded" in _refused(wider, capsys, ("--init-from", str(stopped)))
+    line = _refused(wider, capsys, ("--init-from", str(stopped)))
+    assert "holds another model" in line and "model.d_model 32 -> 48" in line
     with pytest.raises(ConfigError, match="^data.tokenizer: the run's tokenizer is not the one"):
         ckpt.load_model_weights(stopped, trainer.model, "0" * 64)

@@ -10,6 +10,7 @@ from torch import nn
 from pretrain.config import ConfigError, load_config
 from pretrain.data import read_meta
 from pretrain.train import checkpoint as ckpt
+from pretrain.train import resume_checks
 from tests.conftest import data_overrides
 
 
@@ -133,17 +134,17 @@ def test_prepared_data_check(tmp_path, small_corpus, prepared_dir):
     meta = read_meta(prepared_dir)
     model, opt = _model_and_optimizer(0)
     data = {"data": {"consumed_samples": 8}}
-    path = ckpt.save_checkpoint(tmp_path, 1, model, opt, {**data, "prepared_data": ckpt.prepared_data_record(meta)},
+    path = ckpt.save_checkpoint(tmp_path, 1, model, opt, {**data, "prepared_data": resume_checks.prepared_data_record(meta)},
                                 cfg.to_toml(), None, 5)
-    ckpt.check_prepared_data(path, cfg, meta)
+    resume_checks.check_prepared_data(path, cfg, meta)
     one_dataset = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, weights=[3.0]))
-    ckpt.check_prepared_data(path, one_dataset, meta)  # a single dataset: any weight is the same blend
+    resume_checks.check_prepared_data(path, one_dataset, meta)  # a single dataset: any weight is the same blend
 
     entry = meta["datasets"][0]
     shorter = {**meta, "datasets": [{**entry, "tokens": {**entry["tokens"], "train": entry["tokens"]["train"] - 1}}]}
     with pytest.raises(ConfigError, match=r"^data\.dir: .*step-00000001.*train_tokens") as err:
-        ckpt.check_prepared_data(path, cfg, shorter)
+        resume_checks.check_prepared_data(path, cfg, shorter)
     assert "\n" not in str(err.value)
     # A checkpoint from before the record was saved has nothing to compare the data with.
     legacy = ckpt.save_checkpoint(tmp_path, 2, model, opt, data, cfg.to_toml(), None, 5)
-    ckpt.check_prepared_data(legacy, cfg, shorter)
+    resume_checks.check_prepared_data(legacy, cfg, shorter)
