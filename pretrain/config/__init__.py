@@ -348,7 +348,7 @@ def validate(cfg: Config) -> None:
     require(t.log_interval > 0, "train.log_interval", "must be > 0")
     require_choice(t.device, "train.device", ("auto", "cpu", "cuda"))
     require_choice(t.dtype, "train.dtype", ("auto", "fp32", "bf16"))
-    require(t.peak_flops >= 0, "train.peak_flops", "must be >= 0")
+    require(t.peak_flops >= 0 and math.isfinite(t.peak_flops), "train.peak_flops", "must be a finite number >= 0")
 
     o = cfg.optim
     require(o.lr > 0 and math.isfinite(o.lr), "optim.lr", "must be a positive number")

@@ -17,7 +17,9 @@ mixers' sequence terms) / (peak FLOP/s of one device x devices). The peak is, in
 
 from __future__ import annotations
 
+import fcntl
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -78,30 +80,39 @@ def measure_cpu_gemm_flops(sizes: tuple[int, ...] = (512, 1024), trials: int = 8
     return best
 
 
+def _best_cached(cached: dict, key: str) -> float:
+    value = cached.get(key)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return float(value) if ok else 0.0
+
+
 def cpu_peak_flops(measure: Callable[[], float] = measure_cpu_gemm_flops) -> float:
     """Measured CPU peak (FLOP/s), raised to the best earlier measurement of this machine key
-    (CPU model, CPUs, threads, torch version) and written back to :func:`cache_path`. A cache
-    that cannot be read or written is ignored: it is an optimisation, never an input."""
+    (CPU model, CPUs, threads, torch version) and written back to :func:`cache_path` under a
+    file lock, so runs measuring at once never lower it. A cache that cannot be read or written,
+    or an entry that is not a positive finite number, is ignored: it is an optimisation, never
+    an input."""
     key, path = _cpu_key(), cache_path()
+    measured = measure()
     try:
-        cached = json.loads(path.read_text())
-        if not isinstance(cached, dict):
-            cached = {}
-    except (OSError, ValueError):
-        cached = {}
-    prev = cached.get(key)
-    prev = float(prev) if isinstance(prev, (int, float)) else 0.0
-    best = max(measure(), prev)
-    if best > prev:
-        cached[key] = best
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cached, indent=1))
-            os.replace(tmp, path)  # atomic: ranks measuring at once never leave half a file
-        except OSError:
-            pass
-    return best
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # read-modify-write of one file by concurrent runs
+            try:
+                cached = json.loads(path.read_text())
+            except (OSError, ValueError):
+                cached = {}
+            if not isinstance(cached, dict):
+                cached = {}
+            best = max(measured, _best_cached(cached, key))
+            if best > _best_cached(cached, key):
+                cached[key] = best
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(cached, indent=1))
+                os.replace(tmp, path)  # atomic: a reader never sees half a file
+            return best
+    except OSError:
+        return measured
 
 
 def peak_flops(device: torch.device, configured: float) -> tuple[float, str]:
@@ -140,9 +151,14 @@ class MFU:
             return value
         if not self._capped:
             self._capped = True
+            cause = (
+                "train.peak_flops is below what this run achieves: set it to this device's peak"
+                if self.source == "train.peak_flops"
+                else "the peak reads low (a busy machine at start-up?): set train.peak_flops to this "
+                "device's peak for a true figure"
+            )
             self.log(
-                f"mfu: measured {value:.0%} of a peak of {self.peak / 1e9:,.1f} GFLOP/s per device "
-                f"({self.source}); the peak reads low (a busy machine at start-up?), so MFU is capped at "
-                "100%: set train.peak_flops to this device's peak for a true figure"
+                f"mfu: measured {value:.0%} of a peak of {self.peak:.3g} FLOP/s per device ({self.source}), "
+                f"so MFU is capped at 100%; {cause}"
             )
         return 1.0

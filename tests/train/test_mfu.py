@@ -23,6 +23,9 @@ def test_mfu_is_tokens_times_flops_over_peak_and_capped_once():
     assert mfu(1548.8) == 1.0  # 2.3232: the 232 % of the issue
     assert mfu(2000.0) == 1.0
     assert len(notes) == 1 and "232%" in notes[0] and "train.peak_flops" in notes[0] and "a test peak" in notes[0]
+    notes.clear()
+    MFU(1e3, "train.peak_flops", 3e6, 1, notes.append)(1.0)
+    assert "train.peak_flops is below what this run achieves" in notes[0] and "busy" not in notes[0]
 
 
 def test_cpu_peak_never_drops_below_the_best_measured_on_this_machine(cache_home):
@@ -34,6 +37,35 @@ def test_cpu_peak_never_drops_below_the_best_measured_on_this_machine(cache_home
     cache_path().write_text("{not json")  # a damaged cache is ignored and rewritten
     assert cpu_peak_flops(lambda: 20e9) == 20e9
     assert list(json.loads(cache_path().read_text()).values()) == [20e9]
+
+
+def test_concurrent_runs_never_lower_the_cache_and_odd_entries_are_ignored(cache_home, monkeypatch):
+    import threading
+    import time
+
+    from pretrain.train import mfu
+
+    real_loads = json.loads
+
+    def slow_loads(text):  # widen the read-modify-write window so that the runs overlap in it
+        time.sleep(0.3)
+        return real_loads(text)
+
+    monkeypatch.setattr(mfu.json, "loads", slow_loads)
+    cache_path().parent.mkdir(parents=True)
+    cache_path().write_text("{}")
+    fast = threading.Thread(target=cpu_peak_flops, args=(lambda: 5e10,))
+    slow = threading.Thread(target=cpu_peak_flops, args=(lambda: 3e10,))
+    fast.start()
+    time.sleep(0.1)
+    slow.start()
+    fast.join()
+    slow.join()
+    monkeypatch.setattr(mfu.json, "loads", real_loads)
+    assert list(json.loads(cache_path().read_text()).values()) == [5e10]
+    for odd in ("Infinity", "-1", "true", '"fast"'):
+        cache_path().write_text(f'{{"{mfu._cpu_key()}": {odd}}}')
+        assert cpu_peak_flops(lambda: 2e10) == 2e10
 
 
 def test_measured_gemm_rate_is_at_least_one_timed_gemm():
