@@ -51,8 +51,9 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
     - warmup: steps ``0 .. W-1`` rise linearly, ``lr * (step + 1) / W``: step 0 trains at
       ``lr / W`` and step ``W - 1`` at the peak (no warmup when W = 0);
     - cosine: half a cosine from the peak at step W down to the floor at the last step;
-    - wsd (warmup-stable-decay): the peak until the last ``round(decay_fraction * max_steps)``
-      steps, which decay linearly and end at the floor on the last step;
+    - wsd (warmup-stable-decay): the peak until the last ``n = round(decay_fraction * max_steps)``
+      steps (at least 1, at most all post-warmup steps), which step down linearly, each one
+      ``(peak - floor) / n`` lower, the last at the floor;
     - linear: a straight line from the peak at step W to 0 at the last step (decay to zero).
 
     So the last step, ``max_steps - 1``, always trains at the schedule's final value, as in
@@ -68,13 +69,12 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
     floor = 0.0 if cfg.schedule == "linear" else peak * cfg.min_lr_ratio
     last = max_steps - 1
     if cfg.schedule == "wsd":
-        decay_steps = max(1, round(cfg.decay_fraction * max_steps))
-        start = max(cfg.warmup_steps, max_steps - decay_steps)
-    else:
-        start = cfg.warmup_steps
-    if step < start:
-        return peak
-    progress = 1.0 if step >= last else (step - start) / (last - start)
+        start = max(cfg.warmup_steps, max_steps - max(1, round(cfg.decay_fraction * max_steps)))
+        if step < start:
+            return peak
+        # every decay step is below the peak: step start at 1/n of the way, the last at the floor
+        return peak + (floor - peak) * min(1.0, (step - start + 1) / (max_steps - start))
+    progress = 1.0 if step >= last else (step - cfg.warmup_steps) / (last - cfg.warmup_steps)
     if cfg.schedule == "cosine":
         return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     return peak + (floor - peak) * progress

@@ -23,11 +23,11 @@ def test_cosine_warmup_and_floor():
 
 
 def test_wsd_is_flat_then_decays():
-    cfg = OptimConfig(lr=2.0, min_lr_ratio=0.0, warmup_steps=0, schedule="wsd", decay_fraction=0.21)
-    lrs = [lr_at(s, cfg, 100) for s in range(100)]  # 21 decay steps: 79 (the peak) .. 99 (the floor)
+    cfg = OptimConfig(lr=2.0, min_lr_ratio=0.0, warmup_steps=0, schedule="wsd", decay_fraction=0.2)
+    lrs = [lr_at(s, cfg, 100) for s in range(100)]  # 20 decay steps, 80..99, each 0.1 lower
     assert all(lr == 2.0 for lr in lrs[:80])
+    assert lrs[80:] == pytest.approx([2.0 - 0.1 * (s - 79) for s in range(80, 100)])
     assert lrs[89] == pytest.approx(1.0) and lrs[99] == 0.0
-    assert all(a > b for a, b in zip(lrs[79:], lrs[80:]))
 
 
 def test_linear_to_zero():
@@ -38,9 +38,9 @@ def test_linear_to_zero():
 @pytest.mark.parametrize("schedule", ["cosine", "wsd", "linear"])
 @pytest.mark.parametrize(("warmup", "max_steps"), [(0, 1), (0, 2), (4, 5), (4, 6), (4, 12), (30, 250)])
 def test_every_schedule_ends_on_its_floor(schedule, warmup, max_steps):
-    """Step 0 trains at lr / warmup (lr without warmup unless it is also the last step), the
-    first post-warmup step at lr (unless it is the last), the last step at the floor, and the
-    rate never rises after warmup."""
+    """Step 0 trains at lr / warmup, the rate never rises after warmup and the last step is at
+    the floor; cosine and linear start at lr on the first post-warmup step (unless it is the
+    last), wsd keeps lr until its min(n, post-warmup) decay steps, each of them lower."""
     cfg = OptimConfig(lr=3.0, min_lr_ratio=0.1, warmup_steps=warmup, schedule=schedule, decay_fraction=0.25)
     floor = 0.0 if schedule == "linear" else 0.3
     lrs = [lr_at(s, cfg, max_steps) for s in range(max_steps)]
@@ -48,9 +48,13 @@ def test_every_schedule_ends_on_its_floor(schedule, warmup, max_steps):
     assert lr_at(max_steps + 3, cfg, max_steps) == pytest.approx(floor, abs=1e-12)  # past the end
     if warmup:
         assert lrs[:warmup] == pytest.approx([3.0 * (s + 1) / warmup for s in range(warmup)])
-    if warmup < max_steps - 1:
-        assert lrs[warmup] == 3.0
-    assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1 :]))
+    post = lrs[warmup:]
+    assert all(a >= b for a, b in zip(post, post[1:]))
+    if schedule == "wsd":
+        n = min(max(1, round(0.25 * max_steps)), len(post))
+        assert post[: len(post) - n] == [3.0] * (len(post) - n) and all(lr < 3.0 for lr in post[-n:])
+    elif len(post) > 1:
+        assert post[0] == 3.0
 
 
 def test_issue_example_cosine_12_steps_warmup_4_ends_at_floor():
