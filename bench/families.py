@@ -11,11 +11,12 @@ throughput as a ratio of the first config's.
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 import tempfile
 from pathlib import Path
 
-from pretrain.config import load_config
+from pretrain.config import ConfigError, load_config
 from pretrain.models import count_parameters
 from pretrain.train.trainer import train
 
@@ -65,4 +66,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as exc:  # a bad config or --set: one line and exit 2, as `pretrain` does
+        print(f"{sys.argv[0]}: error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -11,11 +11,12 @@ config's tokens/s as a ratio of the first config's.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
 
-from pretrain.config import load_config
+from pretrain.config import ConfigError, load_config
 from pretrain.models import build_model, flops_per_token
 from pretrain.train.mfu import MFU, peak_flops
 from pretrain.train.optim import build_optimizer
@@ -77,4 +78,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as exc:  # a bad config or --set: one line and exit 2, as `pretrain` does
+        print(f"{sys.argv[0]}: error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -142,9 +142,16 @@ def _cmd_generate(args) -> int:
             raise CheckpointError(f"{args.checkpoint}: {exc}") from None
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
-        # Decoded together with the prompt: a piece's leading space survives only mid-text.
-        print(tok.decode(prompt[1:] + [t for t in new if t != tok.eos_id]), flush=True)
+        print(_continue_text(tok, args.prompt, prompt[1:], [t for t in new if t != tok.eos_id]), flush=True)
     return 0
+
+
+def _continue_text(tok, typed: str, prompt: list[int], new: list[int]) -> str:
+    """The prompt as typed, then the new tokens' text. Decoded together with the prompt (a
+    piece's leading space survives only mid-text); the prompt's own decoding is replaced by what
+    was typed, since characters outside the vocabulary decode to an unknown-piece mark."""
+    whole, shown = tok.decode(prompt + new), tok.decode(prompt)
+    return typed + whole[len(shown) :] if whole.startswith(shown) else whole
 
 
 def _check_generate_args(args) -> None:

@@ -163,3 +163,25 @@ def check_model_fits(path: Path, model: nn.Module, cfg: Config | None = None) ->
         f"model: checkpoint {path} holds another model ({'; '.join(problems[:3])}{more}){fields}; "
         "use the model settings it was saved with, or start a new run in another run.dir"
     )
+
+
+SCHEDULE_FIELDS = ("train.max_steps", "optim.lr", "optim.min_lr_ratio", "optim.schedule", "optim.warmup_steps",
+                   "optim.decay_fraction")
+
+
+def schedule_change(path: Path, cfg: Config, step: int) -> str | None:
+    """A one-line note when ``cfg`` resumes step folder ``path`` under another learning-rate
+    schedule (a longer run, another peak, ...): the fields that changed and the rate of the next
+    step, ``step``, under the saved and the new schedule; None when the schedule is the same."""
+    from pretrain.config import OptimConfig
+    from pretrain.train.optim import lr_at
+
+    saved, new = read_saved_config(path), cfg.to_dict()
+    changed = [n for n in SCHEDULE_FIELDS if _field(saved, n) != _field(new, n)]
+    if not changed:
+        return None
+    old_optim = OptimConfig(**{k: _field(saved, f"optim.{k}") for k in OptimConfig.__dataclass_fields__})
+    old_lr = lr_at(step, old_optim, _field(saved, "train.max_steps"))
+    new_lr = lr_at(step, cfg.optim, cfg.train.max_steps)
+    what = ", ".join(f"{n} {json.dumps(_field(saved, n))} -> {json.dumps(_field(new, n))}" for n in changed)
+    return f"learning-rate schedule changed on resume ({what}): step {step + 1} trains at {new_lr:.3g}, was {old_lr:.3g}"

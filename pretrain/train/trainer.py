@@ -158,6 +158,7 @@ class Trainer:
         resume_checks.check_data_order(path, self.cfg)
         resume_checks.check_prepared_data(path, self.cfg, self.meta)
         resume_checks.check_model_fits(path, self.model, self.cfg)
+        self._resumed_from = path
 
     def _resume(self, mode: str) -> None:
         """Load the checkpoint ``mode`` names ('auto': the newest usable one, 'none': none).
@@ -181,6 +182,9 @@ class Trainer:
             f"resumed from step {self.step} ({self.ckpt_root}) at sample {self.loader.consumed_samples:,} "
             "of the data order"
         )
+        note = resume_checks.schedule_change(self._resumed_from, self.cfg, self.step)
+        if note:
+            self.log(note)
 
     def _init_from(self, path: Path) -> None:
         resume_checks.check_model_fits(ckpt.resolve_checkpoint(path), self.model, self.cfg)

@@ -59,6 +59,8 @@ def test_other_edges_run(capsys, checkpoint):
     assert code == 0 and out.strip() and err == ""
     code, out, _ = _generate(capsys, checkpoint, "--max-new-tokens", "0")
     assert (code, out) == (0, "And God said\n")
+    code, out, _ = _generate(capsys, checkpoint, "--max-new-tokens", "0", "--prompt", "Unicorn 🦄 said")
+    assert (code, out) == (0, "Unicorn 🦄 said\n")  # not the unknown-piece mark of the decoded prompt
     # an empty prompt starts a new document (the end-of-document token alone)
     assert main(["generate", "--checkpoint", checkpoint, "--prompt", "", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().err == ""

@@ -109,8 +109,10 @@ def test_safe_changes_resume_on_the_same_samples(reference, run_copy, small_corp
         "train.micro_batch_size": 1,
         "checkpoint.interval": 3,
     }
-    rows, _ = _resume(tiny_overrides(small_corpus, moved, run_copy, **changes))
+    rows, log = _resume(tiny_overrides(small_corpus, moved, run_copy, **changes))
     assert torch.equal(rows, reference[STOPPED_AT * 4 :])
+    (note,) = [line for line in log if line.startswith("learning-rate schedule changed on resume")]
+    assert "(train.max_steps 4 -> 8, optim.lr 0.003 -> 0.001, optim.warmup_steps 2 -> 0)" in note and "step 5 trains at" in note
     assert (run_copy / "checkpoints" / "step-00000008").is_dir()
     assert load_config(run_copy / "config.toml").optim.lr == 1e-3
 
