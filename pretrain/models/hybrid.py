@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from pretrain.models.context import Cache, ForwardContext, build_context
 from pretrain.models.layers.attention import Attention, flash_available
 from pretrain.models.layers.moe import RouterGRU, uses_router_gru
-from pretrain.models.layers.norm import RMSNorm
+from pretrain.models.layers.norm import RMSNorm, at_least_fp32
 from pretrain.models.registry import FFNS, MIXERS
 
 if TYPE_CHECKING:
@@ -145,9 +145,9 @@ class HybridLM(nn.Module):
             return h
         h = self.norm(h)
         if self.head is not None:
-            return self.head(h).float()
+            return at_least_fp32(self.head(h))
         if self.cfg.tie_embeddings and self.embed is not None:
-            return F.linear(h, self.embed.weight).float()
+            return at_least_fp32(F.linear(h, self.embed.weight))
         return h
 
     def _context(self, h: Tensor, position_ids: Tensor | None, cache: Cache | None) -> ForwardContext:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from pretrain.models.layers.norm import at_least_fp32
+
 
 def rope_tables(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
     """cos, sin ``[B, T, head_dim // 2]`` in fp32 for integer ``positions [B, T]``."""
@@ -18,6 +20,6 @@ def rope_tables(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor,
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate ``x [B, T, H, head_dim]`` by the tables of :func:`rope_tables`; keeps x's dtype."""
-    x1, x2 = x.float().chunk(2, dim=-1)  # [B, T, H, half] each
+    x1, x2 = at_least_fp32(x).chunk(2, dim=-1)  # [B, T, H, half] each
     c, s = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, T, 1, half]
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
