@@ -56,6 +56,26 @@ def _matmul_params(module: nn.Module | None) -> int:
     return sum(m.weight.numel() for m in module.modules() if isinstance(m, _MATMUL_TYPES))
 
 
+def block_flops(block: nn.Module, seq_len: int) -> dict[str, float]:
+    """Forward + backward training FLOPs per token of one decoder block at ``seq_len``:
+    ``dense`` (6 x its matmul weights, plus FFN work outside nn.Linear such as MoE's active
+    experts), ``attention`` (an Attention mixer's score and value products) or ``scan`` (other
+    mixers' sequence terms). The per-block part of :func:`flops_per_token`."""
+    out = {"dense": 6.0 * _matmul_params(block), "attention": 0.0, "scan": 0.0}
+    extra = getattr(block.mixer, "flops_per_token", None)
+    if extra is not None:
+        out["attention" if isinstance(block.mixer, Attention) else "scan"] += extra(seq_len)
+    ffn_extra = getattr(block.ffn, "flops_per_token", None)
+    if ffn_extra is not None:  # e.g. MoE: the active experts' stacked (non-Linear) weights
+        out["dense"] += ffn_extra(seq_len)
+    return out
+
+
+def head_flops(cfg: ModelConfig) -> float:
+    """Training FLOPs per token of the output head: 6 x d_model x vocab_size (tied or not)."""
+    return 6.0 * cfg.vocab_size * cfg.d_model
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     """Forward + backward training FLOPs per token at ``seq_len``.
 
@@ -66,16 +86,30 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     """
     model = _model(cfg)
     n = sum(_matmul_params(b) for b in model.blocks.values()) + cfg.vocab_size * cfg.d_model
-    out = {"matmul_params": float(n), "dense": 6.0 * n, "attention": 0.0, "scan": 0.0}
+    out = {"matmul_params": float(n), "dense": head_flops(cfg), "attention": 0.0, "scan": 0.0}
     for block in model.blocks.values():
-        extra = getattr(block.mixer, "flops_per_token", None)
-        if extra is not None:
-            out["attention" if isinstance(block.mixer, Attention) else "scan"] += extra(seq_len)
-        ffn_extra = getattr(block.ffn, "flops_per_token", None)
-        if ffn_extra is not None:  # e.g. MoE: the active experts' stacked (non-Linear) weights
-            out["dense"] += ffn_extra(seq_len)
+        for key, value in block_flops(block, seq_len).items():
+            out[key] += value
     out["total"] = out["dense"] + out["attention"] + out["scan"]
     return out
+
+
+def block_activation_elements(block: nn.Module, d_model: int) -> dict[str, int]:
+    """Activation elements per token that one decoder block keeps for its backward, by kind:
+    ``norm`` (each norm's fp32 input and normalised output), ``mixer.<name>`` and
+    ``ffn.<name>`` (the layer's ``activation_elements()``, else 4 x d_model)."""
+    acts = {"norm": 2 * d_model * (2 if block.ffn is not None else 1)}
+    for kind, layer in (("mixer", block.mixer), ("ffn", block.ffn)):
+        if layer is not None:
+            elements = getattr(layer, "activation_elements", lambda: 4 * d_model)()
+            acts[f"{kind}.{getattr(block, kind + '_name')}"] = elements
+    return acts
+
+
+def head_activation_elements(cfg: ModelConfig) -> int:
+    """Activation elements per token of the final norm and head: the norm output, the fp32
+    logits and their gradient."""
+    return cfg.d_model + 2 * cfg.vocab_size
 
 
 def memory_estimate(
@@ -91,12 +125,9 @@ def memory_estimate(
     tokens = micro_batch_size * seq_len
     acts: dict[str, float] = defaultdict(float)
     for block in model.blocks.values():
-        acts["norm"] += 2 * cfg.d_model * (2 if block.ffn is not None else 1)  # fp32 in, normalised out
-        for kind, layer in (("mixer", block.mixer), ("ffn", block.ffn)):
-            if layer is not None:
-                elements = getattr(layer, "activation_elements", lambda: 4 * cfg.d_model)()
-                acts[f"{kind}.{getattr(block, kind + '_name')}"] += elements
-    acts["head"] = cfg.d_model + 2 * cfg.vocab_size  # final norm output, fp32 logits and their grad
+        for key, elements in block_activation_elements(block, cfg.d_model).items():
+            acts[key] += elements
+    acts["head"] = head_activation_elements(cfg)
     by_type = {k: float(v * tokens * act_bytes) for k, v in acts.items()}
     out: dict[str, float | dict[str, float]] = {
         "params": 4.0 * p / dp,
