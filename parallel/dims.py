@@ -1,7 +1,10 @@
 """ParallelDims: parallel degrees -> a validated DeviceMesh.
 
-The rank grid is (dp_replicate, dp_shard), outermost first. With one process every degree
-is 1 and no process group is created, so single-device runs never touch torch.distributed.
+The rank grid is (pp, dp_replicate, dp_shard), outermost first: the pipeline's point-to-point
+traffic crosses the slowest links least often, FSDP's collectives stay inside a pipeline stage
+(torchtitan's order). Without pipeline parallelism the mesh is the 2-D (dp_replicate, dp_shard)
+one. With one process every degree is 1 and no process group is created, so single-device runs
+never touch torch.distributed.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from pretrain.config import ConfigError, ParallelConfig
+from pretrain.config import ConfigError, ParallelConfig, TrainConfig
 
 
 @dataclass
@@ -21,23 +24,36 @@ class ParallelDims:
     dp_replicate: int
     dp_shard: int
     world_size: int
+    pp: int = 1
+    pp_microbatches: int = 1
+    """Micro-batches per pipeline round (parallel.pp_microbatches resolved; 1 without pp)."""
 
     @classmethod
-    def from_config(cls, cfg: ParallelConfig, world_size: int) -> "ParallelDims":
-        """Resolve -1 degrees and check that the grid covers exactly world_size ranks."""
+    def from_config(cls, cfg: ParallelConfig, world_size: int, train: TrainConfig | None = None) -> "ParallelDims":
+        """Resolve -1 degrees and check that pp x dp_replicate x dp_shard is exactly world_size
+        ranks; with ``train``, also that the batch divides (:meth:`grad_accum`). Raises a
+        one-line ConfigError naming the field."""
+        if world_size % cfg.pp:
+            raise ConfigError(f"parallel.pp: {cfg.pp} does not divide the world size {world_size}")
+        dp_world = world_size // cfg.pp
         shard = cfg.dp_shard
         if shard == -1:
-            if world_size % cfg.dp_replicate:
+            if dp_world % cfg.dp_replicate:
                 raise ConfigError(
                     f"parallel.dp_replicate: {cfg.dp_replicate} does not divide the world size {world_size}"
+                    + (f" / parallel.pp={cfg.pp}" if cfg.pp > 1 else "")
                 )
-            shard = world_size // cfg.dp_replicate
-        if cfg.dp_replicate * shard != world_size:
+            shard = dp_world // cfg.dp_replicate
+        if cfg.pp * cfg.dp_replicate * shard != world_size:
+            pp = f"pp={cfg.pp} x " if cfg.pp > 1 else ""
             raise ConfigError(
-                f"parallel.dp_shard: dp_replicate={cfg.dp_replicate} x dp_shard={shard} "
+                f"parallel.dp_shard: {pp}dp_replicate={cfg.dp_replicate} x dp_shard={shard} "
                 f"!= world size {world_size}"
             )
-        return cls(cfg.dp_replicate, shard, world_size)
+        dims = cls(cfg.dp_replicate, shard, world_size, cfg.pp, cfg.microbatches if cfg.pp > 1 else 1)
+        if train is not None:
+            dims.grad_accum(train)
+        return dims
 
     @property
     def dp(self) -> int:
@@ -48,10 +64,43 @@ class ParallelDims:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    def grad_accum(self, train: TrainConfig) -> int:
+        """Gradient-accumulation steps per optimizer step on each data-parallel rank: pipeline
+        rounds of pp_microbatches micro-batches of train.micro_batch_size sequences (one
+        micro-batch per step without pp), so that
+
+            global_batch_size = dp x micro_batch_size x pp_microbatches x grad_accum.
+
+        Raises ConfigError naming train.global_batch_size when it does not divide."""
+        unit = self.dp * train.micro_batch_size * self.pp_microbatches
+        if train.global_batch_size % unit:
+            pp = f" x parallel.pp_microbatches={self.pp_microbatches}" if self.pp > 1 else ""
+            raise ConfigError(
+                f"train.global_batch_size: {train.global_batch_size} is not a multiple of data-parallel "
+                f"ranks={self.dp} x train.micro_batch_size={train.micro_batch_size}{pp} = {unit}"
+            )
+        return train.global_batch_size // unit
+
+    def describe_batch(self, train: TrainConfig) -> str:
+        """One line with the resolved batch relation, for the start of a run and `pretrain plan`."""
+        accum = self.grad_accum(train)
+        pp = f" x {self.pp_microbatches} pipeline micro-batches" if self.pp > 1 else ""
+        return (
+            f"batch: {train.global_batch_size} sequences per step = {self.dp} data-parallel rank(s) x "
+            f"{train.micro_batch_size} sequences per micro-batch{pp} x {accum} accumulation step(s)"
+        )
+
     def build_mesh(self, device_type: str) -> DeviceMesh | None:
-        """A 2-D ('dp_replicate', 'dp_shard') mesh, or None on a single process."""
+        """A 3-D ('pp', 'dp_replicate', 'dp_shard') mesh when pp > 1, else the 2-D
+        ('dp_replicate', 'dp_shard') one; None on a single process."""
         if not self.distributed:
             return None
+        if self.pp > 1:
+            return init_device_mesh(
+                device_type,
+                (self.pp, self.dp_replicate, self.dp_shard),
+                mesh_dim_names=("pp", "dp_replicate", "dp_shard"),
+            )
         return init_device_mesh(
             device_type, (self.dp_replicate, self.dp_shard), mesh_dim_names=("dp_replicate", "dp_shard")
         )

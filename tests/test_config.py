@@ -55,6 +55,24 @@ def test_pattern_tiles_layers():
         (["optim.schedule=step"], "optim.schedule"),
         (["model=1"], "model"),
         (["train.seed"], "train.seed"),
+        (["parallel.pp=0"], "parallel.pp"),
+        (["parallel.pp=7"], "parallel.pp"),  # 7 stages for 6 layers
+        (["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=4"], "parallel.pp"),
+        (["parallel.pp_schedule=pipedream"], "parallel.pp_schedule"),
+        (["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b"], "parallel.pp_virtual_stages"),
+        (["parallel.pp=2", "parallel.pp_schedule=zero_bubble"], "parallel.pp_virtual_stages"),
+        (["parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.pp_virtual_stages=3"], "parallel.pp_virtual_stages"),
+        (["parallel.pp=2", "parallel.pp_virtual_stages=2"], "parallel.pp_virtual_stages"),
+        (["parallel.pp=2", "parallel.pp_schedule=1f1b", "parallel.pp_microbatches=1"], "parallel.pp_microbatches"),
+        (["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=2",
+          "parallel.pp_microbatches=5"], "parallel.pp_microbatches"),
+        (["parallel.pp_microbatches=-1"], "parallel.pp_microbatches"),
+        (["parallel.pp=2", "parallel.pp_split=[2, 4]"], "parallel.pp_split"),
+        (["parallel.pp=3", "parallel.pp_split=[4, 2]"], "parallel.pp_split"),
+        (["parallel.pp=3", "parallel.pp_split=[2, 2]"], "parallel.pp_split"),
+        (["parallel.pp=2", "parallel.pp_split=[6]"], "parallel.pp_split"),
+        (["parallel.pp=2", "parallel.pp_split=[0]"], "parallel.pp_split"),
+        (["parallel.pp=2", "parallel.pp_split=['3']"], "parallel.pp_split"),
     ],
 )
 def test_bad_values_name_the_field(overrides, field):
@@ -75,3 +93,22 @@ def test_bad_toml_and_missing_file(tmp_path):
     unknown.write_text("[train]\nmax_steps = 1\nlearning_rate = 3\n")
     with pytest.raises(ConfigError, match="train.learning_rate: unknown field"):
         load_config(unknown)
+
+
+@pytest.mark.parametrize(
+    "overrides, stages, microbatches",
+    [
+        (["parallel.pp=6"], 6, 6),  # one layer per stage; micro-batches default to the stages
+        (["parallel.pp=2", "parallel.pp_schedule=1f1b", "parallel.pp_microbatches=2"], 2, 2),
+        (["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=3"], 6, 6),
+        # torch's flexible interleaving: 3 micro-batches for 2 ranks are one round of 3
+        (["parallel.pp=2", "parallel.pp_schedule=zero_bubble", "parallel.pp_virtual_stages=2",
+          "parallel.pp_microbatches=3"], 4, 3),
+        (["parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.pp_virtual_stages=2",
+          "parallel.pp_microbatches=1"], 4, 1),
+        (["parallel.pp=3", "parallel.pp_split=[1, 5]"], 3, 3),
+    ],
+)
+def test_possible_pipeline_layouts_load(overrides, stages, microbatches):
+    p = load_config("configs/tiny.toml", overrides).parallel
+    assert (p.n_stages, p.microbatches) == (stages, microbatches)

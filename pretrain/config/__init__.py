@@ -33,8 +33,8 @@ from pretrain.config.model import (
 __all__ = [
     "AttentionConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "GLAConfig",
     "LoggingConfig", "Mamba2Config", "MambaConfig", "ModelConfig", "MoEConfig", "OptimConfig",
-    "ParallelConfig", "RunConfig", "TitansConfig", "TrainConfig", "config_from_dict", "load_config",
-    "validate",
+    "PP_SCHEDULES", "ParallelConfig", "RunConfig", "TitansConfig", "TrainConfig", "config_from_dict", "load_config",
+    "validate", "validate_parallel",
 ]
 
 
@@ -80,9 +80,12 @@ class TrainConfig:
     max_steps: int = 250
     """Optimizer steps to train for."""
     global_batch_size: int = 8
-    """Sequences per optimizer step, summed over data-parallel ranks and accumulation."""
+    """Sequences per optimizer step, summed over data-parallel ranks and accumulation:
+    dp x micro_batch_size x parallel.pp_microbatches (1 without pipeline parallelism) x the
+    gradient-accumulation steps, so it must be a multiple of the first three."""
     micro_batch_size: int = 8
-    """Sequences per forward/backward on one rank; accumulation = global / (micro * dp)."""
+    """Sequences per forward/backward on one rank (under pipeline parallelism: per pipeline
+    micro-batch); accumulation = global / (micro x dp x parallel.pp_microbatches)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
     eval_interval: int = 100
@@ -130,12 +133,51 @@ class OptimConfig:
     """Fused AdamW: 'auto' (on CUDA), 'true' or 'false'."""
 
 
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "zbv")
+"""parallel.pp_schedule values: torch.distributed.pipelining's ScheduleGPipe, Schedule1F1B,
+ScheduleInterleaved1F1B, ScheduleInterleavedZeroBubble and ScheduleZBVZeroBubble."""
+
+
 @dataclass
 class ParallelConfig:
     dp_replicate: int = 1
     """Data-parallel replicas (HSDP outer dimension)."""
     dp_shard: int = -1
     """FSDP2 sharding degree; -1 takes every rank not used by other dimensions."""
+    pp: int = 1
+    """Pipeline-parallel degree: ranks that each hold a contiguous part of the layers (the
+    outermost mesh dimension); the world size is pp x dp_replicate x dp_shard."""
+    pp_schedule: str = "gpipe"
+    """Pipeline schedule: 'gpipe' (all forwards, then all backwards), '1f1b', 'interleaved_1f1b'
+    and 'zero_bubble' (interleaved zero-bubble; both with pp_virtual_stages >= 2 stages per rank)
+    or 'zbv' (zero-bubble V shape, exactly 2 stages per rank)."""
+    pp_microbatches: int = 0
+    """Micro-batches of train.micro_batch_size sequences that one pipeline round (one schedule
+    step) runs; 0 means the number of stages, pp x pp_virtual_stages. Each data-parallel rank
+    runs global_batch_size / (dp x micro_batch_size x pp_microbatches) rounds per optimizer step,
+    accumulating their gradients, so train.global_batch_size must be a multiple of
+    dp x micro_batch_size x pp_microbatches. '1f1b' needs pp_microbatches >= pp; the interleaved
+    and zero-bubble schedules a multiple of max(1, pp_microbatches // pp) (torch's rounds).
+    Unused when pp = 1: a step is then accumulation over global / (dp x micro_batch_size)
+    micro-batches."""
+    pp_virtual_stages: int = 1
+    """Pipeline stages per rank: 1 for 'gpipe' and '1f1b', >= 2 for 'interleaved_1f1b' and
+    'zero_bubble', exactly 2 for 'zbv'. The model is cut into pp x pp_virtual_stages stages."""
+    pp_split: list = field(default_factory=list)
+    """Explicit cut points: the first layer of every stage but the first, increasing, inside
+    (0, model.n_layers), pp x pp_virtual_stages - 1 of them; e.g. [6, 12] makes three stages
+    starting at layers 0, 6 and 12. Empty: cut where the estimated cost is balanced (see
+    parallel.pipeline.split)."""
+
+    @property
+    def n_stages(self) -> int:
+        """Pipeline stages over all ranks: pp x pp_virtual_stages."""
+        return self.pp * self.pp_virtual_stages
+
+    @property
+    def microbatches(self) -> int:
+        """pp_microbatches with its default (0: the number of stages) resolved."""
+        return self.pp_microbatches or self.n_stages
 
 
 @dataclass
@@ -367,9 +409,7 @@ def validate(cfg: Config) -> None:
     require(0 < o.decay_fraction <= 1, "optim.decay_fraction", "must be in (0, 1]")
     require_choice(o.fused, "optim.fused", ("auto", "true", "false"))
 
-    p = cfg.parallel
-    require(p.dp_replicate >= 1, "parallel.dp_replicate", "must be >= 1")
-    require(p.dp_shard == -1 or p.dp_shard >= 1, "parallel.dp_shard", "must be -1 or >= 1")
+    validate_parallel(cfg.parallel, cfg.model.n_layers)
 
     c = cfg.checkpoint
     require(c.interval >= 0, "checkpoint.interval", "must be >= 0")
@@ -379,3 +419,51 @@ def validate(cfg: Config) -> None:
     require_choice(lg.wandb, "logging.wandb", ("offline", "online", "disabled"))
     require_choice(lg.progress, "logging.progress", ("auto", "on", "off"))
     require(bool(cfg.run.dir), "run.dir", "must not be empty")
+
+
+def validate_parallel(p: ParallelConfig, n_layers: int) -> None:
+    """Checks of the [parallel] section that do not depend on the world size (those are in
+    parallel.dims.ParallelDims.from_config); raises ConfigError naming the field. The schedule
+    limits mirror torch.distributed.pipelining's schedule constructors."""
+    require(p.dp_replicate >= 1, "parallel.dp_replicate", "must be >= 1")
+    require(p.dp_shard == -1 or p.dp_shard >= 1, "parallel.dp_shard", "must be -1 or >= 1")
+    require(p.pp >= 1, "parallel.pp", "must be >= 1")
+    require_choice(p.pp_schedule, "parallel.pp_schedule", PP_SCHEDULES)
+    v = p.pp_virtual_stages
+    require(v >= 1, "parallel.pp_virtual_stages", "must be >= 1")
+    if p.pp_schedule in ("gpipe", "1f1b"):
+        require(v == 1, "parallel.pp_virtual_stages", f"must be 1 for pp_schedule={p.pp_schedule!r}, got {v}")
+    elif p.pp_schedule == "zbv":
+        require(v == 2, "parallel.pp_virtual_stages", f"must be 2 for pp_schedule='zbv', got {v}")
+    else:
+        require(v >= 2, "parallel.pp_virtual_stages", f"must be >= 2 for pp_schedule={p.pp_schedule!r}, got {v}")
+    require(
+        p.n_stages <= n_layers,
+        "parallel.pp",
+        f"pp x pp_virtual_stages = {p.pp} x {v} stages exceed the model.n_layers={n_layers} layers",
+    )
+    require(p.pp_microbatches >= 0, "parallel.pp_microbatches", "must be >= 0 (0: the number of stages)")
+    m = p.microbatches
+    if p.pp_schedule == "1f1b":
+        require(m >= p.pp, "parallel.pp_microbatches", f"'1f1b' needs at least pp={p.pp} micro-batches, got {m}")
+    elif p.pp_schedule in ("interleaved_1f1b", "zero_bubble"):
+        rounds = max(1, m // p.pp)
+        require(
+            m % rounds == 0,
+            "parallel.pp_microbatches",
+            f"{p.pp_schedule!r} needs a multiple of its max(1, {m} // pp) = {rounds} rounds, got {m}",
+        )
+    cuts = p.pp_split
+    if cuts:
+        require(all(isinstance(c, int) and not isinstance(c, bool) for c in cuts), "parallel.pp_split",
+                "must be a list of layer indices")
+        require(
+            len(cuts) == p.n_stages - 1,
+            "parallel.pp_split",
+            f"{len(cuts)} cut points for pp x pp_virtual_stages = {p.n_stages} stages (needs {p.n_stages - 1})",
+        )
+        require(
+            all(0 < c < n_layers for c in cuts) and all(a < b for a, b in zip(cuts, cuts[1:])),
+            "parallel.pp_split",
+            f"{cuts} must be increasing and inside (0, model.n_layers={n_layers})",
+        )

@@ -1,0 +1,109 @@
+"""ParallelDims: pp x dp_replicate x dp_shard against the world size, and the batch relation
+global = dp x micro x pp_microbatches x accumulation, with one-line errors naming the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from parallel.dims import ParallelDims
+from pretrain.config import ConfigError, load_config
+
+
+def _cfg(*overrides: str):
+    return load_config("configs/tiny.toml", list(overrides))
+
+
+@pytest.mark.parametrize(
+    "overrides, world, grid",
+    [
+        ([], 1, (1, 1, 1)),
+        ([], 4, (1, 1, 4)),  # without pp every rank is data-parallel, as before
+        (["parallel.dp_replicate=2"], 4, (1, 2, 2)),
+        (["parallel.pp=2"], 4, (2, 1, 2)),
+        (["parallel.pp=2", "parallel.dp_replicate=2"], 8, (2, 2, 2)),
+        (["parallel.pp=4", "parallel.dp_shard=1"], 4, (4, 1, 1)),
+    ],
+)
+def test_degrees_cover_the_world(overrides, world, grid):
+    dims = ParallelDims.from_config(_cfg(*overrides).parallel, world)
+    assert (dims.pp, dims.dp_replicate, dims.dp_shard) == grid
+    assert dims.pp * dims.dp == world
+
+
+@pytest.mark.parametrize(
+    "overrides, world, field",
+    [
+        (["parallel.pp=3"], 4, "parallel.pp"),
+        (["parallel.pp=2", "parallel.dp_shard=2"], 2, "parallel.dp_shard"),
+        (["parallel.pp=2", "parallel.dp_shard=1"], 4, "parallel.dp_shard"),
+        (["parallel.pp=2", "parallel.dp_replicate=3"], 4, "parallel.dp_replicate"),
+        (["parallel.dp_shard=2"], 4, "parallel.dp_shard"),
+    ],
+)
+def test_pp_times_dp_must_equal_the_world(overrides, world, field):
+    with pytest.raises(ConfigError) as err:
+        ParallelDims.from_config(_cfg(*overrides).parallel, world)
+    assert str(err.value).startswith(field + ":") and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, world",
+    [
+        (["train.global_batch_size=16", "train.micro_batch_size=2"], 1),
+        (["train.global_batch_size=16", "train.micro_batch_size=2"], 4),
+        (["train.global_batch_size=16", "train.micro_batch_size=2", "parallel.pp=2"], 2),
+        (["train.global_batch_size=48", "train.micro_batch_size=2", "parallel.pp=2"], 4),
+        (["train.global_batch_size=24", "train.micro_batch_size=1", "parallel.pp=2", "parallel.pp_microbatches=3"], 4),
+        (["train.global_batch_size=32", "train.micro_batch_size=1", "parallel.pp=2",
+          "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=2"], 2),
+    ],
+)
+def test_accumulation_covers_the_global_batch(overrides, world):
+    cfg = _cfg(*overrides)
+    dims = ParallelDims.from_config(cfg.parallel, world, cfg.train)
+    t = cfg.train
+    # count the sequences one step consumes: every data-parallel rank runs accum rounds of
+    # pp_microbatches micro-batches (one micro-batch per round without pp)
+    per_round = cfg.parallel.pp_microbatches or cfg.parallel.pp * cfg.parallel.pp_virtual_stages
+    per_round = per_round if cfg.parallel.pp > 1 else 1
+    accum = dims.grad_accum(t)
+    assert dims.dp * accum * per_round * t.micro_batch_size == t.global_batch_size
+    assert f"{t.global_batch_size} sequences per step" in dims.describe_batch(t)
+    assert f"{accum} accumulation step(s)" in dims.describe_batch(t)
+
+
+@pytest.mark.parametrize(
+    "overrides, world",
+    [
+        (["train.global_batch_size=8", "train.micro_batch_size=4"], 4),  # 8 % (4 x 4)
+        (["train.global_batch_size=8", "train.micro_batch_size=2", "parallel.pp=2", "parallel.pp_microbatches=4"], 4),
+        (["train.global_batch_size=8", "train.micro_batch_size=8", "parallel.pp=2"], 2),  # 8 % (8 x 2)
+    ],
+)
+def test_batch_that_does_not_divide_is_refused(overrides, world):
+    cfg = _cfg(*overrides)
+    with pytest.raises(ConfigError) as err:
+        ParallelDims.from_config(cfg.parallel, world, cfg.train)
+    assert str(err.value).startswith("train.global_batch_size:") and "\n" not in str(err.value)
+    # without the training section only the layout is checked
+    assert ParallelDims.from_config(cfg.parallel, world).world_size == world
+
+
+@pytest.mark.parametrize("rank", [0, 5])
+def test_mesh_puts_pp_outermost(rank):
+    """One process stands for rank ``rank`` of 8 (torch's fake process group: no traffic)."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=8)
+    try:
+        dims = ParallelDims.from_config(_cfg("parallel.pp=2", "parallel.dp_replicate=2").parallel, 8)
+        mesh = dims.build_mesh("cpu")
+        assert mesh.mesh_dim_names == ("pp", "dp_replicate", "dp_shard")
+        # row-major over (pp, dp_replicate, dp_shard): the ranks of one stage are contiguous
+        assert tuple(mesh.get_coordinate()) == (rank // 4, rank // 2 % 2, rank % 2)
+        assert mesh["dp_replicate", "dp_shard"].mesh.flatten().tolist() == list(range(rank // 4 * 4, rank // 4 * 4 + 4))
+        flat = ParallelDims.from_config(_cfg().parallel, 8).build_mesh("cpu")  # dp only: as before pp
+        assert flat.mesh_dim_names == ("dp_replicate", "dp_shard") and flat["dp_shard"].size() == 8
+    finally:
+        dist.destroy_process_group()
