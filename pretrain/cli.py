@@ -64,9 +64,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a run folder, its checkpoints folder or one step folder")
     p.add_argument("--samples", type=int, default=0, help="validation sequences (0: the config's train.eval_samples)")
 
-    p = sub.add_parser("plan", help="layer pattern, parameters, FLOPs per token and memory per device")
+    p = sub.add_parser(
+        "plan",
+        help="layer pattern, parameters, FLOPs per token, memory per device and, with parallel.pp > 1, "
+        "the pipeline split per stage",
+    )
     _add_config_args(p)
-    p.add_argument("--dp", type=int, default=1, help="data-parallel ranks to estimate memory for")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel ranks to estimate memory and the batch for")
     return parser
 
 
@@ -184,6 +188,8 @@ def _cmd_eval(args) -> int:
 def _cmd_plan(args) -> int:
     from pretrain.plan import format_plan
 
+    if args.dp < 1:
+        raise ConfigError(f"--dp: must be >= 1, got {args.dp}")
     cfg = load_config(args.config, args.overrides)
     print(format_plan(cfg, dp=args.dp))
     return 0

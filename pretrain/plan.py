@@ -1,10 +1,11 @@
-"""`pretrain plan`: what a config builds, what it costs per token, and memory per device."""
+"""`pretrain plan`: what a config builds, what it costs per token, memory per device, and with
+parallel.pp > 1 the pipeline split (layers, parameters, FLOPs and activations per stage)."""
 
 from __future__ import annotations
 
 from collections import Counter
 
-from pretrain.config import Config
+from pretrain.config import Config, ConfigError
 from pretrain.models import count_parameters, flops_per_token, memory_estimate
 
 
@@ -18,13 +19,15 @@ def _human(n: float, unit: str = "") -> str:
 def _pattern_summary(pattern: list[tuple[str, str]]) -> str:
     """Run-length form of the block list, e.g. '4 x [mamba+mlp, swa+mlp]'."""
     names = [f"{m}+{f}" if f != "none" else m for m, f in pattern]
-    for period in range(1, len(names) + 1):
+    for period in range(1, len(names)):
         if len(names) % period == 0 and names == names[:period] * (len(names) // period):
             return f"{len(names) // period} x [{', '.join(names[:period])}]"
     return ", ".join(names)
 
 
 def format_plan(cfg: Config, dp: int = 1) -> str:
+    """The plan of ``cfg`` as text; ``dp``: data-parallel ranks to estimate memory and the
+    batch relation for (the world size is parallel.pp x dp)."""
     model_cfg = cfg.with_vocab().model
     pattern = model_cfg.pattern()
     params = count_parameters(model_cfg)
@@ -50,4 +53,46 @@ def format_plan(cfg: Config, dp: int = 1) -> str:
                 lines.append(f"    {sub:<20}{v / 2**30:>13.3f} GiB")
         else:
             lines.append(f"  {key:<22}{value / 2**30:>13.3f} GiB")
+    if cfg.parallel.pp > 1 or cfg.parallel.pp_virtual_stages > 1:
+        lines += format_split(cfg)
+    lines.append(_batch_line(cfg, dp))
     return "\n".join(lines)
+
+
+def format_split(cfg: Config) -> list[str]:
+    """The pipeline stages: one line each, then the imbalance and the parameters held twice."""
+    from parallel.pipeline.split import plan_split
+
+    p, model_cfg = cfg.parallel, cfg.with_vocab().model
+    split = plan_split(model_cfg, p, cfg.data.seq_len, cfg.train.micro_batch_size)
+    how = "given by parallel.pp_split" if not split.automatic else "balanced by training FLOPs per token"
+    pattern = model_cfg.pattern()
+    lines = [
+        f"pipeline    pp {p.pp} x {p.pp_virtual_stages} stage(s) per rank, schedule {p.pp_schedule}, "
+        f"{p.microbatches} micro-batches per round; cuts {list(split.cuts)} ({how})",
+        f"  {'stage':>5} {'rank':>4}  {'layers':<8}{'params':>14}{'FLOPs/token':>14}{'act/micro-batch':>17}  blocks",
+    ]
+    for s in split.stages:
+        layers = f"{s.layers.start}" + (f"-{s.layers.stop - 1}" if len(s.layers) > 1 else "")
+        blocks = _pattern_summary(pattern[s.layers.start : s.layers.stop])
+        extras = (["embed"] if s.index == 0 else []) + (["head"] if s.index == len(split.stages) - 1 else [])
+        lines.append(
+            f"  {s.index:>5} {s.rank:>4}  {layers:<8}{s.params:>14,}{_human(s.flops_per_token, 'FLOP'):>14}"
+            f"{s.activation_bytes / 2**30:>13.3f} GiB  {' + '.join([*extras, blocks])}"
+        )
+    rank = f"; per rank {split.rank_imbalance:.3f}" if p.pp_virtual_stages > 1 else ""
+    lines.append(f"imbalance   {split.imbalance:.3f} (max / mean stage FLOPs per token){rank}")
+    for name, (numel, stages) in split.shared.items():
+        lines.append(f"shared      {name}: {numel:,} parameters, counted on stage {stages[0]}, "
+                     f"copies on stage(s) {', '.join(map(str, stages[1:]))}")
+    return lines
+
+
+def _batch_line(cfg: Config, dp: int) -> str:
+    from parallel.dims import ParallelDims
+
+    try:
+        dims = ParallelDims.from_config(cfg.parallel, cfg.parallel.pp * dp, cfg.train)
+    except ConfigError as exc:  # plan describes what would be refused rather than refusing
+        return f"batch       not runnable with dp={dp}: {exc}"
+    return f"batch       {dims.describe_batch(cfg.train).removeprefix('batch: ')}"
