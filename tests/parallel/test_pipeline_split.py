@@ -1,0 +1,139 @@
+"""The pipeline split against brute force over every contiguous partition, the plan's per-stage
+parameters against a name-based count of a built model, and `pretrain plan` under pp."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import re
+
+import pytest
+import torch
+
+from parallel.pipeline.split import balanced_cuts, plan_split, stage_to_rank
+from pretrain.cli import main
+from pretrain.config import load_config
+from pretrain.models import build_model, flops_per_token
+
+
+def _brute_force(costs, n_stages, first, last):
+    """Every partition, ranked by (largest stage, sum of squared stages, cut points)."""
+    n = len(costs)
+    best = None
+    for cuts in itertools.combinations(range(1, n), n_stages - 1):
+        bounds = (0, *cuts, n)
+        stage = [sum(costs[bounds[i] : bounds[i + 1]]) for i in range(n_stages)]
+        stage[0] += first
+        stage[-1] += last
+        key = (max(stage), sum(c * c for c in stage), list(cuts))
+        best = key if best is None or key < best else best
+    return best[2]
+
+
+def test_balanced_cuts_equal_brute_force_on_random_costs():
+    rng = random.Random(0)
+    for _ in range(400):
+        n = rng.randint(1, 9)
+        n_stages = rng.randint(1, n)
+        costs = [rng.randint(0, 20) for _ in range(n)]
+        first, last = rng.randint(0, 10), rng.randint(0, 30)
+        assert balanced_cuts(costs, n_stages, first, last) == _brute_force(costs, n_stages, first, last), (
+            costs, n_stages, first, last)
+
+
+def test_balanced_cuts_refuse_more_stages_than_blocks():
+    with pytest.raises(ValueError, match="3 blocks into 4"):
+        balanced_cuts([1, 2, 3], 4)
+
+
+@pytest.mark.parametrize("pp", [2, 3, 4])
+def test_stage_to_rank_matches_torch(pp):
+    from torch.distributed.pipelining._utils import generate_stage_to_rank_mapping
+
+    loop = generate_stage_to_rank_mapping(pp, 2 * pp, style="loop")
+    v = generate_stage_to_rank_mapping(pp, 2 * pp, style="v")
+    assert all(stage_to_rank(s, pp, "interleaved_1f1b") == loop[s] for s in range(2 * pp))
+    assert all(stage_to_rank(s, pp, "zbv") == v[s] for s in range(2 * pp))
+
+
+TINY = ["tiny", "sambay_tiny", "rmoe_tiny", "hybrid_mix"]
+
+
+def _cfg(name, *overrides):
+    return load_config(f"configs/{name}.toml", list(overrides)).with_vocab()
+
+
+@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("pp", [2, 3])
+def test_plan_split_is_the_best_explicit_split(name, pp):
+    """The automatic cuts reach the smallest largest-stage FLOPs of all explicit splits (each
+    costed through parallel.pp_split, which bypasses the search), and the stages add up to the
+    whole model's FLOPs per token."""
+    cfg = _cfg(name, f"parallel.pp={pp}")
+    seq = cfg.data.seq_len
+    auto = plan_split(cfg.model, cfg.parallel, seq)
+    assert auto.automatic and len(auto.stages) == pp
+    total = flops_per_token(cfg.model, seq)["total"]
+    assert sum(s.flops_per_token for s in auto.stages) == pytest.approx(total, rel=1e-12)
+    bottlenecks = {}
+    for cuts in itertools.combinations(range(1, cfg.model.n_layers), pp - 1):
+        explicit = _cfg(name, f"parallel.pp={pp}", f"parallel.pp_split={list(cuts)}")
+        split = plan_split(explicit.model, explicit.parallel, seq)
+        assert not split.automatic and split.cuts == cuts
+        bottlenecks[cuts] = max(s.flops_per_token for s in split.stages)
+    assert max(s.flops_per_token for s in auto.stages) == pytest.approx(min(bottlenecks.values()), rel=1e-9)
+    assert auto.imbalance == pytest.approx(bottlenecks[auto.cuts] * pp / total)
+
+
+def test_memory_weight_one_balances_activations():
+    cfg = _cfg("sambay_tiny", "parallel.pp=3")
+    n = cfg.model.n_layers
+    auto = plan_split(cfg.model, cfg.parallel, cfg.data.seq_len, memory_weight=1.0)
+    best = min(
+        max(s.activation_bytes for s in plan_split(cfg.model, c.parallel, cfg.data.seq_len).stages)
+        for cuts in itertools.combinations(range(1, n), 2)
+        for c in [_cfg("sambay_tiny", "parallel.pp=3", f"parallel.pp_split={list(cuts)}")]
+    )
+    assert max(s.activation_bytes for s in auto.stages) == pytest.approx(best, rel=1e-9)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_stage_parameters_add_up_to_the_built_model(name):
+    cfg = _cfg(name, "parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=2")
+    split = plan_split(cfg.model, cfg.parallel, cfg.data.seq_len)
+    torch.manual_seed(0)
+    params = dict(build_model(cfg.model).named_parameters())  # a tied weight appears once
+    last = len(split.stages) - 1
+    for s in split.stages:
+        owned = [k for k in params if re.match(r"blocks\.(\d+)\.", k) and int(k.split(".")[1]) in s.layers]
+        if s.index == 0:
+            owned += [k for k in params if k.startswith(("embed.", "router_gru."))]
+        if s.index == last:
+            owned += [k for k in params if k.startswith(("norm.", "head."))]
+        assert s.params == sum(params[k].numel() for k in owned), s
+    assert sum(s.params for s in split.stages) == sum(p.numel() for p in params.values())
+
+
+def test_plan_prints_the_stages(capsys):
+    assert main(["plan", "configs/tiny.toml", "--set", "parallel.pp=2", "--set", "train.micro_batch_size=2"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s+\d+\s+\d", line)]
+    assert [r[0] for r in rows] == ["0", "1"]
+    cfg = _cfg("tiny")
+    torch.manual_seed(0)
+    total = sum(p.numel() for p in build_model(cfg.model).parameters())
+    assert sum(int(r[3].replace(",", "")) for r in rows) == total
+    imbalance = re.search(r"^imbalance\s+([\d.]+)", out, re.M)
+    split = plan_split(cfg.model, load_config("configs/tiny.toml", ["parallel.pp=2"]).parallel, cfg.data.seq_len)
+    assert imbalance and float(imbalance.group(1)) == pytest.approx(split.imbalance, abs=1e-3)
+    # 8 sequences = 1 rank x 2 per micro-batch x 2 micro-batches per round (the 2 stages) x 2 rounds
+    assert re.search(r"^batch\s+8 sequences .* 2 pipeline micro-batches x 2 accumulation step", out, re.M)
+    # a batch that does not divide is reported, not refused: plan still shows the split
+    assert main(["plan", "configs/tiny.toml", "--set", "parallel.pp=2"]) == 0
+    assert "train.global_batch_size: 8 is not a multiple" in capsys.readouterr().out
+
+
+def test_plan_exits_2_naming_the_field(capsys):
+    assert main(["plan", "configs/tiny.toml", "--set", "parallel.pp=7"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "parallel.pp:" in err and "\n" not in err
