@@ -78,7 +78,7 @@ def format_split(cfg: Config) -> list[str]:
         extras = (["embed"] if s.index == 0 else []) + (["head"] if s.index == len(split.stages) - 1 else [])
         lines.append(
             f"  {s.index:>5} {s.rank:>4}  {layers:<8}{s.params:>14,}{_human(s.flops_per_token, 'FLOP'):>14}"
-            f"{s.activation_bytes / 2**30:>13.3f} GiB  {' + '.join([*extras, blocks])}"
+            f"{s.activation_bytes / 2**30:>13.3f} GiB  {', '.join([*extras, blocks])}"
         )
     rank = f"; per rank {split.rank_imbalance:.3f}" if p.pp_virtual_stages > 1 else ""
     lines.append(f"imbalance   {split.imbalance:.3f} (max / mean stage FLOPs per token){rank}")
