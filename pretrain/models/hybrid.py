@@ -83,7 +83,8 @@ class HybridLM(nn.Module):
                 None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
             )
             # RMoE's GRU, shared by every 'moe_gru' block: handed to them through the carry
-            # (see pretrain/models/layers/moe.py); like embed, a pipeline's first stage owns it.
+            # (see pretrain/models/layers/moe.py); every pipeline stage with a 'moe_gru' block
+            # holds a copy, and parallel/pipeline/stage.py sums their gradients.
             self.router_gru: RouterGRU | None = (
                 RouterGRU(cfg.moe.router_hidden) if uses_router_gru(cfg) else None
             )
@@ -129,16 +130,27 @@ class HybridLM(nn.Module):
         the layers, ``{"aux_loss": scalar to add to the LM loss, "metric/...": detached}``.
         """
         h = self.embed(input_ids) if self.embed is not None else input_ids
+        out, carry = self.forward_layers(h, {}, position_ids, cache)
+        if not return_aux:
+            return out
+        return out, {k: v for k, v in carry.items() if k == "aux_loss" or k.startswith("metric/")}
+
+    def forward_layers(
+        self, h: Tensor, carry: dict[str, Tensor], position_ids: Tensor | None = None, cache: Cache | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Everything after the embedding: hidden states ``h [B, T, d_model]`` and the incoming
+        ``carry`` (empty at the first block; a pipeline stage passes what the previous stage
+        returned) -> (fp32 logits ``[B, T, V]``, or hidden states without norm, and the
+        outgoing carry with every entry the blocks left in it). The shared GRU's weights join
+        the carry here, from this module's own ``router_gru`` (a pipeline stage's copy)."""
         ctx = self._context(h, position_ids, cache)
-        carry: dict[str, Tensor] = self.router_gru.carry() if self.router_gru is not None else {}
+        if self.router_gru is not None:
+            carry = {**carry, **self.router_gru.carry()}
         for block in self.blocks.values():
             h, carry = block(h, ctx, carry)
         if cache is not None:
             cache.offset += h.shape[1]
-        out = self._output(h)
-        if not return_aux:
-            return out
-        return out, {k: v for k, v in carry.items() if k == "aux_loss" or k.startswith("metric/")}
+        return self._output(h), carry
 
     def _output(self, h: Tensor) -> Tensor:
         if self.norm is None:

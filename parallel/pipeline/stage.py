@@ -1,0 +1,211 @@
+"""Pipeline stages of a :class:`~pretrain.models.HybridLM`: the modules of one stage, the carry
+that crosses each stage boundary as positional tensors, and the gradient sync of parameters that
+several stages hold a copy of.
+
+A stage owns the blocks ``cuts[s] <= i < cuts[s + 1]`` (``cuts[0] == 0``), keeping their string
+keys in ``blocks`` so that parameter names (FQNs) do not depend on the split; the first stage
+also owns the embedding, the last one the final norm and the head.
+
+**Building.** Every rank builds the whole model from the seed and deletes what its stages do not
+own, so the weights equal a single process's by construction: ``HybridLM.init_weights`` draws
+every tensor in one fixed order from one RNG, and a meta build that initialised only the owned
+modules would draw a different stream. (A rank therefore holds the whole model for a moment;
+replaying the RNG module by module on a meta build is the way to avoid it.)
+
+**The carry across stages.** ``torch.distributed.pipelining`` sends a stage's positional outputs
+to the next stage's positional inputs, and gives every stage the same chunked keyword arguments
+of ``schedule.step`` (``position_ids`` travels that way, so each stage rebuilds its own masks and
+RoPE tables). The carry dict that ``HybridLM.forward_layers`` threads through the blocks is
+therefore packed as ``(h, *carry[k] for k in keys)`` with ``keys`` the sorted names present after
+the boundary's last block, found once by a dry forward of the whole model (two tokens) before the
+modules are dropped. The shared GRU's weights are never sent: each stage with a 'moe_gru' block
+adds its own copy. The last stage returns ``(logits, *carry[k])`` for ``k`` in 'aux_loss' and the
+'metric/...' keys, and :class:`PipelineLoss` adds the auxiliary loss to the LM loss. Detached
+entries (metrics, the MoE load sums) cross without gradient; everything else carries one back.
+
+**Shared parameters.** With tied embeddings the last stage holds a copy of ``embed`` (for the
+head), and every stage with a 'moe_gru' block holds a copy of ``router_gru``. Each copy gets the
+gradient of its own uses only; :class:`SharedParamSync` sums them over the stages that hold
+them (locally, then one all-reduce among their ranks) and writes the sum into every copy, so
+the copies take identical optimizer steps and stay bitwise equal, as Megatron does with its
+embedding group.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from pretrain.models.layers.moe import GRU_KEYS
+
+if TYPE_CHECKING:
+    from pretrain.config import ModelConfig
+    from pretrain.models import HybridLM
+
+
+def stage_layers(cuts: list[int], n_layers: int, stage: int) -> range:
+    """Block indices of ``stage`` for stages starting at layers ``cuts`` (``cuts[0] == 0``,
+    strictly increasing, all below ``n_layers``). Raises ValueError on bad cuts."""
+    if not cuts or cuts[0] != 0 or any(b <= a for a, b in zip(cuts, cuts[1:])) or cuts[-1] >= n_layers:
+        raise ValueError(f"pipeline cuts {cuts} must start at 0 and increase strictly below n_layers={n_layers}")
+    if not 0 <= stage < len(cuts):
+        raise ValueError(f"stage {stage} out of range for {len(cuts)} stages")
+    return range(cuts[stage], cuts[stage + 1] if stage + 1 < len(cuts) else n_layers)
+
+
+@torch.no_grad()
+def boundary_keys(model: HybridLM, cuts: list[int]) -> list[list[str]]:
+    """For each stage s, the sorted carry keys that stage s receives (``[]`` for s = 0), then
+    those after the last block: the entries present after block ``cuts[s] - 1`` in a dry
+    forward of the whole ``model`` on two tokens, less the shared GRU's weights (each stage adds
+    its own copy). ``len(cuts) + 1`` lists."""
+    device = next(model.parameters()).device
+    h = model.embed(torch.zeros(1, 2, dtype=torch.long, device=device))
+    ctx = model._context(h, None, None)
+    carry: dict[str, Tensor] = model.router_gru.carry() if model.router_gru is not None else {}
+    after: dict[int, list[str]] = {}
+    for i, block in enumerate(model.blocks.values()):
+        h, carry = block(h, ctx, carry)
+        after[i] = sorted(k for k in carry if k not in GRU_KEYS)
+    return [[]] + [after[c - 1] for c in cuts[1:]] + [after[len(model.blocks) - 1]]
+
+
+def output_keys(keys: list[str]) -> list[str]:
+    """The carry entries the last stage returns beside the logits: the loss's and the logs'."""
+    return [k for k in keys if k == "aux_loss" or k.startswith("metric/")]
+
+
+class StageModule(nn.Module):
+    """One pipeline stage: ``model`` is the stage's HybridLM with the unowned modules deleted
+    (its parameter names are the single-process ones), and forward packs the carry.
+
+    forward: first stage ``(input_ids [B, T] int64)``; other stages ``(h [B, T, d_model],
+    *carry tensors in in_keys order)``; keyword ``position_ids [B, T]`` on every stage.
+    Returns ``(h, *carry in out_keys order)``, on the last stage ``(fp32 logits [B, T, V],
+    *carry in out_keys order)`` with out_keys from :func:`output_keys`.
+    """
+
+    def __init__(self, model: HybridLM, stage: int, n_stages: int, in_keys: list[str], out_keys: list[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.stage, self.n_stages = stage, n_stages
+        self.is_first, self.is_last = stage == 0, stage == n_stages - 1
+        self.in_keys, self.out_keys = list(in_keys), list(out_keys)
+
+    def forward(self, x: Tensor, *carry_in: Tensor, position_ids: Tensor | None = None) -> tuple[Tensor, ...]:
+        if len(carry_in) != len(self.in_keys):
+            raise ValueError(f"stage {self.stage} expects carry {self.in_keys}, got {len(carry_in)} tensors")
+        h = self.model.embed(x) if self.is_first else x
+        out, carry = self.model.forward_layers(h, dict(zip(self.in_keys, carry_in)), position_ids)
+        missing = [k for k in self.out_keys if k not in carry]
+        if missing:
+            raise RuntimeError(f"stage {self.stage}: carry entries {missing} expected at its boundary are missing")
+        # Contiguous: torch builds the next stage's receive buffers with these strides, and
+        # gloo receives only into contiguous tensors (the shared K/V are views).
+        return tuple(t.contiguous() for t in (out, *(carry[k] for k in self.out_keys)))
+
+
+def build_stage(
+    cfg: ModelConfig, cuts: list[int], stage: int, seed: int, device: torch.device | None = None
+) -> StageModule:
+    """The module of ``stage`` (of ``len(cuts)`` stages starting at layers ``cuts``), built whole
+    on ``device`` from ``torch.manual_seed(seed)`` (so every weight equals a single-process
+    ``torch.manual_seed(seed); build_model(cfg)``) with the unowned modules deleted. Keeps a copy
+    of ``embed`` on the last stage when embeddings are tied, and of ``router_gru`` on every
+    stage with a 'moe_gru' block. Raises ValueError on bad cuts."""
+    from pretrain.models import build_model
+
+    n = len(cuts)
+    owned = stage_layers(cuts, cfg.n_layers, stage)
+    with torch.device(device or torch.get_default_device()):
+        torch.manual_seed(seed)
+        model = build_model(cfg)
+    keys = boundary_keys(model, cuts)
+    in_keys = keys[stage]
+    out_keys = output_keys(keys[n]) if stage == n - 1 else keys[stage + 1]
+    first, last = stage == 0, stage == n - 1
+    if not first and not (last and cfg.tie_embeddings):
+        model.embed = None
+    if not last:
+        model.norm = None
+        model.head = None
+    for name in [k for k in model.blocks if int(k) not in owned]:
+        del model.blocks[name]
+    if model.router_gru is not None and not any(b.ffn_name == "moe_gru" for b in model.blocks.values()):
+        model.router_gru = None
+    return StageModule(model, stage, n, in_keys, out_keys)
+
+
+SHARED_PARAMS = ("embed.weight", *GRU_KEYS)
+"""Names of the parameters that several stages may hold a copy of."""
+
+
+class SharedParamSync:
+    """Sums the gradients of parameters held by several stages and writes the sum into every
+    copy: ``embed.weight`` (first stage, and the last when embeddings are tied) and the shared
+    GRU ``router_gru.*`` (every stage with a 'moe_gru' block).
+
+    Construct on EVERY rank of the pipeline group with the same ``holders`` (it creates one
+    process group per set of ranks, a collective): ``holders[name]`` lists the ranks (in
+    ``group``) that hold ``name``; build it with :func:`shared_holders`. ``modules`` are this
+    rank's stage modules. Call :meth:`sync` after the backward of a step, before clipping.
+    """
+
+    def __init__(
+        self, modules: list[StageModule], holders: dict[str, list[int]], group: dist.ProcessGroup | None = None
+    ) -> None:
+        self.local: dict[str, list[nn.Parameter]] = {}
+        for module in modules:
+            for name, p in module.model.named_parameters():
+                if name in holders:
+                    self.local.setdefault(name, []).append(p)
+        self.groups: dict[str, dist.ProcessGroup | None] = {}
+        rank = dist.get_rank(group) if dist.is_initialized() else 0
+        made: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
+        for name in sorted(holders):
+            ranks = tuple(sorted(set(holders[name])))
+            if len(ranks) < 2:
+                continue
+            if ranks not in made:
+                global_ranks = [dist.get_global_rank(group, r) if group is not None else r for r in ranks]
+                made[ranks] = dist.new_group(global_ranks)  # every rank calls new_group, in order
+            if rank in ranks:
+                self.groups[name] = made[ranks]
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Every copy's ``.grad`` becomes the sum of all copies' gradients (a copy without one
+        counts as zero). Bitwise equal on every holder: one reduction, broadcast to all."""
+        for name, params in sorted(self.local.items()):
+            grads = [p.grad for p in params if p.grad is not None]
+            total = torch.zeros_like(params[0]) if not grads else grads[0].clone()
+            for g in grads[1:]:
+                total += g
+            if name in self.groups:
+                dist.all_reduce(total, group=self.groups[name])
+            for p in params:
+                p.grad = total.clone() if len(params) > 1 else total
+
+
+def shared_holders(cfg: ModelConfig, cuts: list[int], stage_rank: list[int]) -> dict[str, list[int]]:
+    """For each shared parameter, the ranks holding a copy (with repeats when one rank holds
+    several stages): ``stage_rank[s]`` is the rank of stage s."""
+    from pretrain.models.layers.moe import uses_router_gru
+
+    n = len(cuts)
+    out: dict[str, list[int]] = {"embed.weight": [stage_rank[0]]}
+    if cfg.tie_embeddings and n > 1:
+        out["embed.weight"].append(stage_rank[n - 1])
+    if uses_router_gru(cfg):
+        pattern = cfg.pattern()
+        with_gru = [
+            stage_rank[s]
+            for s in range(n)
+            if any(pattern[i][1] == "moe_gru" for i in stage_layers(cuts, cfg.n_layers, s))
+        ]
+        for key in GRU_KEYS:
+            out[key] = with_gru
+    return out

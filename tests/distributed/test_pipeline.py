@@ -1,0 +1,161 @@
+"""Pipeline parallelism on CPU/gloo against a single process with the same weights, global batch
+and micro-batches: the losses of two SGD steps and every parameter gradient of the first, for
+a Mamba/SWA model with tied embeddings, SambaY cut between the shared-KV layer and the
+cross-decoder, and RMoE with MoE layers on both sides of the cut; every batch is packed (the
+position ids restart). All cases run in one process group of two ranks, since spawning is slow."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+BATCH, SEQ, VOCAB, MICRO, SEED, LR = 4, 12, 64, 2, 0, 0.5
+
+CASES = {
+    # name: (config file, overrides, stage cuts)
+    "mamba_swa_tied": (None, [
+        "model.d_model=32", "model.n_layers=4", "model.layer_pattern='mamba swa'", "model.attention.n_heads=4",
+        "model.attention.window=5", "model.mamba.d_state=4", "model.tie_embeddings=true",
+    ], [0, 2]),
+    "sambay_kv_cut": ("configs/sambay_tiny.toml", [
+        "model.d_model=32", "model.attention.window=5", "model.mamba.d_state=4",
+    ], [0, 6]),  # blocks 0-5 end with 'attn_kv'; 'gmu' and 'xattn' read its K/V and the memory
+    "rmoe_both_sides": ("configs/rmoe_tiny.toml", [
+        "model.d_model=32", "model.moe.n_experts=4", "model.moe.router_hidden=8", "model.moe.aux_loss_coef=0.05",
+    ], [0, 2]),
+}
+SCHEDULES = [("gpipe", 1), ("1f1b", 1)]
+
+
+def _config(name: str):
+    from pretrain.config import load_config
+
+    path, overrides, cuts = CASES[name]
+    cfg = load_config(path, [f"model.vocab_size={VOCAB}", *overrides])
+    return cfg.model, cuts
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=g)
+    position_ids = torch.arange(SEQ).repeat(BATCH, 1)
+    for row in range(BATCH):  # two documents per row, split at a different place in each
+        cut = 2 + 3 * row
+        position_ids[row, cut:] = torch.arange(SEQ - cut)
+    return tokens[:, :-1], tokens[:, 1:], position_ids
+
+
+def _reference(name: str) -> dict:
+    """One process: accumulate (loss_i / n).backward() over the micro-batches, as the trainer."""
+    from pretrain.models import build_model
+    from pretrain.train.trainer import lm_loss
+
+    cfg, _ = _config(name)
+    torch.manual_seed(SEED)
+    model = build_model(cfg)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    inputs, labels, pos = _batch()
+    n = BATCH // MICRO
+    out: dict = {"losses": []}
+    for step in range(2):
+        total = 0.0
+        for i in range(n):
+            rows = slice(i * MICRO, (i + 1) * MICRO)
+            logits, aux = model(inputs[rows], position_ids=pos[rows], return_aux=True)
+            loss = lm_loss(logits, labels[rows]) + aux.get("aux_loss", 0.0)
+            (loss / n).backward()
+            total += loss.item() / n
+        out["losses"].append(total)
+        if step == 0:
+            out["grads"] = {k: p.grad.clone() for k, p in model.named_parameters()}
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return out
+
+
+def _pipeline(name: str, schedule: str, virtual: int, rank: int, pp: int) -> dict:
+    """This rank's share of the pipeline run of case ``name``: its losses (last stage only),
+    the first step's gradients and the weights after the second step, by parameter name."""
+    from torch.distributed.pipelining import PipelineStage
+
+    from parallel.pipeline.schedule import PipelineLoss, build_schedule, stage_ranks, stages_of_rank, step
+    from parallel.pipeline.stage import SharedParamSync, build_stage, shared_holders
+
+    cfg, cuts = _config(name)
+    n_stages = pp * virtual
+    assert len(cuts) == n_stages
+    local = [build_stage(cfg, cuts, s, SEED) for s in stages_of_rank(schedule, rank, pp, virtual)]
+    stages = [PipelineStage(m, m.stage, n_stages, torch.device("cpu")) for m in local]
+    last = next((m for m in local if m.is_last), None)
+    loss_fn = PipelineLoss(last.out_keys if last is not None else [], BATCH // MICRO)
+    sched = build_schedule(schedule, stages, BATCH // MICRO, loss_fn)
+    sync = SharedParamSync(local, shared_holders(cfg, cuts, stage_ranks(schedule, pp, virtual)))
+    params = [p for m in local for p in m.parameters()]
+    opt = torch.optim.SGD(params, lr=LR)
+    inputs, labels, pos = _batch()
+    has_first = any(m.is_first for m in local)
+    out: dict = {"losses": [], "grads": {}}
+    for i in range(2):
+        records = step(sched, loss_fn, inputs if has_first else None, labels if last is not None else None, pos)
+        if records:
+            n = len(records)
+            out["losses"].append(sum((r["lm_loss"] + r.get("aux_loss", 0.0)).item() for r in records) / n)
+        sync.sync()
+        if i == 0:
+            for m in local:
+                for k, p in m.model.named_parameters():
+                    out["grads"].setdefault(k, []).append(p.grad.clone())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    out["weights"] = {}
+    for m in local:
+        for k, p in m.model.named_parameters():
+            out["weights"].setdefault(k, []).append(p.detach().clone())
+    return out
+
+
+def _rank_main(rank: int, world: int, store: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
+    results = {}
+    for name in CASES:
+        for schedule, virtual in SCHEDULES:
+            results[name, schedule] = _pipeline(name, schedule, virtual, rank, world)
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def test_pipeline_equals_single_process(tmp_path):
+    mp.start_processes(_rank_main, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    worst = 0.0
+    for name in CASES:
+        ref = _reference(name)
+        for schedule, _ in SCHEDULES:
+            parts = [r[name, schedule] for r in ranks]
+            losses = [loss for p in parts for loss in p["losses"]]
+            assert len(losses) == 2, (name, schedule)
+            for got, want in zip(losses, ref["losses"]):
+                assert abs(got - want) <= 1e-5 * abs(want), (name, schedule, got, want)
+            grads: dict[str, list[torch.Tensor]] = {}
+            for p in parts:
+                for k, gs in p["grads"].items():
+                    grads.setdefault(k, []).extend(gs)
+            assert sorted(grads) == sorted(ref["grads"]), (name, schedule)
+            for k, want in ref["grads"].items():
+                for got in grads[k]:
+                    worst = max(worst, _rel(got, want))
+                    assert _rel(got, want) <= 1e-5, (name, schedule, k, _rel(got, want))
+                # copies of a shared parameter: equal gradients, and equal weights after two steps
+                assert all(torch.equal(g, grads[k][0]) for g in grads[k]), (name, schedule, k)
+                weights = [w for p in parts for w in p["weights"].get(k, [])]
+                assert all(torch.equal(w, weights[0]) for w in weights), (name, schedule, k)
+            if name != "rmoe_both_sides":
+                continue
+            assert len(grads["router_gru.weight_ih"]) == 2  # a GRU copy on each stage
+    print(f"max relative gradient error {worst:.2e}")
