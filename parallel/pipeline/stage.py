@@ -103,9 +103,16 @@ class StageModule(nn.Module):
         missing = [k for k in self.out_keys if k not in carry]
         if missing:
             raise RuntimeError(f"stage {self.stage}: carry entries {missing} expected at its boundary are missing")
-        # Contiguous: torch builds the next stage's receive buffers with these strides, and
-        # gloo receives only into contiguous tensors (the shared K/V are views).
-        return tuple(t.contiguous() for t in (out, *(carry[k] for k in self.out_keys)))
+        # Each output is a fresh contiguous tensor: torch builds the next stage's receive buffers
+        # with its strides and gloo receives only into contiguous ones (the shared K/V are
+        # strided views), the zero-bubble schedules detach outputs in place (not allowed on a
+        # view), and an entry passed through untouched would otherwise be this stage's input.
+        inputs = {id(t) for t in (x, *carry_in)}
+        return tuple(
+            t.clone(memory_format=torch.contiguous_format) if t._is_view() or not t.is_contiguous() or id(t) in inputs
+            else t
+            for t in (out, *(carry[k] for k in self.out_keys))
+        )
 
 
 def build_stage(

@@ -13,27 +13,29 @@ import torch.multiprocessing as mp
 BATCH, SEQ, VOCAB, MICRO, SEED, LR = 4, 12, 64, 2, 0, 0.5
 
 CASES = {
-    # name: (config file, overrides, stage cuts)
+    # name: (config file, overrides, stage cuts for 2 stages and for 4 (2 ranks x 2 virtual))
     "mamba_swa_tied": (None, [
         "model.d_model=32", "model.n_layers=4", "model.layer_pattern='mamba swa'", "model.attention.n_heads=4",
         "model.attention.window=5", "model.mamba.d_state=4", "model.tie_embeddings=true",
-    ], [0, 2]),
+    ], {2: [0, 2], 4: [0, 1, 2, 3]}),
     "sambay_kv_cut": ("configs/sambay_tiny.toml", [
         "model.d_model=32", "model.attention.window=5", "model.mamba.d_state=4",
-    ], [0, 6]),  # blocks 0-5 end with 'attn_kv'; 'gmu' and 'xattn' read its K/V and the memory
+    ], {2: [0, 6], 4: [0, 3, 6, 7]}),
+    # blocks 0-5 end with 'attn_kv'; 'gmu' (6) and 'xattn' (7) read its K/V and the memory, so at
+    # 4 stages the K/V pass through stage 2 untouched on their way to stage 3
     "rmoe_both_sides": ("configs/rmoe_tiny.toml", [
         "model.d_model=32", "model.moe.n_experts=4", "model.moe.router_hidden=8", "model.moe.aux_loss_coef=0.05",
-    ], [0, 2]),
+    ], {2: [0, 2], 4: [0, 1, 2, 3]}),
 }
-SCHEDULES = [("gpipe", 1), ("1f1b", 1)]
+SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("zero_bubble", 2), ("zbv", 2)]
 
 
-def _config(name: str):
+def _config(name: str, n_stages: int = 2):
     from pretrain.config import load_config
 
     path, overrides, cuts = CASES[name]
     cfg = load_config(path, [f"model.vocab_size={VOCAB}", *overrides])
-    return cfg.model, cuts
+    return cfg.model, cuts[n_stages]
 
 
 def _batch():
@@ -82,9 +84,8 @@ def _pipeline(name: str, schedule: str, virtual: int, rank: int, pp: int) -> dic
     from parallel.pipeline.schedule import PipelineLoss, build_schedule, stage_ranks, stages_of_rank, step
     from parallel.pipeline.stage import SharedParamSync, build_stage, shared_holders
 
-    cfg, cuts = _config(name)
     n_stages = pp * virtual
-    assert len(cuts) == n_stages
+    cfg, cuts = _config(name, n_stages)
     local = [build_stage(cfg, cuts, s, SEED) for s in stages_of_rank(schedule, rank, pp, virtual)]
     stages = [PipelineStage(m, m.stage, n_stages, torch.device("cpu")) for m in local]
     last = next((m for m in local if m.is_last), None)
@@ -133,10 +134,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_pipeline_equals_single_process(tmp_path):
     mp.start_processes(_rank_main, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    worst = 0.0
     for name in CASES:
         ref = _reference(name)
-        for schedule, _ in SCHEDULES:
+        for schedule, virtual in SCHEDULES:
+            worst = 0.0
             parts = [r[name, schedule] for r in ranks]
             losses = [loss for p in parts for loss in p["losses"]]
             assert len(losses) == 2, (name, schedule)
@@ -155,7 +156,8 @@ def test_pipeline_equals_single_process(tmp_path):
                 assert all(torch.equal(g, grads[k][0]) for g in grads[k]), (name, schedule, k)
                 weights = [w for p in parts for w in p["weights"].get(k, [])]
                 assert all(torch.equal(w, weights[0]) for w in weights), (name, schedule, k)
-            if name != "rmoe_both_sides":
-                continue
-            assert len(grads["router_gru.weight_ih"]) == 2  # a GRU copy on each stage
-    print(f"max relative gradient error {worst:.2e}")
+            n_stages = 2 * virtual
+            assert len(grads["embed.weight"]) == 2  # the first stage's and the tied head's copy
+            if name == "rmoe_both_sides":
+                assert len(grads["router_gru.weight_ih"]) == n_stages  # a GRU copy on every stage
+            print(f"{name} {schedule}: max relative gradient error {worst:.2e}")
