@@ -6,6 +6,7 @@ position ids restart). All cases run in one process group of two ranks, since sp
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -68,6 +69,8 @@ def _reference(name: str) -> dict:
             loss = lm_loss(logits, labels[rows]) + aux.get("aux_loss", 0.0)
             (loss / n).backward()
             total += loss.item() / n
+            for k, v in aux.items():
+                out.setdefault("aux", {}).setdefault(k, []).append(v.detach().float())
         out["losses"].append(total)
         if step == 0:
             out["grads"] = {k: p.grad.clone() for k, p in model.named_parameters()}
@@ -102,6 +105,11 @@ def _pipeline(name: str, schedule: str, virtual: int, rank: int, pp: int) -> dic
         if records:
             n = len(records)
             out["losses"].append(sum((r["lm_loss"] + r.get("aux_loss", 0.0)).item() for r in records) / n)
+            out.setdefault("aux", {})
+            for r in records:
+                for k, v in r.items():
+                    if k != "lm_loss":
+                        out["aux"].setdefault(k, []).append(v)
         sync.sync()
         if i == 0:
             for m in local:
@@ -156,8 +164,50 @@ def test_pipeline_equals_single_process(tmp_path):
                 assert all(torch.equal(g, grads[k][0]) for g in grads[k]), (name, schedule, k)
                 weights = [w for p in parts for w in p["weights"].get(k, [])]
                 assert all(torch.equal(w, weights[0]) for w in weights), (name, schedule, k)
+            # aux loss and metrics of every micro-batch of both steps reach the last stage
+            aux = next(p["aux"] for p in parts if p["losses"])
+            assert sorted(aux) == sorted(ref.get("aux", {})), (name, schedule)
+            for k, want in ref.get("aux", {}).items():
+                torch.testing.assert_close(torch.stack(aux[k]), torch.stack(want), rtol=1e-5, atol=0, msg=k)
             n_stages = 2 * virtual
             assert len(grads["embed.weight"]) == 2  # the first stage's and the tied head's copy
             if name == "rmoe_both_sides":
                 assert len(grads["router_gru.weight_ih"]) == n_stages  # a GRU copy on every stage
             print(f"{name} {schedule}: max relative gradient error {worst:.2e}")
+
+
+def test_stage_layouts():
+    from parallel.pipeline.schedule import stage_ranks, stages_of_rank
+
+    assert [stages_of_rank("gpipe", r, 4) for r in range(4)] == [[0], [1], [2], [3]]
+    assert stages_of_rank("interleaved_1f1b", 1, 4, 3) == [1, 5, 9]  # the loop: s on rank s % pp
+    assert stage_ranks("zero_bubble", 2, 2) == [0, 1, 0, 1]
+    assert stage_ranks("zbv", 3, 2) == [0, 1, 2, 2, 1, 0]  # the V: rank 0 holds first and last
+    for schedule, virtual in [("1f1b", 2), ("zbv", 3), ("interleaved_1f1b", 1), ("pipedream", 1)]:
+        with pytest.raises(ValueError, match="schedule"):
+            stages_of_rank(schedule, 0, 2, virtual)
+
+
+def test_carry_keys_and_names_of_a_split():
+    """The SambaY cut after 'attn_kv' sends the shared K/V and the GMU memory; stage modules keep
+    the single-process parameter names and together hold every parameter once (plus the tied
+    embedding's copy)."""
+    from parallel.pipeline.stage import build_stage, stage_layers
+
+    cfg, cuts = _config("sambay_kv_cut")
+    first, last = (build_stage(cfg, cuts, s, SEED) for s in range(2))
+    assert first.in_keys == [] and first.out_keys == last.in_keys == ["gmu_memory", "shared_k", "shared_v"]
+    assert last.out_keys == []  # no auxiliary loss or metrics in SambaY
+    torch.manual_seed(SEED)
+    from pretrain.models import build_model
+
+    whole = dict(build_model(cfg).named_parameters())
+    names = [dict(m.model.named_parameters()) for m in (first, last)]
+    assert sorted(set(names[0]) | set(names[1])) == sorted(whole)
+    assert set(names[0]) & set(names[1]) == {"embed.weight"}
+    for part in names:
+        for k, p in part.items():
+            assert torch.equal(p, whole[k]), k
+    for bad in ([1, 4], [0, 4, 4], [0, 8]):
+        with pytest.raises(ValueError, match="cuts"):
+            stage_layers(bad, cfg.n_layers, 0)
