@@ -6,19 +6,19 @@ A stage owns the blocks ``cuts[s] <= i < cuts[s + 1]`` (``cuts[0] == 0``), keepi
 keys in ``blocks`` so that parameter names (FQNs) do not depend on the split; the first stage
 also owns the embedding, the last one the final norm and the head.
 
-**Building.** Every rank builds the whole model from the seed and deletes what its stages do not
-own, so the weights equal a single process's by construction: ``HybridLM.init_weights`` draws
-every tensor in one fixed order from one RNG, and a meta build that initialised only the owned
-modules would draw a different stream. (A rank therefore holds the whole model for a moment;
-replaying the RNG module by module on a meta build is the way to avoid it.)
+**Building.** A stage is built on the meta device, then its modules are materialised and
+initialised in ``HybridLM.init_units`` order from the single-process seed; each module it does
+not own is materialised only for its RNG draws and released, so every weight equals a single
+process's (the RNG stream is the same) while a rank never holds more than its own modules plus
+one other.
 
 **The carry across stages.** ``torch.distributed.pipelining`` sends a stage's positional outputs
 to the next stage's positional inputs, and gives every stage the same chunked keyword arguments
 of ``schedule.step`` (``position_ids`` travels that way, so each stage rebuilds its own masks and
 RoPE tables). The carry dict that ``HybridLM.forward_layers`` threads through the blocks is
 therefore packed as ``(h, *carry[k] for k in keys)`` with ``keys`` the sorted names present after
-the boundary's last block, found once by a dry forward of the whole model (two tokens) before the
-modules are dropped. The shared GRU's weights are never sent: each stage with a 'moe_gru' block
+the boundary's last block, found once by a dry forward (two tokens) through all blocks, one
+materialised at a time. The shared GRU's weights are never sent: each stage with a 'moe_gru' block
 adds its own copy. The last stage returns ``(logits, *carry[k])`` for ``k`` in 'aux_loss' and the
 'metric/...' keys, and :class:`PipelineLoss` adds the auxiliary loss to the LM loss. Detached
 entries (metrics, the MoE load sums) cross without gradient; everything else carries one back.
@@ -33,6 +33,8 @@ embedding group.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -56,20 +58,41 @@ def stage_layers(cuts: list[int], n_layers: int, stage: int) -> range:
     return range(cuts[stage], cuts[stage + 1] if stage + 1 < len(cuts) else n_layers)
 
 
+@contextmanager
+def _materialised(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """``module`` with zero-filled storage on ``device`` while inside, back on meta after, when it
+    is on the meta device; untouched otherwise."""
+    on_meta = any(t.is_meta for t in (*module.parameters(), *module.buffers()))
+    if on_meta:
+        module.to_empty(device=device)
+        for t in (*module.parameters(), *module.buffers()):
+            t.data.zero_()
+    try:
+        yield module
+    finally:
+        if on_meta:
+            module.to("meta")
+
+
 @torch.no_grad()
-def boundary_keys(model: HybridLM, cuts: list[int]) -> list[list[str]]:
+def boundary_keys(model: HybridLM, cuts: list[int], device: torch.device) -> list[list[str]]:
     """For each stage s, the sorted carry keys that stage s receives (``[]`` for s = 0), then
     those after the last block: the entries present after block ``cuts[s] - 1`` in a dry
     forward of the whole ``model`` on two tokens, less the shared GRU's weights (each stage adds
-    its own copy). ``len(cuts) + 1`` lists."""
-    device = next(model.parameters()).device
-    h = model.embed(torch.zeros(1, 2, dtype=torch.long, device=device))
+    its own copy). ``len(cuts) + 1`` lists. ``model`` may be on the meta device: the dry forward
+    then materialises one block at a time on ``device`` (zero weights: only the keys matter)."""
+    with _materialised(model.embed, device) as embed:
+        h = embed(torch.zeros(1, 2, dtype=torch.long, device=device))
     ctx = model._context(h, None, None)
-    carry: dict[str, Tensor] = model.router_gru.carry() if model.router_gru is not None else {}
     after: dict[int, list[str]] = {}
-    for i, block in enumerate(model.blocks.values()):
-        h, carry = block(h, ctx, carry)
-        after[i] = sorted(k for k in carry if k not in GRU_KEYS)
+    with ExitStack() as stack:
+        carry: dict[str, Tensor] = {}
+        if model.router_gru is not None:
+            carry = stack.enter_context(_materialised(model.router_gru, device)).carry()
+        for i, block in enumerate(model.blocks.values()):
+            with _materialised(block, device):
+                h, carry = block(h, ctx, carry)
+            after[i] = sorted(k for k in carry if k not in GRU_KEYS)
     return [[]] + [after[c - 1] for c in cuts[1:]] + [after[len(model.blocks) - 1]]
 
 
@@ -118,31 +141,42 @@ class StageModule(nn.Module):
 def build_stage(
     cfg: ModelConfig, cuts: list[int], stage: int, seed: int, device: torch.device | None = None
 ) -> StageModule:
-    """The module of ``stage`` (of ``len(cuts)`` stages starting at layers ``cuts``), built whole
-    on ``device`` from ``torch.manual_seed(seed)`` (so every weight equals a single-process
-    ``torch.manual_seed(seed); build_model(cfg)``) with the unowned modules deleted. Keeps a copy
-    of ``embed`` on the last stage when embeddings are tied, and of ``router_gru`` on every
-    stage with a 'moe_gru' block. Raises ValueError on bad cuts."""
+    """The module of ``stage`` (of ``len(cuts)`` stages starting at layers ``cuts``) on
+    ``device`` (default: the current default device), with every weight equal to a
+    single-process ``torch.manual_seed(seed); build_model(cfg)``. Built on the meta device;
+    the modules are then initialised one at a time in ``HybridLM.init_units`` order from
+    ``torch.manual_seed(seed)`` (which this call sets), each unowned one materialised only for
+    its RNG draws and released again, so the rank holds its own modules plus at most one
+    other. Keeps a copy of ``embed`` on the last stage when embeddings are tied, and of
+    ``router_gru`` on every stage with a 'moe_gru' block. Raises ValueError on bad cuts."""
     from pretrain.models import build_model
 
+    device = torch.device(device) if device is not None else torch.get_default_device()
     n = len(cuts)
-    owned = stage_layers(cuts, cfg.n_layers, stage)
-    with torch.device(device or torch.get_default_device()):
-        torch.manual_seed(seed)
-        model = build_model(cfg)
-    keys = boundary_keys(model, cuts)
-    in_keys = keys[stage]
-    out_keys = output_keys(keys[n]) if stage == n - 1 else keys[stage + 1]
     first, last = stage == 0, stage == n - 1
-    if not first and not (last and cfg.tie_embeddings):
-        model.embed = None
-    if not last:
-        model.norm = None
-        model.head = None
+    owned = stage_layers(cuts, cfg.n_layers, stage)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    keys = boundary_keys(model, cuts, device)
+    keep = {f"blocks.{i}" for i in owned}
+    keep |= {"embed"} if first or (last and cfg.tie_embeddings) else set()
+    keep |= {"norm", "head"} if last else set()
+    if any(model.blocks[str(i)].ffn_name == "moe_gru" for i in owned):
+        keep.add("router_gru")
+    torch.manual_seed(seed)
+    for name in model.init_units():
+        unit = model.get_submodule(name)
+        unit.to_empty(device=device)
+        model.init_unit(name)
+        if name not in keep:
+            unit.to("meta")  # drawn from the RNG as in one process, then released
+    for name in ("embed", "norm", "head", "router_gru"):
+        if name not in keep:
+            setattr(model, name, None)
     for name in [k for k in model.blocks if int(k) not in owned]:
         del model.blocks[name]
-    if model.router_gru is not None and not any(b.ffn_name == "moe_gru" for b in model.blocks.values()):
-        model.router_gru = None
+    in_keys = keys[stage]
+    out_keys = output_keys(keys[n]) if last else keys[stage + 1]
     return StageModule(model, stage, n, in_keys, out_keys)
 
 

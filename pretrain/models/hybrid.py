@@ -97,18 +97,28 @@ class HybridLM(nn.Module):
         """Initialise every parameter from the current RNG (works on materialised meta builds).
         Linear/embedding weights ~ N(0, init_std); projections into the residual stream
         ~ N(0, init_std / sqrt(2 n_layers)) (GPT-2); norms 1; mixers add their own (Mamba)."""
+        for name in self.init_units():
+            self.init_unit(name)
+
+    def init_units(self) -> list[str]:
+        """Names of the top-level modules in the order :meth:`init_weights` initialises them,
+        each drawing from the RNG in turn (a pipeline stage replays this order, see
+        parallel/pipeline/stage.py)."""
+        optional = ("embed", "norm", "router_gru", "head")
+        order = ["embed", *(f"blocks.{name}" for name in self.blocks), "norm", "router_gru", "head"]
+        return [n for n in order if n not in optional or getattr(self, n) is not None]
+
+    @torch.no_grad()
+    def init_unit(self, name: str) -> None:
+        """Initialise the one module ``name`` of :meth:`init_units` from the current RNG."""
         std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * self.cfg.n_layers)
-        if self.embed is not None:
-            nn.init.normal_(self.embed.weight, std=std)
-        for block in self.blocks.values():
-            block.init_weights(std, out_std)
-        if self.norm is not None:
-            self.norm.init_weights()
-        if self.router_gru is not None:
-            self.router_gru.init_weights()
-        if self.head is not None:
-            nn.init.normal_(self.head.weight, std=std)
+        module = self.get_submodule(name)
+        if name in ("embed", "head"):
+            nn.init.normal_(module.weight, std=std)
+        elif name.startswith("blocks."):
+            module.init_weights(std, std / math.sqrt(2 * self.cfg.n_layers))
+        else:
+            module.init_weights()
 
     def new_cache(self, batch_size: int) -> Cache:
         """An empty decoding cache for this model's blocks."""

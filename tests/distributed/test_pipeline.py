@@ -13,6 +13,16 @@ import torch.multiprocessing as mp
 
 BATCH, SEQ, VOCAB, MICRO, SEED, LR = 4, 12, 64, 2, 0, 0.5
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only contend for the few shared cores (8x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 CASES = {
     # name: (config file, overrides, stage cuts for 2 stages and for 4 (2 ranks x 2 virtual))
     "mamba_swa_tied": (None, [
@@ -211,3 +221,47 @@ def test_carry_keys_and_names_of_a_split():
     for bad in ([1, 4], [0, 4, 4], [0, 8]):
         with pytest.raises(ValueError, match="cuts"):
             stage_layers(bad, cfg.n_layers, 0)
+
+
+FAMILIES = [
+    "tiny", "llama_tiny", "gla_tiny", "mamba2_tiny", "sambay_tiny", "titans_mac_tiny", "rmoe_tiny", "hybrid_mix",
+]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chained_stages_equal_whole_model(family):
+    """Every family's stages, chained in one process through their packed carry (the tuples the
+    pipeline sends), give the whole model's logits, auxiliary loss, metrics and, with the
+    copies of shared parameters summed, every gradient."""
+    from parallel.pipeline.stage import SHARED_PARAMS, build_stage
+    from pretrain.config import load_config
+    from pretrain.models import build_model
+    from pretrain.train.trainer import lm_loss
+
+    small = [] if family in ("rmoe_tiny", "hybrid_mix") else ["model.d_model=32"]
+    cfg = load_config(f"configs/{family}.toml", [f"model.vocab_size={VOCAB}", *small]).model
+    inputs, labels, pos = (t[:2, :8] for t in _batch())
+    torch.manual_seed(SEED)
+    whole = build_model(cfg)
+    logits, aux = whole(inputs, position_ids=pos, return_aux=True)
+    (lm_loss(logits, labels) + aux.get("aux_loss", 0.0)).backward()
+    n = cfg.n_layers
+    for cuts in ([0, n // 2], [0, 1, n - 1]):
+        stages = [build_stage(cfg, cuts, s, SEED) for s in range(len(cuts))]
+        out = (inputs,)
+        for stage in stages:
+            out = stage(*out, position_ids=pos)
+        got = dict(zip(stages[-1].out_keys, out[1:]))
+        torch.testing.assert_close(out[0], logits, rtol=1e-5, atol=1e-6)
+        assert sorted(got) == sorted(aux), cuts
+        for k, v in aux.items():
+            torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-7, msg=k)
+        (lm_loss(out[0], labels) + got.get("aux_loss", 0.0)).backward()
+        grads: dict[str, torch.Tensor] = {}
+        for stage in stages:
+            for k, p in stage.model.named_parameters():
+                assert k in SHARED_PARAMS or k not in grads, k  # only shared parameters have copies
+                grads[k] = grads[k] + p.grad if k in grads else p.grad
+        assert sorted(grads) == sorted(k for k, _ in whole.named_parameters())
+        for k, p in whole.named_parameters():
+            torch.testing.assert_close(grads[k], p.grad, rtol=1e-5, atol=1e-7, msg=f"{cuts} {k}")
