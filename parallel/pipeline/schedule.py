@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch.distributed.pipelining import (
     PipelineStage,
@@ -131,5 +132,30 @@ def step(
     args = (input_ids,) if input_ids is not None else ()
     kwargs = {"position_ids": position_ids} if position_ids is not None else {}
     schedule.step(*args, target=labels, return_outputs=False, **kwargs)
-    # The first step also runs the loss once on placeholder tensors to infer shapes.
+    # The first step (and the first after an eval) also runs the loss once on placeholder
+    # tensors to infer shapes: keep the last n records.
+    return loss_fn.records[-loss_fn.n :]
+
+
+def evaluate(
+    schedule: Any,
+    loss_fn: PipelineLoss,
+    input_ids: Tensor | None,
+    labels: Tensor | None,
+    position_ids: Tensor | None = None,
+) -> list[dict[str, Tensor]]:
+    """Forward only (validation) of the whole batch through ``schedule``; arguments and result
+    as :func:`step`. No gradient is computed or accumulated. Each switch between training and
+    evaluation makes torch infer the stages' tensor shapes again (an extra forward).
+
+    Raises NotImplementedError for 'zbv': torch 2.13's ``eval()`` of ScheduleZBVZeroBubble still
+    runs the backward actions, and the V's hand-off between the two stages of one rank fails
+    there ("can't steal_bwd_input if this stage doesn't have backward")."""
+    if isinstance(schedule, ScheduleZBVZeroBubble):
+        raise NotImplementedError("forward-only evaluation through a 'zbv' schedule fails in torch 2.13")
+    loss_fn.records.clear()
+    args = (input_ids,) if input_ids is not None else ()
+    kwargs = {"position_ids": position_ids} if position_ids is not None else {}
+    with torch.no_grad():
+        schedule.eval(*args, target=labels, return_outputs=False, **kwargs)
     return loss_fn.records[-loss_fn.n :]

@@ -111,12 +111,23 @@ class StageModule(nn.Module):
     *carry in out_keys order)`` with out_keys from :func:`output_keys`.
     """
 
-    def __init__(self, model: HybridLM, stage: int, n_stages: int, in_keys: list[str], out_keys: list[str]) -> None:
+    def __init__(
+        self,
+        model: HybridLM,
+        stage: int,
+        n_stages: int,
+        in_keys: list[str],
+        out_keys: list[str],
+        replicas: tuple[str, ...] = (),
+    ) -> None:
+        """``replicas``: names of the shared parameters this stage holds as a second copy (the
+        first copy is on the lowest stage holding it); norms count only first copies."""
         super().__init__()
         self.model = model
         self.stage, self.n_stages = stage, n_stages
         self.is_first, self.is_last = stage == 0, stage == n_stages - 1
         self.in_keys, self.out_keys = list(in_keys), list(out_keys)
+        self.replicas = frozenset(replicas)
 
     def forward(self, x: Tensor, *carry_in: Tensor, position_ids: Tensor | None = None) -> tuple[Tensor, ...]:
         if len(carry_in) != len(self.in_keys):
@@ -175,9 +186,13 @@ def build_stage(
             setattr(model, name, None)
     for name in [k for k in model.blocks if int(k) not in owned]:
         del model.blocks[name]
+    replicas = ["embed.weight"] if "embed" in keep and not first else []
+    first_gru = min((i for i, (_, ffn) in enumerate(cfg.pattern()) if ffn == "moe_gru"), default=None)
+    if "router_gru" in keep and first_gru not in owned:
+        replicas += [k for k in SHARED_PARAMS if k.startswith("router_gru.")]
     in_keys = keys[stage]
     out_keys = output_keys(keys[n]) if last else keys[stage + 1]
-    return StageModule(model, stage, n, in_keys, out_keys)
+    return StageModule(model, stage, n, in_keys, out_keys, tuple(replicas))
 
 
 SHARED_PARAMS = ("embed.weight", *GRU_KEYS)
@@ -250,3 +265,27 @@ def shared_holders(cfg: ModelConfig, cuts: list[int], stage_rank: list[int]) -> 
         for key in GRU_KEYS:
             out[key] = with_gru
     return out
+
+
+@torch.no_grad()
+def clip_grad_norm_(modules: list[StageModule], max_norm: float, group: dist.ProcessGroup | None = None) -> Tensor:
+    """The gradient-norm clipping of one process (``torch.nn.utils.clip_grad_norm_``) over a
+    pipeline: the global L2 norm of all gradients of the model, each shared parameter counted
+    once (call after :meth:`SharedParamSync.sync`, so its copies hold the same sum), from one
+    all-reduce of the squared norms of this rank's ``modules`` over the pipeline ``group``.
+    Scales every local gradient, copies included, by ``min(1, max_norm / (norm + 1e-6))``.
+    Returns the norm, an fp32 scalar, the same on every rank (``inf``/``nan`` left to the
+    caller)."""
+    grads = [(m, name, p.grad) for m in modules for name, p in m.model.named_parameters() if p.grad is not None]
+    device = grads[0][2].device if grads else torch.get_default_device()
+    sq = torch.zeros((), dtype=torch.float32, device=device)
+    for m, name, g in grads:
+        if name not in m.replicas:
+            sq += g.float().square().sum()
+    if dist.is_initialized():
+        dist.all_reduce(sq, group=group)
+    norm = sq.sqrt()
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for _, _, g in grads:
+        g.mul_(coef.to(g.dtype))
+    return norm

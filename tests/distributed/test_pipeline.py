@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-BATCH, SEQ, VOCAB, MICRO, SEED, LR = 4, 12, 64, 2, 0, 0.5
+BATCH, SEQ, VOCAB, MICRO, SEED, LR, CLIP = 4, 12, 64, 2, 0, 0.5, 0.5
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -84,18 +84,29 @@ def _reference(name: str) -> dict:
         out["losses"].append(total)
         if step == 0:
             out["grads"] = {k: p.grad.clone() for k, p in model.named_parameters()}
+        out.setdefault("norms", []).append(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP).item())
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if step == 0:  # validation between the steps
+            with torch.no_grad():
+                evals = [
+                    (model(inputs[rows], position_ids=pos[rows], return_aux=True), labels[rows])
+                    for rows in (slice(i * MICRO, (i + 1) * MICRO) for i in range(n))
+                ]
+            out["eval"] = sum((lm_loss(lg, y) + aux.get("aux_loss", 0.0)).item() for (lg, aux), y in evals) / n
     return out
 
 
 def _pipeline(name: str, schedule: str, virtual: int, rank: int, pp: int) -> dict:
     """This rank's share of the pipeline run of case ``name``: its losses (last stage only),
-    the first step's gradients and the weights after the second step, by parameter name."""
+    the first step's gradients, the clipped norms, the validation loss between the steps and the
+    weights after the second step, by parameter name."""
     from torch.distributed.pipelining import PipelineStage
 
-    from parallel.pipeline.schedule import PipelineLoss, build_schedule, stage_ranks, stages_of_rank, step
-    from parallel.pipeline.stage import SharedParamSync, build_stage, shared_holders
+    from parallel.pipeline.schedule import (
+        PipelineLoss, build_schedule, evaluate, stage_ranks, stages_of_rank, step,
+    )
+    from parallel.pipeline.stage import SharedParamSync, build_stage, clip_grad_norm_, shared_holders
 
     n_stages = pp * virtual
     cfg, cuts = _config(name, n_stages)
@@ -108,10 +119,12 @@ def _pipeline(name: str, schedule: str, virtual: int, rank: int, pp: int) -> dic
     params = [p for m in local for p in m.parameters()]
     opt = torch.optim.SGD(params, lr=LR)
     inputs, labels, pos = _batch()
-    has_first = any(m.is_first for m in local)
+    # only the first stage's rank feeds the tokens and only the last stage's the labels
+    ids = inputs if any(m.is_first for m in local) else None
+    targets = labels if last is not None else None
     out: dict = {"losses": [], "grads": {}}
     for i in range(2):
-        records = step(sched, loss_fn, inputs if has_first else None, labels if last is not None else None, pos)
+        records = step(sched, loss_fn, ids, targets, pos)
         if records:
             n = len(records)
             out["losses"].append(sum((r["lm_loss"] + r.get("aux_loss", 0.0)).item() for r in records) / n)
@@ -125,8 +138,18 @@ def _pipeline(name: str, schedule: str, virtual: int, rank: int, pp: int) -> dic
             for m in local:
                 for k, p in m.model.named_parameters():
                     out["grads"].setdefault(k, []).append(p.grad.clone())
+        out.setdefault("norms", []).append(clip_grad_norm_(local, CLIP).item())
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if i == 0:  # validation between the steps: torch switches the stages to eval and back
+            if schedule == "zbv":
+                with pytest.raises(NotImplementedError, match="zbv"):
+                    evaluate(sched, loss_fn, inputs, labels, pos)
+                records = []
+            else:
+                records = evaluate(sched, loss_fn, ids, targets, pos)
+            if records:
+                out["eval"] = sum((r["lm_loss"] + r.get("aux_loss", 0.0)).item() for r in records) / len(records)
     out["weights"] = {}
     for m in local:
         for k, p in m.model.named_parameters():
@@ -174,6 +197,13 @@ def test_pipeline_equals_single_process(tmp_path):
                 assert all(torch.equal(g, grads[k][0]) for g in grads[k]), (name, schedule, k)
                 weights = [w for p in parts for w in p["weights"].get(k, [])]
                 assert all(torch.equal(w, weights[0]) for w in weights), (name, schedule, k)
+            evals = [p["eval"] for p in parts if "eval" in p]  # forward-only through the pipeline
+            if schedule != "zbv":  # refused (see parallel.pipeline.schedule.evaluate)
+                assert len(evals) == 1 and abs(evals[0] - ref["eval"]) <= 1e-5 * ref["eval"], (name, schedule)
+            for part in parts:  # the global norm, the same on both ranks, clipped both steps
+                assert part["norms"] == parts[0]["norms"] and ref["norms"][0] > CLIP, (name, schedule)
+                for got, want in zip(part["norms"], ref["norms"]):
+                    assert abs(got - want) <= 1e-5 * want, (name, schedule, got, want)
             # aux loss and metrics of every micro-batch of both steps reach the last stage
             aux = next(p["aux"] for p in parts if p["losses"])
             assert sorted(aux) == sorted(ref.get("aux", {})), (name, schedule)
