@@ -29,11 +29,11 @@ CASES = {
         "model.d_model=32", "model.n_layers=4", "model.layer_pattern='mamba swa'", "model.attention.n_heads=4",
         "model.attention.window=5", "model.mamba.d_state=4", "model.tie_embeddings=true",
     ], {2: [0, 2], 4: [0, 1, 2, 3]}),
+    # blocks 0-5 end with 'attn_kv'; 'gmu' (6) and 'xattn' (7) read its K/V and the memory, so at
+    # 4 stages the K/V pass through stage 2 untouched on their way to stage 3
     "sambay_kv_cut": ("configs/sambay_tiny.toml", [
         "model.d_model=32", "model.attention.window=5", "model.mamba.d_state=4",
     ], {2: [0, 6], 4: [0, 3, 6, 7]}),
-    # blocks 0-5 end with 'attn_kv'; 'gmu' (6) and 'xattn' (7) read its K/V and the memory, so at
-    # 4 stages the K/V pass through stage 2 untouched on their way to stage 3
     "rmoe_both_sides": ("configs/rmoe_tiny.toml", [
         "model.d_model=32", "model.moe.n_experts=4", "model.moe.router_hidden=8", "model.moe.aux_loss_coef=0.05",
     ], {2: [0, 2], 4: [0, 1, 2, 3]}),
