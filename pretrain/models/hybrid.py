@@ -83,7 +83,8 @@ class HybridLM(nn.Module):
                 None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
             )
             # RMoE's GRU, shared by every 'moe_gru' block: handed to them through the carry
-            # (see pretrain/models/layers/moe.py); like embed, a pipeline's first stage owns it.
+            # (see pretrain/models/layers/moe.py); every pipeline stage with a 'moe_gru' block
+            # holds a copy, and parallel/pipeline/stage.py sums their gradients.
             self.router_gru: RouterGRU | None = (
                 RouterGRU(cfg.moe.router_hidden) if uses_router_gru(cfg) else None
             )
@@ -96,18 +97,28 @@ class HybridLM(nn.Module):
         """Initialise every parameter from the current RNG (works on materialised meta builds).
         Linear/embedding weights ~ N(0, init_std); projections into the residual stream
         ~ N(0, init_std / sqrt(2 n_layers)) (GPT-2); norms 1; mixers add their own (Mamba)."""
+        for name in self.init_units():
+            self.init_unit(name)
+
+    def init_units(self) -> list[str]:
+        """Names of the top-level modules in the order :meth:`init_weights` initialises them,
+        each drawing from the RNG in turn (a pipeline stage replays this order, see
+        parallel/pipeline/stage.py)."""
+        optional = ("embed", "norm", "router_gru", "head")
+        order = ["embed", *(f"blocks.{name}" for name in self.blocks), "norm", "router_gru", "head"]
+        return [n for n in order if n not in optional or getattr(self, n) is not None]
+
+    @torch.no_grad()
+    def init_unit(self, name: str) -> None:
+        """Initialise the one module ``name`` of :meth:`init_units` from the current RNG."""
         std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * self.cfg.n_layers)
-        if self.embed is not None:
-            nn.init.normal_(self.embed.weight, std=std)
-        for block in self.blocks.values():
-            block.init_weights(std, out_std)
-        if self.norm is not None:
-            self.norm.init_weights()
-        if self.router_gru is not None:
-            self.router_gru.init_weights()
-        if self.head is not None:
-            nn.init.normal_(self.head.weight, std=std)
+        module = self.get_submodule(name)
+        if name in ("embed", "head"):
+            nn.init.normal_(module.weight, std=std)
+        elif name.startswith("blocks."):
+            module.init_weights(std, std / math.sqrt(2 * self.cfg.n_layers))
+        else:
+            module.init_weights()
 
     def new_cache(self, batch_size: int) -> Cache:
         """An empty decoding cache for this model's blocks."""
@@ -129,16 +140,27 @@ class HybridLM(nn.Module):
         the layers, ``{"aux_loss": scalar to add to the LM loss, "metric/...": detached}``.
         """
         h = self.embed(input_ids) if self.embed is not None else input_ids
+        out, carry = self.forward_layers(h, {}, position_ids, cache)
+        if not return_aux:
+            return out
+        return out, {k: v for k, v in carry.items() if k == "aux_loss" or k.startswith("metric/")}
+
+    def forward_layers(
+        self, h: Tensor, carry: dict[str, Tensor], position_ids: Tensor | None = None, cache: Cache | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Everything after the embedding: hidden states ``h [B, T, d_model]`` and the incoming
+        ``carry`` (empty at the first block; a pipeline stage passes what the previous stage
+        returned) -> (fp32 logits ``[B, T, V]``, or hidden states without norm, and the
+        outgoing carry with every entry the blocks left in it). The shared GRU's weights join
+        the carry here, from this module's own ``router_gru`` (a pipeline stage's copy)."""
         ctx = self._context(h, position_ids, cache)
-        carry: dict[str, Tensor] = self.router_gru.carry() if self.router_gru is not None else {}
+        if self.router_gru is not None:
+            carry = {**carry, **self.router_gru.carry()}
         for block in self.blocks.values():
             h, carry = block(h, ctx, carry)
         if cache is not None:
             cache.offset += h.shape[1]
-        out = self._output(h)
-        if not return_aux:
-            return out
-        return out, {k: v for k, v in carry.items() if k == "aux_loss" or k.startswith("metric/")}
+        return self._output(h), carry
 
     def _output(self, h: Tensor) -> Tensor:
         if self.norm is None:
