@@ -62,6 +62,11 @@ class Trainer:
         if self.device.type == "cuda":
             self.device = torch.device("cuda", local_rank)
         self.dims = ParallelDims.from_config(cfg.parallel, world)
+        if self.dims.pp > 1:
+            raise ConfigError(
+                "parallel.pp: the trainer does not run pipeline stages yet (the engine in parallel/pipeline "
+                "and `pretrain plan` do); train with parallel.pp=1"
+            )
         self.mesh = self.dims.build_mesh(self.device.type)
         self.dp_rank = self.rank  # the only dimensions so far are data-parallel ones
         self.main = self.rank == 0
