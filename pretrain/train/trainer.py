@@ -51,7 +51,8 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 class Trainer:
-    """Owns model, optimizer, data and checkpoints of one rank."""
+    """Owns model, optimizer, data and checkpoints of one rank (without pipeline parallelism;
+    :class:`~pretrain.train.pipeline_step.PipelineTrainer` runs parallel.pp > 1)."""
 
     def __init__(self, cfg: Config, resume: str = "auto", log=print, init_from: str | None = None):
         """``resume``: 'auto' (the run's newest usable checkpoint, if any), 'none' or a step
@@ -61,25 +62,16 @@ class Trainer:
         self.rank, local_rank, world = init_distributed(self.device.type)
         if self.device.type == "cuda":
             self.device = torch.device("cuda", local_rank)
-        self.dims = ParallelDims.from_config(cfg.parallel, world)
-        if self.dims.pp > 1:
-            raise ConfigError(
-                "parallel.pp: the trainer does not run pipeline stages yet (the engine in parallel/pipeline "
-                "and `pretrain plan` do); train with parallel.pp=1"
-            )
+        t = cfg.train
+        self.dims = ParallelDims.from_config(cfg.parallel, world, t)
+        self._check_layout(cfg)
         self.mesh = self.dims.build_mesh(self.device.type)
-        self.dp_rank = self.rank  # the only dimensions so far are data-parallel ones
+        self.dp_rank = self.rank % self.dims.dp  # pp is the outermost mesh dimension
         self.main = self.rank == 0
         self.log = log if self.main else (lambda *_: None)
-
         dp = self.dims.dp
-        t = cfg.train
-        if t.global_batch_size % (t.micro_batch_size * dp):
-            raise ConfigError(
-                f"train.global_batch_size: {t.global_batch_size} is not a multiple of "
-                f"train.micro_batch_size x data-parallel ranks = {t.micro_batch_size} x {dp}"
-            )
-        self.grad_accum = t.global_batch_size // (t.micro_batch_size * dp)
+        self.grad_accum = self.dims.grad_accum(t)
+        self.log(self.dims.describe_batch(t))
 
         self.ckpt_root = cfg.checkpoint_dir
         self.run_dir = Path(cfg.run.dir)
@@ -119,6 +111,13 @@ class Trainer:
         self.mfu = MFU(*peak_flops(self.device, t.peak_flops), fpt, self.dims.world_size, self.log)
 
     # ------------------------------------------------------------------ setup
+
+    def _check_layout(self, cfg: Config) -> None:
+        if self.dims.pp > 1:
+            raise ConfigError("parallel.pp: this Trainer runs no pipeline stages; use pretrain.train.trainer.train()")
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
 
     def _prepare_data(self, cfg: Config) -> dict[str, Any]:
         """Rank 0 prepares the data when it is missing; the others wait and read meta.json."""
@@ -316,8 +315,8 @@ class Trainer:
         metrics.baseline = self.meta.get("unigram_entropy")
         tokens_per_step = t.global_batch_size * cfg.data.seq_len
         self.log(
-            f"training {cfg.run.name}: {sum(p.numel() for p in self.model.parameters()):,} parameters, "
-            f"{self.dims.world_size} rank(s), {self.grad_accum} micro-batch(es) per step, "
+            f"training {cfg.run.name}: {self.num_params():,} parameters, "
+            f"{self.dims.world_size} rank(s), {self.grad_accum} accumulation step(s), "
             f"{tokens_per_step:,} tokens per step, device {self.device}"
         )
         started = time.perf_counter()
@@ -370,7 +369,11 @@ def train(cfg: Config, resume: str = "auto", log=print, init_from: str | None = 
     """Train ``cfg`` to train.max_steps; returns a summary (steps, seconds, final val loss).
     ``resume`` and ``init_from`` as in :class:`Trainer`."""
     try:
-        trainer = Trainer(cfg, resume=resume, log=log, init_from=init_from)
+        if cfg.parallel.pp > 1:
+            from pretrain.train.pipeline_step import PipelineTrainer as cls
+        else:
+            cls = Trainer
+        trainer = cls(cfg, resume=resume, log=log, init_from=init_from)
         return trainer.fit()
     finally:
         destroy_distributed()

@@ -1,0 +1,221 @@
+"""The training loop of one pipeline rank (parallel.pp > 1): the :class:`Trainer` with its model
+replaced by this rank's stages and its step by a ``torch.distributed.pipelining`` schedule.
+
+What changes against one process, and why the numbers stay the same:
+
+- **Model.** The rank builds only its stages (:func:`parallel.pipeline.stage.build_stage`, cut
+  where ``parallel.pp_split`` or the cost planner says) and gathers their modules in a
+  :class:`LocalModel` whose parameter names are the single-process ones, so the optimizer, the
+  DCP checkpoint and the resume checks see the one-process names: one checkpoint whatever the
+  layout. A parameter held by several stages (the tied embedding on the last stage, RMoE's GRU)
+  is one entry per rank; DCP writes one copy of equal-named replicated tensors, and a load fills
+  every copy.
+- **Step.** A step runs ``dims.grad_accum(train)`` pipeline rounds of ``dims.pp_microbatches``
+  micro-batches; each micro-batch's loss is divided by their total count, as one process's
+  accumulation divides by its micro-batch count. Then the shared copies' gradients are summed
+  (:class:`~parallel.pipeline.stage.SharedParamSync`), clipped by the global norm across stages,
+  and the optimizer steps.
+- **Data.** Every rank of the pipeline reads the same global batch (dp = 1: the whole order);
+  the first stage uses the input ids, the last the labels, all the position ids.
+- **Logs.** The last stage holds the losses and the layers' metrics; it sends them to rank 0.
+- **Validation** runs forward only through the schedule; a 'zbv' run skips it (torch 2.13 cannot
+  evaluate through that schedule) and says so once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from parallel.pipeline.schedule import PipelineLoss, build_schedule, evaluate, stage_ranks, stages_of_rank, step
+from parallel.pipeline.split import plan_split
+from pretrain.config import ConfigError
+from pretrain.data import validation_batches
+from pretrain.models import build_model
+from pretrain.train import checkpoint as ckpt
+from pretrain.train import resume_checks
+from pretrain.train.optim import lr_at, set_lr
+from pretrain.train.trainer import DivergenceError, Trainer
+
+_MODULES = ("embed", "norm", "head", "router_gru")
+
+
+class LocalModel(nn.Module):
+    """The modules of this rank's stages under their single-process names (``blocks.<i>``,
+    ``embed``, ``norm``, ``head``, ``router_gru``); not callable, the schedule runs the stages.
+    When two local stages hold a copy of one shared module, the first is registered and
+    :meth:`sync_copies` copies its values into the others."""
+
+    def __init__(self, stages: list[nn.Module]) -> None:
+        super().__init__()
+        blocks: dict[int, nn.Module] = {}
+        self.copies: list[tuple[nn.Module, nn.Module]] = []
+        for stage in stages:
+            model = stage.model
+            blocks.update((int(k), b) for k, b in model.blocks.items())
+            for name in _MODULES:
+                module = getattr(model, name, None)
+                if module is None:
+                    continue
+                if name in self._modules:
+                    self.copies.append((self._modules[name], module))
+                else:
+                    setattr(self, name, module)
+        self.blocks = nn.ModuleDict({str(i): blocks[i] for i in sorted(blocks)})
+
+    @torch.no_grad()
+    def sync_copies(self) -> None:
+        """Copy the registered modules' parameters into their second local copies."""
+        for src, dst in self.copies:
+            for p, q in zip(src.parameters(), dst.parameters()):
+                q.copy_(p)
+
+
+class PipelineTrainer(Trainer):
+    """:class:`Trainer` for parallel.pp > 1 (with dp = 1); see the module docstring."""
+
+
+    def _check_layout(self, cfg) -> None:
+        if self.dims.dp > 1:
+            raise ConfigError(
+                f"parallel.dp_shard: pipeline parallelism (parallel.pp={self.dims.pp}) runs without data "
+                f"parallelism so far; set parallel.dp_replicate=1 and parallel.dp_shard=1 (got "
+                f"{self.dims.dp_replicate} x {self.dims.dp_shard})"
+            )
+        if cfg.train.compile:
+            raise ConfigError("train.compile: not supported with parallel.pp > 1 yet; set train.compile=false")
+
+    def _build_model(self) -> nn.Module:
+        from torch.distributed.pipelining import PipelineStage
+
+        from parallel.pipeline.stage import SharedParamSync, build_stage, shared_holders
+
+        cfg, p = self.cfg, self.cfg.parallel
+        split = plan_split(cfg.model, p, cfg.data.seq_len, cfg.train.micro_batch_size)
+        self.cuts = [0, *split.cuts]
+        self.pp_rank = self.rank // self.dims.dp
+        n_stages = p.n_stages
+        ranks = stage_ranks(p.pp_schedule, p.pp, p.pp_virtual_stages)
+        self.last_rank = ranks[-1] * self.dims.dp  # the global rank of the last stage (dp = 1 here)
+        self.stages = [
+            build_stage(cfg.model, self.cuts, s, cfg.train.seed, self.device)
+            for s in stages_of_rank(p.pp_schedule, self.pp_rank, p.pp, p.pp_virtual_stages)
+        ]
+        self.is_first = any(m.is_first for m in self.stages)
+        self.is_last = any(m.is_last for m in self.stages)
+        last = next((m for m in self.stages if m.is_last), None)
+        self.n_micro = self.dims.pp_microbatches
+        # every micro-batch of the step divides its loss by their total count, as one process does
+        self.loss_fn = PipelineLoss(last.out_keys if last is not None else [], self.n_micro * self.grad_accum)
+        pipe_stages = [PipelineStage(m, m.stage, n_stages, self.device) for m in self.stages]
+        self.schedule = build_schedule(p.pp_schedule, pipe_stages, self.n_micro, self.loss_fn)
+        self.shared_sync = SharedParamSync(self.stages, shared_holders(cfg.model, self.cuts, ranks))
+        self._eval_skipped = False
+        with torch.device("meta"):
+            self._full = build_model(cfg.model)  # names and shapes only, for the resume checks
+        self.log(f"pipeline: {p.pp_schedule}, {n_stages} stages starting at layers {self.cuts}")
+        return LocalModel(self.stages)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self._full.parameters())
+
+    # ---------------------------------------------------------- checkpoints
+
+    def _check_resumable(self, path) -> None:
+        resume_checks.check_data_order(path, self.cfg)
+        resume_checks.check_prepared_data(path, self.cfg, self.meta)
+        resume_checks.check_model_fits(path, self._full, self.cfg)
+        self._resumed_from = path
+
+    def _resume(self, mode: str) -> None:
+        super()._resume(mode)
+        self.model.sync_copies()
+
+    def _init_from(self, path) -> None:
+        resume_checks.check_model_fits(ckpt.resolve_checkpoint(path), self._full, self.cfg)
+        state = ckpt.load_model_weights(path, self.model, self.meta["tokenizer_sha256"])
+        self.model.sync_copies()
+        self.log(f"initialised from the model weights of {path} (its step {state['step']})")
+
+    # -------------------------------------------------------------- running
+
+    def _round(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """One pipeline round's inputs: ``n_micro`` micro-batches concatenated along the batch."""
+        return {k: torch.cat([b[k] for b in batches]).to(self.device, non_blocking=True) for k in batches[0]}
+
+    def _run(self, fn, batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        ids = batch["input_ids"] if self.is_first else None
+        labels = batch["labels"] if self.is_last else None
+        with self._autocast():
+            fn(self.schedule, self.loss_fn, ids, labels, batch["position_ids"])
+        # the first round after a switch of mode also runs the loss on shape-inference tensors
+        return self.loss_fn.records[-self.n_micro :] if self.is_last else []
+
+    def train_step(self) -> dict[str, Any]:
+        micro_batches = self.loader.next_step()
+        lr = lr_at(self.step, self.cfg.optim, self.cfg.train.max_steps)
+        set_lr(self.optimizer, lr)
+        records: list[dict[str, torch.Tensor]] = []
+        for r in range(self.grad_accum):
+            records += self._run(step, self._round(micro_batches[r * self.n_micro : (r + 1) * self.n_micro]))
+        from parallel.pipeline.stage import clip_grad_norm_
+
+        self.shared_sync.sync()
+        clip = self.cfg.train.grad_clip
+        norm = clip_grad_norm_(self.stages, clip if clip > 0 else math.inf)
+        if not torch.isfinite(norm):  # the same on every rank: the norm is global
+            self.optimizer.zero_grad(set_to_none=True)
+            raise DivergenceError(
+                f"step {self.step + 1}: non-finite gradient norm; the step was not applied and no checkpoint "
+                f"written; resume from the newest checkpoint in {self.ckpt_root} with a lower optim.lr or a "
+                "smaller train.grad_clip"
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.sync_copies()
+        self.step += 1
+        stats: dict[str, Any] = {"grad_norm": norm, "lr": lr, "records": records}
+        return stats
+
+    def _reduce(self, stats: dict[str, Any]) -> dict[str, Any]:
+        """The last stage's mean LM loss, auxiliary loss and metrics over the step's micro-batches,
+        sent to every rank (rank 0 logs them), as one process averages them."""
+        record: dict[str, Any] = {}
+        if self.is_last:
+            records = stats["records"]
+            n = len(records)
+            record["loss"] = sum(r["lm_loss"].float() for r in records).item() / n
+            for key in records[0]:
+                if key == "aux_loss" or key.startswith("metric/"):
+                    value = sum(r[key] for r in records) / n
+                    record[key.removeprefix("metric/")] = value.item() if value.ndim == 0 else value.tolist()
+        box = [record]
+        dist.broadcast_object_list(box, src=self.last_rank)
+        return {"loss": box[0].pop("loss"), "grad_norm": stats["grad_norm"].item(), "lr": stats["lr"], **box[0]}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean validation LM loss through the pipeline (forward only), and its perplexity: the
+        fixed validation set in rounds of pp_microbatches micro-batches (so rounded up to a
+        multiple of micro_batch_size x pp_microbatches sequences). {} under 'zbv'."""
+        if self.cfg.parallel.pp_schedule == "zbv":
+            if not self._eval_skipped:
+                self.log("validation skipped: torch 2.13 cannot run forward-only through a 'zbv' schedule")
+                self._eval_skipped = True
+            return {}
+        if self._val_batches is None:
+            cfg = self.cfg
+            self._val_batches = validation_batches(
+                cfg.data.dir, cfg.data.seq_len, cfg.train.eval_samples, cfg.train.micro_batch_size * self.n_micro
+            )
+        losses = []
+        for batch in self._val_batches:
+            losses += [r["lm_loss"].float().item() for r in self._run(evaluate, self._round([batch]))]
+        box = [sum(losses) / max(1, len(losses))]
+        dist.broadcast_object_list(box, src=self.last_rank)
+        loss = box[0]
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
