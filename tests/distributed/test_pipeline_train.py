@@ -1,0 +1,138 @@
+"""`pretrain train` with pipeline parallelism (two torchrun ranks, gloo) against one process: the
+logged losses and validation losses of GPipe and 1F1B runs of the tied-embedding SambaY, and
+checkpoints that resume across the layouts (pp2 -> one process, one process -> pp2) with the
+same weights, optimizer state and data position as the uninterrupted single-process run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, run_cli, set_args, tiny_overrides
+
+REL = 1e-5
+
+
+def _overrides(corpus, prepared, run_dir, **extra):
+    # sambay_tiny's own 8-layer pattern (tied embeddings; SambaY's shared K/V cross the cut);
+    # 8 sequences per step in micro-batches of 2: two pipeline rounds of 2 micro-batches
+    values = {"train.max_steps": 6, "train.global_batch_size": 8, "train.eval_interval": 2, **extra}
+    drop = ("model.layer_pattern", "model.n_layers")
+    return [o for o in tiny_overrides(corpus, prepared, run_dir, **values) if not o.startswith(drop)]
+
+
+def _torchrun(overrides: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "pretrain", "train", "configs/sambay_tiny.toml", *set_args(overrides)]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _records(run_dir) -> dict[int, dict]:
+    out: dict[int, dict] = {}
+    for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()):
+        if "step" in r:
+            out.setdefault(r["step"], {}).update(r)
+    return out
+
+
+def _assert_same_log(got: dict[int, dict], want: dict[int, dict], steps: list[int]) -> float:
+    """Loss, validation loss and grad norm of ``steps`` equal (rel <= REL); the worst rel."""
+    assert sorted(got) == steps
+    worst = 0.0
+    for s in steps:
+        for key in ("loss", "val_loss", "grad_norm"):
+            if key in want[s]:
+                a, b = got[s][key], want[s][key]
+                worst = max(worst, abs(a - b) / abs(b))
+                assert a == pytest.approx(b, rel=REL), (s, key, a, b)
+    return worst
+
+
+def _checkpoint(step_dir, tmp_path) -> dict:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = tmp_path / f"{step_dir.parent.parent.name}-{step_dir.name}.pt"
+    dcp_to_torch_save(str(step_dir), str(out))
+    state = torch.load(out, weights_only=False)
+    return {"model": state["model"], "optim": state["optim"]["state"],
+            "train": json.loads((step_dir / "train_state.json").read_text())}
+
+
+def _assert_same_checkpoint(got: dict, want: dict) -> None:
+    """Every weight and AdamW moment under the same name, equal to rel <= REL; same data position."""
+    assert got["train"]["data"] == want["train"]["data"]
+    assert sorted(got["model"]) == sorted(want["model"])
+    for k, w in want["model"].items():
+        torch.testing.assert_close(got["model"][k], w, rtol=REL, atol=1e-7, msg=k)
+    assert sorted(got["optim"]) == sorted(want["optim"])
+    for k, w in want["optim"].items():
+        for m in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(got["optim"][k][m], w[m], rtol=REL, atol=1e-9, msg=f"{k} {m}")
+
+
+def _resumable_copy(run_dir, new_dir, step: int) -> None:
+    """``new_dir``: a run stopped after ``step``: its config and that checkpoint only."""
+    new_dir.mkdir()
+    shutil.copy(run_dir / "config.toml", new_dir / "config.toml")
+    name = f"step-{step:08d}"
+    shutil.copytree(run_dir / "checkpoints" / name, new_dir / "checkpoints" / name)
+
+
+def test_pipeline_train_equals_single_process(small_corpus, prepared_dir, tmp_path):
+    single = tmp_path / "single"
+    result = run_cli(["train", "configs/sambay_tiny.toml", *set_args(_overrides(small_corpus, prepared_dir, single))])
+    assert result.returncode == 0, result.stderr[-3000:]
+    want = _records(single)
+
+    for schedule in ("gpipe", "1f1b"):
+        run = tmp_path / schedule
+        result = _torchrun(_overrides(small_corpus, prepared_dir, run, **{"parallel.pp": 2,
+                                                                          "parallel.pp_schedule": schedule}))
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "2 pipeline micro-batches x 2 accumulation step(s)" in result.stdout
+        worst = _assert_same_log(_records(run), want, list(range(1, 7)))
+        print(f"{schedule}: worst relative difference of loss/val_loss/grad_norm vs one process {worst:.2e}")
+
+    # The pp2 checkpoint holds the single-process names, weights and AdamW moments ...
+    _assert_same_checkpoint(_checkpoint(tmp_path / "gpipe/checkpoints/step-00000004", tmp_path),
+                            _checkpoint(single / "checkpoints/step-00000004", tmp_path))
+
+    # ... and resumes in one process, continuing the single-process run exactly
+    to_one = tmp_path / "pp2_to_one"
+    _resumable_copy(tmp_path / "gpipe", to_one, 4)
+    result = run_cli(["train", "configs/sambay_tiny.toml", *set_args(_overrides(small_corpus, prepared_dir, to_one))])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from step 4" in result.stdout and "at sample 32 " in result.stdout
+    _assert_same_log(_records(to_one), want, [5, 6])
+
+    # and the reverse: a single-process checkpoint resumes under pp2 (1f1b)
+    to_pp = tmp_path / "one_to_pp2"
+    _resumable_copy(single, to_pp, 4)
+    result = _torchrun(_overrides(small_corpus, prepared_dir, to_pp, **{"parallel.pp": 2,
+                                                                        "parallel.pp_schedule": "1f1b"}))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from step 4" in result.stdout and "at sample 32 " in result.stdout
+    _assert_same_log(_records(to_pp), want, [5, 6])
+    final = _checkpoint(single / "checkpoints/step-00000006", tmp_path)
+    for run in (to_one, to_pp):
+        _assert_same_checkpoint(_checkpoint(run / "checkpoints/step-00000006", tmp_path), final)
+
+
+def test_pipeline_with_data_parallel_is_refused():
+    from parallel.dims import ParallelDims
+    from pretrain.config import ConfigError, load_config
+    from pretrain.train.pipeline_step import PipelineTrainer
+
+    cfg = load_config(None, ["parallel.pp=2"])
+    trainer = PipelineTrainer.__new__(PipelineTrainer)  # only the layout check, no process group
+    trainer.dims = ParallelDims.from_config(cfg.parallel, 4)
+    with pytest.raises(ConfigError, match=r"^parallel\.dp_shard: .*pipeline") as err:
+        trainer._check_layout(cfg)
+    assert "\n" not in str(err.value)
