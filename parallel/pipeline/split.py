@@ -24,7 +24,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from parallel.pipeline.schedule import stage_ranks
+from parallel.pipeline.stage import shared_holders
 from pretrain.models.hybrid import HybridLM
+from pretrain.models.layers.moe import GRU_KEYS
 from pretrain.models.stats import block_activation_elements, block_flops, head_activation_elements, head_flops
 
 if TYPE_CHECKING:
@@ -83,15 +86,6 @@ def balanced_cuts(costs: Sequence[int], n_stages: int, first_extra: int = 0, las
         )
         cuts.append(i)
     return cuts
-
-
-def stage_to_rank(stage: int, pp: int, schedule: str) -> int:
-    """The pipeline rank that runs ``stage``: round robin ('loop': stage % pp) for every schedule
-    but 'zbv', whose two stages per rank form a V (rank r holds stages r and 2 pp - 1 - r)."""
-    chunk, pos = divmod(stage, pp)
-    if schedule == "zbv" and chunk % 2:
-        return pp - 1 - pos
-    return pos
 
 
 @dataclass(frozen=True)
@@ -178,33 +172,25 @@ def plan_split(
     bounds = [0, *cuts, len(blocks)]
     tokens = micro_batch_size * seq_len
     last = n_stages - 1
+    shared = shared_holders(model_cfg, bounds[:-1], list(range(n_stages)))
+    gru_stage = shared.get(GRU_KEYS[0], [None])[0]
+    stage_rank = stage_ranks(parallel.pp_schedule, parallel.pp, parallel.pp_virtual_stages)
     stages = []
     for s in range(n_stages):
         layers = range(bounds[s], bounds[s + 1])
         params = sum(_numel(blocks[i]) for i in layers)
         f, a = sum(flops[i] for i in layers), sum(acts[i] for i in layers)
         if s == 0:
-            params += _numel(model.embed) + _numel(model.router_gru)
+            params += _numel(model.embed)
+        if s == gru_stage:  # the GRU's first holder: the first stage with a 'moe_gru' block
+            params += _numel(model.router_gru)
         if s == last:
             params += _numel(model.norm) + _numel(model.head)
             f, a = f + head_f, a + head_a
-        rank = stage_to_rank(s, parallel.pp, parallel.pp_schedule)
-        stages.append(Stage(s, rank, layers, params, f, float(a * tokens * act_bytes)))
-    return PipelineSplit(tuple(cuts), tuple(stages), not parallel.pp_split, _shared(model_cfg, model, bounds))
-
-
-def _shared(model_cfg: ModelConfig, model: HybridLM, bounds: list[int]) -> dict[str, tuple[int, tuple[int, ...]]]:
-    """Parameters that more than one stage holds: the tied embedding (first and last stage) and
-    RMoE's router GRU (the first stage, which owns it, and every stage with a 'moe_gru' block)."""
-    n_stages = len(bounds) - 1
-    out = {}
-    if model_cfg.tie_embeddings and n_stages > 1:
-        out["embed.weight (tied head)"] = (_numel(model.embed), (0, n_stages - 1))
-    if model.router_gru is not None:
-        pattern = model_cfg.pattern()
-        users = {0} | {
-            s for s in range(n_stages) if any(pattern[i][1] == "moe_gru" for i in range(bounds[s], bounds[s + 1]))
-        }
-        if len(users) > 1:
-            out["router_gru"] = (_numel(model.router_gru), tuple(sorted(users)))
-    return out
+        stages.append(Stage(s, stage_rank[s], layers, params, f, float(a * tokens * act_bytes)))
+    copies = {}
+    if len(shared["embed.weight"]) > 1:
+        copies["embed.weight (tied head)"] = (_numel(model.embed), tuple(shared["embed.weight"]))
+    if len(shared.get(GRU_KEYS[0], ())) > 1:
+        copies["router_gru"] = (_numel(model.router_gru), tuple(shared[GRU_KEYS[0]]))
+    return PipelineSplit(tuple(cuts), tuple(stages), not parallel.pp_split, copies)

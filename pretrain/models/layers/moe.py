@@ -19,9 +19,11 @@ created when the pattern uses 'moe_gru'), not inside any block:
     ``router_gru.*``) before the first block, and each 'moe_gru' layer reads them from there,
     beside the hidden state ``carry["router_h"] [B, T, h]``. Nothing is hidden in module
     attributes, and the blocks stay independent modules.
-  * pipeline parallel: like the embedding, the GRU belongs to the first stage; later stages
-    receive its weights with the rest of the carry, and their gradient flows back through the
-    pipeline's backward sends into the one parameter set (no replica to keep in sync).
+  * pipeline parallel: the weights never cross a stage boundary; every stage with a 'moe_gru'
+    layer holds its own copy of the GRU and puts it into its carry, and the pipeline engine
+    (parallel/pipeline/stage.py, SharedParamSync) sums the copies' gradients after each backward,
+    so they take identical steps and stay equal, like a tied embedding on the first and last
+    stage. Only the router hidden state ``router_h`` crosses the boundary.
   * FSDP2: the GRU is a parameter of the root module, unsharded for the whole forward and
     backward, so references to it in the carry stay valid in every block.
 
