@@ -168,18 +168,24 @@ class PipelineTrainer(Trainer):
         clip = self.cfg.train.grad_clip
         norm = clip_grad_norm_(self.stages, clip if clip > 0 else math.inf)
         if not torch.isfinite(norm):  # the same on every rank: the norm is global
-            self.optimizer.zero_grad(set_to_none=True)
+            self._zero_grad()
             raise DivergenceError(
                 f"step {self.step + 1}: non-finite gradient norm; the step was not applied and no checkpoint "
                 f"written; resume from the newest checkpoint in {self.ckpt_root} with a lower optim.lr or a "
                 "smaller train.grad_clip"
             )
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._zero_grad()
         self.model.sync_copies()
         self.step += 1
         stats: dict[str, Any] = {"grad_norm": norm, "lr": lr, "records": records}
         return stats
+
+    def _zero_grad(self) -> None:
+        # the stages', not only the optimizer's: a second local copy of a shared module is not
+        # in the optimizer, and its gradient would otherwise add up over the steps
+        for m in self.stages:
+            m.zero_grad(set_to_none=True)
 
     def _reduce(self, stats: dict[str, Any]) -> dict[str, Any]:
         """The last stage's mean LM loss, auxiliary loss and metrics over the step's micro-batches,
