@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from pretrain.models.layers.moe import GRU_KEYS
 
@@ -211,8 +212,16 @@ class SharedParamSync:
     """
 
     def __init__(
-        self, modules: list[StageModule], holders: dict[str, list[int]], group: dist.ProcessGroup | None = None
+        self,
+        modules: list[StageModule],
+        holders: dict[str, list[int]],
+        group: dist.ProcessGroup | None = None,
+        pipelines: list[list[int]] | None = None,
     ) -> None:
+        """``pipelines``: with data parallelism, the global ranks of every pipeline (one list per
+        data-parallel index, each in pipeline-rank order, ``group`` being one of them); every
+        rank then creates the holder groups of all pipelines, in the same order, as
+        ``new_group`` requires."""
         self.local: dict[str, list[nn.Parameter]] = {}
         for module in modules:
             for name, p in module.model.named_parameters():
@@ -220,30 +229,42 @@ class SharedParamSync:
                     self.local.setdefault(name, []).append(p)
         self.groups: dict[str, dist.ProcessGroup | None] = {}
         rank = dist.get_rank(group) if dist.is_initialized() else 0
+        if pipelines is None:
+            pipelines = [[dist.get_global_rank(group, r) for r in range(dist.get_world_size(group))]
+                         if group is not None else list(range(dist.get_world_size()))] if dist.is_initialized() else []
+        me = dist.get_rank() if dist.is_initialized() else 0
         made: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
         for name in sorted(holders):
             ranks = tuple(sorted(set(holders[name])))
             if len(ranks) < 2:
                 continue
             if ranks not in made:
-                global_ranks = [dist.get_global_rank(group, r) if group is not None else r for r in ranks]
-                made[ranks] = dist.new_group(global_ranks)  # every rank calls new_group, in order
+                for pipeline in pipelines:  # every rank calls new_group for every pipeline, in order
+                    pg = dist.new_group([pipeline[r] for r in ranks])
+                    if me in pipeline:
+                        made[ranks] = pg
             if rank in ranks:
                 self.groups[name] = made[ranks]
-
     @torch.no_grad()
     def sync(self) -> None:
         """Every copy's ``.grad`` becomes the sum of all copies' gradients (a copy without one
         counts as zero). Bitwise equal on every holder: one reduction, broadcast to all."""
         for name, params in sorted(self.local.items()):
-            grads = [p.grad for p in params if p.grad is not None]
-            total = torch.zeros_like(params[0]) if not grads else grads[0].clone()
+            grads = [_local(p.grad) for p in params if p.grad is not None]
+            total = torch.zeros_like(_local(params[0])) if not grads else grads[0].clone()
             for g in grads[1:]:
                 total += g
             if name in self.groups:
                 dist.all_reduce(total, group=self.groups[name])
             for p in params:
-                p.grad = total.clone() if len(params) > 1 else total
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                _local(p.grad).copy_(total)
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (FSDP2 parameters and gradients), else ``t``."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def shared_holders(cfg: ModelConfig, cuts: list[int], stage_rank: list[int]) -> dict[str, list[int]]:
@@ -272,7 +293,8 @@ def clip_grad_norm_(modules: list[StageModule], max_norm: float, group: dist.Pro
     """The gradient-norm clipping of one process (``torch.nn.utils.clip_grad_norm_``) over a
     pipeline: the global L2 norm of all gradients of the model, each shared parameter counted
     once (call after :meth:`SharedParamSync.sync`, so its copies hold the same sum), from one
-    all-reduce of the squared norms of this rank's ``modules`` over the pipeline ``group``.
+    all-reduce of the squared norms of this rank's ``modules`` over the pipeline ``group`` (with
+    FSDP2-sharded stages: over every rank, None, each shard counted where it lives).
     Scales every local gradient, copies included, by ``min(1, max_norm / (norm + 1e-6))``.
     Returns the norm, an fp32 scalar, the same on every rank (``inf``/``nan`` left to the
     caller)."""
@@ -281,11 +303,11 @@ def clip_grad_norm_(modules: list[StageModule], max_norm: float, group: dist.Pro
     sq = torch.zeros((), dtype=torch.float32, device=device)
     for m, name, g in grads:
         if name not in m.replicas:
-            sq += g.float().square().sum()
+            sq += _local(g).float().square().sum()
     if dist.is_initialized():
         dist.all_reduce(sq, group=group)
     norm = sq.sqrt()
     coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for _, _, g in grads:
-        g.mul_(coef.to(g.dtype))
+        _local(g).mul_(coef.to(g.dtype))
     return norm

@@ -1,5 +1,6 @@
 """The training loop of one pipeline rank (parallel.pp > 1): the :class:`Trainer` with its model
-replaced by this rank's stages and its step by a ``torch.distributed.pipelining`` schedule.
+replaced by this rank's stages and its step by a ``torch.distributed.pipelining`` schedule,
+optionally with FSDP2 (parallel.dp_shard) inside every stage; replicas (HSDP) are refused.
 
 What changes against one process, and why the numbers stay the same:
 
@@ -15,9 +16,14 @@ What changes against one process, and why the numbers stay the same:
   accumulation divides by its micro-batch count. Then the shared copies' gradients are summed
   (:class:`~parallel.pipeline.stage.SharedParamSync`), clipped by the global norm across stages,
   and the optimizer steps.
-- **Data.** Every rank of the pipeline reads the same global batch (dp = 1: the whole order);
-  the first stage uses the input ids, the last the labels, all the position ids.
-- **Logs.** The last stage holds the losses and the layers' metrics; it sends them to rank 0.
+- **Data.** Every rank of one pipeline reads the same slice of the global batch (its
+  data-parallel rank's; dp = 1: the whole batch); the first stage uses the input ids, the last
+  the labels, all the position ids.
+- **FSDP2.** Each block of a stage is its own FSDP unit over 'dp_shard', the stage module the
+  root (torch's PipelineStage then reduces the gradients once per schedule step); shared copies
+  are summed shard by shard, and the clipping norm sums every rank's shards.
+- **Logs.** The last stages hold the losses and the layers' metrics; rank 0 gets their mean over
+  the data-parallel replicas.
 - **Validation** runs forward only through the schedule; a 'zbv' run skips it (torch 2.13 cannot
   evaluate through that schedule) and says so once.
 """
@@ -30,6 +36,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from torch.distributed.fsdp import fully_shard
 
 from parallel.pipeline.schedule import PipelineLoss, build_schedule, evaluate, stage_ranks, stages_of_rank, step
 from parallel.pipeline.split import plan_split
@@ -76,15 +84,14 @@ class LocalModel(nn.Module):
 
 
 class PipelineTrainer(Trainer):
-    """:class:`Trainer` for parallel.pp > 1 (with dp = 1); see the module docstring."""
+    """:class:`Trainer` for parallel.pp > 1 (with dp_replicate = 1); see the module docstring."""
 
 
     def _check_layout(self, cfg) -> None:
-        if self.dims.dp > 1:
+        if self.dims.dp_replicate > 1:
             raise ConfigError(
-                f"parallel.dp_shard: pipeline parallelism (parallel.pp={self.dims.pp}) runs without data "
-                f"parallelism so far; set parallel.dp_replicate=1 and parallel.dp_shard=1 (got "
-                f"{self.dims.dp_replicate} x {self.dims.dp_shard})"
+                f"parallel.dp_replicate: pipeline parallelism (parallel.pp={self.dims.pp}) composes with FSDP2 "
+                f"(parallel.dp_shard) only so far, not with replicas (HSDP); set parallel.dp_replicate=1"
             )
         if cfg.train.compile:
             raise ConfigError("train.compile: not supported with parallel.pp > 1 yet; set train.compile=false")
@@ -100,20 +107,28 @@ class PipelineTrainer(Trainer):
         self.pp_rank = self.rank // self.dims.dp
         n_stages = p.n_stages
         ranks = stage_ranks(p.pp_schedule, p.pp, p.pp_virtual_stages)
-        self.last_rank = ranks[-1] * self.dims.dp  # the global rank of the last stage (dp = 1 here)
         self.stages = [
             build_stage(cfg.model, self.cuts, s, cfg.train.seed, self.device)
             for s in stages_of_rank(p.pp_schedule, self.pp_rank, p.pp, p.pp_virtual_stages)
         ]
+        # rank = pp_rank x dp + dp_rank (pp outermost): column j of the grid is pipeline j
+        pipelines = self.mesh.mesh.reshape(p.pp, -1).T.tolist()
+        pp_group = self.mesh["pp"].get_group()
+        if self.dims.dp > 1:
+            for m in self.stages:  # each block its own FSDP unit, the rest with the stage (root)
+                for block in m.model.blocks.values():
+                    fully_shard(block, mesh=self.mesh["dp_shard"])
+                fully_shard(m, mesh=self.mesh["dp_shard"])
         self.is_first = any(m.is_first for m in self.stages)
         self.is_last = any(m.is_last for m in self.stages)
         last = next((m for m in self.stages if m.is_last), None)
         self.n_micro = self.dims.pp_microbatches
         # every micro-batch of the step divides its loss by their total count, as one process does
         self.loss_fn = PipelineLoss(last.out_keys if last is not None else [], self.n_micro * self.grad_accum)
-        pipe_stages = [PipelineStage(m, m.stage, n_stages, self.device) for m in self.stages]
+        pipe_stages = [PipelineStage(m, m.stage, n_stages, self.device, group=pp_group) for m in self.stages]
         self.schedule = build_schedule(p.pp_schedule, pipe_stages, self.n_micro, self.loss_fn)
-        self.shared_sync = SharedParamSync(self.stages, shared_holders(cfg.model, self.cuts, ranks))
+        holders = shared_holders(cfg.model, self.cuts, ranks)
+        self.shared_sync = SharedParamSync(self.stages, holders, pp_group, pipelines)
         self._eval_skipped = False
         with torch.device("meta"):
             self._full = build_model(cfg.model)  # names and shapes only, for the resume checks
@@ -166,6 +181,7 @@ class PipelineTrainer(Trainer):
 
         self.shared_sync.sync()
         clip = self.cfg.train.grad_clip
+        # over every rank: with FSDP each (stage, shard) is on one rank only
         norm = clip_grad_norm_(self.stages, clip if clip > 0 else math.inf)
         if not torch.isfinite(norm):  # the same on every rank: the norm is global
             self._zero_grad()
@@ -188,8 +204,9 @@ class PipelineTrainer(Trainer):
             m.zero_grad(set_to_none=True)
 
     def _reduce(self, stats: dict[str, Any]) -> dict[str, Any]:
-        """The last stage's mean LM loss, auxiliary loss and metrics over the step's micro-batches,
-        sent to every rank (rank 0 logs them), as one process averages them."""
+        """The last stage's mean LM loss, auxiliary loss and metrics over the step's micro-batches
+        (and over the data-parallel ranks), as one process averages them; every rank gets them,
+        rank 0 logs them."""
         record: dict[str, Any] = {}
         if self.is_last:
             records = stats["records"]
@@ -199,9 +216,8 @@ class PipelineTrainer(Trainer):
                 if key == "aux_loss" or key.startswith("metric/"):
                     value = sum(r[key] for r in records) / n
                     record[key.removeprefix("metric/")] = value.item() if value.ndim == 0 else value.tolist()
-        box = [record]
-        dist.broadcast_object_list(box, src=self.last_rank)
-        return {"loss": box[0].pop("loss"), "grad_norm": stats["grad_norm"].item(), "lr": stats["lr"], **box[0]}
+        record = _mean_of_last_stages(record)
+        return {"loss": record.pop("loss"), "grad_norm": stats["grad_norm"].item(), "lr": stats["lr"], **record}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -216,12 +232,27 @@ class PipelineTrainer(Trainer):
         if self._val_batches is None:
             cfg = self.cfg
             self._val_batches = validation_batches(
-                cfg.data.dir, cfg.data.seq_len, cfg.train.eval_samples, cfg.train.micro_batch_size * self.n_micro
+                cfg.data.dir, cfg.data.seq_len, cfg.train.eval_samples, cfg.train.micro_batch_size * self.n_micro,
+                self.dp_rank, self.dims.dp,
             )
         losses = []
         for batch in self._val_batches:
             losses += [r["lm_loss"].float().item() for r in self._run(evaluate, self._round([batch]))]
-        box = [sum(losses) / max(1, len(losses))]
-        dist.broadcast_object_list(box, src=self.last_rank)
-        loss = box[0]
+        loss = _mean_of_last_stages({"loss": sum(losses) / len(losses)} if self.is_last else {})["loss"]
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+
+def _mean_of_last_stages(record: dict[str, Any]) -> dict[str, Any]:
+    """The mean of the ranks' ``record`` (numbers or lists of numbers) over the ranks that give
+    a non-empty one (the last stage of every data-parallel replica: equal shares of the batch),
+    on every rank. Collective; once per logged step, so an object gather is cheap enough."""
+    gathered: list[dict[str, Any]] = [{}] * dist.get_world_size()
+    dist.all_gather_object(gathered, record)
+    parts = [r for r in gathered if r]
+    out: dict[str, Any] = {}
+    for key, value in parts[0].items():
+        if isinstance(value, list):
+            out[key] = [sum(vals) / len(parts) for vals in zip(*(r[key] for r in parts))]
+        else:
+            out[key] = sum(r[key] for r in parts) / len(parts)
+    return out

@@ -1,7 +1,7 @@
 """`pretrain train` with pipeline parallelism (two torchrun ranks, gloo) against one process: the
 logged losses, gradient norms and validation losses of GPipe, 1F1B and ZBV (no validation: torch
 cannot evaluate through it) runs of the tied-embedding SambaY, and
-checkpoints that resume across the layouts (pp2 -> one process, one process -> pp2) with the
+pp2 x dp_shard2 (FSDP2 inside the stages) on four ranks, and checkpoints that resume across the layouts (pp2 -> one process, one process -> pp2) with the
 same weights, optimizer state and data position as the uninterrupted single-process run."""
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ def _overrides(corpus, prepared, run_dir, **extra):
     return [o for o in tiny_overrides(corpus, prepared, run_dir, **values) if not o.startswith(drop)]
 
 
-def _torchrun(overrides: list[str]) -> subprocess.CompletedProcess:
+def _torchrun(overrides: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "pretrain", "train", "configs/sambay_tiny.toml", *set_args(overrides)]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
@@ -43,7 +43,9 @@ def _records(run_dir) -> dict[int, dict]:
     return out
 
 
-def _assert_same_log(got: dict, want: dict, steps: list[int], keys=("loss", "val_loss", "grad_norm")) -> float:
+def _assert_same_log(
+    got: dict, want: dict, steps: list[int], keys=("loss", "val_loss", "grad_norm"), rel: float = REL
+) -> float:
     """``keys`` (loss, validation loss, grad norm) of ``steps`` equal (rel <= REL); the worst rel."""
     assert sorted(got) == steps
     worst = 0.0
@@ -52,7 +54,7 @@ def _assert_same_log(got: dict, want: dict, steps: list[int], keys=("loss", "val
             if key in want[s]:
                 a, b = got[s][key], want[s][key]
                 worst = max(worst, abs(a - b) / abs(b))
-                assert a == pytest.approx(b, rel=REL), (s, key, a, b)
+                assert a == pytest.approx(b, rel=rel), (s, key, a, b)
     return worst
 
 
@@ -66,16 +68,16 @@ def _checkpoint(step_dir, tmp_path) -> dict:
             "train": json.loads((step_dir / "train_state.json").read_text())}
 
 
-def _assert_same_checkpoint(got: dict, want: dict) -> None:
-    """Every weight and AdamW moment under the same name, equal to rel <= REL; same data position."""
+def _assert_same_checkpoint(got: dict, want: dict, rel: float = REL) -> None:
+    """Every weight and AdamW moment under the same name, equal to ``rel``; same data position."""
     assert got["train"]["data"] == want["train"]["data"]
     assert sorted(got["model"]) == sorted(want["model"])
     for k, w in want["model"].items():
-        torch.testing.assert_close(got["model"][k], w, rtol=REL, atol=1e-7, msg=k)
+        torch.testing.assert_close(got["model"][k], w, rtol=rel, atol=rel * 1e-2, msg=k)
     assert sorted(got["optim"]) == sorted(want["optim"])
     for k, w in want["optim"].items():
         for m in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(got["optim"][k][m], w[m], rtol=REL, atol=1e-9, msg=f"{k} {m}")
+            torch.testing.assert_close(got["optim"][k][m], w[m], rtol=rel, atol=rel * 1e-4, msg=f"{k} {m}")
 
 
 def _resumable_copy(run_dir, new_dir, step: int) -> None:
@@ -106,6 +108,20 @@ def test_pipeline_train_equals_single_process(small_corpus, prepared_dir, tmp_pa
         worst = _assert_same_log(_records(run), want, list(range(1, 7)), keys)
         print(f"{schedule}: worst relative difference of {'/'.join(keys)} vs one process {worst:.2e}")
 
+    # pp2 x dp_shard2 on 4 ranks: FSDP2 inside each stage. Its gradients are averaged over the two
+    # half batches by a reduce-scatter, another summation order than one process, which AdamW
+    # amplifies in tiny entries: the logs to 1e-4 as for FSDP alone (tests/distributed/test_fsdp.py),
+    # the weights and moments after six AdamW steps to 1e-3 (measured: 8e-5 of the largest weight).
+    run = tmp_path / "pp2_dp2"
+    result = _torchrun(_overrides(small_corpus, prepared_dir, run, **{
+        "parallel.pp": 2, "parallel.pp_microbatches": 2, "train.micro_batch_size": 1}), nproc=4)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 data-parallel rank(s) x 1 sequences per micro-batch x 2 pipeline micro-batches x 2" in result.stdout
+    worst = _assert_same_log(_records(run), want, list(range(1, 7)), rel=1e-4)
+    print(f"pp2 x dp_shard2: worst relative difference of loss/val_loss/grad_norm vs one process {worst:.2e}")
+    _assert_same_checkpoint(_checkpoint(run / "checkpoints/step-00000006", tmp_path),
+                            _checkpoint(single / "checkpoints/step-00000006", tmp_path), rel=1e-3)
+
     # The pp2 checkpoint holds the single-process names, weights and AdamW moments ...
     _assert_same_checkpoint(_checkpoint(tmp_path / "gpipe/checkpoints/step-00000004", tmp_path),
                             _checkpoint(single / "checkpoints/step-00000004", tmp_path))
@@ -131,14 +147,14 @@ def test_pipeline_train_equals_single_process(small_corpus, prepared_dir, tmp_pa
         _assert_same_checkpoint(_checkpoint(run / "checkpoints/step-00000006", tmp_path), final)
 
 
-def test_pipeline_with_data_parallel_is_refused():
+def test_pipeline_with_replicas_is_refused():
     from parallel.dims import ParallelDims
     from pretrain.config import ConfigError, load_config
     from pretrain.train.pipeline_step import PipelineTrainer
 
-    cfg = load_config(None, ["parallel.pp=2"])
+    cfg = load_config(None, ["parallel.pp=2", "parallel.dp_replicate=2"])
     trainer = PipelineTrainer.__new__(PipelineTrainer)  # only the layout check, no process group
     trainer.dims = ParallelDims.from_config(cfg.parallel, 4)
-    with pytest.raises(ConfigError, match=r"^parallel\.dp_shard: .*pipeline") as err:
+    with pytest.raises(ConfigError, match=r"^parallel\.dp_replicate: .*HSDP") as err:
         trainer._check_layout(cfg)
     assert "\n" not in str(err.value)
