@@ -1,4 +1,5 @@
-"""The training loop: one process, or one rank of a torchrun/slurm job (FSDP2 over dp)."""
+"""The training loop: one process, or one rank of a torchrun/slurm job (FSDP2 over dp); with
+parallel.pp > 1 the PipelineTrainer of pretrain/train/pipeline_step.py runs instead."""
 
 from __future__ import annotations
 
