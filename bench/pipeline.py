@@ -21,18 +21,18 @@ A PNG timeline of the last timed step of every schedule (per rank: F forward, B 
 backward, I input-gradient, W weight-gradient, L loss; the number is the micro-batch, the
 hatch marks the rank's second virtual stage) goes to ``--out``.
 
-Memory: one training step (AdamW) of configs/sambay_d16.toml at micro-batch 1, seq_len 32 under
-GPipe, each rank reporting its peak RSS (getrusage ru_maxrss); the one-process figure is an
-estimate from the parameter bytes (weights + gradients + two AdamW moments, 16 bytes per fp32
-parameter) plus the measured per-process baseline, because one process does not fit beside
-the others on a 24 GiB machine.
+Memory: one training step of configs/sambay_d16.toml at micro-batch 1, seq_len 32 under GPipe
+(``--memory-pp 1`` is one process running the whole model as one stage), each rank reporting its
+peak RSS (getrusage ru_maxrss). A layout whose estimated total (weights + gradients + optimizer
+state + ~1 GiB per process) does not fit in the available memory is skipped: run it with
+``--optimizer sgd`` (no state), and each rank also prints its AdamW estimate, the SGD peak plus
+the two fp32 moments (8 B per parameter).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import sys
 import tempfile
@@ -134,7 +134,7 @@ def _pipeline_rank(rank: int, world: int, store: str, out_dir: str, args: argpar
     for schedule, virtual in SCHEDULES:
         cfg = _config(args, schedule, virtual, world)
         cuts = list(plan_split(cfg.model, cfg.parallel, args.seq, mb).cuts)
-        cuts = [0, *cuts] if cuts[0] != 0 else cuts
+        cuts = cuts if cuts[:1] == [0] else [0, *cuts]  # plan_split omits the first stage's 0
         n_stages = world * virtual
         mine = stages_of_rank(schedule, rank, world, virtual)
         local = [build_stage(cfg.model, cuts, s, 0, device) for s in mine]
@@ -289,13 +289,15 @@ def _memory_rank(rank: int, world: int, store: str, out_dir: str, args: argparse
     args.overrides = [*args.overrides]
     cfg = _config(args, "gpipe", 1, world)
     cuts = list(plan_split(cfg.model, cfg.parallel, args.seq, 1).cuts)
-    cuts = [0, *cuts] if cuts[0] != 0 else cuts
+    cuts = cuts if cuts[:1] == [0] else [0, *cuts]  # plan_split omits the first stage's 0
     mod = build_stage(cfg.model, cuts, rank, 0, torch.device("cpu"))
     built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     stage = PipelineStage(mod, rank, world, torch.device("cpu"))
     loss_fn = PipelineLoss(mod.out_keys if mod.is_last else [], world)
     sched = build_schedule("gpipe", [stage], world, loss_fn)
-    opt = torch.optim.AdamW(mod.parameters(), lr=1e-4, foreach=False)  # foreach would add a temporary copy
+    # foreach would add a temporary copy; plain SGD keeps no state (weights + gradients only)
+    opt = (torch.optim.AdamW(mod.parameters(), lr=1e-4, foreach=False) if args.optimizer == "adamw"
+           else torch.optim.SGD(mod.parameters(), lr=1e-4, foreach=False))
     inputs, labels = _batch(cfg.model.vocab_size, world, args.seq, torch.device("cpu"))
     start = time.perf_counter()
     step(sched, loss_fn, inputs if mod.is_first else None, labels if mod.is_last else None)
@@ -309,30 +311,40 @@ def _memory_rank(rank: int, world: int, store: str, out_dir: str, args: argparse
     dist.destroy_process_group()
 
 
+def _available_gib() -> float:
+    with open("/proc/meminfo") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["MemAvailable"].split()[0]) / 2**20
+
+
 def memory(args: argparse.Namespace) -> None:
     from parallel.pipeline.split import plan_split
 
     args.config = args.memory_config
     args.seq = 32
     total = sum(s.params for s in plan_split(_config(args).model, _config(args).parallel, 32).stages)
-    print(f"{args.config}: {total / 1e9:.3f} B parameters, seq 32, micro-batch 1, m = pp, GPipe + AdamW, "
+    print(f"{args.config}: {total / 1e9:.3f} B parameters, seq 32, micro-batch 1, m = pp, GPipe + {args.optimizer}, "
           f"fp32, 1 thread per process; peak RSS = getrusage ru_maxrss")
-    base = None
+    per_param = 16 if args.optimizer == "adamw" else 8
     for pp in args.memory_pp:
+        need = (per_param * total + pp * 1.1 * 2**30) / 2**30  # ~1 GiB/rank measured beyond the bytes
+        avail = _available_gib()
+        if need + 1 > avail:
+            print(f"pp={pp}: skipped, needs about {need:.1f} GiB with {args.optimizer}, {avail:.1f} GiB available "
+                  f"(try --optimizer sgd: AdamW's two moments add 8 B/param to each rank's peak)")
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             mp.start_processes(_memory_rank, args=(pp, f"{tmp}/store", tmp, args), nprocs=pp,
                                start_method="spawn")
             rows = [json.load(open(f"{tmp}/mem{r}.json")) for r in range(pp)]
-        base = rows[0]["base"] / 2**20
         print(f"pp={pp}: cuts {rows[0]['cuts']}")
         for r, row in enumerate(rows):
-            est = 16 * row["params"] / 2**30
+            est = per_param * row["params"] / 2**30
             print(f"  rank {r}: {row['params'] / 1e6:7.1f} M params, after build {row['built'] / 2**20:6.2f} GiB, "
-                  f"peak {row['peak'] / 2**20:6.2f} GiB (16 B/param = {est:5.2f} GiB), step {row['seconds']:.1f} s")
+                  f"peak {row['peak'] / 2**20:6.2f} GiB ({per_param} B/param = {est:5.2f} GiB), step {row['seconds']:.1f} s"
+                  + (f"; with AdamW ~{row['peak'] / 2**20 + 8 * row['params'] / 2**30:.2f} GiB (+ 8 B/param)"
+                     if args.optimizer == "sgd" else ""))
         print(f"  max / rank {max(r['peak'] for r in rows) / 2**20:.2f} GiB, sum {sum(r['peak'] for r in rows) / 2**20:.2f} GiB")
-    if base is not None:
-        print(f"one process (estimate, not run): 16 B x {total / 1e9:.3f} B params + {base:.2f} GiB process "
-              f"baseline = {16 * total / 2**30 + base:.2f} GiB, plus activations")
 
 
 def main() -> None:
@@ -348,7 +360,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench-pipeline")
     parser.add_argument("--memory", action="store_true", help="peak RSS per rank instead of throughput")
     parser.add_argument("--memory-config", default="configs/sambay_d16.toml")
-    parser.add_argument("--memory-pp", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--memory-pp", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="of the --memory step")
     args = parser.parse_args()
     if not args.memory and not any(o.startswith("model.vocab_size") for o in args.overrides):
         args.overrides.append("model.vocab_size=4096")  # llama_tiny takes its vocabulary from data
