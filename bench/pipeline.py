@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import tempfile
@@ -239,6 +240,7 @@ def throughput(args: argparse.Namespace) -> None:
     if args.device == "cuda" and torch.cuda.device_count() < p:
         print(f"skipped: --device cuda needs {p} GPUs, found {torch.cuda.device_count()}")
         return
+    load = os.getloadavg()[0]
     single = _single_process(args)
     with tempfile.TemporaryDirectory() as tmp:
         mp.start_processes(_pipeline_rank, args=(p, f"{tmp}/store", tmp, args), nprocs=p, start_method="spawn")
@@ -249,6 +251,8 @@ def throughput(args: argparse.Namespace) -> None:
     print(f"model {args.config or 'default'}: d_model {cfg.d_model}, {cfg.n_layers} layers, vocab "
           f"{cfg.vocab_size}; seq {args.seq}, micro-batch {args.micro_batch}, p={p}, m={m}, {args.device}, "
           f"{threads}")
+    print(f"{os.cpu_count()} CPUs, 1-min load average {load:.2f} before and {os.getloadavg()[0]:.2f} after "
+          f"(other work on the cores shows in 'compute x')")
     print(f"one process: {single * 1e3:.0f} ms/step (fwd+bwd of {m * args.micro_batch} sequences)")
     print(f"GPipe bound on the speed-up p m/(m+p-1) = {bound:.3f}; goal >= 0.85 of it for gpipe")
     print("ms/step, bubble (mean and max over ranks) and busy ms: medians over the timed steps; ideal: equal "
