@@ -39,7 +39,9 @@ from torch import nn
 
 from torch.distributed.fsdp import fully_shard
 
-from parallel.pipeline.schedule import PipelineLoss, build_schedule, evaluate, stage_ranks, stages_of_rank, step
+from parallel.pipeline.schedule import (
+    PipelineLoss, build_schedule, evaluate, pipeline_stage, stage_ranks, stages_of_rank, step,
+)
 from parallel.pipeline.split import plan_split
 from pretrain.config import ConfigError
 from pretrain.data import validation_batches
@@ -95,9 +97,7 @@ class PipelineTrainer(Trainer):
             )
         if cfg.train.compile:
             raise ConfigError("train.compile: not supported with parallel.pp > 1 yet; set train.compile=false")
-
     def _build_model(self) -> nn.Module:
-        from torch.distributed.pipelining import PipelineStage
 
         from parallel.pipeline.stage import SharedParamSync, build_stage, shared_holders
 
@@ -125,7 +125,7 @@ class PipelineTrainer(Trainer):
         self.n_micro = self.dims.pp_microbatches
         # every micro-batch of the step divides its loss by their total count, as one process does
         self.loss_fn = PipelineLoss(last.out_keys if last is not None else [], self.n_micro * self.grad_accum)
-        pipe_stages = [PipelineStage(m, m.stage, n_stages, self.device, group=pp_group) for m in self.stages]
+        pipe_stages = [pipeline_stage(m, self.device, group=pp_group) for m in self.stages]
         self.schedule = build_schedule(p.pp_schedule, pipe_stages, self.n_micro, self.loss_fn)
         holders = shared_holders(cfg.model, self.cuts, ranks)
         self.shared_sync = SharedParamSync(self.stages, holders, pp_group, pipelines)
