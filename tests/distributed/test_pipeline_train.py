@@ -1,7 +1,7 @@
 """`pretrain train` with pipeline parallelism (two torchrun ranks, gloo) against one process: the
 logged losses, gradient norms and validation losses of GPipe, 1F1B and ZBV (no validation: torch
-cannot evaluate through it) runs of the tied-embedding SambaY, and
-pp2 x dp_shard2 (FSDP2 inside the stages) and pp2 x dp_replicate2 (HSDP) on four ranks, and checkpoints that resume across the
+cannot evaluate through it) runs of the tied-embedding SambaY, pp2 x dp_shard2 (FSDP2 inside
+the stages) and pp2 x dp_replicate2 (HSDP) on four ranks, and checkpoints that resume across the
 layouts (pp2 -> one process, one process -> pp4 -> pp2) with the same weights, optimizer state
 and data position as the uninterrupted single-process run."""
 
