@@ -7,6 +7,7 @@ from parallel.pipeline.schedule import (
     PipelineLoss,
     build_schedule,
     evaluate,
+    pipeline_stage,
     stage_ranks,
     stages_of_rank,
     step,
@@ -26,5 +27,6 @@ from parallel.pipeline.stage import (
 __all__ = [
     "SCHEDULES", "SHARED_PARAMS", "PipelineLoss", "PipelineSplit", "SharedParamSync", "Stage", "StageModule",
     "balanced_cuts", "boundary_keys", "build_schedule", "build_stage", "clip_grad_norm_", "evaluate",
-    "plan_split", "shared_holders", "stage_cost", "stage_layers", "stage_ranks", "stages_of_rank", "step",
+    "pipeline_stage", "plan_split", "shared_holders", "stage_cost", "stage_layers", "stage_ranks",
+    "stages_of_rank", "step",
 ]

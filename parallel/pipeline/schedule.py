@@ -99,6 +99,18 @@ class PipelineLoss:
         return loss / self.n
 
 
+def pipeline_stage(
+    module: Any, device: torch.device, group: Any = None
+) -> PipelineStage:
+    """torch's PipelineStage of a :class:`parallel.pipeline.stage.StageModule`. Where the module's
+    ``split_weight_grad`` is False, the zero-bubble schedules' input-gradient action (B) runs the
+    full backward and their weight action (W) nothing: still exact, only without the overlap.
+    torch splits W off by backpropagating from the intermediates it recorded in B, which misses
+    gradient paths of a model that differentiates its own weights in its forward (Titans)."""
+    no_split = None if module.split_weight_grad else (lambda: lambda: None)
+    return PipelineStage(module, module.stage, module.n_stages, device, group=group, dw_builder=no_split)
+
+
 def build_schedule(name: str, stages: list[PipelineStage], n_microbatches: int, loss_fn: PipelineLoss) -> Any:
     """The ``torch.distributed.pipelining`` schedule ``name`` over this rank's ``stages`` (in
     increasing stage order, laid out by :func:`stages_of_rank`), with ``scale_grads=False``

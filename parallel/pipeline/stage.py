@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
+from pretrain.config.model import TitansConfig
 from pretrain.models.layers.moe import GRU_KEYS
 
 if TYPE_CHECKING:
@@ -120,15 +121,19 @@ class StageModule(nn.Module):
         in_keys: list[str],
         out_keys: list[str],
         replicas: tuple[str, ...] = (),
+        split_weight_grad: bool = True,
     ) -> None:
         """``replicas``: names of the shared parameters this stage holds as a second copy (the
-        first copy is on the lowest stage holding it); norms count only first copies."""
+        first copy is on the lowest stage holding it); norms count only first copies.
+        ``split_weight_grad``: whether zero-bubble schedules may split its backward into input
+        and weight gradients (see :func:`parallel.pipeline.schedule.pipeline_stage`)."""
         super().__init__()
         self.model = model
         self.stage, self.n_stages = stage, n_stages
         self.is_first, self.is_last = stage == 0, stage == n_stages - 1
         self.in_keys, self.out_keys = list(in_keys), list(out_keys)
         self.replicas = frozenset(replicas)
+        self.split_weight_grad = split_weight_grad
 
     def forward(self, x: Tensor, *carry_in: Tensor, position_ids: Tensor | None = None) -> tuple[Tensor, ...]:
         if len(carry_in) != len(self.in_keys):
@@ -193,7 +198,10 @@ def build_stage(
         replicas += [k for k in SHARED_PARAMS if k.startswith("router_gru.")]
     in_keys = keys[stage]
     out_keys = output_keys(keys[n]) if last else keys[stage + 1]
-    return StageModule(model, stage, n, in_keys, out_keys, tuple(replicas))
+    # a Titans memory differentiates its own weights inside the forward: torch's weight pass,
+    # which backpropagates from the recorded intermediates, gets wk and wv wrong there (rel 0.7)
+    split = not any(cfg.pattern()[i][0].split("_")[0] in TitansConfig.used_by for i in owned)
+    return StageModule(model, stage, n, in_keys, out_keys, tuple(replicas), split)
 
 
 SHARED_PARAMS = ("embed.weight", *GRU_KEYS)

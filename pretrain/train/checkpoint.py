@@ -202,7 +202,13 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     """Load model and optimizer state and this rank's RNG from ``path``; returns train_state."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
+    # A group's parameter names are one saved value per group index, so under pipeline
+    # parallelism the file keeps one rank's list; this rank's own names pair its parameters with
+    # the loaded moments and hyperparameters (else its groups lose them: KeyError 'betas').
+    own_names = [group["params"] for group in optim_sd["param_groups"]]
     _load_state(path, state)
+    for group, names in zip(state["optim"]["param_groups"], own_names):
+        group["params"] = names
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng_file = path / "rng" / f"rank{_rank()}.pt"
     if rng_file.is_file():

@@ -1,6 +1,6 @@
 """The training loop of one pipeline rank (parallel.pp > 1): the :class:`Trainer` with its model
 replaced by this rank's stages and its step by a ``torch.distributed.pipelining`` schedule,
-optionally with FSDP2 (parallel.dp_shard) inside every stage; replicas (HSDP) are refused.
+optionally with FSDP2 (parallel.dp_shard) or HSDP (with parallel.dp_replicate) inside every stage.
 
 What changes against one process, and why the numbers stay the same:
 
@@ -19,9 +19,10 @@ What changes against one process, and why the numbers stay the same:
 - **Data.** Every rank of one pipeline reads the same slice of the global batch (its
   data-parallel rank's; dp = 1: the whole batch); the first stage uses the input ids, the last
   the labels, all the position ids.
-- **FSDP2.** Each block of a stage is its own FSDP unit over 'dp_shard', the stage module the
-  root (torch's PipelineStage then reduces the gradients once per schedule step); shared copies
-  are summed shard by shard, and the clipping norm sums every rank's shards.
+- **FSDP2.** Each block of a stage is its own FSDP unit over 'dp_shard' (HSDP: over the 2-D
+  ('dp_replicate', 'dp_shard') submesh), the stage module the root (torch's PipelineStage then
+  reduces the gradients once per schedule step); shared copies are summed shard by shard, and
+  the clipping norm sums every shard once (over one replica's ranks).
 - **Logs.** The last stages hold the losses and the layers' metrics; rank 0 gets their mean over
   the data-parallel replicas.
 - **Validation** runs forward only through the schedule; a 'zbv' run skips it (torch 2.13 cannot
@@ -39,7 +40,9 @@ from torch import nn
 
 from torch.distributed.fsdp import fully_shard
 
-from parallel.pipeline.schedule import PipelineLoss, build_schedule, evaluate, stage_ranks, stages_of_rank, step
+from parallel.pipeline.schedule import (
+    PipelineLoss, build_schedule, evaluate, pipeline_stage, stage_ranks, stages_of_rank, step,
+)
 from parallel.pipeline.split import plan_split
 from pretrain.config import ConfigError
 from pretrain.data import validation_batches
@@ -84,21 +87,13 @@ class LocalModel(nn.Module):
 
 
 class PipelineTrainer(Trainer):
-    """:class:`Trainer` for parallel.pp > 1 (with dp_replicate = 1); see the module docstring."""
-
+    """:class:`Trainer` for parallel.pp > 1; see the module docstring."""
 
     def _check_layout(self, cfg) -> None:
-        if self.dims.dp_replicate > 1:
-            raise ConfigError(
-                f"parallel.dp_replicate: pipeline parallelism (parallel.pp={self.dims.pp}) composes with FSDP2 "
-                f"(parallel.dp_shard) only so far, not with replicas (HSDP); set parallel.dp_replicate=1"
-            )
         if cfg.train.compile:
             raise ConfigError("train.compile: not supported with parallel.pp > 1 yet; set train.compile=false")
 
     def _build_model(self) -> nn.Module:
-        from torch.distributed.pipelining import PipelineStage
-
         from parallel.pipeline.stage import SharedParamSync, build_stage, shared_holders
 
         cfg, p = self.cfg, self.cfg.parallel
@@ -114,18 +109,28 @@ class PipelineTrainer(Trainer):
         # rank = pp_rank x dp + dp_rank (pp outermost): column j of the grid is pipeline j
         pipelines = self.mesh.mesh.reshape(p.pp, -1).T.tolist()
         pp_group = self.mesh["pp"].get_group()
+        # clipping sums the squared norms of every (stage, shard) once: over all ranks, or with
+        # replicas (HSDP) over the ranks of this rank's replica, which hold every shard once
+        self.norm_group = None
         if self.dims.dp > 1:
+            # HSDP: the 2-D (dp_replicate, dp_shard) submesh shards within and replicates across
+            dp_mesh = self.mesh["dp_replicate", "dp_shard"] if self.dims.dp_replicate > 1 else self.mesh["dp_shard"]
             for m in self.stages:  # each block its own FSDP unit, the rest with the stage (root)
                 for block in m.model.blocks.values():
-                    fully_shard(block, mesh=self.mesh["dp_shard"])
-                fully_shard(m, mesh=self.mesh["dp_shard"])
+                    fully_shard(block, mesh=dp_mesh)
+                fully_shard(m, mesh=dp_mesh)
+        if self.dims.dp_replicate > 1:
+            for r in range(self.dims.dp_replicate):  # new_group is collective: every rank makes all
+                group = dist.new_group(self.mesh.mesh[:, r, :].flatten().tolist())
+                if self.rank in self.mesh.mesh[:, r, :]:
+                    self.norm_group = group
         self.is_first = any(m.is_first for m in self.stages)
         self.is_last = any(m.is_last for m in self.stages)
         last = next((m for m in self.stages if m.is_last), None)
         self.n_micro = self.dims.pp_microbatches
         # every micro-batch of the step divides its loss by their total count, as one process does
         self.loss_fn = PipelineLoss(last.out_keys if last is not None else [], self.n_micro * self.grad_accum)
-        pipe_stages = [PipelineStage(m, m.stage, n_stages, self.device, group=pp_group) for m in self.stages]
+        pipe_stages = [pipeline_stage(m, self.device, group=pp_group) for m in self.stages]
         self.schedule = build_schedule(p.pp_schedule, pipe_stages, self.n_micro, self.loss_fn)
         holders = shared_holders(cfg.model, self.cuts, ranks)
         self.shared_sync = SharedParamSync(self.stages, holders, pp_group, pipelines)
@@ -181,8 +186,7 @@ class PipelineTrainer(Trainer):
 
         self.shared_sync.sync()
         clip = self.cfg.train.grad_clip
-        # over every rank: with FSDP each (stage, shard) is on one rank only
-        norm = clip_grad_norm_(self.stages, clip if clip > 0 else math.inf)
+        norm = clip_grad_norm_(self.stages, clip if clip > 0 else math.inf, self.norm_group)
         if not torch.isfinite(norm):  # the same on every rank: the norm is global
             self._zero_grad()
             raise DivergenceError(

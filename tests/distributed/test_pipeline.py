@@ -1,8 +1,9 @@
 """Pipeline parallelism on CPU/gloo against a single process with the same weights, global batch
 and micro-batches: the losses of two SGD steps and every parameter gradient of the first, for
-a Mamba/SWA model with tied embeddings, SambaY cut between the shared-KV layer and the
-cross-decoder, and RMoE with MoE layers on both sides of the cut; every batch is packed (the
-position ids restart). All cases run in one process group of two ranks, since spawning is slow."""
+every family's tiny config (shrunk): tiny (Mamba/SWA, tied embeddings), llama_tiny (untied),
+gla_tiny, mamba2_tiny, titans_mac_tiny, SambaY cut between the shared-KV layer and the
+cross-decoder, RMoE with MoE layers on both sides of the cut and hybrid_mix; every batch is
+packed (the position ids restart). All cases run in one process group of two ranks, since spawning is slow."""
 
 from __future__ import annotations
 
@@ -24,10 +25,23 @@ def _one_thread():
 
 
 CASES = {
-    # name: (config file, overrides, stage cuts for 2 stages and for 4 (2 ranks x 2 virtual))
-    "mamba_swa_tied": (None, [
-        "model.d_model=32", "model.n_layers=4", "model.layer_pattern='mamba swa'", "model.attention.n_heads=4",
-        "model.attention.window=5", "model.mamba.d_state=4", "model.tie_embeddings=true",
+    # name: (config file, overrides, stage cuts for 2 stages and for 4 (2 ranks x 2 virtual));
+    # every family's tiny config, shrunk so that the whole matrix runs in seconds
+    "tiny": ("configs/tiny.toml", [  # Mamba + SWA, tied embeddings
+        "model.d_model=32", "model.n_layers=4", "model.attention.window=5", "model.mamba.d_state=4",
+    ], {2: [0, 2], 4: [0, 1, 2, 3]}),
+    "llama_tiny": ("configs/llama_tiny.toml", [  # untied: the head lives on the last stage only
+        "model.d_model=32", "model.n_layers=4", "model.attention.n_heads=4",
+    ], {2: [0, 2], 4: [0, 1, 2, 3]}),
+    "gla_tiny": ("configs/gla_tiny.toml", [
+        "model.d_model=32", "model.gla.chunk_size=4",
+    ], {2: [0, 2], 4: [0, 1, 2, 3]}),
+    "mamba2_tiny": ("configs/mamba2_tiny.toml", [
+        "model.d_model=32", "model.mamba2.d_state=4", "model.mamba2.chunk_size=4",
+    ], {2: [0, 2], 4: [0, 1, 2, 3]}),
+    "titans_mac_tiny": ("configs/titans_mac_tiny.toml", [  # segments of 4: several per row
+        "model.d_model=32", "model.titans.chunk_size=2", "model.titans.segment_size=4",
+        "model.titans.n_persistent=2",
     ], {2: [0, 2], 4: [0, 1, 2, 3]}),
     # blocks 0-5 end with 'attn_kv'; 'gmu' (6) and 'xattn' (7) read its K/V and the memory, so at
     # 4 stages the K/V pass through stage 2 untouched on their way to stage 3
@@ -107,17 +121,15 @@ def _pipeline(name: str, schedule: str, virtual: int, rank: int, pp: int) -> dic
     """This rank's share of the pipeline run of case ``name``: its losses (last stage only),
     the first step's gradients, the clipped norms, the validation loss between the steps and the
     weights after the second step, by parameter name."""
-    from torch.distributed.pipelining import PipelineStage
-
     from parallel.pipeline.schedule import (
-        PipelineLoss, build_schedule, evaluate, stage_ranks, stages_of_rank, step,
+        PipelineLoss, build_schedule, evaluate, pipeline_stage, stage_ranks, stages_of_rank, step,
     )
     from parallel.pipeline.stage import SharedParamSync, build_stage, clip_grad_norm_, shared_holders
 
     n_stages = pp * virtual
     cfg, cuts = _config(name, n_stages)
     local = [build_stage(cfg, cuts, s, SEED) for s in stages_of_rank(schedule, rank, pp, virtual)]
-    stages = [PipelineStage(m, m.stage, n_stages, torch.device("cpu")) for m in local]
+    stages = [pipeline_stage(m, torch.device("cpu")) for m in local]
     last = next((m for m in local if m.is_last), None)
     loss_fn = PipelineLoss(last.out_keys if last is not None else [], BATCH // MICRO)
     sched = build_schedule(schedule, stages, BATCH // MICRO, loss_fn)

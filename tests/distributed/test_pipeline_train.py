@@ -1,8 +1,9 @@
 """`pretrain train` with pipeline parallelism (two torchrun ranks, gloo) against one process: the
 logged losses, gradient norms and validation losses of GPipe, 1F1B and ZBV (no validation: torch
-cannot evaluate through it) runs of the tied-embedding SambaY, and
-pp2 x dp_shard2 (FSDP2 inside the stages) on four ranks, and checkpoints that resume across the layouts (pp2 -> one process, one process -> pp2) with the
-same weights, optimizer state and data position as the uninterrupted single-process run."""
+cannot evaluate through it) runs of the tied-embedding SambaY, pp2 x dp_shard2 (FSDP2 inside
+the stages) and pp2 x dp_replicate2 (HSDP) on four ranks, and checkpoints that resume across the
+layouts (pp2 -> one process, one process -> pp4 -> pp2) with the same weights, optimizer state
+and data position as the uninterrupted single-process run."""
 
 from __future__ import annotations
 
@@ -122,6 +123,18 @@ def test_pipeline_train_equals_single_process(small_corpus, prepared_dir, tmp_pa
     _assert_same_checkpoint(_checkpoint(run / "checkpoints/step-00000004", tmp_path),
                             _checkpoint(single / "checkpoints/step-00000004", tmp_path), rel=1e-3)
 
+    # pp2 x dp_replicate2 (HSDP inside the stages; one shard per replica): the replicas' gradients
+    # averaged by an all-reduce, the clipping norm summed over one replica, to the same tolerance
+    run = tmp_path / "pp2_hsdp"
+    result = _torchrun(_overrides(small_corpus, prepared_dir, run, **{
+        "parallel.pp": 2, "parallel.dp_replicate": 2, "parallel.pp_microbatches": 2,
+        "train.micro_batch_size": 1}), nproc=4)
+    assert result.returncode == 0, result.stderr[-3000:]
+    worst = _assert_same_log(_records(run), want, list(range(1, 5)), rel=1e-4)
+    print(f"pp2 x dp_replicate2: worst relative difference of loss/val_loss/grad_norm vs one process {worst:.2e}")
+    _assert_same_checkpoint(_checkpoint(run / "checkpoints/step-00000004", tmp_path),
+                            _checkpoint(single / "checkpoints/step-00000004", tmp_path), rel=1e-3)
+
     # The pp2 checkpoint holds the single-process names, weights and AdamW moments ...
     _assert_same_checkpoint(_checkpoint(tmp_path / "gpipe/checkpoints/step-00000002", tmp_path),
                             _checkpoint(single / "checkpoints/step-00000002", tmp_path))
@@ -138,27 +151,38 @@ def test_pipeline_train_equals_single_process(small_corpus, prepared_dir, tmp_pa
     assert "resumed from step 2" in result.stdout and "at sample 16 " in result.stdout
     _assert_same_log(_records(to_one), want, [3, 4])
 
-    # and the reverse: a single-process checkpoint resumes under pp2 (1f1b)
-    to_pp = tmp_path / "one_to_pp2"
-    _resumable_copy(single, to_pp, 2)
+    # and the reverse, through pp4: a single-process checkpoint resumes under pp4 (four ranks, one
+    # stage each, checkpoints every step), and its step-3 checkpoint under pp2 (1f1b)
+    to_pp4 = tmp_path / "one_to_pp4"
+    _resumable_copy(single, to_pp4, 2)
+    result = _torchrun(_overrides(small_corpus, prepared_dir, to_pp4, **{
+        "parallel.pp": 4, "parallel.pp_microbatches": 4, "checkpoint.interval": 1}), nproc=4)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from step 2" in result.stdout and "at sample 16 " in result.stdout
+    assert "4 stages starting at layers" in result.stdout
+    # (its validation set is rounded up to 2 x 4 sequences, one round of 4 micro-batches)
+    _assert_same_log(_records(to_pp4), want, [3, 4], keys=("loss", "grad_norm"))
+    to_pp = tmp_path / "pp4_to_pp2"
+    _resumable_copy(to_pp4, to_pp, 3)
     result = _torchrun(_overrides(small_corpus, prepared_dir, to_pp, **{"parallel.pp": 2,
                                                                         "parallel.pp_schedule": "1f1b"}))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "resumed from step 2" in result.stdout and "at sample 16 " in result.stdout
-    _assert_same_log(_records(to_pp), want, [3, 4])
+    assert "resumed from step 3" in result.stdout and "at sample 24 " in result.stdout
+    _assert_same_log(_records(to_pp), want, [4])
     final = _checkpoint(single / "checkpoints/step-00000004", tmp_path)
-    for run in (to_one, to_pp):
+    for run in (to_one, to_pp4, to_pp):
         _assert_same_checkpoint(_checkpoint(run / "checkpoints/step-00000004", tmp_path), final)
 
 
-def test_pipeline_with_replicas_is_refused():
+def test_pipeline_with_compile_is_refused():
     from parallel.dims import ParallelDims
     from pretrain.config import ConfigError, load_config
     from pretrain.train.pipeline_step import PipelineTrainer
 
-    cfg = load_config(None, ["parallel.pp=2", "parallel.dp_replicate=2"])
+    cfg = load_config(None, ["parallel.pp=2", "parallel.dp_replicate=2", "train.compile=true"])
     trainer = PipelineTrainer.__new__(PipelineTrainer)  # only the layout check, no process group
     trainer.dims = ParallelDims.from_config(cfg.parallel, 4)
-    with pytest.raises(ConfigError, match=r"^parallel\.dp_replicate: .*HSDP") as err:
+    with pytest.raises(ConfigError, match=r"^train\.compile: ") as err:
         trainer._check_layout(cfg)
     assert "\n" not in str(err.value)
+    trainer._check_layout(load_config(None, ["parallel.pp=2", "parallel.dp_replicate=2"]))  # HSDP runs
