@@ -6,8 +6,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -109,3 +111,50 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
         for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
         if "loss" in r
     ]
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (from /proc), parents first."""
+    parent = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:  # exited meanwhile
+                pass
+    out = [pid]
+    for p in out:
+        out += [c for c, pp in parent.items() if pp == p]
+    return out
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc`` and every process under it: a torchrun agent, its ranks and their data
+    workers (torchrun puts each rank in a session of its own, so killing the agent's group alone
+    would leave the ranks training)."""
+    for pid in reversed(_process_tree(proc.pid)):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def kill_after_step(proc: subprocess.Popen, run_dir, step: int, log, timeout: float = 300) -> int:
+    """SIGKILL ``proc`` and every process under it as soon as metrics.jsonl shows ``step``;
+    the last step logged when it died."""
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError(f"run ended before step {step}: {log.read_text()[-2000:]}")
+            if metrics.is_file() and any(s >= step for s, _ in losses(run_dir)):
+                break
+            time.sleep(0.02)
+        else:
+            raise AssertionError(f"step {step} not reached in {timeout}s")
+    finally:
+        kill_tree(proc)
+    return max(s for s, _ in losses(run_dir))

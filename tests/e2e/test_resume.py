@@ -4,12 +4,10 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 
-from tests.conftest import ROOT, losses, run_cli, set_args, tiny_overrides
+from tests.conftest import ROOT, kill_after_step, losses, run_cli, set_args, tiny_overrides
 
 STEPS = 12
 
@@ -23,22 +21,6 @@ def _start(args: list[str], log) -> subprocess.Popen:
         )
 
 
-def _kill_after_step(proc: subprocess.Popen, run_dir, step: int, log, timeout: float = 240) -> None:
-    """SIGKILL ``proc`` as soon as metrics.jsonl shows ``step`` (wherever it is then)."""
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended before step {step}: {log.read_text()[-2000:]}")
-        if metrics.is_file() and any(s >= step for s, _ in losses(run_dir)):
-            break
-        time.sleep(0.02)
-    else:
-        raise AssertionError(f"step {step} not reached in {timeout}s")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-
-
 def test_sigkill_and_resume_is_bitwise_identical(small_corpus, prepared_dir, tmp_path):
     common = {"train.max_steps": STEPS, "checkpoint.interval": 3, "checkpoint.keep_last": 2}
     straight = tmp_path / "straight"
@@ -50,8 +32,8 @@ def test_sigkill_and_resume_is_bitwise_identical(small_corpus, prepared_dir, tmp
     killed = tmp_path / "killed"
     args = ["train", *set_args(tiny_overrides(small_corpus, prepared_dir, killed, **common))]
     log = tmp_path / "stderr.log"
-    _kill_after_step(_start(args, log), killed, 4, log)  # between checkpoints 3 and 6
-    _kill_after_step(_start(args, log), killed, 8, log)  # resumed from 3 or 6, killed again
+    kill_after_step(_start(args, log), killed, 4, log)  # between checkpoints 3 and 6
+    kill_after_step(_start(args, log), killed, 8, log)  # resumed from 3 or 6, killed again
     resumed = run_cli(args)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from step" in resumed.stdout
