@@ -1,9 +1,10 @@
 """`pretrain train` with pipeline parallelism (two torchrun ranks, gloo) against one process: the
 logged losses, gradient norms and validation losses of GPipe, 1F1B and ZBV (no validation: torch
 cannot evaluate through it) runs of the tied-embedding SambaY, pp2 x dp_shard2 (FSDP2 inside
-the stages) and pp2 x dp_replicate2 (HSDP) on four ranks, and checkpoints that resume across the
-layouts (pp2 -> one process, one process -> pp4 -> pp2) with the same weights, optimizer state
-and data position as the uninterrupted single-process run."""
+the stages) and pp2 x dp_replicate2 (HSDP) on four ranks, checkpoints that resume across the
+layouts (pp2 -> one process, pp2 -> pp4, pp2 -> dp2 -> pp2, one process -> pp4 -> pp2) with the
+same weights, optimizer state and data position as the uninterrupted single-process run, and
+`pretrain eval` and `pretrain generate` on a pp2 checkpoint."""
 
 from __future__ import annotations
 
@@ -79,6 +80,14 @@ def _assert_same_checkpoint(got: dict, want: dict, rel: float = REL) -> None:
     for k, w in want["optim"].items():
         for m in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(got["optim"][k][m], w[m], rtol=rel, atol=rel * 1e-4, msg=f"{k} {m}")
+
+
+def _max_differences(got: dict, want: dict) -> tuple[float, float]:
+    """The largest absolute difference over all weights, and over all AdamW moments."""
+    weights = max((got["model"][k] - w).abs().max().item() for k, w in want["model"].items())
+    moments = max((got["optim"][k][m] - w[m]).abs().max().item()
+                  for k, w in want["optim"].items() for m in ("exp_avg", "exp_avg_sq"))
+    return weights, moments
 
 
 def _resumable_copy(run_dir, new_dir, step: int) -> None:
@@ -171,7 +180,55 @@ def test_pipeline_train_equals_single_process(small_corpus, prepared_dir, tmp_pa
     _assert_same_log(_records(to_pp), want, [4])
     final = _checkpoint(single / "checkpoints/step-00000004", tmp_path)
     for run in (to_one, to_pp4, to_pp):
-        _assert_same_checkpoint(_checkpoint(run / "checkpoints/step-00000004", tmp_path), final)
+        _assert_same_checkpoint(got := _checkpoint(run / "checkpoints/step-00000004", tmp_path), final)
+        print(f"{run.name}: max |weight| / |moment| difference vs one process %.1e / %.1e"
+              % _max_differences(got, final))
+
+    # The same pp2 checkpoint resumes under pp4 (four stages, one per rank) ...
+    pp2_to_pp4 = tmp_path / "pp2_to_pp4"
+    _resumable_copy(tmp_path / "gpipe", pp2_to_pp4, 2)
+    result = _torchrun(_overrides(small_corpus, prepared_dir, pp2_to_pp4, **{
+        "parallel.pp": 4, "parallel.pp_microbatches": 4}), nproc=4)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from step 2" in result.stdout and "at sample 16 " in result.stdout
+    worst = _assert_same_log(_records(pp2_to_pp4), want, [3, 4], keys=("loss", "grad_norm"))
+    print(f"pp2_to_pp4: worst relative difference of loss/grad_norm vs one process {worst:.2e}")
+    _assert_same_checkpoint(got := _checkpoint(pp2_to_pp4 / "checkpoints/step-00000004", tmp_path), final)
+    print("pp2_to_pp4: max |weight| / |moment| difference vs one process %.1e / %.1e" % _max_differences(got, final))
+
+    # ... and under dp2 (FSDP2 over two ranks, no pipeline; checkpoints every step), whose step-3
+    # checkpoint resumes under pp2 again (the reverse). FSDP's reduce-scatter sums in another order:
+    # the tolerances of pp2 x dp_shard2 above.
+    pp2_to_dp2 = tmp_path / "pp2_to_dp2"
+    _resumable_copy(tmp_path / "gpipe", pp2_to_dp2, 2)
+    result = _torchrun(_overrides(small_corpus, prepared_dir, pp2_to_dp2, **{"checkpoint.interval": 1}))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from step 2" in result.stdout and "at sample 16 " in result.stdout
+    assert "stages starting at layers" not in result.stdout
+    worst = _assert_same_log(_records(pp2_to_dp2), want, [3, 4], rel=1e-4)
+    print(f"pp2_to_dp2: worst relative difference of loss/val_loss/grad_norm vs one process {worst:.2e}")
+    dp2_to_pp2 = tmp_path / "dp2_to_pp2"
+    _resumable_copy(pp2_to_dp2, dp2_to_pp2, 3)
+    result = _torchrun(_overrides(small_corpus, prepared_dir, dp2_to_pp2, **{
+        "parallel.pp": 2, "parallel.pp_microbatches": 2}))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from step 3" in result.stdout and "at sample 24 " in result.stdout
+    worst = _assert_same_log(_records(dp2_to_pp2), want, [4], rel=1e-4)
+    print(f"dp2_to_pp2: worst relative difference of loss/val_loss/grad_norm vs one process {worst:.2e}")
+    for run in (pp2_to_dp2, dp2_to_pp2):
+        _assert_same_checkpoint(got := _checkpoint(run / "checkpoints/step-00000004", tmp_path), final, rel=1e-3)
+        print(f"{run.name}: max |weight| / |moment| difference vs one process %.1e / %.1e"
+              % _max_differences(got, final))
+
+    # `pretrain generate` reads a pp2 checkpoint: greedy text equal to the one-process checkpoint of
+    # the same step (their weights agree to 1e-5 relative, asserted above)
+    texts = []
+    for run in (tmp_path / "gpipe", single):
+        result = run_cli(["generate", "--checkpoint", str(run / "checkpoints/step-00000002"),
+                          "--prompt", "And God said", "--max-new-tokens", "12", "--greedy"])
+        assert result.returncode == 0, result.stderr[-3000:]
+        texts.append(result.stdout)
+    assert texts[0].startswith("And God said") and texts[0] == texts[1], texts
 
 
 def test_pipeline_with_compile_is_refused():
