@@ -140,10 +140,18 @@ def step(
     into the stages' parameters. Returns the last stage's per-micro-batch records (see
     :class:`PipelineLoss`, the one given to :func:`build_schedule`; ``[]`` on ranks without
     the last stage)."""
+    return _run(schedule.step, loss_fn, input_ids, labels, position_ids)
+
+
+def _run(
+    action: Any, loss_fn: PipelineLoss, input_ids: Tensor | None, labels: Tensor | None, position_ids: Tensor | None
+) -> list[dict[str, Tensor]]:
+    """``schedule.step`` or ``schedule.eval`` on this rank's share of the batch -> the last
+    stage's per-micro-batch records."""
     loss_fn.records.clear()
     args = (input_ids,) if input_ids is not None else ()
     kwargs = {"position_ids": position_ids} if position_ids is not None else {}
-    schedule.step(*args, target=labels, return_outputs=False, **kwargs)
+    action(*args, target=labels, return_outputs=False, **kwargs)
     # The first step (and the first after an eval) also runs the loss once on placeholder
     # tensors to infer shapes: keep the last n records.
     return loss_fn.records[-loss_fn.n :]
@@ -165,9 +173,5 @@ def evaluate(
     there ("can't steal_bwd_input if this stage doesn't have backward")."""
     if isinstance(schedule, ScheduleZBVZeroBubble):
         raise NotImplementedError("forward-only evaluation through a 'zbv' schedule fails in torch 2.13")
-    loss_fn.records.clear()
-    args = (input_ids,) if input_ids is not None else ()
-    kwargs = {"position_ids": position_ids} if position_ids is not None else {}
     with torch.no_grad():
-        schedule.eval(*args, target=labels, return_outputs=False, **kwargs)
-    return loss_fn.records[-loss_fn.n :]
+        return _run(schedule.eval, loss_fn, input_ids, labels, position_ids)
