@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.conftest import ROOT, losses, run_cli, set_args, tiny_overrides
+from tests.conftest import ROOT, end_spawned_rank, losses, run_cli, set_args, tiny_overrides
 
 GLOBAL_BATCH, SEQ, VOCAB = 4, 16, 64
 
@@ -74,7 +74,7 @@ def _rank_main(rank: int, world: int, store: str, out: str) -> None:
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
     if rank == 0:
         torch.save({"loss": loss.item() / world, "grads": grads}, out)
-    dist.destroy_process_group()
+    end_spawned_rank()
 
 
 def test_fsdp_gradients_equal_single_process(tmp_path):

@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.conftest import end_spawned_rank
+
 BATCH, SEQ, VOCAB, MICRO, SEED, LR, CLIP = 4, 12, 64, 2, 0, 0.5, 0.5
 
 
@@ -183,7 +185,7 @@ def _rank_main(rank: int, world: int, store: str, out_dir: str) -> None:
         for schedule, virtual in SCHEDULES:
             results[name, schedule] = _pipeline(name, schedule, virtual, rank, world)
     torch.save(results, f"{out_dir}/rank{rank}.pt")
-    dist.destroy_process_group()
+    end_spawned_rank()
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.conftest import end_spawned_rank
 from tests.distributed.test_pipeline import BATCH, CLIP, SEED, _batch, _config
 
 STEPS, LR = 3, 1e-2
@@ -68,7 +69,7 @@ def _rank_main(rank: int, world: int, store: str, out_dir: str) -> None:
         opt.zero_grad(set_to_none=True)
     gru = {k: p.full_tensor() for k, p in stage.model.named_parameters() if k.startswith("router_gru.")}
     torch.save(gru, f"{out_dir}/rank{rank}.pt")
-    dist.destroy_process_group()
+    end_spawned_rank()
 
 
 def test_gru_copies_stay_bitwise_equal_under_pp_x_dp(tmp_path):
