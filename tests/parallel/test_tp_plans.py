@@ -1,0 +1,120 @@
+"""Every tensor-parallel plan against the unsplit layer, in one process (tests/parallel/
+tp_reference.py): outputs, the carry and every gradient (input, carry, parameters) of each
+block's mixer and FFN, at tp 2 and 4, for every family's layer types."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from parallel.tensor import FFN_PLANS, MIXER_PLANS
+from pretrain.config import ConfigError, load_config
+from pretrain.models import build_model
+from tests.parallel.tp_reference import simulate_region
+
+# config, overrides: every mixer and FFN type with a plan appears in one of them
+CASES = {
+    "llama_gqa": ("configs/llama_tiny.toml", []),  # 8 heads / 2 KV heads: tp 4 replicates KV
+    "sambay": ("configs/sambay_tiny.toml", []),
+    "diff": ("configs/sambay_tiny.toml", ['model.layer_pattern=["diff_swa","diff_attn_kv","diff_xattn","diff_attn"]',
+                                          "model.n_layers=4", "model.attention.n_heads=8"]),
+}
+
+
+def _model(path: str, overrides: list[str]):
+    cfg = load_config(path, ["model.vocab_size=64", *overrides]).model
+    torch.manual_seed(0)
+    return build_model(cfg).double()
+
+
+def _block_inputs(model, index: int, ids: torch.Tensor, position_ids: torch.Tensor):
+    """Hidden states and carry entering block ``index`` (detached leaves)."""
+    h = model.embed(ids)
+    ctx = model._context(h, position_ids, None)
+    carry = model.router_gru.carry() if model.router_gru is not None else {}
+    with torch.no_grad():
+        for block in list(model.blocks.values())[:index]:
+            h, carry = block(h, ctx, carry)
+    leaf = {k: v.detach().clone().requires_grad_(v.is_floating_point()) for k, v in carry.items()}
+    return h.detach(), ctx, leaf
+
+
+def _run(module, args, plan, tp):
+    out = module(*args) if plan is None else simulate_region_or_call(module, plan, tp, args)
+    y, carry = out if getattr(module, "uses_carry", False) else (out, {})
+    torch.manual_seed(1)
+    loss = (y * torch.randn_like(y)).sum()
+    for k, v in sorted(carry.items()):
+        if v.requires_grad:
+            loss = loss + (v * torch.randn_like(v)).sum()
+    tensors = [a for a in args if torch.is_tensor(a) and a.requires_grad]
+    carry_in = args[-1] if getattr(module, "uses_carry", False) else {}
+    tensors += [v for _, v in sorted(carry_in.items()) if v.requires_grad]
+    params = [p for _, p in sorted(module.named_parameters())]
+    grads = torch.autograd.grad(loss, tensors + params, allow_unused=True)
+    return y, carry, grads
+
+
+def simulate_region_or_call(module, plan, tp, args):
+    return simulate_region(module, plan, tp, args)
+
+
+def _check(module, args_fn, plan, tp, what):
+    y0, c0, g0 = _run(module, args_fn(), None, tp)
+    y1, c1, g1 = _run(module, args_fn(), plan, tp)
+    torch.testing.assert_close(y1, y0, rtol=1e-6, atol=1e-9, msg=lambda m, w=f"{what}: output": f"{w}\n{m}")
+    assert c1.keys() == c0.keys(), what
+    for k in c0:
+        torch.testing.assert_close(c1[k], c0[k], rtol=1e-6, atol=1e-9, msg=lambda m, w=f"{what}: carry {k}": f"{w}\n{m}")
+    for i, (a, b) in enumerate(zip(g0, g1)):
+        assert (a is None) == (b is None), f"{what}: gradient {i}"
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9, msg=lambda m, w=f"{what}: gradient {i}": f"{w}\n{m}")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("tp", [2, 4])
+def test_plans_equal_unsplit_layer(case, tp):
+    path, overrides = CASES[case]
+    model = _model(path, overrides)
+    cfg = model.cfg
+    b, t = 2, 12
+    ids = torch.randint(0, cfg.vocab_size, (b, t))
+    position_ids = torch.cat([torch.arange(5), torch.arange(7)]).expand(b, t)  # two packed documents
+    checked = 0
+    for index, block in enumerate(model.blocks.values()):
+        if block.mixer_name not in MIXER_PLANS:
+            continue  # its plan is checked once it exists (test_every_layer_type_has_a_plan)
+        h, ctx, carry = _block_inputs(model, index, ids, position_ids)
+        mixer_plan = MIXER_PLANS[block.mixer_name](cfg, index, tp)
+        x = block.norm1(h).detach()
+
+        def mixer_args():
+            xx = x.clone().requires_grad_()
+            if getattr(block.mixer, "uses_carry", False):
+                return (xx, ctx, None, {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in carry.items()})
+            return (xx, ctx, None)
+
+        _check(block.mixer, mixer_args, mixer_plan, tp, f"{case} block {index} {block.mixer_name} tp{tp}")
+        checked += 1
+        if block.ffn is not None and block.ffn_name in FFN_PLANS:
+            ffn_plan = FFN_PLANS[block.ffn_name](cfg, index, tp)
+            x2 = torch.randn_like(x)
+
+            def ffn_args():
+                xx = x2.clone().requires_grad_()
+                if getattr(block.ffn, "uses_carry", False):
+                    return (xx, ctx, {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in carry.items()})
+                return (xx,)
+
+            _check(block.ffn, ffn_args, ffn_plan, tp, f"{case} block {index} {block.ffn_name} tp{tp}")
+            checked += 1
+    assert checked > 0
+
+
+def test_plan_refuses_indivisible_heads():
+    cfg = load_config("configs/llama_tiny.toml", ["model.vocab_size=64"]).model
+    with pytest.raises(ConfigError, match="model.attention.n_heads"):
+        MIXER_PLANS["attn"](cfg, 0, 3)
+    with pytest.raises(ConfigError, match="model.ffn_hidden"):
+        FFN_PLANS["mlp"](cfg, 0, 7)
