@@ -40,23 +40,19 @@ def _block_inputs(model, index: int, ids: torch.Tensor, position_ids: torch.Tens
 
 
 def _run(module, args, plan, tp):
-    out = module(*args) if plan is None else simulate_region_or_call(module, plan, tp, args)
+    out = module(*args) if plan is None else simulate_region(module, plan, tp, args)
     y, carry = out if getattr(module, "uses_carry", False) else (out, {})
     torch.manual_seed(1)
-    loss = (y * torch.randn_like(y)).sum()
+    loss = (y * torch.randn(y.shape, dtype=y.dtype)).sum()
     for k, v in sorted(carry.items()):
         if v.requires_grad:
-            loss = loss + (v * torch.randn_like(v)).sum()
+            loss = loss + (v * torch.randn(v.shape, dtype=v.dtype)).sum()
     tensors = [a for a in args if torch.is_tensor(a) and a.requires_grad]
     carry_in = args[-1] if getattr(module, "uses_carry", False) else {}
     tensors += [v for _, v in sorted(carry_in.items()) if v.requires_grad]
     params = [p for _, p in sorted(module.named_parameters())]
     grads = torch.autograd.grad(loss, tensors + params, allow_unused=True)
     return y, carry, grads
-
-
-def simulate_region_or_call(module, plan, tp, args):
-    return simulate_region(module, plan, tp, args)
 
 
 def _check(module, args_fn, plan, tp, what):
