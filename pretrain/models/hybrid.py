@@ -181,9 +181,11 @@ class HybridLM(nn.Module):
         if backend == "flash" and attn and cache is None and not flash:
             raise RuntimeError("model.attention.backend='flash' needs CUDA, bf16/fp16 and the flash-attn package")
         use_rope = any(m.use_rope for m in attn)
+        # the sequence length comes from the position ids when given: under sequence
+        # parallelism h holds this rank's T/tp tokens while the layers see all T
         return build_context(
             h.shape[0],
-            h.shape[1],
+            position_ids.shape[1] if position_ids is not None else h.shape[1],
             h.device,
             position_ids,
             cache,

@@ -1,0 +1,305 @@
+"""Tensor and sequence parallelism on the 'tp' mesh dimension: the plans of plan.py applied
+to a built :class:`~pretrain.models.HybridLM` (or a pipeline stage's part of one).
+
+Parameters become DTensors on the tp mesh — ``Shard(d)`` per the plans, ``Replicate()``
+otherwise — so FSDP2 composes with them and DCP checkpoints reshard between any layouts. The
+model code never sees a DTensor: forward hooks swap each module's DTensor parameters for their
+local shards for the duration of its forward, and convert the activations at region borders
+(Megatron's conjugate operators f / g, Shoeybi et al. 2019; with sequence parallelism their
+all-gather / reduce-scatter forms, Korthikanti et al. 2022), expressed as DTensor
+redistributions:
+
+- entering a region (a mixer, an FFN, the head): the input ``[B, T, d]`` (``[B, T/tp, d]`` with
+  sequence parallelism) becomes the full replicated input; in the backward the ranks' partial
+  input gradients are all-reduced (reduce-scattered along the sequence);
+- leaving it: the output, a partial sum over ranks (row-parallel last projection), is
+  all-reduced (reduce-scattered along the sequence); replicated carry entries a region writes
+  (the GRU router's state, the running auxiliary loss) leave unchanged with their gradient
+  divided by tp, since every rank then feeds the same gradient back into the region;
+- replicated parameters used inside a region, or on sequence-sharded tokens (the norms under
+  sequence parallelism), get their gradient all-reduced: each rank holds only its part of it;
+- the embedding is vocabulary-parallel (each rank looks up its vocabulary rows, zeros the rest,
+  and the partial sums are reduced), the head column-parallel over the vocabulary: the logits
+  stay sharded ``[B, T, V/tp]`` and :func:`vocab_parallel_cross_entropy` computes the loss
+  without gathering them (torch's ``loss_parallel``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+from parallel.tensor.plan import FFN_PLANS, MIXER_PLANS, GroupSlice, Layout, RegionPlan, local_slice
+
+
+# ----------------------------------------------------------------- border operators
+
+
+def enter_region(x: Tensor, mesh: DeviceMesh, sequence_parallel: bool) -> Tensor:
+    """Megatron's f: the full input of a region. Forward: identity (all-gather along dim 1 with
+    sequence parallelism); backward: all-reduce (reduce-scatter along dim 1)."""
+    if sequence_parallel:
+        d = DTensor.from_local(x, mesh, [Shard(1)], run_check=False).redistribute(mesh, [Replicate()])
+    else:
+        d = DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+    return d.to_local(grad_placements=[Partial()])
+
+
+def exit_region(y: Tensor, mesh: DeviceMesh, sequence_parallel: bool) -> Tensor:
+    """Megatron's g: the sum over ranks of the partial outputs ``y``. Forward: all-reduce
+    (reduce-scatter along dim 1 with sequence parallelism); backward: identity (all-gather)."""
+    target = Shard(1) if sequence_parallel else Replicate()
+    return DTensor.from_local(y, mesh, [Partial()], run_check=False).redistribute(mesh, [target]).to_local()
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, scale: float) -> Tensor:  # type: ignore[override]
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return grad * ctx.scale, None
+
+
+def _all_reduce_grad(t: Tensor, mesh: DeviceMesh) -> Tensor:
+    """Identity whose backward all-reduces the gradient over the tp ranks."""
+    return DTensor.from_local(t, mesh, [Replicate()], run_check=False).to_local(grad_placements=[Partial()])
+
+
+# ----------------------------------------------------------------- parameters
+
+
+def _distribute(module: nn.Module, layouts: dict[str, Layout | None], mesh: DeviceMesh) -> None:
+    """Turn ``module``'s parameters into DTensors on ``mesh``: Shard(d) as ``layouts`` say,
+    Replicate for the rest (GroupSlice parameters too: every rank keeps them whole)."""
+    for name, param in list(module.named_parameters()):
+        if isinstance(param, DTensor):
+            continue
+        layout = layouts.get(name)
+        placement = layout if isinstance(layout, Shard) else Replicate()
+        owner, _, leaf = name.rpartition(".")
+        dt = distribute_tensor(param.detach(), mesh, [placement], src_data_rank=None)
+        setattr(module.get_submodule(owner), leaf, nn.Parameter(dt, requires_grad=param.requires_grad))
+
+
+@contextmanager
+def _local_params(module: nn.Module, view: dict[str, Any]) -> Iterator[None]:
+    """Inside: ``module``'s DTensor parameters replaced by ``view[name](param)``."""
+    saved = []
+    for name, param in module.named_parameters():
+        if name in view:
+            owner_name, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(owner_name)
+            saved.append((owner, leaf, param))
+            owner._parameters[leaf] = view[name](param)  # a plain tensor: bypasses the Parameter check
+    try:
+        yield
+    finally:
+        for owner, leaf, param in saved:
+            owner._parameters[leaf] = param
+
+
+class _Swap:
+    """Forward pre-/post-hooks that hold :func:`_local_params` open for one forward."""
+
+    def __init__(self, module: nn.Module, view: dict[str, Any]) -> None:
+        self.view = view
+        self.open: list[Any] = []
+        module.register_forward_pre_hook(self._pre)
+        module.register_forward_hook(self._post, always_call=True)
+        self.module = module
+
+    def _pre(self, module: nn.Module, args: Any) -> None:
+        cm = _local_params(module, self.view)
+        cm.__enter__()
+        self.open.append(cm)
+
+    def _post(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.open:
+            self.open.pop().__exit__(None, None, None)
+
+
+def _region_view(plan: RegionPlan, mesh: DeviceMesh, module: nn.Module) -> dict[str, Any]:
+    """Local views of a region's parameters: a shard as is; a replicated parameter with its
+    gradient all-reduced (each rank uses it with its own heads), a GroupSlice one sliced."""
+    rank, tp = mesh.get_local_rank(), mesh.size()
+    views: dict[str, Any] = {}
+    for name, _ in module.named_parameters():
+        layout = plan.layout(name)
+        if isinstance(layout, Shard):
+            views[name] = lambda p: p.to_local()
+        elif isinstance(layout, GroupSlice):
+            def group(p: DTensor, layout: GroupSlice = layout) -> Tensor:
+                full = _all_reduce_grad(p.to_local(), mesh)
+                s = local_slice(layout, full.shape[layout.dim], rank, tp)
+                return full.narrow(layout.dim, s.start, s.stop - s.start)
+
+            views[name] = group
+        else:
+            views[name] = lambda p: _all_reduce_grad(p.to_local(), mesh)
+    return views
+
+
+# ----------------------------------------------------------------- regions
+
+
+class Region:
+    """One mixer or FFN run as a tensor-parallel region (see the module docstring)."""
+
+    def __init__(self, module: nn.Module, plan: RegionPlan, mesh: DeviceMesh, sequence_parallel: bool) -> None:
+        self.plan, self.mesh, self.sp = plan, mesh, sequence_parallel
+        self.uses_carry = getattr(module, "uses_carry", False)
+        self.tp = mesh.size()
+        _distribute(module, {n: plan.layout(n) for n, _ in module.named_parameters()}, mesh)
+        self.view = _region_view(plan, mesh, module)
+        self.entered: list[dict[int, Tensor]] = []
+        self.open: list[Any] = []
+        module.register_forward_pre_hook(self._pre)
+        module.register_forward_hook(self._post, always_call=True)
+
+    def _pre(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        cm = _local_params(module, self.view)
+        cm.__enter__()
+        args = list(args)
+        args[0] = enter_region(args[0], self.mesh, self.sp)
+        originals: dict[int, Tensor] = {}
+        if self.uses_carry:
+            carry = {}
+            for k, v in args[-1].items():
+                if self.plan.carry_layout(k) is None and v.requires_grad:
+                    # a replicated entry: each rank's use of it gives part of its gradient
+                    v2 = _all_reduce_grad(v, self.mesh)
+                    originals[id(v2)] = v
+                    v = v2
+                carry[k] = v
+            args[-1] = carry
+        self.entered.append(originals)
+        self.open.append(cm)
+        return tuple(args)
+
+    def _post(self, module: nn.Module, args: Any, output: Any) -> Any:
+        self.open.pop().__exit__(None, None, None)
+        originals = self.entered.pop()
+        if output is None:  # the forward raised
+            return None
+        y, carry = output if self.uses_carry else (output, None)
+        y = exit_region(y, self.mesh, self.sp)
+        if carry is None:
+            return y
+        out = {}
+        for k, v in carry.items():
+            if id(v) in originals:  # passed through untouched: hand back the caller's tensor
+                v = originals[id(v)]
+            elif self.plan.carry_layout(k) is None and v.requires_grad:
+                v = _ScaleGrad.apply(v, 1.0 / self.tp)
+            out[k] = v
+        return y, out
+
+
+# ----------------------------------------------------------------- the model
+
+
+def tp_plans(cfg: Any, tp: int) -> list[tuple[RegionPlan, RegionPlan | None]]:
+    """The (mixer, FFN) plans of every layer of ``cfg`` at ``tp``; raises ConfigError naming
+    the field when a layer cannot be split (or has no plan yet)."""
+    from pretrain.config.errors import require
+
+    plans = []
+    for i, (mixer, ffn) in enumerate(cfg.pattern()):
+        require(mixer in MIXER_PLANS, "parallel.tp", f"mixer {mixer!r} has no tensor-parallel plan")
+        require(ffn == "none" or ffn in FFN_PLANS, "parallel.tp", f"FFN {ffn!r} has no tensor-parallel plan")
+        plans.append((MIXER_PLANS[mixer](cfg, i, tp), FFN_PLANS[ffn](cfg, i, tp) if ffn != "none" else None))
+    return plans
+
+
+def apply_tp(model: nn.Module, mesh: DeviceMesh, sequence_parallel: bool, root: nn.Module | None = None) -> None:
+    """Apply tensor (and sequence) parallelism to the materialised HybridLM ``model`` (a pipeline
+    stage's model may lack blocks, the embedding or the head) over the 1-D tp ``mesh``, in place.
+
+    ``root`` (default ``model``): the module whose forward encloses every use of the embedding,
+    head and norms (a pipeline stage's :class:`~parallel.pipeline.stage.StageModule`). Every rank
+    must hold the same full weights before (a seeded build): each keeps its shards. Under
+    sequence parallelism the hidden states between regions are ``[B, T/tp, d_model]`` local
+    shards, T must divide by tp, and ``position_ids [B, T]`` must be passed to the model (its
+    masks are built from them). The logits are ``[B, T, V/tp]`` shards: use
+    :func:`vocab_parallel_cross_entropy`.
+    """
+    root = model if root is None else root
+    cfg = model.cfg
+    plans = tp_plans(cfg, mesh.size())
+    for name, block in model.blocks.items():
+        mixer_plan, ffn_plan = plans[int(name)]
+        Region(block.mixer, mixer_plan, mesh, sequence_parallel)
+        if block.ffn is not None:
+            Region(block.ffn, ffn_plan, mesh, sequence_parallel)
+    # everything outside the regions: embedding (Shard(0) over the vocabulary), head (ditto),
+    # norms and the shared GRU (replicated); their local views live for the whole forward
+    view: dict[str, Any] = {}
+    outside = {n: p for n, p in model.named_parameters() if not isinstance(p, DTensor)}
+    vocab = {"embed.weight", "head.weight"}
+    _distribute(model, {n: Shard(0) if n in vocab else None for n in outside}, mesh)
+    prefix = "" if root is model else next(n for n, m in root.named_modules() if m is model) + "."
+    for n in outside:
+        on_tokens = sequence_parallel and (n.endswith("norm1.weight") or n.endswith("norm2.weight") or n == "norm.weight")
+        view[prefix + n] = (lambda p: _all_reduce_grad(p.to_local(), mesh)) if on_tokens else (lambda p: p.to_local())
+    _Swap(root, view)
+    if model.embed is not None:
+        _vocab_parallel_embedding(model.embed, mesh, sequence_parallel)
+    if model.norm is not None and (model.head is not None or cfg.tie_embeddings):
+        model.norm.register_forward_hook(lambda m, a, out: enter_region(out, mesh, sequence_parallel))
+
+
+def _vocab_parallel_embedding(embed: nn.Embedding, mesh: DeviceMesh, sequence_parallel: bool) -> None:
+    rank, tp = mesh.get_local_rank(), mesh.size()
+    rows = local_slice(Shard(0), embed.num_embeddings, rank, tp)
+    masks: list[Tensor] = []
+
+    def pre(module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        ids = args[0]
+        outside = (ids < rows.start) | (ids >= rows.stop)
+        masks.append(outside)
+        return ((ids - rows.start).masked_fill(outside, 0), *args[1:])
+
+    def post(module: nn.Module, args: Any, out: Tensor) -> Tensor:
+        out = out.masked_fill(masks.pop().unsqueeze(-1), 0.0)
+        return exit_region(out, mesh, sequence_parallel)
+
+    embed.register_forward_pre_hook(pre)
+    embed.register_forward_hook(post)
+
+
+def vocab_parallel_cross_entropy(logits: Tensor, labels: Tensor, mesh: DeviceMesh, ignore_index: int = -100) -> Tensor:
+    """Mean next-token cross-entropy of vocabulary-sharded ``logits [B, T, V/tp]`` (this
+    rank's contiguous slice of the vocabulary) against ``labels [B, T]`` (int64, full
+    vocabulary ids; ``ignore_index`` ones skipped, as ``F.cross_entropy``), without gathering
+    the logits (Megatron's vocab-parallel cross-entropy): all-reductions of the row max, the
+    sum of exponentials and the target logit, ``[B * T]`` floats each. Returns the replicated
+    fp32 scalar; its backward reaches the local logits with no further communication, so it
+    needs no context around the backward (unlike torch's ``loss_parallel``)."""
+    x = logits.float().flatten(0, 1)  # [N, V/tp]
+    labels = labels.flatten()
+    width = x.shape[1]
+    start = mesh.get_local_rank() * width
+    with torch.no_grad():  # the stabiliser: lse = m + log sum exp(x - m) for any constant m
+        m = DTensor.from_local(x.max(dim=1).values, mesh, [Partial("max")], run_check=False).full_tensor()
+    sum_exp = _sum_over_ranks(torch.exp(x - m.unsqueeze(1)).sum(dim=1), mesh)
+    local = labels - start
+    mine = (local >= 0) & (local < width)
+    target = x.gather(1, local.clamp(0, width - 1).unsqueeze(1)).squeeze(1).masked_fill(~mine, 0.0)
+    target = _sum_over_ranks(target, mesh)
+    keep = labels != ignore_index
+    return ((torch.log(sum_exp) + m - target) * keep).sum() / keep.sum()
+
+
+def _sum_over_ranks(t: Tensor, mesh: DeviceMesh) -> Tensor:
+    """All-reduce (sum) whose backward is the identity (the result is used alike by all ranks)."""
+    return DTensor.from_local(t, mesh, [Partial()], run_check=False).redistribute(mesh, [Replicate()]).to_local()
