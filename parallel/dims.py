@@ -1,9 +1,9 @@
 """ParallelDims: parallel degrees -> a validated DeviceMesh.
 
-The rank grid is (pp, dp_replicate, dp_shard), outermost first: the pipeline's point-to-point
-traffic crosses the slowest links least often, FSDP's collectives stay inside a pipeline stage
-(torchtitan's order). Without pipeline parallelism the mesh is the 2-D (dp_replicate, dp_shard)
-one. With one process every degree is 1 and no process group is created, so single-device runs
+The rank grid is (pp, dp_replicate, dp_shard, tp), outermost first: the pipeline's
+point-to-point traffic crosses the slowest links least often, FSDP's collectives stay inside a
+pipeline stage, and tensor parallelism's per-layer collectives use the fastest links (within a
+node) (torchtitan's order). The mesh has the 'pp' and 'tp' dimensions only when they are > 1. With one process every degree is 1 and no process group is created, so single-device runs
 never touch torch.distributed.
 """
 
@@ -27,30 +27,38 @@ class ParallelDims:
     pp: int = 1
     pp_microbatches: int = 1
     """Micro-batches per pipeline round (parallel.pp_microbatches resolved; 1 without pp)."""
+    tp: int = 1
+    sequence_parallel: bool = False
 
     @classmethod
     def from_config(cls, cfg: ParallelConfig, world_size: int, train: TrainConfig | None = None) -> "ParallelDims":
-        """Resolve -1 degrees and check that pp x dp_replicate x dp_shard is exactly world_size
-        ranks; with ``train``, also that the batch divides (:meth:`grad_accum`). Raises a
-        one-line ConfigError naming the field."""
+        """Resolve -1 degrees and check that pp x dp_replicate x dp_shard x tp is exactly
+        world_size ranks; with ``train``, also that the batch divides (:meth:`grad_accum`).
+        Raises a one-line ConfigError naming the field."""
         if world_size % cfg.pp:
             raise ConfigError(f"parallel.pp: {cfg.pp} does not divide the world size {world_size}")
-        dp_world = world_size // cfg.pp
+        if world_size % (cfg.pp * cfg.tp):
+            raise ConfigError(f"parallel.tp: pp={cfg.pp} x tp={cfg.tp} does not divide the world size {world_size}")
+        dp_world = world_size // (cfg.pp * cfg.tp)
         shard = cfg.dp_shard
         if shard == -1:
             if dp_world % cfg.dp_replicate:
                 raise ConfigError(
                     f"parallel.dp_replicate: {cfg.dp_replicate} does not divide the world size {world_size}"
                     + (f" / parallel.pp={cfg.pp}" if cfg.pp > 1 else "")
+                    + (f" / parallel.tp={cfg.tp}" if cfg.tp > 1 else "")
                 )
             shard = dp_world // cfg.dp_replicate
-        if cfg.pp * cfg.dp_replicate * shard != world_size:
+        if cfg.pp * cfg.dp_replicate * shard * cfg.tp != world_size:
             pp = f"pp={cfg.pp} x " if cfg.pp > 1 else ""
+            tp = f" x tp={cfg.tp}" if cfg.tp > 1 else ""
             raise ConfigError(
-                f"parallel.dp_shard: {pp}dp_replicate={cfg.dp_replicate} x dp_shard={shard} "
+                f"parallel.dp_shard: {pp}dp_replicate={cfg.dp_replicate} x dp_shard={shard}{tp} "
                 f"!= world size {world_size}"
             )
-        dims = cls(cfg.dp_replicate, shard, world_size, cfg.pp, cfg.microbatches if cfg.pp > 1 else 1)
+        dims = cls(
+            cfg.dp_replicate, shard, world_size, cfg.pp, cfg.microbatches if cfg.pp > 1 else 1, cfg.tp, cfg.sp
+        )
         if train is not None:
             dims.grad_accum(train)
         return dims
@@ -90,19 +98,21 @@ class ParallelDims:
             f"{train.micro_batch_size} sequences per micro-batch{pp} x {accum} accumulation step(s)"
         )
 
+    def dp_rank(self, rank: int) -> int:
+        """The data-parallel rank of global ``rank`` (which shard of each batch it reads): its
+        position in the (dp_replicate, dp_shard) grid; tensor-parallel peers share it."""
+        return (rank // self.tp) % self.dp
+
     def build_mesh(self, device_type: str) -> DeviceMesh | None:
-        """A 3-D ('pp', 'dp_replicate', 'dp_shard') mesh when pp > 1, else the 2-D
-        ('dp_replicate', 'dp_shard') one; None on a single process."""
+        """The ('pp', 'dp_replicate', 'dp_shard', 'tp') mesh, without 'pp' when pp = 1 and
+        without 'tp' when tp = 1; None on a single process."""
         if not self.distributed:
             return None
-        if self.pp > 1:
-            return init_device_mesh(
-                device_type,
-                (self.pp, self.dp_replicate, self.dp_shard),
-                mesh_dim_names=("pp", "dp_replicate", "dp_shard"),
-            )
+        shape = (self.pp, self.dp_replicate, self.dp_shard, self.tp)
+        names = ("pp", "dp_replicate", "dp_shard", "tp")
+        keep = [i for i, n in enumerate(names) if n in ("dp_replicate", "dp_shard") or shape[i] > 1]
         return init_device_mesh(
-            device_type, (self.dp_replicate, self.dp_shard), mesh_dim_names=("dp_replicate", "dp_shard")
+            device_type, tuple(shape[i] for i in keep), mesh_dim_names=tuple(names[i] for i in keep)
         )
 
 

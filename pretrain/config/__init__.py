@@ -163,6 +163,17 @@ class ParallelConfig:
     pp_virtual_stages: int = 1
     """Pipeline stages per rank: 1 for 'gpipe' and '1f1b', >= 2 for 'interleaved_1f1b' and
     'zero_bubble', exactly 2 for 'zbv'. The model is cut into pp x pp_virtual_stages stages."""
+    tp: int = 1
+    """Tensor-parallel degree (Megatron-style, Shoeybi et al. 2019): ranks that split every
+    mixer's and FFN's heads or channels and the vocabulary between them (the innermost mesh
+    dimension: the fastest links). Each layer type's split is a plan in parallel/tensor; the
+    heads, KV heads, groups and widths it splits must divide by tp. The world size is
+    pp x dp_replicate x dp_shard x tp."""
+    sequence_parallel: bool = True
+    """With tp > 1, also split the hidden states between the tensor-parallel regions (norms,
+    residual adds) along the sequence (Korthikanti et al. 2022): activation memory / tp there,
+    the same communication volume (all-gather + reduce-scatter instead of all-reduce).
+    data.seq_len must then divide by tp. Unused when tp = 1."""
     pp_split: list = field(default_factory=list)
     """Explicit cut points: the first layer of every stage but the first, increasing, inside
     (0, model.n_layers), pp x pp_virtual_stages - 1 of them; e.g. [6, 12] makes three stages
@@ -173,6 +184,11 @@ class ParallelConfig:
     def n_stages(self) -> int:
         """Pipeline stages over all ranks: pp x pp_virtual_stages."""
         return self.pp * self.pp_virtual_stages
+
+    @property
+    def sp(self) -> bool:
+        """Whether sequence parallelism is on: sequence_parallel and tp > 1."""
+        return self.tp > 1 and self.sequence_parallel
 
     @property
     def microbatches(self) -> int:
@@ -410,6 +426,16 @@ def validate(cfg: Config) -> None:
     require_choice(o.fused, "optim.fused", ("auto", "true", "false"))
 
     validate_parallel(cfg.parallel, cfg.model.n_layers)
+    if cfg.parallel.tp > 1:
+        if cfg.parallel.sp:
+            require(
+                cfg.data.seq_len % cfg.parallel.tp == 0,
+                "data.seq_len",
+                f"{cfg.data.seq_len} does not divide over parallel.tp={cfg.parallel.tp} sequence-parallel ranks",
+            )
+        from parallel.tensor.region import tp_plans  # every layer has a plan that splits over tp
+
+        tp_plans(cfg.model, cfg.parallel.tp)
 
     c = cfg.checkpoint
     require(c.interval >= 0, "checkpoint.interval", "must be >= 0")
@@ -428,6 +454,8 @@ def validate_parallel(p: ParallelConfig, n_layers: int) -> None:
     require(p.dp_replicate >= 1, "parallel.dp_replicate", "must be >= 1")
     require(p.dp_shard == -1 or p.dp_shard >= 1, "parallel.dp_shard", "must be -1 or >= 1")
     require(p.pp >= 1, "parallel.pp", "must be >= 1")
+    require(isinstance(p.tp, int) and p.tp >= 1, "parallel.tp", "must be an integer >= 1")
+    require(isinstance(p.sequence_parallel, bool), "parallel.sequence_parallel", "must be true or false")
     require_choice(p.pp_schedule, "parallel.pp_schedule", PP_SCHEDULES)
     v = p.pp_virtual_stages
     require(v >= 1, "parallel.pp_virtual_stages", "must be >= 1")

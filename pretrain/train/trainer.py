@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from parallel.data import apply_fsdp
+from parallel.tensor.region import apply_tp, vocab_parallel_cross_entropy
 from parallel.dims import ParallelDims, destroy_distributed, init_distributed
 from pretrain.config import Config, ConfigError
 from pretrain.data import PackedLoader, prepare, prepared_datasets, read_meta, validation_batches
@@ -67,7 +68,8 @@ class Trainer:
         self.dims = ParallelDims.from_config(cfg.parallel, world, t)
         self._check_layout(cfg)
         self.mesh = self.dims.build_mesh(self.device.type)
-        self.dp_rank = self.rank % self.dims.dp  # pp is the outermost mesh dimension
+        self.dp_rank = self.dims.dp_rank(self.rank)
+        self.tp_mesh = self.mesh["tp"] if self.dims.tp > 1 else None
         self.main = self.rank == 0
         self.log = log if self.main else (lambda *_: None)
         dp = self.dims.dp
@@ -131,14 +133,24 @@ class Trainer:
     def _build_model(self) -> nn.Module:
         # Built whole on the CPU from the seed on every rank, then sharded: every layout starts
         # from the same weights as a single process.
+        # Order as torchtitan: TP -> compile -> FSDP.
         model = build_model(self.cfg.model)
         model.to(self.device)
+        if self.tp_mesh is not None:
+            apply_tp(model, self.tp_mesh, self.dims.sequence_parallel)
         if self.cfg.train.compile:
             for name, block in model.blocks.items():
                 model.blocks[name] = torch.compile(block)
-        if self.mesh is not None:
-            apply_fsdp(model, self.mesh)
+        self.fsdp = self.dims.dp > 1
+        if self.fsdp:
+            apply_fsdp(model, self.mesh["dp_replicate", "dp_shard"])
         return model
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """LM loss of this rank's logits: vocabulary shards under tensor parallelism."""
+        if self.tp_mesh is not None:
+            return vocab_parallel_cross_entropy(logits, labels, self.tp_mesh)
+        return lm_loss(logits, labels)
 
     def _check_resume_config(self, cfg: Config, mode: str) -> None:
         """Refuse, before anything is written, a resume whose config changes the data order the
@@ -225,12 +237,12 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         aux_metrics: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(micro_batches):
-            if self.mesh is not None:
+            if self.fsdp:
                 self.model.set_requires_gradient_sync(i == n - 1)
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with self._autocast():
                 logits, aux = self.model(batch["input_ids"], position_ids=batch["position_ids"], return_aux=True)
-            loss = lm_loss(logits, batch["labels"])
+            loss = self._loss(logits, batch["labels"])
             total += loss.detach() / n
             if "aux_loss" in aux:
                 loss = loss + aux["aux_loss"]
@@ -281,7 +293,7 @@ class Trainer:
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with self._autocast():
                 logits = self.model(batch["input_ids"], position_ids=batch["position_ids"])
-            total += lm_loss(logits, batch["labels"])
+            total += self._loss(logits, batch["labels"])
         self.model.train()
         loss = self._all_reduce_mean(total / max(1, len(batches)))
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}

@@ -107,3 +107,47 @@ def test_mesh_puts_pp_outermost(rank):
         assert flat.mesh_dim_names == ("dp_replicate", "dp_shard") and flat["dp_shard"].size() == 8
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    "overrides, world, grid, names",
+    [
+        (["parallel.tp=2"], 2, (1, 1, 1, 2), ("dp_replicate", "dp_shard", "tp")),
+        (["parallel.tp=2"], 8, (1, 1, 4, 2), ("dp_replicate", "dp_shard", "tp")),
+        (["parallel.tp=2", "parallel.pp=2"], 8, (2, 1, 2, 2), ("pp", "dp_replicate", "dp_shard", "tp")),
+        (["parallel.tp=4", "parallel.dp_replicate=2"], 8, (1, 2, 1, 4), ("dp_replicate", "dp_shard", "tp")),
+    ],
+)
+def test_tp_is_the_innermost_dimension(overrides, world, grid, names):
+    cfg = load_config("configs/llama_tiny.toml", overrides)
+    dims = ParallelDims.from_config(cfg.parallel, world)
+    assert (dims.pp, dims.dp_replicate, dims.dp_shard, dims.tp) == grid
+    assert dims.sequence_parallel  # on by default with tp > 1
+    # ranks are laid out pp, dp_replicate, dp_shard, tp (row-major): tensor-parallel peers are
+    # consecutive ranks and read the same data
+    expected = [(r // dims.tp) % dims.dp for r in range(world)]
+    assert [dims.dp_rank(r) for r in range(world)] == expected
+    assert all(dims.dp_rank(r) == dims.dp_rank(r - r % dims.tp) for r in range(world))
+    # mesh dimension names follow the grid (only the > 1 pp/tp dimensions are kept)
+    kept = [n for n, size in zip(("pp", "dp_replicate", "dp_shard", "tp"), grid) if n.startswith("dp") or size > 1]
+    assert tuple(kept) == names
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (["parallel.tp=3", "data.seq_len=255"], "model.attention.n_heads"),  # 8 heads
+        (["parallel.tp=2", "data.seq_len=255"], "data.seq_len"),  # sequence parallel splits T
+        (["parallel.tp=0"], "parallel.tp"),
+    ],
+)
+def test_impossible_tp_is_one_line_naming_the_field(overrides, field):
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/llama_tiny.toml", overrides)
+    assert str(err.value).startswith(field + ":") and "\n" not in str(err.value)
+
+
+def test_tp_must_divide_the_world():
+    cfg = load_config("configs/llama_tiny.toml", ["parallel.tp=4"])
+    with pytest.raises(ConfigError, match="^parallel.tp:"):
+        ParallelDims.from_config(cfg.parallel, 6)
