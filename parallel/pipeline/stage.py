@@ -296,26 +296,17 @@ def shared_holders(cfg: ModelConfig, cuts: list[int], stage_rank: list[int]) -> 
     return out
 
 
-@torch.no_grad()
 def clip_grad_norm_(modules: list[StageModule], max_norm: float, group: dist.ProcessGroup | None = None) -> Tensor:
     """The gradient-norm clipping of one process (``torch.nn.utils.clip_grad_norm_``) over a
     pipeline: the global L2 norm of all gradients of the model, each shared parameter counted
     once (call after :meth:`SharedParamSync.sync`, so its copies hold the same sum), from one
     all-reduce of the squared norms of this rank's ``modules`` over the pipeline ``group`` (with
-    FSDP2-sharded stages: over every rank, None, each shard counted where it lives).
-    Scales every local gradient, copies included, by ``min(1, max_norm / (norm + 1e-6))``.
-    Returns the norm, an fp32 scalar, the same on every rank (``inf``/``nan`` left to the
-    caller)."""
+    FSDP2- or tensor-parallel-sharded stages: over every rank, None, see
+    :func:`parallel.grad_norm.clip_grad_norm_`). Scales every local gradient, copies included,
+    by ``min(1, max_norm / (norm + 1e-6))``. Returns the norm, an fp32 scalar, the same on every
+    rank (``inf``/``nan`` left to the caller)."""
+    from parallel.grad_norm import clip_grad_norm_ as clip
+
     grads = [(m, name, p.grad) for m in modules for name, p in m.model.named_parameters() if p.grad is not None]
-    device = grads[0][2].device if grads else torch.get_default_device()
-    sq = torch.zeros((), dtype=torch.float32, device=device)
-    for m, name, g in grads:
-        if name not in m.replicas:
-            sq += _local(g).float().square().sum()
-    if dist.is_initialized():
-        dist.all_reduce(sq, group=group)
-    norm = sq.sqrt()
-    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    for _, _, g in grads:
-        _local(g).mul_(coef.to(g.dtype))
-    return norm
+    copies = [g for m, name, g in grads if name in m.replicas]
+    return clip([g for _, _, g in grads], max_norm, group, skip=copies)

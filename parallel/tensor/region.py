@@ -31,7 +31,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
@@ -116,7 +115,6 @@ class _Swap:
         self.open: list[Any] = []
         module.register_forward_pre_hook(self._pre)
         module.register_forward_hook(self._post, always_call=True)
-        self.module = module
 
     def _pre(self, module: nn.Module, args: Any) -> None:
         cm = _local_params(module, self.view)
@@ -175,6 +173,8 @@ class Region:
         if self.uses_carry:
             carry = {}
             for k, v in args[-1].items():
+                if isinstance(v, DTensor):  # the shared GRU's (replicated) weights
+                    v = v.to_local()
                 if self.plan.carry_layout(k) is None and v.requires_grad:
                     # a replicated entry: each rank's use of it gives part of its gradient
                     v2 = _all_reduce_grad(v, self.mesh)
@@ -221,19 +221,17 @@ def tp_plans(cfg: Any, tp: int) -> list[tuple[RegionPlan, RegionPlan | None]]:
     return plans
 
 
-def apply_tp(model: nn.Module, mesh: DeviceMesh, sequence_parallel: bool, root: nn.Module | None = None) -> None:
+def apply_tp(model: nn.Module, mesh: DeviceMesh, sequence_parallel: bool) -> None:
     """Apply tensor (and sequence) parallelism to the materialised HybridLM ``model`` (a pipeline
     stage's model may lack blocks, the embedding or the head) over the 1-D tp ``mesh``, in place.
 
-    ``root`` (default ``model``): the module whose forward encloses every use of the embedding,
-    head and norms (a pipeline stage's :class:`~parallel.pipeline.stage.StageModule`). Every rank
-    must hold the same full weights before (a seeded build): each keeps its shards. Under
-    sequence parallelism the hidden states between regions are ``[B, T/tp, d_model]`` local
-    shards, T must divide by tp, and ``position_ids [B, T]`` must be passed to the model (its
-    masks are built from them). The logits are ``[B, T, V/tp]`` shards: use
-    :func:`vocab_parallel_cross_entropy`.
+    Every rank must hold the same full weights before (a seeded build): each keeps its shards.
+    Under sequence parallelism the hidden states between regions are ``[B, T/tp, d_model]``
+    local shards, T must divide by tp, and ``position_ids [B, T]`` must be passed to the model
+    (its masks are built from them). The logits are ``[B, T, V/tp]`` shards: use
+    :func:`vocab_parallel_cross_entropy`. Every hook is on the module that uses the parameters,
+    so FSDP2 (applied after) may gather and release them around it.
     """
-    root = model if root is None else root
     cfg = model.cfg
     plans = tp_plans(cfg, mesh.size())
     for name, block in model.blocks.items():
@@ -241,20 +239,25 @@ def apply_tp(model: nn.Module, mesh: DeviceMesh, sequence_parallel: bool, root: 
         Region(block.mixer, mixer_plan, mesh, sequence_parallel)
         if block.ffn is not None:
             Region(block.ffn, ffn_plan, mesh, sequence_parallel)
-    # everything outside the regions: embedding (Shard(0) over the vocabulary), head (ditto),
-    # norms and the shared GRU (replicated); their local views live for the whole forward
-    view: dict[str, Any] = {}
-    outside = {n: p for n, p in model.named_parameters() if not isinstance(p, DTensor)}
-    vocab = {"embed.weight", "head.weight"}
-    _distribute(model, {n: Shard(0) if n in vocab else None for n in outside}, mesh)
-    prefix = "" if root is model else next(n for n, m in root.named_modules() if m is model) + "."
-    for n in outside:
-        on_tokens = sequence_parallel and (n.endswith("norm1.weight") or n.endswith("norm2.weight") or n == "norm.weight")
-        view[prefix + n] = (lambda p: _all_reduce_grad(p.to_local(), mesh)) if on_tokens else (lambda p: p.to_local())
-    _Swap(root, view)
+    # Outside the regions: the embedding and head split the vocabulary (Shard(0)); the norms
+    # and the shared GRU are replicated. A norm under sequence parallelism sees only this
+    # rank's tokens, so its weight's gradient is all-reduced.
+    outside = {n for n, p in model.named_parameters() if not isinstance(p, DTensor)}
+    _distribute(model, {n: Shard(0) for n in outside if n in ("embed.weight", "head.weight")}, mesh)
+    local = lambda p: p.to_local()  # noqa: E731
+    on_tokens = (lambda p: _all_reduce_grad(p.to_local(), mesh)) if sequence_parallel else local
+    for name, module in model.named_modules():
+        if name.endswith(("norm1", "norm2")) or name == "norm":
+            _Swap(module, {"weight": on_tokens})
+    if model.head is not None:
+        _Swap(model.head, {"weight": local})
+    if model.tied_head is not None:
+        model.tied_head.register_forward_pre_hook(lambda m, args: (args[0], args[1].to_local()))
     if model.embed is not None:
+        _Swap(model.embed, {"weight": local})
         _vocab_parallel_embedding(model.embed, mesh, sequence_parallel)
     if model.norm is not None and (model.head is not None or cfg.tie_embeddings):
+        # the head is a region: its input is the whole sequence, its gradient a partial sum
         model.norm.register_forward_hook(lambda m, a, out: enter_region(out, mesh, sequence_parallel))
 
 

@@ -64,6 +64,14 @@ class Block(nn.Module):
             self.ffn.init_weights(init_std, out_std)
 
 
+class TiedHead(nn.Module):
+    """The output projection with the input embedding's weight (no parameters of its own, so
+    parameter names do not change): a module so that a tensor-parallel plan can hook it."""
+
+    def forward(self, h: Tensor, weight: Tensor) -> Tensor:
+        return F.linear(h, weight)
+
+
 class HybridLM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -82,6 +90,7 @@ class HybridLM(nn.Module):
             self.head: nn.Linear | None = (
                 None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
             )
+            self.tied_head = TiedHead() if cfg.tie_embeddings else None
             # RMoE's GRU, shared by every 'moe_gru' block: handed to them through the carry
             # (see pretrain/models/layers/moe.py); every pipeline stage with a 'moe_gru' block
             # holds a copy, and parallel/pipeline/stage.py sums their gradients.
@@ -169,7 +178,7 @@ class HybridLM(nn.Module):
         if self.head is not None:
             return at_least_fp32(self.head(h))
         if self.cfg.tie_embeddings and self.embed is not None:
-            return at_least_fp32(F.linear(h, self.embed.weight))
+            return at_least_fp32(self.tied_head(h, self.embed.weight))
         return h
 
     def _context(self, h: Tensor, position_ids: Tensor | None, cache: Cache | None) -> ForwardContext:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from parallel.data import apply_fsdp
+from parallel.grad_norm import clip_grad_norm_
 from parallel.tensor.region import apply_tp, vocab_parallel_cross_entropy
 from parallel.dims import ParallelDims, destroy_distributed, init_distributed
 from pretrain.config import Config, ConfigError
@@ -250,9 +251,8 @@ class Trainer:
             for key, value in aux.items():  # aux_loss and the layers' metric/... tensors
                 aux_metrics[key] = aux_metrics.get(key, 0) + value.detach().float() / n
         clip = self.cfg.train.grad_clip
-        norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norm = clip_grad_norm_(grads, clip if clip > 0 else math.inf)
         if not torch.isfinite(norm):  # the same on every rank: the norm is global
             self.optimizer.zero_grad(set_to_none=True)
             raise DivergenceError(

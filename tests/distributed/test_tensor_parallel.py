@@ -56,6 +56,7 @@ def _batch():
 def _run(name: str, mesh=None, sequence_parallel: bool = False) -> dict:
     """Two SGD steps of MICRO-row micro-batches: losses, first-step gradients (full tensors)
     and the clipped norms; one process when ``mesh`` is None."""
+    from parallel.grad_norm import clip_grad_norm_
     from parallel.tensor.region import apply_tp, vocab_parallel_cross_entropy
     from pretrain.models import build_model
     from pretrain.train.trainer import lm_loss
@@ -86,8 +87,11 @@ def _run(name: str, mesh=None, sequence_parallel: bool = False) -> dict:
                 k: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
                 for k, p in model.named_parameters()
             }
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-        out["norms"].append((norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item())
+        if mesh is None:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        else:
+            norm = clip_grad_norm_([p.grad for p in model.parameters()], CLIP)
+        out["norms"].append(norm.item())
         opt.step()
         opt.zero_grad(set_to_none=True)
     return out
