@@ -84,16 +84,19 @@ class PipelineLoss:
     and keeps one entry per micro-batch.
     """
 
-    def __init__(self, keys: list[str], n_microbatches: int) -> None:
+    def __init__(self, keys: list[str], n_microbatches: int, lm_loss: Any = None) -> None:
+        """``lm_loss(logits, labels)``: the LM loss (default the trainer's cross-entropy; under
+        tensor parallelism the vocabulary-parallel one of the logits' shards)."""
+        from pretrain.train.trainer import lm_loss as default
+
         self.keys, self.n = list(keys), n_microbatches
+        self.lm_loss = lm_loss or default
         self.records: list[dict[str, Tensor]] = []
 
     def __call__(self, outputs: Tensor | tuple[Tensor, ...], labels: Tensor) -> Tensor:
-        from pretrain.train.trainer import lm_loss
-
         outputs = (outputs,) if isinstance(outputs, Tensor) else tuple(outputs)
         logits, carry = outputs[0], dict(zip(self.keys, outputs[1:]))
-        lm = lm_loss(logits, labels)
+        lm = self.lm_loss(logits, labels)
         loss = lm + carry["aux_loss"] if "aux_loss" in carry else lm
         self.records.append({"lm_loss": lm.detach(), **{k: v.detach().float() for k, v in carry.items()}})
         return loss / self.n

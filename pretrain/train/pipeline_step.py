@@ -44,6 +44,7 @@ from parallel.pipeline.schedule import (
     PipelineLoss, build_schedule, evaluate, pipeline_stage, stage_ranks, stages_of_rank, step,
 )
 from parallel.pipeline.split import plan_split
+from parallel.tensor.region import apply_tp
 from pretrain.config import ConfigError
 from pretrain.data import validation_batches
 from pretrain.models import build_model
@@ -99,14 +100,18 @@ class PipelineTrainer(Trainer):
         cfg, p = self.cfg, self.cfg.parallel
         split = plan_split(cfg.model, p, cfg.data.seq_len, cfg.train.micro_batch_size)
         self.cuts = [0, *split.cuts]
-        self.pp_rank = self.rank // self.dims.dp
+        self.pp_rank = self.rank // (self.dims.dp * self.dims.tp)
         n_stages = p.n_stages
         ranks = stage_ranks(p.pp_schedule, p.pp, p.pp_virtual_stages)
         self.stages = [
             build_stage(cfg.model, self.cuts, s, cfg.train.seed, self.device)
             for s in stages_of_rank(p.pp_schedule, self.pp_rank, p.pp, p.pp_virtual_stages)
         ]
-        # rank = pp_rank x dp + dp_rank (pp outermost): column j of the grid is pipeline j
+        if self.tp_mesh is not None:
+            for m in self.stages:
+                apply_tp(m.model, self.tp_mesh, self.dims.sequence_parallel)
+        # rank = (pp_rank x dp + dp_rank) x tp + tp_rank (pp outermost): column j of the grid is
+        # pipeline j
         pipelines = self.mesh.mesh.reshape(p.pp, -1).T.tolist()
         pp_group = self.mesh["pp"].get_group()
         # clipping sums the squared norms of every (stage, shard) once: over all ranks, or with
@@ -121,15 +126,17 @@ class PipelineTrainer(Trainer):
                 fully_shard(m, mesh=dp_mesh)
         if self.dims.dp_replicate > 1:
             for r in range(self.dims.dp_replicate):  # new_group is collective: every rank makes all
-                group = dist.new_group(self.mesh.mesh[:, r, :].flatten().tolist())
-                if self.rank in self.mesh.mesh[:, r, :]:
+                group = dist.new_group(self.mesh.mesh[:, r].flatten().tolist())
+                if self.rank in self.mesh.mesh[:, r]:
                     self.norm_group = group
         self.is_first = any(m.is_first for m in self.stages)
         self.is_last = any(m.is_last for m in self.stages)
         last = next((m for m in self.stages if m.is_last), None)
         self.n_micro = self.dims.pp_microbatches
         # every micro-batch of the step divides its loss by their total count, as one process does
-        self.loss_fn = PipelineLoss(last.out_keys if last is not None else [], self.n_micro * self.grad_accum)
+        self.loss_fn = PipelineLoss(
+            last.out_keys if last is not None else [], self.n_micro * self.grad_accum, self._loss
+        )
         pipe_stages = [pipeline_stage(m, self.device, group=pp_group) for m in self.stages]
         self.schedule = build_schedule(p.pp_schedule, pipe_stages, self.n_micro, self.loss_fn)
         holders = shared_holders(cfg.model, self.cuts, ranks)
