@@ -16,6 +16,8 @@ and :func:`load_optimizer_state`.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 from contextlib import contextmanager, nullcontext
@@ -160,9 +162,13 @@ def initialize(deepspeed, cfg: Config, model: nn.Module, optimizer: torch.optim.
     import torch.distributed as dist
 
     if not dist.is_initialized():  # one process: a group of one, in memory
+        for key in ("RANK", "LOCAL_RANK"):  # DeepSpeed asserts a launcher's variables
+            os.environ.setdefault(key, "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
         backend = "nccl" if next(model.parameters()).is_cuda else "gloo"
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    deepspeed.init_distributed(dist_backend=dist.get_backend())
+    with contextlib.redirect_stdout(io.StringIO()):  # its CPU backend prints a line per rank
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, dp, grad_accum)
     )
