@@ -145,14 +145,11 @@ def load_optimizer_state(engine, state: dict[str, dict[str, torch.Tensor]]) -> N
     for flat in _flat_partitions(engine.optimizer):
         # torch's AdamW creates its state only in its first step: create it here, so that the
         # loaded moments and step count are what that step continues from
-        inner.state[flat] = {
-            "step": step.detach().clone().to(step.device),
-            **{key: torch.zeros_like(flat) for key in ADAM_STATE},
-        }
+        inner.state[flat] = {"step": step.detach().clone(), **{key: torch.zeros_like(flat) for key in ADAM_STATE}}
     _link_state(engine.optimizer)
     for name, p in engine.module.named_parameters():
-        for key in ADAM_STATE:
-            safe_set_full_optimizer_state(p, state[name][key].to(flat.device), key)
+        for key in ADAM_STATE:  # each rank copies its own slice (on the CPU when offloaded)
+            safe_set_full_optimizer_state(p, state[name][key], key)
 
 
 def initialize(deepspeed, cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, dp: int, grad_accum: int):

@@ -1,8 +1,9 @@
 """DeepSpeed ZeRO data parallelism (parallel.dp_backend = 'deepspeed') on two gloo ranks against
 one process at the same global batch: the losses, gradient norms, final weights and AdamW state
 of ZeRO-2 and ZeRO-3 runs of the tiny Mamba/SWA hybrid and of RMoE (aux loss, GRU router);
-their checkpoints resume under ZeRO itself, under FSDP2 and in one process to the same step-3
-state, and load for inference with the one-process weights; `pretrain train` under torchrun; a
+their checkpoints resume under ZeRO itself, under FSDP2 and in one process (and ZeRO resumes a
+one-process checkpoint) to the same step-3 state, and load for inference with the one-process
+weights; ZeRO-1 and ZeRO-3 with optimizer offload equal one process too; `pretrain train` under torchrun; a
 missing DeepSpeed is a one-line config error."""
 
 from __future__ import annotations
@@ -119,8 +120,19 @@ def test_zero_runs_equal_one_process_and_checkpoints_round_trip(small_corpus, pr
     def step_dir(name, step):
         return run(name) / "checkpoints" / f"step-{step:08d}"
 
+    references = {}
+    for case, config in CASES.items():
+        reference = Trainer(load_config(config, _overrides(case, small_corpus, prepared_dir, run(f"{case}-single"))),
+                            resume="none", log=lambda *_: None)
+        reference.fit()
+        references[case] = reference
+
     jobs = []
     for case, config in CASES.items():
+        # ZeRO-2 resumes the one-process step-2 checkpoint
+        over = _overrides(case, small_corpus, prepared_dir, run(f"{case}-from-single"),
+                          **{"parallel.dp_backend": "'deepspeed'", "parallel.zero_stage": 2})
+        jobs.append(("deepspeed", config, over, str(step_dir(f"{case}-single", 2))))
         for stage in STAGES:
             name = f"{case}-z{stage}"
             over = _overrides(case, small_corpus, prepared_dir, run(name), **{"parallel.dp_backend": "'deepspeed'",
@@ -142,11 +154,8 @@ def test_zero_runs_equal_one_process_and_checkpoints_round_trip(small_corpus, pr
     mp.start_processes(_rank_main, args=(2, _free_port(), jobs), nprocs=2, start_method="spawn")
 
     for case, config in CASES.items():
-        single = run(f"{case}-single")
-        reference = Trainer(load_config(config, _overrides(case, small_corpus, prepared_dir, single)),
-                            resume="none", log=lambda *_: None)
-        reference.fit()
-        want_log = _records(single)
+        reference = references[case]
+        want_log = _records(run(f"{case}-single"))
         want = _checkpoint(step_dir(f"{case}-single", 3), tmp_path)
         # one process resumes the ZeRO-2 checkpoint
         alone = _overrides(case, small_corpus, prepared_dir, run(f"{case}-alone"))
@@ -163,7 +172,8 @@ def test_zero_runs_equal_one_process_and_checkpoints_round_trip(small_corpus, pr
             for done in [name, *resumed]:
                 assert _records(run(done))[3]["loss"] == pytest.approx(want_log[3]["loss"], rel=REL), done
                 _assert_same_checkpoint(_checkpoint(step_dir(done, 3), tmp_path), want, done)
-        for other in (f"{case}-fsdp", f"{case}-alone"):
+        assert _records(run(f"{case}-from-single"))[3]["loss"] == pytest.approx(want_log[3]["loss"], rel=REL)
+        for other in (f"{case}-fsdp", f"{case}-alone", f"{case}-from-single"):
             _assert_same_checkpoint(_checkpoint(step_dir(other, 3), tmp_path), want, other)
 
         # `pretrain eval`/generate's loader: the ZeRO-3 checkpoint in one process, the reference weights
