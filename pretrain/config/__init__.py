@@ -179,6 +179,17 @@ class ParallelConfig:
     (0, model.n_layers), pp x pp_virtual_stages - 1 of them; e.g. [6, 12] makes three stages
     starting at layers 0, 6 and 12. Empty: cut where the estimated cost is balanced (see
     parallel.pipeline.split)."""
+    dp_backend: str = "fsdp"
+    """Data-parallel engine: 'fsdp' (torch FSDP2, HSDP with dp_replicate > 1) or 'deepspeed'
+    (DeepSpeed ZeRO over all ranks, Rajbhandari et al. 2020; the optional `deepspeed` extra).
+    Both train the same model, config, metrics and checkpoint layout; 'deepspeed' takes no
+    pipeline stages and no dp_replicate > 1."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage (with dp_backend='deepspeed'): 1 shards the optimizer state, 2 also
+    the gradients, 3 also the parameters (as FSDP does)."""
+    zero_offload: bool = False
+    """DeepSpeed ZeRO: keep the optimizer state and step on the CPU (ZeRO-Offload,
+    Ren et al. 2021), trading step time for accelerator memory."""
 
     @property
     def n_stages(self) -> int:
@@ -456,6 +467,13 @@ def validate_parallel(p: ParallelConfig, n_layers: int) -> None:
     require(p.pp >= 1, "parallel.pp", "must be >= 1")
     require(isinstance(p.tp, int) and p.tp >= 1, "parallel.tp", "must be an integer >= 1")
     require(isinstance(p.sequence_parallel, bool), "parallel.sequence_parallel", "must be true or false")
+    require_choice(p.dp_backend, "parallel.dp_backend", ("fsdp", "deepspeed"))
+    require(p.zero_stage in (1, 2, 3), "parallel.zero_stage", f"must be 1, 2 or 3, got {p.zero_stage!r}")
+    if p.dp_backend == "deepspeed":
+        require(p.pp == 1, "parallel.dp_backend", "'deepspeed' runs no pipeline stages; set parallel.pp = 1")
+        require(p.dp_replicate == 1, "parallel.dp_backend",
+                "'deepspeed' shards over all ranks; set parallel.dp_replicate = 1")
+        require(p.tp == 1, "parallel.dp_backend", "'deepspeed' runs no tensor parallelism; set parallel.tp = 1")
     require_choice(p.pp_schedule, "parallel.pp_schedule", PP_SCHEDULES)
     v = p.pp_virtual_stages
     require(v >= 1, "parallel.pp_virtual_stages", "must be >= 1")

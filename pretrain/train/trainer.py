@@ -247,23 +247,38 @@ class Trainer:
             total += loss.detach() / n
             if "aux_loss" in aux:
                 loss = loss + aux["aux_loss"]
-            (loss / n).backward()
+            self._backward(loss / n, boundary=i == n - 1)
             for key, value in aux.items():  # aux_loss and the layers' metric/... tensors
                 aux_metrics[key] = aux_metrics.get(key, 0) + value.detach().float() / n
+        norm = self._optimizer_step(total)
+        self.step += 1
+        return {"loss": total, "grad_norm": norm, "lr": lr, **aux_metrics}
+
+    def _backward(self, loss: torch.Tensor, boundary: bool) -> None:
+        """Backward of one micro-batch's share of the step loss; ``boundary``: the step's last
+        micro-batch (for engines that reduce gradients in backward, e.g. DeepSpeed ZeRO)."""
+        loss.backward()
+
+    def _optimizer_step(self, total: torch.Tensor) -> torch.Tensor:
+        """Clip the accumulated gradients to train.grad_clip, step and zero them; returns the
+        global gradient norm before clipping. ``total``: this rank's mean loss of the step (for
+        the message). Raises DivergenceError, without stepping, when the norm is not finite."""
         clip = self.cfg.train.grad_clip
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         norm = clip_grad_norm_(grads, clip if clip > 0 else math.inf)
         if not torch.isfinite(norm):  # the same on every rank: the norm is global
             self.optimizer.zero_grad(set_to_none=True)
-            raise DivergenceError(
-                f"step {self.step + 1}: non-finite gradient norm (loss {self._all_reduce_mean(total):.4g}); "
-                f"the step was not applied and no checkpoint written; resume from the newest "
-                f"checkpoint in {self.ckpt_root} with a lower optim.lr or a smaller train.grad_clip"
-            )
+            raise self._divergence(total)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        return {"loss": total, "grad_norm": norm, "lr": lr, **aux_metrics}
+        return norm
+
+    def _divergence(self, total: torch.Tensor) -> DivergenceError:
+        return DivergenceError(
+            f"step {self.step + 1}: non-finite gradient norm (loss {self._all_reduce_mean(total):.4g}); "
+            f"the step was not applied and no checkpoint written; resume from the newest "
+            f"checkpoint in {self.ckpt_root} with a lower optim.lr or a smaller train.grad_clip"
+        )
 
     def _reduce(self, stats: dict[str, Any]) -> dict[str, Any]:
         """A step's statistics as numbers, averaged over ranks. Only on logged steps: each
@@ -384,6 +399,8 @@ def train(cfg: Config, resume: str = "auto", log=print, init_from: str | None = 
     try:
         if cfg.parallel.pp > 1:
             from pretrain.train.pipeline_step import PipelineTrainer as cls
+        elif cfg.parallel.dp_backend == "deepspeed":
+            from pretrain.train.deepspeed_step import DeepSpeedTrainer as cls
         else:
             cls = Trainer
         trainer = cls(cfg, resume=resume, log=log, init_from=init_from)
