@@ -165,8 +165,10 @@ def test_gated_norm_and_layout_follow_mamba_ssm(make_cfg):
     mixer = build_model(cfg).blocks["0"].mixer
     assert isinstance(mixer, Mamba2)
     d_inner, gn, h = 64, 2 * 8, 4
-    assert mixer.in_proj.weight.shape == (d_inner + d_inner + 2 * gn + h, 32)  # z, x, B, C, dt
-    assert mixer.conv1d.weight.shape == (d_inner + 2 * gn, 1, 4)
+    # mamba_ssm's fused in_proj [z, x, B, C, dt] and conv over [x, B, C], one module per segment
+    rows = {"z": d_inner, "x": d_inner, "B": gn, "C": gn, "dt": h}
+    assert {k: getattr(mixer, f"in_proj_{k}").weight.shape for k in rows} == {k: (n, 32) for k, n in rows.items()}
+    assert {k: getattr(mixer, f"conv1d_{k}").weight.shape for k in "xBC"} == {k: (rows[k], 1, 4) for k in "xBC"}
     x, z = torch.randn(2, 3, d_inner), torch.randn(2, 3, d_inner)
     mixer.norm.weight.data.uniform_(0.5, 1.5)
     gated = (x * z * torch.sigmoid(z)).view(2, 3, 2, d_inner // 2)  # two groups of 32
@@ -185,9 +187,9 @@ def test_init_and_weight_decay_exemptions(make_cfg):
     assert ((dt >= 1e-3 * 0.999) & (dt <= 0.1 * 1.001)).all()
     assert (mixer.D == 1).all()
     no_decay = {id(p) for p in param_groups(model, 0.1)[1]["params"]}
-    for name in ("A_log", "dt_bias", "D", "conv1d.bias", "norm.weight"):
+    for name in ("A_log", "dt_bias", "D", "conv1d_x.bias", "conv1d_B.bias", "norm.weight"):
         assert id(mixer.get_parameter(name)) in no_decay, name
-    for name in ("in_proj.weight", "out_proj.weight"):
+    for name in ("in_proj_x.weight", "in_proj_B.weight", "out_proj.weight"):
         assert id(mixer.get_parameter(name)) not in no_decay, name
 
 

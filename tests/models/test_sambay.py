@@ -81,7 +81,7 @@ def test_memory_is_the_pre_gate_scan_output(make_cfg, rel_err):
     with torch.no_grad():
         y, carry = mem_layer(x, ctx, None, {})
         assert rel_err(y, plain(x, ctx)) <= 1e-6
-        z = (x @ mem_layer.in_proj.weight.T).chunk(2, dim=-1)[1]
+        z = x @ mem_layer.in_proj_z.weight.T
         assert rel_err(mem_layer.out_proj(carry[MEMORY] * F.silu(z)), y) <= 1e-6
 
 
@@ -101,7 +101,7 @@ def test_normed_memory_layers(make_cfg, rnn, rel_err):
         assert rel_err(y, plain(x, ctx)) <= 1e-6
         m = carry[MEMORY]
         if rnn == "mamba2":
-            z = (x @ mem_layer.in_proj.weight.T)[..., : mem_layer.d_inner]
+            z = x @ mem_layer.in_proj_z.weight.T
             assert rel_err(mem_layer.out_proj(mem_layer.norm(m, z)), y) <= 1e-6
             group = mem_layer.d_inner // cfg.mamba2.n_groups
         else:

@@ -12,12 +12,23 @@ from pretrain.config import ConfigError, load_config
 from pretrain.models import build_model
 from tests.parallel.tp_reference import simulate_region
 
+# Mamba-2 with 8 heads of 16 (init_std 0.2: the gated norm's inputs well above its eps)
+_M2 = ["model.d_model=64", "model.n_layers=2", "model.mamba2.d_state=8", "model.mamba2.head_dim=16",
+       "model.mamba2.chunk_size=4", "model.init_std=0.2"]
+
 # config, overrides: every mixer and FFN type with a plan appears in one of them
 CASES = {
     "llama_gqa": ("configs/llama_tiny.toml", []),  # 8 heads / 2 KV heads: tp 4 replicates KV
     "sambay": ("configs/sambay_tiny.toml", []),
     "diff": ("configs/sambay_tiny.toml", ['model.layer_pattern=["diff_swa","diff_attn_kv","diff_xattn","diff_attn"]',
                                           "model.n_layers=4", "model.attention.n_heads=8"]),
+    # Mamba-2 B/C groups: 1 (replicated, the norm's sums of squares all-reduced), 2 (split at tp 2, shared by rank
+    # pairs at tp 4), 4 (split); the memory layer with the GMU reading 4 groups
+    "mamba2": ("configs/mamba2_tiny.toml", _M2),
+    "mamba2_g2": ("configs/mamba2_tiny.toml", [*_M2, "model.mamba2.n_groups=2"]),
+    "mamba2_g4": ("configs/mamba2_tiny.toml", [*_M2, "model.mamba2.n_groups=4"]),
+    "mamba2_mem": ("configs/mamba2_tiny.toml", [*_M2, "model.mamba2.n_groups=4",
+                                                'model.layer_pattern=["mamba2_mem:none","gmu:none"]']),
 }
 
 

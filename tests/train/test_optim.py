@@ -96,4 +96,5 @@ def test_mamba_a_log_is_exempt_from_decay():
     decayed = {id(p) for p in decay["params"]}
     names = {n for n, p in model.named_parameters() if id(p) in decayed}
     assert not any(n.endswith("A_log") for n in names)
-    assert {"blocks.0.mixer.in_proj.weight", "blocks.0.ffn.w1.weight", "blocks.1.mixer.wq.weight"} <= names
+    mamba = {"blocks.0.mixer.in_proj_x.weight", "blocks.0.mixer.in_proj_z.weight"}
+    assert mamba | {"blocks.0.ffn.w1.weight", "blocks.1.mixer.wq.weight"} <= names

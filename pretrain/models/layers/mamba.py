@@ -1,12 +1,20 @@
 """Mamba-1 mixer ('mamba'): in_proj -> causal depthwise conv -> selective scan -> gate -> out_proj.
 
-Parameter names follow mamba_ssm (in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj) so
-checkpoints map one to one onto Hugging Face's Mamba layers.
+Parameter names follow mamba_ssm (conv1d, x_proj, dt_proj, A_log, D, out_proj) except that its
+fused ``in_proj`` (rows ordered x, z) is two projections, ``in_proj_x`` and ``in_proj_z``: a
+tensor-parallel rank needs its chunk of each half, which no single row split of the fused
+weight gives. A mamba_ssm / Hugging Face checkpoint maps over by splitting in_proj's rows in two.
+
+Under tensor parallelism (parallel/tensor/plans_ssm.py) each rank holds a contiguous chunk of the
+inner channels; ``x_proj`` then reads only that chunk, so its output (dt, B, C) is a partial sum
+over the ranks, which the layer passes through :attr:`Mamba.reduce_partial` (the identity in one
+process, a sum over the ranks when the parallel code sets it).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -15,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pretrain.models.layers.conv import cached_causal_conv, init_short_conv_
+from pretrain.models.layers.norm import at_least_fp32
 from pretrain.models.layers.ssm_ops import SCAN_CHUNK, sample_dt_bias, selective_scan, selective_state_update
 from pretrain.models.registry import register_mixer
 
@@ -22,6 +31,33 @@ if TYPE_CHECKING:
     from pretrain.config import ModelConfig
     from pretrain.models.context import ForwardContext
 
+
+def no_reduction(t: Tensor) -> Tensor:
+    """The default ``reduce_partial`` of a layer: in one process a partial sum is the sum."""
+    return t
+
+
+@torch.no_grad()
+def normal_segments_(std: float, *linears: nn.Linear) -> None:
+    """N(0, std) weights drawn as ONE tensor and cut by rows into ``linears`` (in order), so a
+    seeded init equals that of the fused projection they split (mamba_ssm's in_proj)."""
+    w = [m.weight for m in linears]
+    fused = torch.empty(sum(x.shape[0] for x in w), w[0].shape[1], dtype=w[0].dtype, device=w[0].device)
+    fused.normal_(std=std)
+    for x, part in zip(w, fused.split([x.shape[0] for x in w])):
+        x.copy_(part)
+
+
+@torch.no_grad()
+def short_conv_segments_(convs: Sequence[nn.Conv1d]) -> None:
+    """mamba_ssm's init of one fused depthwise conv (nn.Conv1d's default: uniform with bound
+    1/sqrt(kernel width), all weights then all biases) cut by channels into ``convs``."""
+    bound = 1 / math.sqrt(convs[0].kernel_size[0])
+    for name in ("weight", "bias"):
+        parts = [getattr(c, name) for c in convs]
+        fused = torch.cat([p.detach() for p in parts]).uniform_(-bound, bound)
+        for p, part in zip(parts, fused.split([p.shape[0] for p in parts])):
+            p.copy_(part)
 
 
 @dataclass
@@ -34,6 +70,10 @@ class MambaState:
 
 class Mamba(nn.Module):
     no_weight_decay = ("A_log",)  # as in mamba_ssm: decaying A_log would shorten every memory
+    reduce_partial: Callable[[Tensor], Tensor] = staticmethod(no_reduction)
+    """``x_proj``'s output ``[..., dt_rank + 2 d_state]`` -> its sum over the tensor-parallel
+    ranks (each rank's product covers only its inner channels); the identity unless the
+    parallel code sets it (the protocol: parallel/tensor/plan.py, ``RegionPlan.partial_sums``)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -42,7 +82,8 @@ class Mamba(nn.Module):
         self.d_state = m.d_state
         self.d_conv = m.d_conv
         self.dt_rank = m.dt_rank or math.ceil(cfg.d_model / 16)
-        self.in_proj = nn.Linear(cfg.d_model, 2 * self.d_inner, bias=False)
+        self.in_proj_x = nn.Linear(cfg.d_model, self.d_inner, bias=False)
+        self.in_proj_z = nn.Linear(cfg.d_model, self.d_inner, bias=False)
         # depthwise; only its parameters are used: forward applies the taps itself (masked_causal_conv)
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, m.d_conv, groups=self.d_inner, bias=True)
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * m.d_state, bias=False)
@@ -61,7 +102,7 @@ class Mamba(nn.Module):
         also exports y."""
         if state is not None and x.shape[1] == 1:
             return self.step(x, ctx, state)
-        xi, z = self.in_proj(x).chunk(2, dim=-1)  # [B, T, d_inner] each
+        xi, z = self.in_proj_x(x), self.in_proj_z(x)  # [B, T, d_inner] each
         xc = F.silu(cached_causal_conv(xi, state, self.conv1d.weight[:, 0, :], self.conv1d.bias, ctx.positions))
         dt, B, C = self._ssm_params(xc)
         y, h = selective_scan(
@@ -72,16 +113,17 @@ class Mamba(nn.Module):
         return y, z
 
     def _ssm_params(self, xc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        dt, B, C = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dbc = self.reduce_partial(self.x_proj(xc))
+        dt, B, C = dbc.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         return F.softplus(self.dt_proj(dt)), B, C  # dt bias inside softplus, as in Mamba
 
     def _A(self) -> Tensor:
-        return -torch.exp(self.A_log.float())  # [d_inner, N], strictly negative: a stable decay
+        return -torch.exp(at_least_fp32(self.A_log))  # [d_inner, N], strictly negative: a stable decay
 
     def step(self, x: Tensor, ctx: ForwardContext, state: MambaState) -> tuple[Tensor, Tensor]:
         """O(1) decoding of one token ``x [B, 1, d_model]`` -> y, z ``[B, 1, d_inner]`` as in
         :meth:`scan`; updates ``state`` in place."""
-        xi, z = self.in_proj(x[:, 0]).chunk(2, dim=-1)  # [B, d_inner] each
+        xi, z = self.in_proj_x(x[:, 0]), self.in_proj_z(x[:, 0])  # [B, d_inner] each
         window = torch.cat([state.conv, xi.unsqueeze(-1)], dim=-1)  # [B, d_inner, d_conv]
         state.conv = window[:, :, 1:]
         shift = torch.arange(self.d_conv - 1, -1, -1, device=x.device)  # tap j reads s = d_conv-1-j back
@@ -99,17 +141,17 @@ class Mamba(nn.Module):
 
     def activation_elements(self) -> int:
         """Rough elements per token kept for backward; the scan keeps one state per chunk."""
-        d_model = self.in_proj.weight.shape[1]
+        d_model = self.in_proj_x.weight.shape[1]
         return d_model + 9 * self.d_inner + self.dt_rank + 2 * self.d_state + self.d_inner * self.d_state // SCAN_CHUNK
 
     def new_state(self, batch_size: int) -> MambaState:
-        w = self.in_proj.weight
-        conv = w.new_zeros(batch_size, self.d_inner, self.d_conv - 1)
-        return MambaState(conv, w.new_zeros(batch_size, self.d_inner, self.d_state, dtype=torch.float32))
+        w = self.in_proj_x.weight  # its rows: the inner channels (this rank's, under tensor parallelism)
+        conv = w.new_zeros(batch_size, w.shape[0], self.d_conv - 1)
+        return MambaState(conv, w.new_zeros(batch_size, w.shape[0], self.d_state, dtype=torch.float32))
 
     def init_weights(self, init_std: float, out_std: float) -> None:
         with torch.no_grad():
-            nn.init.normal_(self.in_proj.weight, std=init_std)
+            normal_segments_(init_std, self.in_proj_x, self.in_proj_z)
             init_short_conv_(self.conv1d)
             nn.init.normal_(self.x_proj.weight, std=init_std)
             r = self.dt_rank**-0.5  # mamba_ssm's dt_init="random", dt_scale=1

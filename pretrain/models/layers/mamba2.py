@@ -1,12 +1,18 @@
-"""Mamba-2 mixer ('mamba2', Dao & Gu 2024): one fused in_proj -> [z, x, B, C, dt], a short causal
+"""Mamba-2 mixer ('mamba2', Dao & Gu 2024): input projections to z, x, B, C, dt, a short causal
 depthwise conv over [x, B, C], SSD with a scalar decay per head, gated RMSNorm, out_proj.
 
-Parameter names and layout follow mamba_ssm's ``Mamba2`` (in_proj, conv1d, dt_bias, A_log, D,
-norm, out_proj; in_proj's output ordered z, x, B, C, dt) so checkpoints map one to one.
+Parameter names follow mamba_ssm's ``Mamba2`` (dt_bias, A_log, D, norm, out_proj) except that
+its fused ``in_proj`` (rows z, x, B, C, dt) is five projections ``in_proj_{z,x,B,C,dt}`` and its
+conv over [x, B, C] three, ``conv1d_{x,B,C}``: under tensor parallelism (parallel/tensor/
+plans_ssm.py) z, x and dt split by heads while B and C split by groups, or stay whole when there
+are fewer groups than ranks, which no single row split of a fused weight gives (Megatron-LM
+#1989). A mamba_ssm checkpoint maps over by cutting those two weights by rows in that order. The
+forward infers heads and groups from the weights' shapes, so it runs unchanged on a rank's shards.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -14,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pretrain.models.layers.conv import cached_causal_conv, init_short_conv_
+from pretrain.models.layers.conv import cached_causal_conv
+from pretrain.models.layers.mamba import no_reduction, normal_segments_, short_conv_segments_
+from pretrain.models.layers.norm import at_least_fp32
 from pretrain.models.layers.ssd_ops import ssd_chunked, ssd_step
 from pretrain.models.layers.ssm_ops import sample_dt_bias
 from pretrain.models.registry import register_mixer
@@ -36,7 +44,16 @@ class Mamba2State:
 
 class RMSNormGated(nn.Module):
     """mamba_ssm's RMSNormGated with norm_before_gate=False: rmsnorm(x * silu(z)) * weight, the
-    mean of squares taken over groups of ``group_size`` channels (one per B/C group), in fp32."""
+    mean of squares taken over groups of ``group_size`` channels (one per B/C group), in fp32 or
+    wider.
+
+    The input may hold only part of one group (a tensor-parallel rank's channels when there are
+    fewer groups than ranks): its sum of squares then goes through :attr:`reduce_partial`, which
+    the parallel code sets to a sum over the ranks sharing the group."""
+
+    reduce_partial: Callable[[Tensor], Tensor] = staticmethod(no_reduction)
+    """Sum of squares ``[..., 1]`` of this input's part of its group -> that of the whole group
+    (called only when the input is narrower than a group; protocol: parallel/tensor/plan.py)."""
 
     def __init__(self, dim: int, group_size: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -45,10 +62,14 @@ class RMSNormGated(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor, z: Tensor) -> Tensor:
-        y = x.float() * F.silu(z.float())
-        y = y.unflatten(-1, (-1, self.group_size))  # [..., groups, group_size]
-        y = F.rms_norm(y, (self.group_size,), eps=self.eps).flatten(-2)
-        return (y * self.weight.float()).to(x.dtype)
+        y = at_least_fp32(x) * F.silu(at_least_fp32(z))
+        if y.shape[-1] >= self.group_size:  # whole groups
+            y = y.unflatten(-1, (-1, self.group_size))  # [..., groups, group_size]
+            y = F.rms_norm(y, (self.group_size,), eps=self.eps).flatten(-2)
+        else:  # a piece of one group: the mean of squares needs the other pieces' sums
+            sum_sq = self.reduce_partial(y.square().sum(-1, keepdim=True))
+            y = y * torch.rsqrt(sum_sq / self.group_size + self.eps)
+        return (y * at_least_fp32(self.weight)).to(x.dtype)
 
     def init_weights(self) -> None:
         with torch.no_grad():
@@ -56,6 +77,8 @@ class RMSNormGated(nn.Module):
 
 
 class Mamba2(nn.Module):
+    """Mamba-2 mixer; heads ``d_inner / head_dim`` in ``n_groups`` groups sharing B and C."""
+
     no_weight_decay = ("A_log", "dt_bias", "D")  # as in mamba_ssm
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -69,9 +92,16 @@ class Mamba2(nn.Module):
         self.d_conv = m.d_conv
         self.chunk_size = m.chunk_size
         self.conv_dim = self.d_inner + 2 * m.n_groups * m.d_state
-        self.in_proj = nn.Linear(cfg.d_model, self.d_inner + self.conv_dim + self.n_heads, bias=False)
-        # depthwise; only its parameters are used: forward applies the taps itself (masked_causal_conv)
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, m.d_conv, groups=self.conv_dim, bias=True)
+        gn = m.n_groups * m.d_state
+        self.in_proj_z = nn.Linear(cfg.d_model, self.d_inner, bias=False)
+        self.in_proj_x = nn.Linear(cfg.d_model, self.d_inner, bias=False)
+        self.in_proj_B = nn.Linear(cfg.d_model, gn, bias=False)
+        self.in_proj_C = nn.Linear(cfg.d_model, gn, bias=False)
+        self.in_proj_dt = nn.Linear(cfg.d_model, self.n_heads, bias=False)
+        # depthwise; only their parameters are used: forward applies the taps of all three at once
+        self.conv1d_x = nn.Conv1d(self.d_inner, self.d_inner, m.d_conv, groups=self.d_inner, bias=True)
+        self.conv1d_B = nn.Conv1d(gn, gn, m.d_conv, groups=gn, bias=True)
+        self.conv1d_C = nn.Conv1d(gn, gn, m.d_conv, groups=gn, bias=True)
         self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
         self.A_log = nn.Parameter(torch.empty(self.n_heads))
         self.D = nn.Parameter(torch.empty(self.n_heads))
@@ -87,15 +117,16 @@ class Mamba2(nn.Module):
         both ``[B, T, d_inner]`` (a SambaY memory layer keeps the first). Updates ``state``."""
         if state is not None and x.shape[1] == 1:
             return self._step(x, ctx, state)
-        z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
-        xbc = F.silu(cached_causal_conv(xbc, state, self.conv1d.weight[:, 0, :], self.conv1d.bias, ctx.positions))
-        xs, B, C = xbc.split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
+        z, xbc, dt = self.in_proj_z(x), self._in_xbc(x), self.in_proj_dt(x)
+        weight, bias = self._conv()
+        xbc = F.silu(cached_causal_conv(xbc, state, weight, bias, ctx.positions))
+        xs, B, C = xbc.split(self._xbc_widths(), dim=-1)
         y, h = ssd_chunked(
-            xs.unflatten(-1, (self.n_heads, self.head_dim)),  # [B, T, H, P]
+            xs.unflatten(-1, (-1, self.head_dim)),  # [B, T, H, P]
             self._dt(dt),
             self._A(),
-            B.unflatten(-1, (self.n_groups, self.d_state)),  # [B, T, G, N]
-            C.unflatten(-1, (self.n_groups, self.d_state)),
+            B.unflatten(-1, (-1, self.d_state)),  # [B, T, G, N]
+            C.unflatten(-1, (-1, self.d_state)),
             self.D,
             h0=None if state is None else state.ssm,
             reset=ctx.reset,
@@ -107,31 +138,45 @@ class Mamba2(nn.Module):
 
     def _step(self, x: Tensor, ctx: ForwardContext, state: Mamba2State) -> tuple[Tensor, Tensor]:
         """O(1) decoding of one token ``x [B, 1, d_model]`` (:meth:`mix` of a single token)."""
-        b = x.shape[0]
-        z, xbc, dt = self.in_proj(x[:, 0]).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
+        b, x1 = x.shape[0], x[:, 0]
+        z, xbc, dt = self.in_proj_z(x1), self._in_xbc(x1), self.in_proj_dt(x1)
         window = torch.cat([state.conv, xbc.unsqueeze(-1)], dim=-1)  # [B, conv_dim, d_conv]
         state.conv = window[:, :, 1:]
         shift = torch.arange(self.d_conv - 1, -1, -1, device=x.device)  # tap j reads s = d_conv-1-j back
         keep = (ctx.positions[:, :1] >= shift).to(window.dtype).unsqueeze(1)  # [B, 1, d_conv]
-        xbc = F.silu((window * keep * self.conv1d.weight[:, 0, :]).sum(-1) + self.conv1d.bias)
-        xs, B, C = xbc.split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
+        weight, bias = self._conv()
+        xbc = F.silu((window * keep * weight).sum(-1) + bias)
+        xs, B, C = xbc.split(self._xbc_widths(), dim=-1)
         y, state.ssm = ssd_step(
             state.ssm,
-            xs.view(b, self.n_heads, self.head_dim),
+            xs.view(b, -1, self.head_dim),
             self._dt(dt),
             self._A(),
-            B.view(b, self.n_groups, self.d_state),
-            C.view(b, self.n_groups, self.d_state),
+            B.view(b, -1, self.d_state),
+            C.view(b, -1, self.d_state),
             self.D,
             reset=None if ctx.reset is None else ctx.reset[:, 0],
         )
         return y.flatten(-2).unsqueeze(1), z.unsqueeze(1)  # [B, 1, d_inner] each
 
+    def _in_xbc(self, x: Tensor) -> Tensor:
+        """The conv's input ``[..., x | B | C]``: one tensor, so one conv pass covers all three."""
+        return torch.cat([self.in_proj_x(x), self.in_proj_B(x), self.in_proj_C(x)], dim=-1)
+
+    def _xbc_widths(self) -> list[int]:
+        """Widths of x, B and C (this rank's, under tensor parallelism)."""
+        return [self.in_proj_x.weight.shape[0], self.in_proj_B.weight.shape[0], self.in_proj_C.weight.shape[0]]
+
+    def _conv(self) -> tuple[Tensor, Tensor]:
+        """The depthwise taps ``[conv_dim, d_conv]`` and bias ``[conv_dim]`` over [x, B, C]."""
+        convs = (self.conv1d_x, self.conv1d_B, self.conv1d_C)
+        return torch.cat([c.weight[:, 0, :] for c in convs]), torch.cat([c.bias for c in convs])
+
     def _dt(self, dt: Tensor) -> Tensor:
-        return F.softplus(dt.float() + self.dt_bias.float())  # bias inside softplus, as mamba_ssm
+        return F.softplus(at_least_fp32(dt) + at_least_fp32(self.dt_bias))  # bias inside softplus, as mamba_ssm
 
     def _A(self) -> Tensor:
-        return -torch.exp(self.A_log.float())  # [H], strictly negative: a stable decay
+        return -torch.exp(at_least_fp32(self.A_log))  # [H], strictly negative: a stable decay
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token beyond 6 x the weights, counted per head as the chunked
@@ -144,22 +189,23 @@ class Mamba2(nn.Module):
     def activation_elements(self) -> int:
         """Rough elements per token kept for backward: the projections, conv in/out, the chunk's
         decay and score rows per head, the gated norm, and one state per chunk."""
-        d_model = self.in_proj.weight.shape[1]
-        proj = self.in_proj.weight.shape[0]
+        d_model = self.in_proj_z.weight.shape[1]
+        proj = self.d_inner + self.conv_dim + self.n_heads  # z, x, B, C, dt
         per_chunk_state = self.n_heads * self.head_dim * self.d_state // self.chunk_size
         decay_and_scores = 2 * self.n_heads * self.chunk_size
         return d_model + proj + 2 * self.conv_dim + decay_and_scores + 4 * self.d_inner + per_chunk_state
 
     def new_state(self, batch_size: int) -> Mamba2State:
-        w = self.in_proj.weight
-        conv = w.new_zeros(batch_size, self.conv_dim, self.d_conv - 1)
-        ssm = w.new_zeros(batch_size, self.n_heads, self.head_dim, self.d_state, dtype=torch.float32)
+        w = self.in_proj_z.weight
+        conv = w.new_zeros(batch_size, sum(self._xbc_widths()), self.d_conv - 1)
+        heads = self.in_proj_dt.weight.shape[0]  # this rank's, under tensor parallelism
+        ssm = w.new_zeros(batch_size, heads, self.head_dim, self.d_state, dtype=torch.float32)
         return Mamba2State(conv, ssm)
 
     def init_weights(self, init_std: float, out_std: float) -> None:
         with torch.no_grad():
-            nn.init.normal_(self.in_proj.weight, std=init_std)
-            init_short_conv_(self.conv1d)
+            normal_segments_(init_std, self.in_proj_z, self.in_proj_x, self.in_proj_B, self.in_proj_C, self.in_proj_dt)
+            short_conv_segments_((self.conv1d_x, self.conv1d_B, self.conv1d_C))
             self.dt_bias.copy_(sample_dt_bias(self.n_heads, self.dt_bias.device))
             self.A_log.copy_(torch.empty_like(self.A_log).uniform_(*A_INIT_RANGE).log())
             self.D.fill_(1.0)

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pretrain.models.layers.norm import at_least_fp32
+
 
 def segsum(a: Tensor) -> Tensor:
     """``a [..., L]`` -> ``[..., L, L]``: out[i, j] = a[j+1] + ... + a[i] for j <= i (0 on the
@@ -71,7 +73,8 @@ def ssd_chunked(
         chunk_size: tokens per chunk; T need not be a multiple of it.
 
     Returns:
-        ``y [B, T, H, P]`` in the dtype of ``x``, and the final state ``[B, H, P, N]`` in fp32.
+        ``y [B, T, H, P]`` in the dtype of ``x``, and the final state ``[B, H, P, N]`` in fp32
+        (fp64 for float64 inputs).
     """
     _check_shapes(x, dt, A, B, C, D)
     b, t, h, p = x.shape
@@ -85,9 +88,10 @@ def ssd_chunked(
     if chunk_size <= 0:
         raise ValueError(f"ssd_chunked: chunk_size must be > 0, got {chunk_size}")
     with torch.autocast(x.device.type, enabled=False):  # decays and states need fp32
-        y, h_last = _ssd(x.float(), dt.float(), A.float(), B.float(), C.float(), h0, reset, chunk_size)
+        f = at_least_fp32  # fp64 stays fp64: a float64 check is not rounded to fp32
+        y, h_last = _ssd(f(x), f(dt), f(A), f(B), f(C), h0, reset, chunk_size)
         if D is not None:
-            y = y + x.float() * D.float()[:, None]
+            y = y + f(x) * f(D)[:, None]
     return y.to(x.dtype), h_last
 
 
@@ -121,7 +125,7 @@ def _ssd(
     states = torch.einsum("bcsgn,bcsgkp->bcgkpn", B, xdt * to_end)
     # 3. pass states across chunks: the state entering chunk z sums every earlier chunk's
     #    state (and h0) decayed by the chunks in between
-    start = x.new_zeros(b, g, k, p, n) if h0 is None else h0.float().reshape(b, g, k, p, n)
+    start = x.new_zeros(b, g, k, p, n) if h0 is None else h0.to(x.dtype).reshape(b, g, k, p, n)
     states = torch.cat([start.unsqueeze(1), states], dim=1)  # [B, c+1, G, K, P, N]
     chunk_decay = segsum(F.pad(a_cum[..., -1], (1, 0))).exp()  # [B, G, K, c+1, c+1]
     states = torch.einsum("bgkzc,bcgkpn->bzgkpn", chunk_decay, states)
@@ -151,14 +155,15 @@ def ssd_step(
             f"ssd_step: state {tuple(state.shape)}, x {tuple(x.shape)}, dt {tuple(dt.shape)}, "
             f"B {tuple(B.shape)}, C {tuple(C.shape)}"
         )
-    Bh = B.float().repeat_interleave(h // g, dim=1)  # [B, H, N]
-    Ch = C.float().repeat_interleave(h // g, dim=1)
-    decay = torch.exp(dt.float() * A.float())  # [B, H]
+    f = at_least_fp32
+    Bh = f(B).repeat_interleave(h // g, dim=1)  # [B, H, N]
+    Ch = f(C).repeat_interleave(h // g, dim=1)
+    decay = torch.exp(f(dt) * f(A))  # [B, H]
     if reset is not None:
-        decay = decay * (~reset).float()[:, None]
-    xf = x.float()
-    new = decay[..., None, None] * state.float() + (xf * dt.float()[..., None]).unsqueeze(-1) * Bh.unsqueeze(2)
+        decay = decay * (~reset).to(decay.dtype)[:, None]
+    xf = f(x)
+    new = decay[..., None, None] * f(state) + (xf * f(dt)[..., None]).unsqueeze(-1) * Bh.unsqueeze(2)
     y = (new @ Ch.unsqueeze(-1)).squeeze(-1)  # [B, H, P]
     if D is not None:
-        y = y + xf * D.float()[:, None]
+        y = y + xf * f(D)[:, None]
     return y.to(x.dtype), new

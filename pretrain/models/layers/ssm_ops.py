@@ -18,6 +18,8 @@ import math
 import torch
 from torch import Tensor
 
+from pretrain.models.layers.norm import at_least_fp32
+
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4  # mamba_ssm's initial step-size range
 
 SCAN_CHUNK = 8  # tokens per chunk: measured fastest on CPU (8..16) for d_inner=512, N=16, B=8
@@ -114,7 +116,8 @@ def selective_scan(
             before that token is added.
 
     Returns:
-        ``y [B, T, D]`` in the dtype of ``x``, and the final state ``[B, D, N]`` in fp32.
+        ``y [B, T, D]`` in the dtype of ``x``, and the final state ``[B, D, N]`` in fp32 (fp64
+        for float64 inputs: the scan never rounds below fp32).
     """
     b, t, d = x.shape
     n = A.shape[-1]
@@ -129,13 +132,15 @@ def selective_scan(
     if t == 0:
         raise ValueError("selective_scan: empty sequence")
 
-    def tm(z: Tensor) -> Tensor:  # [B, T, ...] -> time-major fp32 [T, B, ...]
-        return z.transpose(0, 1).float().contiguous()
+    dtype = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for a float64 check
 
-    h0 = x.new_zeros(b, d, n, dtype=torch.float32) if h0 is None else h0.float()
+    def tm(z: Tensor) -> Tensor:  # [B, T, ...] -> time-major [T, B, ...] in dtype
+        return z.transpose(0, 1).to(dtype).contiguous()
+
+    h0 = x.new_zeros(b, d, n, dtype=dtype) if h0 is None else h0.to(dtype)
     keep = None if reset is None else tm(~reset)
     with torch.autocast(x.device.type, enabled=False):  # the recurrence needs fp32
-        y, h = _SelectiveScan.apply(tm(x), tm(dt), A.float(), tm(B), tm(C), D.float(), h0, keep)
+        y, h = _SelectiveScan.apply(tm(x), tm(dt), A.to(dtype), tm(B), tm(C), D.to(dtype), h0, keep)
     return y.transpose(0, 1).to(x.dtype), h  # [B, T, D]
 
 
@@ -151,11 +156,12 @@ def selective_state_update(
 ) -> tuple[Tensor, Tensor]:
     """One recurrent step (decoding): ``h [B, D, N]``, ``x, dt [B, D]``, ``B, C [B, N]``,
     ``reset [B]`` bool. Returns ``(y [B, D] in x's dtype, new h [B, D, N] fp32)``."""
-    a = torch.exp(dt.float().unsqueeze(-1) * A.float())  # [B, D, N]
+    f = at_least_fp32
+    a = torch.exp(f(dt).unsqueeze(-1) * f(A))  # [B, D, N]
     if reset is not None:
-        a = a * (~reset).float()[:, None, None]
-    h = a * h.float() + (dt.float() * x.float()).unsqueeze(-1) * B.float().unsqueeze(1)
-    y = (h @ C.float().unsqueeze(-1)).squeeze(-1) + D.float() * x.float()
+        a = a * (~reset).to(a.dtype)[:, None, None]
+    h = a * f(h) + (f(dt) * f(x)).unsqueeze(-1) * f(B).unsqueeze(1)
+    y = (h @ f(C).unsqueeze(-1)).squeeze(-1) + f(D) * f(x)
     return y.to(x.dtype), h
 
 
