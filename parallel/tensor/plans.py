@@ -62,10 +62,17 @@ def diff_attention_plan(cfg: ModelConfig, layer_idx: int, tp: int) -> RegionPlan
 def gmu_plan(cfg: ModelConfig, layer_idx: int, tp: int) -> RegionPlan:
     width, group = memory_layout(cfg, layer_idx)
     groups = width // group if group else width
-    require(groups % tp == 0, "parallel.tp", f"{tp} does not divide the GMU memory's {groups} channel groups")
+    require(
+        groups % tp == 0 or (group and tp % groups == 0),
+        "parallel.tp",
+        f"{tp} neither divides nor is a multiple of the GMU memory's {groups} channel groups",
+    )
+    # a norm group spread over several ranks sums its squares over them (see plan.py)
+    spread = {"norm": tp // groups} if groups % tp else {}
     return RegionPlan(
         params={"in_proj.weight": Shard(0), "norm.weight": Shard(0), "out_proj.weight": Shard(1)},
         sharded_carry={MEMORY: Shard(2)},  # [B, T, d_mem]
+        partial_sums=spread,
     )
 
 

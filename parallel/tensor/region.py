@@ -31,6 +31,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
@@ -72,6 +74,32 @@ class _ScaleGrad(torch.autograd.Function):
 def _all_reduce_grad(t: Tensor, mesh: DeviceMesh) -> Tensor:
     """Identity whose backward all-reduces the gradient over the tp ranks."""
     return DTensor.from_local(t, mesh, [Replicate()], run_check=False).to_local(grad_placements=[Partial()])
+
+
+def _span_groups(mesh: DeviceMesh) -> dict[int, Any]:
+    """For each span s dividing tp, the process group of this rank's block of s consecutive tp
+    ranks (tp is the innermost mesh dimension, so such blocks are consecutive global ranks).
+    Made once per process for every span, in the same order on every rank (new_group is
+    collective over the world)."""
+    tp, world = mesh.size(), dist.get_world_size()
+    key = (tp, world)
+    if key not in _SPAN_GROUPS:
+        groups: dict[int, Any] = {tp: mesh.get_group()}
+        for span in range(2, tp):
+            if tp % span == 0:
+                mine, _ = dist.new_subgroups_by_enumeration([list(range(i, i + span)) for i in range(0, world, span)])
+                groups[span] = mine
+        _SPAN_GROUPS[key] = groups
+    return _SPAN_GROUPS[key]
+
+
+_SPAN_GROUPS: dict[tuple[int, int], dict[int, Any]] = {}
+
+
+def _partial_sum(group: Any) -> Any:
+    """``reduce_partial`` of plan.py: all-reduce (sum) over ``group`` in the forward and, since
+    what follows is rank-local, in the backward too."""
+    return lambda t: dist_nn.all_reduce(t, group=group)
 
 
 # ----------------------------------------------------------------- parameters
@@ -159,6 +187,11 @@ class Region:
         self.tp = mesh.size()
         _distribute(module, {n: plan.layout(n) for n, _ in module.named_parameters()}, mesh)
         self.view = _region_view(plan, mesh, module)
+        if plan.partial_sums:
+            groups = _span_groups(mesh)
+            for name, span in plan.partial_sums.items():
+                # an instance attribute: shadows the class's identity, in no state_dict
+                module.get_submodule(name).reduce_partial = _partial_sum(groups[span])
         self.entered: list[dict[int, Tensor]] = []
         self.open: list[Any] = []
         module.register_forward_pre_hook(self._pre)
