@@ -18,6 +18,10 @@ CASES = {
     "sambay": ("configs/sambay_tiny.toml", []),
     "diff": ("configs/sambay_tiny.toml", ['model.layer_pattern=["diff_swa","diff_attn_kv","diff_xattn","diff_attn"]',
                                           "model.n_layers=4", "model.attention.n_heads=8"]),
+    # 4 heads, chunks of 8 so that the 12 tokens cross a chunk boundary
+    "gla": ("configs/gla_tiny.toml", ["model.n_layers=2", "model.gla.n_heads=4", "model.gla.chunk_size=8"]),
+    "sambay_gla": ("configs/sambay_tiny.toml", ['model.layer_pattern=["gla","swa","gla_mem","attn_kv","gmu","xattn"]',
+                                                "model.n_layers=6", "model.gla.n_heads=4", "model.gla.chunk_size=8"]),
 }
 
 

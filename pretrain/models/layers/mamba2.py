@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pretrain.models.layers.conv import cached_causal_conv, init_short_conv_
+from pretrain.models.layers.norm import at_least_fp32
 from pretrain.models.layers.ssd_ops import ssd_chunked, ssd_step
 from pretrain.models.layers.ssm_ops import sample_dt_bias
 from pretrain.models.registry import register_mixer
@@ -36,7 +37,7 @@ class Mamba2State:
 
 class RMSNormGated(nn.Module):
     """mamba_ssm's RMSNormGated with norm_before_gate=False: rmsnorm(x * silu(z)) * weight, the
-    mean of squares taken over groups of ``group_size`` channels (one per B/C group), in fp32."""
+    mean of squares taken over groups of ``group_size`` channels (one per B/C group), in at least fp32."""
 
     def __init__(self, dim: int, group_size: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -45,10 +46,10 @@ class RMSNormGated(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor, z: Tensor) -> Tensor:
-        y = x.float() * F.silu(z.float())
+        y = at_least_fp32(x) * F.silu(at_least_fp32(z))
         y = y.unflatten(-1, (-1, self.group_size))  # [..., groups, group_size]
         y = F.rms_norm(y, (self.group_size,), eps=self.eps).flatten(-2)
-        return (y * self.weight.float()).to(x.dtype)
+        return (y * self.weight.to(y.dtype)).to(x.dtype)
 
     def init_weights(self) -> None:
         with torch.no_grad():
