@@ -26,6 +26,34 @@ router's state, the auxiliary loss).
 
 Mixers compute their local sizes from tensor shapes (``view(b, t, -1, head_dim)``), so the
 model code runs unchanged on the local shards and never imports torch.distributed.
+
+Partial sums inside a region (``RegionPlan.partial_sums``). A few layers need a sum over ranks
+before their output: Mamba-1's ``x_proj`` reads the rank's inner channels, so its dt/B/C are
+partial products; Mamba-2's gated RMSNorm, when a group of channels spans several ranks (fewer
+B/C groups than ranks), needs the sum of squares of the whole group. Such a module calls
+``self.reduce_partial(t)`` on the partial tensor and uses what it returns; the attribute defaults
+to the identity (one process: the partial sum is the sum). ``partial_sums`` maps the name of each
+such module (relative to the region's module, ``""`` for the region's module itself, as
+``nn.Module.get_submodule`` takes it) to ``span``: the number of consecutive tensor-parallel
+ranks whose partials add up (``tp``: all of them; ``tp // groups``: the ranks sharing a
+GroupSlice group, i.e. ranks ``[span * (r // span), span * (r // span + 1))``). The region code
+(parallel/tensor/region.py) must, on each rank r, before the forward:
+
+    module.get_submodule(name).reduce_partial = f   with   f(t) = sum of t over r's span block
+
+where ``f``'s forward is an all-reduce (SUM) of ``t`` over the process group of r's block (the
+whole tp group when span == tp; else one group per block, made with ``new_group`` on every rank,
+e.g. ``torch.distributed.new_subgroups_by_enumeration``) and its BACKWARD is also an all-reduce
+(SUM) of the incoming gradient over the same group: what follows the sum is rank-local (the
+rank's channels), so each rank's gradient of the sum is only its own channels' part, and every
+partial's true gradient is the sum of them all. ``torch.distributed.nn.functional.all_reduce``
+has exactly this forward and backward; Megatron's identity-backward reduction (for a replicated
+consumer) would be wrong here. ``f`` must keep shape and dtype and be called the same number of
+times in the same order on every rank (it is: every rank runs the same code; activation
+recomputation calls it again on all ranks alike). The hook is a plain attribute, not state: it is
+in no state_dict, and with tp == 1 it stays the identity. tests/parallel/tp_reference.py
+implements the same protocol in one process (the ranks run in lockstep threads and sum their
+partials with autograd, which gives that backward).
 """
 
 from __future__ import annotations
@@ -60,7 +88,9 @@ class RegionPlan:
     ``params``: parameter-name pattern (``fnmatch``, relative to the module, e.g.
     ``"wq.weight"`` or ``"experts.*"``) -> layout; the first matching pattern wins and
     unmatched parameters are replicated. ``sharded_carry``: carry-key pattern -> the layout of
-    those tensors (a per-rank shard along the layout's dimension).
+    those tensors (a per-rank shard along the layout's dimension). ``partial_sums``: submodule
+    name (``""``: the module itself) -> span, the consecutive ranks whose partial sums its
+    ``reduce_partial`` adds (see the module docstring for the protocol).
 
     A plan factory raises :class:`~pretrain.config.ConfigError` naming the config field when
     the layer cannot be split over tp ranks (e.g. heads not divisible).
@@ -68,6 +98,7 @@ class RegionPlan:
 
     params: Mapping[str, Layout] = field(default_factory=dict)
     sharded_carry: Mapping[str, Layout] = field(default_factory=dict)
+    partial_sums: Mapping[str, int] = field(default_factory=dict)
 
     def layout(self, name: str) -> Layout | None:
         """The layout of parameter ``name`` (None: replicated and used whole)."""

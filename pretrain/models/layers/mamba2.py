@@ -37,7 +37,7 @@ class Mamba2State:
 
 class RMSNormGated(nn.Module):
     """mamba_ssm's RMSNormGated with norm_before_gate=False: rmsnorm(x * silu(z)) * weight, the
-    mean of squares taken over groups of ``group_size`` channels (one per B/C group), in at least fp32."""
+    mean of squares taken over groups of ``group_size`` channels (one per B/C group), in fp32."""
 
     def __init__(self, dim: int, group_size: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -49,7 +49,7 @@ class RMSNormGated(nn.Module):
         y = at_least_fp32(x) * F.silu(at_least_fp32(z))
         y = y.unflatten(-1, (-1, self.group_size))  # [..., groups, group_size]
         y = F.rms_norm(y, (self.group_size,), eps=self.eps).flatten(-2)
-        return (y * self.weight.to(y.dtype)).to(x.dtype)
+        return (y * at_least_fp32(self.weight)).to(x.dtype)
 
     def init_weights(self) -> None:
         with torch.no_grad():
