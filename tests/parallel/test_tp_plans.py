@@ -22,6 +22,12 @@ CASES = {
     "gla": ("configs/gla_tiny.toml", ["model.n_layers=2", "model.gla.n_heads=4", "model.gla.chunk_size=8"]),
     "sambay_gla": ("configs/sambay_tiny.toml", ['model.layer_pattern=["gla","swa","gla_mem","attn_kv","gmu","xattn"]',
                                                 "model.n_layers=6", "model.gla.n_heads=4", "model.gla.chunk_size=8"]),
+    # segments and memory chunks of 4 tokens, so that documents of 5 and 7 cross them; short windows
+    "titans": ("configs/titans_mac_tiny.toml", ['model.layer_pattern=["mac","mag","mal"]', "model.n_layers=3",
+                                                "model.titans.segment_size=4", "model.titans.chunk_size=4",
+                                                "model.titans.n_persistent=2", "model.attention.window=6"]),
+    "titans_mac_none": ("configs/titans_mac_tiny.toml", ["model.n_layers=1", "model.titans.mac_output='none'",
+                                                         "model.titans.segment_size=4", "model.titans.chunk_size=4"]),
 }
 
 
