@@ -124,3 +124,18 @@ def test_plan_refuses_indivisible_heads():
         MIXER_PLANS["attn"](cfg, 0, 3)
     with pytest.raises(ConfigError, match="model.ffn_hidden"):
         FFN_PLANS["mlp"](cfg, 0, 7)
+
+
+def test_gla_and_titans_plans_refuse_indivisible_heads():
+    gla = load_config("configs/gla_tiny.toml", ["model.vocab_size=64"]).model  # 2 heads
+    with pytest.raises(ConfigError, match="model.gla.n_heads"):
+        MIXER_PLANS["gla"](gla, 0, 4)
+    with pytest.raises(ConfigError, match="model.gla.n_heads"):
+        MIXER_PLANS["gla_mem"](gla, 0, 4)
+    titans = load_config("configs/titans_mac_tiny.toml", ["model.vocab_size=64", "model.titans.n_heads=2"]).model
+    for name in ("mac", "mal"):
+        with pytest.raises(ConfigError, match="model.titans.n_heads"):
+            MIXER_PLANS[name](titans, 0, 4)
+    MIXER_PLANS["mag"](titans, 0, 4)  # its memory is replicated: only the attention heads split
+    with pytest.raises(ConfigError, match="model.attention.n_heads"):
+        MIXER_PLANS["mag"](titans, 0, 8)
