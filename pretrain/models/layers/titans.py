@@ -180,7 +180,8 @@ class NeuralMemory(nn.Module):
              reset: Tensor | None, read: str = "chunk_start") -> tuple[Tensor, MemoryState]:
         """:func:`memory_scan` with L2-normalised q, k and the write gates of ``x [B, T, d_model]``."""
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        theta, eta, alpha = (torch.sigmoid(at_least_fp32(p(x))) for p in (self.theta_proj, self.eta_proj, self.alpha_proj))
+        gates = (self.theta_proj, self.eta_proj, self.alpha_proj)
+        theta, eta, alpha = (torch.sigmoid(at_least_fp32(p(x))) for p in gates)  # [B, T, H] each
         return memory_scan(
             q, k, v, self.max_lr * theta, eta, alpha, mem, list(self.init), positions, self.chunk_size, reset, read
         )
