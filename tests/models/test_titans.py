@@ -238,7 +238,7 @@ def test_mac_write_gates_read(mac_output):
     hooks = [
         mixer.register_forward_pre_hook(keep("x", lambda args: args[0])),
         mixer.attn.wo.register_forward_hook(keep("y", lambda args, out: out)),
-        mixer.memory.gates.register_forward_pre_hook(keep("gates", lambda args: args[0])),
+        mixer.memory.theta_proj.register_forward_pre_hook(keep("gates", lambda args: args[0])),
     ]
     with torch.no_grad():  # 5 tokens: one piece of one segment, one call of each
         mixer(torch.randn(B, 5, 32), ForwardContext(positions=torch.arange(5).expand(B, 5)))

@@ -29,6 +29,16 @@ CASES = {
     "mamba2_g4": ("configs/mamba2_tiny.toml", [*_M2, "model.mamba2.n_groups=4"]),
     "mamba2_mem": ("configs/mamba2_tiny.toml", [*_M2, "model.mamba2.n_groups=4",
                                                 'model.layer_pattern=["mamba2_mem:none","gmu:none"]']),
+    # 4 heads, chunks of 8 so that the 12 tokens cross a chunk boundary
+    "gla": ("configs/gla_tiny.toml", ["model.n_layers=2", "model.gla.n_heads=4", "model.gla.chunk_size=8"]),
+    "sambay_gla": ("configs/sambay_tiny.toml", ['model.layer_pattern=["gla","swa","gla_mem","attn_kv","gmu","xattn"]',
+                                                "model.n_layers=6", "model.gla.n_heads=4", "model.gla.chunk_size=8"]),
+    # segments and memory chunks of 4 tokens, so that documents of 5 and 7 cross them; short windows
+    "titans": ("configs/titans_mac_tiny.toml", ['model.layer_pattern=["mac","mag","mal"]', "model.n_layers=3",
+                                                "model.titans.segment_size=4", "model.titans.chunk_size=4",
+                                                "model.titans.n_persistent=2", "model.attention.window=6"]),
+    "titans_mac_none": ("configs/titans_mac_tiny.toml", ["model.n_layers=1", "model.titans.mac_output='none'",
+                                                         "model.titans.segment_size=4", "model.titans.chunk_size=4"]),
 }
 
 
@@ -125,3 +135,18 @@ def test_plan_refuses_indivisible_heads():
         MIXER_PLANS["attn"](cfg, 0, 3)
     with pytest.raises(ConfigError, match="model.ffn_hidden"):
         FFN_PLANS["mlp"](cfg, 0, 7)
+
+
+def test_gla_and_titans_plans_refuse_indivisible_heads():
+    gla = load_config("configs/gla_tiny.toml", ["model.vocab_size=64"]).model  # 2 heads
+    with pytest.raises(ConfigError, match="model.gla.n_heads"):
+        MIXER_PLANS["gla"](gla, 0, 4)
+    with pytest.raises(ConfigError, match="model.gla.n_heads"):
+        MIXER_PLANS["gla_mem"](gla, 0, 4)
+    titans = load_config("configs/titans_mac_tiny.toml", ["model.vocab_size=64", "model.titans.n_heads=2"]).model
+    for name in ("mac", "mal"):
+        with pytest.raises(ConfigError, match="model.titans.n_heads"):
+            MIXER_PLANS[name](titans, 0, 4)
+    MIXER_PLANS["mag"](titans, 0, 4)  # its memory is replicated: only the attention heads split
+    with pytest.raises(ConfigError, match="model.attention.n_heads"):
+        MIXER_PLANS["mag"](titans, 0, 8)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pretrain.models.layers.gla_ops import SUB_CHUNK, chunk_gla, recurrent_gla_step
-from pretrain.models.layers.norm import RMSNorm
+from pretrain.models.layers.norm import RMSNorm, at_least_fp32
 from pretrain.models.registry import register_mixer
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ class GatedLinearAttention(nn.Module):
         q = self.q_proj(x).view(b, t, -1, self.head_k_dim)  # [B, T, H, K]
         k = self.k_proj(x).view(b, t, -1, self.head_k_dim)  # [B, T, H, K]
         v = self.v_proj(x).view(b, t, -1, self.head_v_dim)  # [B, T, H, V]
-        g_log = F.logsigmoid(self.gk_proj(x).float()) / self.gate_normalizer
+        g_log = F.logsigmoid(at_least_fp32(self.gk_proj(x))) / self.gate_normalizer
         g_log = g_log.view(b, t, -1, self.head_k_dim)  # [B, T, H, K], log alpha <= 0
         if state is not None and t == 1:
             reset = None if ctx.reset is None else ctx.reset[:, 0]

@@ -24,12 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pretrain.models.layers.norm import at_least_fp32
+
 SUB_CHUNK = 16  # tokens per secondary chunk: pairwise decays cost SUB_CHUNK x the keys' memory
 
 
 def _to_chunks(z: Tensor, n: int, c: int) -> Tensor:
-    """[B, T, H, D] -> fp32 [B, H, N, C, D], zero-padded at the end to N * C tokens."""
-    z = F.pad(z.float(), (0, 0, 0, 0, 0, n * c - z.shape[1]))
+    """[B, T, H, D] -> at least fp32 [B, H, N, C, D], zero-padded at the end to N * C tokens."""
+    z = F.pad(at_least_fp32(z), (0, 0, 0, 0, 0, n * c - z.shape[1]))
     return z.unflatten(1, (n, c)).permute(0, 3, 1, 2, 4)
 
 
@@ -95,7 +97,7 @@ def chunk_gla(
         scale: query scale; None is ``K ** -0.5``.
 
     Returns:
-        ``o [B, T, H, V]`` in the dtype of ``v``, and the final state ``[B, H, K, V]`` in fp32.
+        ``o [B, T, H, V]`` in the dtype of ``v``, and the final state ``[B, H, K, V]`` in fp32 (fp64 for fp64 inputs).
     """
     _check(q, k, v, g_log, h0, reset)
     if chunk_size <= 0:
@@ -119,7 +121,7 @@ def chunk_gla(
             decay = decay * (seg[..., -1] == 0).unsqueeze(-1)
         o = scores @ vc  # [B, H, N, C, V]
         chunk_states = k_out.transpose(-1, -2) @ vc  # [B, H, N, K, V]
-        state = qc.new_zeros(b, h, dk, vc.shape[-1]) if h0 is None else h0.float()
+        state = qc.new_zeros(b, h, dk, vc.shape[-1]) if h0 is None else h0.to(qc.dtype)
         inter = []
         for i in range(n):
             inter.append(q_in[:, :, i] @ state)  # [B, H, C, V]

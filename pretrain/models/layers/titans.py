@@ -56,7 +56,8 @@ from torch import Tensor, nn
 from pretrain.models.context import attention_mask
 from pretrain.models.layers.attention import KVState, mean_visible_keys
 from pretrain.models.layers.conv import masked_causal_conv
-from pretrain.models.layers.norm import RMSNorm
+from pretrain.models.layers.mamba import no_reduction
+from pretrain.models.layers.norm import RMSNorm, at_least_fp32
 from pretrain.models.layers.rope import apply_rope, rope_tables
 from pretrain.models.layers.titans_ops import MemoryState, memory_scan, mlp_forward
 from pretrain.models.registry import register_mixer
@@ -69,7 +70,8 @@ if TYPE_CHECKING:
 @dataclass
 class TitansState:
     conv: Tensor
-    """[B, conv_size - 1, 3 * H * D]: the last inputs of the memory's q/k/v conv (oldest first)."""
+    """[B, conv_size - 1, 3 * H * D]: the last inputs of the memory's q/k/v conv (oldest first;
+    the H * D channels of q, then of k, then of v)."""
     memory: MemoryState
     kv: KVState
     """Attention keys/values of the last window-1 (MAC: segment-1) tokens."""
@@ -79,8 +81,48 @@ class TitansState:
     """MAC 'per_token': [B, conv_size - 1, H * D], the last inputs of the output read's query conv."""
 
 
+class WidthRMSNorm(RMSNorm):
+    """RMSNorm over a whole width ``dim`` whose input may be one tensor-parallel rank's
+    contiguous part of it (with the matching part of ``weight``): the part's sum of squares then
+    goes through :attr:`reduce_partial`, which the parallel code sets to a sum over the ranks
+    (protocol: parallel/tensor/plan.py). The whole width is normalised as :class:`RMSNorm` does."""
+
+    reduce_partial = staticmethod(no_reduction)
+    """Sum of squares ``[..., 1]`` of this rank's channels -> that of all ``dim`` channels."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__(dim, eps)
+        self.dim = dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] == self.dim:
+            return super().forward(x)
+        xf = at_least_fp32(x)
+        sum_sq = self.reduce_partial(xf.square().sum(-1, keepdim=True))
+        return (xf * torch.rsqrt(sum_sq / self.dim + self.eps) * self.weight.to(xf.dtype)).to(x.dtype)
+
+
+def _normal_as_one_(weights: list[Tensor], std: float) -> None:
+    """Fill ``weights`` (same trailing shape) from one normal draw of their concatenation: the
+    random numbers of the fused projection they replace, so a seed still gives the same model."""
+    for w, x in zip(weights, torch.cat(weights).normal_(std=std).split([w.shape[0] for w in weights])):
+        w.copy_(x)
+
+
 class NeuralMemory(nn.Module):
-    """The long-term memory branch: ``x [B, T, d_model] -> [B, T, d_out]`` (reads), trained on x."""
+    """The long-term memory branch: ``x [B, T, d_model] -> [B, T, d_out]`` (reads), trained on x.
+
+    Everything up to the output projection is per memory head, and the head count is read from
+    the weights' shapes, so a tensor-parallel rank runs the branch on a contiguous chunk of the
+    heads (its rows of q/k/v_proj, theta/eta/alpha_proj, conv_weight/conv_bias along dim 1 and
+    ``init``) with ``out`` row-parallel: the q, k, v projections and the three gates are separate
+    weights, not one fused projection whose shards would mix segments. The projected reads
+    pass through :attr:`reduce_partial` (identity here; a sum over the ranks when ``out`` is
+    row-parallel, protocol in parallel/tensor/plan.py), so every caller gets the whole sum.
+    """
+
+    reduce_partial = staticmethod(no_reduction)
+    """Partial projected reads ``[B, T, d_out]`` (this rank's heads) -> their sum over ranks."""
 
     def __init__(self, cfg: ModelConfig, chunk_size: int, d_out: int) -> None:
         super().__init__()
@@ -88,10 +130,15 @@ class NeuralMemory(nn.Module):
         self.n_heads, self.head_dim = c.n_heads, cfg.d_model // c.n_heads
         self.chunk_size, self.max_lr = chunk_size, c.max_lr
         inner = self.n_heads * self.head_dim
-        self.qkv = nn.Linear(cfg.d_model, 3 * inner, bias=False)
-        self.conv_weight = nn.Parameter(torch.empty(3 * inner, c.conv_size))
-        self.conv_bias = nn.Parameter(torch.empty(3 * inner))
-        self.gates = nn.Linear(cfg.d_model, 3 * self.n_heads, bias=True)  # theta, eta, alpha logits
+        self.q_proj = nn.Linear(cfg.d_model, inner, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, inner, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, inner, bias=False)
+        self.conv_weight = nn.Parameter(torch.empty(3, inner, c.conv_size))  # depthwise taps of q, k, v
+        self.conv_bias = nn.Parameter(torch.empty(3, inner))
+        # per-head logits of the learning rate theta, momentum eta and forgetting alpha
+        self.theta_proj = nn.Linear(cfg.d_model, self.n_heads, bias=True)
+        self.eta_proj = nn.Linear(cfg.d_model, self.n_heads, bias=True)
+        self.alpha_proj = nn.Linear(cfg.d_model, self.n_heads, bias=True)
         dims = [self.head_dim] + [c.memory_expand * self.head_dim] * (c.memory_depth - 1) + [self.head_dim]
         self.init = nn.ParameterList(nn.Parameter(torch.empty(self.n_heads, i, o)) for i, o in zip(dims, dims[1:]))
         self.norm = RMSNorm(self.head_dim, cfg.norm_eps)
@@ -101,10 +148,11 @@ class NeuralMemory(nn.Module):
         """Read (at chunk starts) and train the memory on x; returns the projected reads."""
         b, t, _ = x.shape
         tail = None if state is None else state.conv
-        zc, tail = self.conv(self.qkv(x), slice(None), tail, ctx.positions)
+        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)  # [B, T, 3 * H * D]
+        zc, tail = self.conv(qkv, slice(None), tail, ctx.positions)
         if state is not None:
             state.conv = tail
-        q, k, v = zc.view(b, t, 3, self.n_heads, self.head_dim).unbind(2)  # [B, T, H, D] each
+        q, k, v = zc.view(b, t, 3, -1, self.head_dim).unbind(2)  # [B, T, H, D] each
         mem = MemoryState.fresh(list(self.init), b) if state is None else state.memory
         y, mem = self.scan(x, q, k, v, mem, ctx.positions, ctx.reset)
         if state is not None:
@@ -112,35 +160,36 @@ class NeuralMemory(nn.Module):
         return self.project_out(y, x.dtype)
 
     def conv(self, z: Tensor, part: slice, tail: Tensor | None, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """SiLU(short conv) of the channels ``part`` of the q/k/v projection ``z [B, T, C]``;
-        ``tail``: the previous inputs of all 3HD channels (None: zeros) -> (output, new tail)."""
+        """SiLU(short conv) of the channels ``part`` of the q/k/v projections ``z [B, T, C]``
+        (channels: q, then k, then v, H * D each); ``tail``: the previous inputs of all 3HD
+        channels (None: zeros) -> (output, new tail)."""
         b, t, _ = z.shape
-        w = self.conv_weight
+        w, bias = self.conv_weight.flatten(0, 1), self.conv_bias.flatten()  # [3HD, K], [3HD]
         if tail is None:
             tail = z.new_zeros(b, w.shape[1] - 1, w.shape[0])
         zp = torch.cat([tail[..., part], z], dim=1)  # [B, K-1+T, C]
         new_tail = tail.clone()
         new_tail[..., part] = zp[:, t:]
-        return F.silu(masked_causal_conv(zp, w[part], self.conv_bias[part], positions)), new_tail
+        return F.silu(masked_causal_conv(zp, w[part], bias[part], positions)), new_tail
 
     def scan(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, mem: MemoryState, positions: Tensor,
              reset: Tensor | None, read: str = "chunk_start") -> tuple[Tensor, MemoryState]:
         """:func:`memory_scan` with L2-normalised q, k and the write gates of ``x [B, T, d_model]``."""
-        b, t, _ = x.shape
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        g = torch.sigmoid(self.gates(x).float()).view(b, t, 3, self.n_heads)
+        gates = (self.theta_proj, self.eta_proj, self.alpha_proj)
+        theta, eta, alpha = (torch.sigmoid(at_least_fp32(p(x))) for p in gates)  # [B, T, H] each
         return memory_scan(
-            q, k, v, self.max_lr * g[:, :, 0], g[:, :, 1], g[:, :, 2], mem, list(self.init),
-            positions, self.chunk_size, reset, read,
+            q, k, v, self.max_lr * theta, eta, alpha, mem, list(self.init), positions, self.chunk_size, reset, read
         )
 
     def project_out(self, y: Tensor, dtype: torch.dtype) -> Tensor:
-        """``y [B, T, H, D]`` memory reads -> per-head RMSNorm -> output projection."""
-        return self.out(self.norm(y.to(dtype)).flatten(2))
+        """``y [B, T, H, D]`` memory reads -> per-head RMSNorm -> output projection (summed over
+        the heads of every rank by :attr:`reduce_partial`)."""
+        return self.reduce_partial(self.out(self.norm(y.to(dtype)).flatten(2)))
 
     def new_state(self, batch_size: int) -> tuple[Tensor, MemoryState]:
-        w = self.qkv.weight
-        conv = w.new_zeros(batch_size, self.conv_weight.shape[1] - 1, w.shape[0])
+        w = self.conv_weight  # [3, H * D, K]: local heads under tensor parallelism
+        conv = w.new_zeros(batch_size, w.shape[2] - 1, w.shape[0] * w.shape[1])
         return conv, MemoryState.fresh(list(self.init), batch_size)
 
     def flops_per_token(self) -> float:
@@ -150,20 +199,19 @@ class NeuralMemory(nn.Module):
 
     def init_weights(self, init_std: float, out_std: float) -> None:
         with torch.no_grad():
-            nn.init.normal_(self.qkv.weight, std=init_std)
-            bound = 1 / math.sqrt(self.conv_weight.shape[1])
+            _normal_as_one_([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight], init_std)
+            bound = 1 / math.sqrt(self.conv_weight.shape[-1])
             nn.init.uniform_(self.conv_weight, -bound, bound)
             nn.init.uniform_(self.conv_bias, -bound, bound)
-            nn.init.normal_(self.gates.weight, std=init_std)
-            h = self.n_heads
+            _normal_as_one_([self.theta_proj.weight, self.eta_proj.weight, self.alpha_proj.weight], init_std)
             # A chunk applies all its tokens' gradients (taken at the chunk-start weights) and
             # momentum multiplies them by ~1/(1 - eta): the effective step per chunk is about
             # theta * chunk * 2 / (1 - eta) for unit keys. Start well below 1 so the inner
             # descent converges instead of blowing the memory up (theta = max_lr/2 with eta 0.88
             # diverged to 1e38 within one 256-token sequence).
-            self.gates.bias[:h].fill_(-4.0)  # theta ~ 0.018 * max_lr
-            self.gates.bias[h : 2 * h].fill_(0.0)  # eta = 0.5
-            self.gates.bias[2 * h :].fill_(-4.0)  # alpha ~ 0.018: forget slowly
+            self.theta_proj.bias.fill_(-4.0)  # theta ~ 0.018 * max_lr
+            self.eta_proj.bias.fill_(0.0)  # eta = 0.5
+            self.alpha_proj.bias.fill_(-4.0)  # alpha ~ 0.018: forget slowly
             for p in self.init:
                 nn.init.normal_(p, std=p.shape[1] ** -0.5)
             self.norm.init_weights()
@@ -261,7 +309,15 @@ class TitansMAC(_Titans):
     """Segments are processed in order (a forward over several segments loops over them, each
     row's segment starts at ``position % segment_size == 0``): read, attend, then write the
     attention output into the memory (and, 'per_token', gate the output by a read after each
-    token's write); the decoding cache holds the current segment's keys."""
+    token's write); the decoding cache holds the current segment's keys.
+
+    The attention output ``W_o(o)`` passes through :attr:`reduce_partial` before the memory
+    reads it (identity here; under tensor parallelism ``W_o`` is row-parallel and the hook sums
+    its partials over the ranks); the layer's output is ``W_o(o)`` as computed, times the
+    gate, which is the same on every rank, so it stays a partial sum over the ranks."""
+
+    reduce_partial = staticmethod(no_reduction)
+    """Partial attention output ``[B, L, d_model]`` -> its sum over ranks."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg, cfg.titans.segment_size, cfg.d_model)
@@ -281,15 +337,16 @@ class TitansMAC(_Titans):
         """Tokens [a, b) of x, inside one segment of every row; updates ``st``."""
         x, pos = x[:, a:b], ctx.positions[:, a:b]
         reset = None if ctx.reset is None else ctx.reset[:, a:b]
-        mem, n, inner = self.memory, x.shape[0], self.memory.n_heads * self.memory.head_dim
-        shape = (n, b - a, mem.n_heads, mem.head_dim)
+        mem, n = self.memory, x.shape[0]
+        inner = mem.conv_weight.shape[1]  # H * D of the heads this module holds (a shard under tensor parallelism)
+        shape = (n, b - a, -1, mem.head_dim)
         # 1. read the memory as it was at the segment start (the initial one after a reset)
-        q_mem, tail = mem.conv(F.linear(x, mem.qkv.weight[:inner]), slice(0, inner), st.conv, pos)
+        q_mem, tail = mem.conv(mem.q_proj(x), slice(0, inner), st.conv, pos)
         q_mem = q_mem.view(shape)
         w0 = st.memory.w0
         if reset is not None:
-            w0 = [torch.where(reset[:, 0].view(-1, 1, 1, 1), p.float(), w) for p, w in zip(mem.init, w0)]
-        read = mlp_forward(w0, F.normalize(q_mem, dim=-1).float().transpose(1, 2))[0]  # [B, H, L, D]
+            w0 = [torch.where(reset[:, 0].view(-1, 1, 1, 1), at_least_fp32(p), w) for p, w in zip(mem.init, w0)]
+        read = mlp_forward(w0, at_least_fp32(F.normalize(q_mem, dim=-1)).transpose(1, 2))[0]  # [B, H, L, D]
         h = mem.project_out(read.transpose(1, 2), x.dtype)  # [B, L, d]
         # 2. attend over [persistent || memory reads || tokens] of the segment so far
         rope = self.attn.rope(pos)
@@ -300,26 +357,27 @@ class TitansMAC(_Titans):
         # a segment behaves like a document: its start is i - position % segment_size
         mask = attention_mask(pos % self.window, ctx.offset + a, self.window, True)
         o = self.attn.attend(q, [(hk, hv, mask), (k, v, mask)])
-        y = self.attn.wo(o)
+        y_out = self.attn.wo(o)  # the layer's output before the gate (a partial sum under tensor parallelism)
+        y = self.reduce_partial(y_out)
         # 3. write: keys and values from the attention output
-        kv, st.conv = mem.conv(F.linear(y, mem.qkv.weight[inner:]), slice(inner, None), tail, pos)
-        k_mem, v_mem = kv.view(n, b - a, 2, mem.n_heads, mem.head_dim).unbind(2)
+        kv, st.conv = mem.conv(torch.cat([mem.k_proj(y), mem.v_proj(y)], dim=-1), slice(inner, None), tail, pos)
+        k_mem, v_mem = kv.view(n, b - a, 2, -1, mem.head_dim).unbind(2)
         if not self.per_token:  # the scan's read (segment-start weights) is step 1's again
             _, st.memory = mem.scan(x, q_mem, k_mem, v_mem, st.memory, pos, reset)
-            return y
+            return y_out
         # 4. o_t = y_t (x) M*_t(y_t): write gates and the read's query from y, and the read with
         # each token's own weights; M* is step 1's retrieval (its W_Q, conv taps and W_out)
-        zp = torch.cat([st.read_conv, F.linear(y, mem.qkv.weight[:inner])], dim=1)  # [B, K-1+L, HD]
+        zp = torch.cat([st.read_conv, mem.q_proj(y)], dim=1)  # [B, K-1+L, HD]
         st.read_conv = zp[:, b - a :]
-        q_read = F.silu(masked_causal_conv(zp, mem.conv_weight[:inner], mem.conv_bias[:inner], pos))
+        q_read = F.silu(masked_causal_conv(zp, mem.conv_weight[0], mem.conv_bias[0], pos))
         read, st.memory = mem.scan(y, q_read.view(shape), k_mem, v_mem, st.memory, pos, reset, "per_token")
-        return y * torch.sigmoid(self.gate_norm(mem.project_out(read, x.dtype)))
+        return y_out * torch.sigmoid(self.gate_norm(mem.project_out(read, x.dtype)))
 
     def new_state(self, batch_size: int) -> TitansState:
         s = super().new_state(batch_size)
         s.mem_kv = self.attn.new_kv(batch_size)
         if self.per_token:
-            s.read_conv = s.conv[..., : self.memory.n_heads * self.memory.head_dim].clone()
+            s.read_conv = s.conv[..., : self.memory.conv_weight.shape[1]].clone()
         return s
 
     def flops_per_token(self, seq_len: int) -> float:
@@ -355,8 +413,9 @@ class TitansMAG(_Titans):
         super().__init__(cfg, cfg.titans.chunk_size, a.n_heads * (a.head_dim or cfg.d_model // a.n_heads))
         self.window = a.window
         inner = self.attn.wo.weight.shape[1]
-        self.attn_norm = RMSNorm(inner, cfg.norm_eps)
-        self.gate_norm = RMSNorm(inner, cfg.norm_eps)
+        # over the whole attention width: under tensor parallelism each rank holds a part
+        self.attn_norm = WidthRMSNorm(inner, cfg.norm_eps)
+        self.gate_norm = WidthRMSNorm(inner, cfg.norm_eps)
 
     def forward(self, x: Tensor, ctx: ForwardContext, state: TitansState | None = None) -> Tensor:
         m = self.memory(x, ctx, state)  # [B, T, H_attn * D]

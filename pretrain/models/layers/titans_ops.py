@@ -32,12 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pretrain.models.layers.norm import at_least_fp32
+
 LOG_FLOOR = 1e-30  # gates of exactly 0 (eta, 1 - alpha) stay finite in log space
 
 
 @dataclass
 class MemoryState:
-    """Per layer of the memory MLP, ``[B, H, d_in, d_out]`` fp32 tensors."""
+    """Per layer of the memory MLP, ``[B, H, d_in, d_out]`` tensors in at least fp32."""
 
     w0: list[Tensor]
     """Weights at the start of the current chunk: what its queries read and its gradients use."""
@@ -49,7 +51,7 @@ class MemoryState:
     @classmethod
     def fresh(cls, init: list[Tensor], batch_size: int) -> MemoryState:
         """The initial memory ``init`` (``[H, d_in, d_out]`` per layer) for a batch, zero momentum."""
-        w = [p.float().unsqueeze(0).expand(batch_size, *p.shape) for p in init]
+        w = [at_least_fp32(p).unsqueeze(0).expand(batch_size, *p.shape) for p in init]
         return cls(list(w), list(w), [torch.zeros_like(x) for x in w])
 
 
@@ -191,7 +193,7 @@ def memory_scan(
     the document, or the absolute index) place the chunk ends; reset ``[B, T]`` bool or None;
     read: 'chunk_start' (``y_t = M_{W0}(q_t)``, W0 the weights at t's chunk start) or
     'per_token' (``y_t = M_t(q_t)``, the weights after t's own write). Returns ``y [B, T, H, D]``
-    (fp32) and the state after the T tokens. Differentiable in every input, ``init`` included.
+    (at least fp32) and the state after the T tokens. Differentiable in every input, ``init`` included.
     Raises ValueError on mismatched shapes or an unknown ``read``.
     """
     b, t, h, dh = q.shape
@@ -204,7 +206,7 @@ def memory_scan(
         raise ValueError(f"memory_scan: positions/reset must be {(b, t)}")
     if read not in ("chunk_start", "per_token"):
         raise ValueError(f"memory_scan: read={read!r} is not 'chunk_start' or 'per_token'")
-    with torch.autocast(q.device.type, enabled=False):  # the inner gradient descent runs in fp32
+    with torch.autocast(q.device.type, enabled=False):  # the inner gradient descent runs in at least fp32
         return _scan(q, k, v, theta, eta, alpha, state, init, positions, chunk_size, reset, read == "per_token")
 
 
@@ -214,15 +216,15 @@ def _scan(
 ) -> tuple[Tensor, MemoryState]:
     """:func:`memory_scan` after its checks: one piece (a chunk, or part of one) at a time."""
     b = q.shape[0]
-    qh, kh, vh = (x.float().transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
-    th, et, al = (x.float().transpose(1, 2) for x in (theta, eta, alpha))  # [B, H, T]
+    qh, kh, vh = (at_least_fp32(x).transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
+    th, et, al = (at_least_fp32(x).transpose(1, 2) for x in (theta, eta, alpha))  # [B, H, T]
     w0, m, s = list(state.w0), list(state.m), list(state.s)
     ys = []
     for t0, t1 in _pieces(positions, chunk_size, reset):
         if reset is not None:
             r = reset[:, t0].view(b, 1, 1, 1)
-            w0 = [torch.where(r, p.float(), x) for p, x in zip(init, w0)]
-            m = [torch.where(r, p.float(), x) for p, x in zip(init, m)]
+            w0 = [torch.where(r, at_least_fp32(p), x) for p, x in zip(init, w0)]
+            m = [torch.where(r, at_least_fp32(p), x) for p, x in zip(init, m)]
             s = [torch.where(r, torch.zeros_like(x), x) for x in s]
         inputs, deltas = _output_grads(w0, kh[:, :, t0:t1], vh[:, :, t0:t1])
         gates = th[..., t0:t1], et[..., t0:t1], al[..., t0:t1]
