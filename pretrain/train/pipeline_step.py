@@ -40,6 +40,7 @@ from torch import nn
 
 from torch.distributed.fsdp import fully_shard
 
+from parallel.activation_checkpoint import apply_activation_checkpoint_to_stage
 from parallel.pipeline.schedule import (
     PipelineLoss, build_schedule, evaluate, pipeline_stage, stage_ranks, stages_of_rank, step,
 )
@@ -106,6 +107,8 @@ class PipelineTrainer(Trainer):
             build_stage(cfg.model, self.cuts, s, cfg.train.seed, self.device)
             for s in stages_of_rank(p.pp_schedule, self.pp_rank, p.pp, p.pp_virtual_stages)
         ]
+        for m in self.stages:  # before FSDP, as in one process
+            apply_activation_checkpoint_to_stage(m, p.activation_checkpoint)
         # rank = pp_rank x dp + dp_rank (pp outermost): column j of the grid is pipeline j
         pipelines = self.mesh.mesh.reshape(p.pp, -1).T.tolist()
         pp_group = self.mesh["pp"].get_group()

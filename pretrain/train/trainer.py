@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from parallel.activation_checkpoint import apply_activation_checkpoint
 from parallel.data import apply_fsdp
 from parallel.dims import ParallelDims, destroy_distributed, init_distributed
 from pretrain.config import Config, ConfigError
@@ -133,6 +134,7 @@ class Trainer:
         # from the same weights as a single process.
         model = build_model(self.cfg.model)
         model.to(self.device)
+        apply_activation_checkpoint(model, self.cfg.parallel.activation_checkpoint)  # before compile, FSDP
         if self.cfg.train.compile:
             for name, block in model.blocks.items():
                 model.blocks[name] = torch.compile(block)
