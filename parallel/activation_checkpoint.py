@@ -38,7 +38,6 @@ from torch.utils.checkpoint import (
     CheckpointPolicy,
     checkpoint,
     create_selective_checkpoint_contexts,
-    noop_context_fn,
 )
 
 from pretrain.config import AC_MODES
@@ -96,8 +95,9 @@ class CheckpointedBlock:
         # nothing for a backward: run the block as is
         if not torch.is_grad_enabled() or ctx.cache is not None:
             return super().forward(h, ctx, carry)
-        context_fn = selective_context_fn if self.ac_mode == "selective" else noop_context_fn
-        return checkpoint(super().forward, h, ctx, carry, use_reentrant=False, context_fn=context_fn)
+        if self.ac_mode == "selective":
+            return checkpoint(super().forward, h, ctx, carry, use_reentrant=False, context_fn=selective_context_fn)
+        return checkpoint(super().forward, h, ctx, carry, use_reentrant=False)
 
 
 @functools.cache
