@@ -33,7 +33,7 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.checkpoint import (
     CheckpointPolicy,
     checkpoint,
@@ -42,6 +42,7 @@ from torch.utils.checkpoint import (
 
 from pretrain.config import AC_MODES
 from pretrain.config.errors import require_choice
+from pretrain.models.context import ForwardContext
 
 _aten = torch.ops.aten
 
@@ -90,7 +91,8 @@ class CheckpointedBlock:
 
     ac_mode: str
 
-    def forward(self, h, ctx, carry):
+    def forward(self, h: Tensor, ctx: ForwardContext, carry: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The block's forward (same shapes and values) under the checkpoint of ``ac_mode``."""
         # decoding (a cache updated in place would be updated twice) and no-grad passes keep
         # nothing for a backward: run the block as is
         if not torch.is_grad_enabled() or ctx.cache is not None:
