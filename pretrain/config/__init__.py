@@ -31,7 +31,7 @@ from pretrain.config.model import (
 )
 
 __all__ = [
-    "AttentionConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "GLAConfig",
+    "AC_MODES", "AttentionConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "GLAConfig",
     "LoggingConfig", "Mamba2Config", "MambaConfig", "ModelConfig", "MoEConfig", "OptimConfig",
     "PP_SCHEDULES", "ParallelConfig", "RunConfig", "TitansConfig", "TrainConfig", "config_from_dict", "load_config",
     "validate", "validate_parallel",
@@ -138,6 +138,10 @@ PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "zbv")
 ScheduleInterleaved1F1B, ScheduleInterleavedZeroBubble and ScheduleZBVZeroBubble."""
 
 
+AC_MODES = ("none", "full", "selective")
+"""parallel.activation_checkpoint values (see parallel.activation_checkpoint)."""
+
+
 @dataclass
 class ParallelConfig:
     dp_replicate: int = 1
@@ -190,6 +194,12 @@ class ParallelConfig:
     zero_offload: bool = False
     """DeepSpeed ZeRO: keep the optimizer state and step on the CPU (ZeRO-Offload,
     Ren et al. 2021), trading step time for accelerator memory."""
+    activation_checkpoint: str = "none"
+    """Activation checkpointing of every block (torchtitan's AC): 'none'; 'full' keeps only each
+    block's inputs and recomputes the whole block in the backward pass (least memory, about one
+    more forward of compute); 'selective' keeps the outputs of the matrix multiplies and fused
+    attention and recomputes the rest (pointwise ops, norms, scans). Numerics and parameter
+    names are unchanged, so checkpoints load across settings (see parallel.activation_checkpoint)."""
 
     @property
     def n_stages(self) -> int:
@@ -475,6 +485,7 @@ def validate_parallel(p: ParallelConfig, n_layers: int) -> None:
                 "'deepspeed' shards over all ranks; set parallel.dp_replicate = 1")
         require(p.tp == 1, "parallel.dp_backend", "'deepspeed' runs no tensor parallelism; set parallel.tp = 1")
     require_choice(p.pp_schedule, "parallel.pp_schedule", PP_SCHEDULES)
+    require_choice(p.activation_checkpoint, "parallel.activation_checkpoint", AC_MODES)
     v = p.pp_virtual_stages
     require(v >= 1, "parallel.pp_virtual_stages", "must be >= 1")
     if p.pp_schedule in ("gpipe", "1f1b"):

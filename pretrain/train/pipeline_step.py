@@ -40,6 +40,7 @@ from torch import nn
 
 from torch.distributed.fsdp import fully_shard
 
+from parallel.activation_checkpoint import apply_activation_checkpoint_to_stage
 from parallel.pipeline.schedule import (
     PipelineLoss, build_schedule, evaluate, pipeline_stage, stage_ranks, stages_of_rank, step,
 )
@@ -110,6 +111,8 @@ class PipelineTrainer(Trainer):
         if self.tp_mesh is not None:
             for m in self.stages:
                 apply_tp(m.model, self.tp_mesh, self.dims.sequence_parallel)
+        for m in self.stages:  # after TP, before FSDP, as in one process
+            apply_activation_checkpoint_to_stage(m, p.activation_checkpoint)
         # rank = (pp_rank x dp + dp_rank) x tp + tp_rank (pp outermost): column j of the grid is
         # pipeline j
         pipelines = self.mesh.mesh.reshape(p.pp, -1).T.tolist()

@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from parallel.activation_checkpoint import apply_activation_checkpoint
 from parallel.data import apply_fsdp
 from parallel.grad_norm import clip_grad_norm_
 from parallel.tensor.region import apply_tp, vocab_parallel_cross_entropy
@@ -139,6 +140,7 @@ class Trainer:
         model.to(self.device)
         if self.tp_mesh is not None:
             apply_tp(model, self.tp_mesh, self.dims.sequence_parallel)
+        apply_activation_checkpoint(model, self.cfg.parallel.activation_checkpoint)  # before compile, FSDP
         if self.cfg.train.compile:
             for name, block in model.blocks.items():
                 model.blocks[name] = torch.compile(block)
