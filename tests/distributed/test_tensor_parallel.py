@@ -21,6 +21,20 @@ CASES = {
         "model.d_model=32", "model.n_layers=2", "model.attention.n_heads=4", "model.tie_embeddings=true",
         'model.layer_pattern="swa attn"', "model.attention.window=5",
     ]),
+    "tiny": ("configs/tiny.toml", [  # Mamba-1 (x_proj's partial sums) + SWA, tied embeddings
+        "model.d_model=32", "model.n_layers=2", "model.attention.window=5", "model.mamba.d_state=4",
+    ]),
+    "gla_tiny": ("configs/gla_tiny.toml", ["model.d_model=32", "model.n_layers=2", "model.gla.chunk_size=4"]),
+    "mamba2_tiny": ("configs/mamba2_tiny.toml", [  # one B/C group: replicated, the gated norm spans ranks
+        "model.d_model=32", "model.n_layers=2", "model.mamba2.d_state=4", "model.mamba2.chunk_size=4",
+    ]),
+    "titans": ("configs/titans_mac_tiny.toml", [
+        "model.d_model=32", 'model.layer_pattern=["mac","mag","mal"]', "model.n_layers=3",
+        "model.titans.segment_size=4", "model.titans.chunk_size=2", "model.titans.n_persistent=2",
+        "model.attention.window=6",
+    ]),
+    # the memory and the shared K/V cross layers as per-rank shards
+    "sambay": ("configs/sambay_tiny.toml", ["model.d_model=32", "model.attention.window=5", "model.mamba.d_state=4"]),
     "diff": ("configs/llama_tiny.toml", [
         "model.d_model=32", 'model.layer_pattern="diff_swa diff_attn"', "model.n_layers=2",
         "model.attention.n_heads=4", "model.attention.n_kv_heads=2", "model.attention.window=5",
