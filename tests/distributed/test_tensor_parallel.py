@@ -67,9 +67,12 @@ def _batch():
     return tokens[:, :-1], tokens[:, 1:], position_ids
 
 
-def _run(name: str, mesh=None, sequence_parallel: bool = False) -> dict:
+def _run(name: str, mesh=None, sequence_parallel: bool = False, dp_mesh=None) -> dict:
     """Two SGD steps of MICRO-row micro-batches: losses, first-step gradients (full tensors)
-    and the clipped norms; one process when ``mesh`` is None."""
+    and the clipped norms; one process when ``mesh`` is None. With ``dp_mesh``, FSDP2 over it
+    (after TP, as the trainer) and each data-parallel rank runs its share of the rows."""
+    from torch.distributed.fsdp import fully_shard
+
     from parallel.grad_norm import clip_grad_norm_
     from parallel.tensor.region import apply_tp, vocab_parallel_cross_entropy
     from pretrain.models import build_model
@@ -79,23 +82,31 @@ def _run(name: str, mesh=None, sequence_parallel: bool = False) -> dict:
     model = build_model(_config(name))
     if mesh is not None:
         apply_tp(model, mesh, sequence_parallel)
+    dp, dp_rank = (1, 0) if dp_mesh is None else (dp_mesh.size(), dp_mesh.get_local_rank())
+    if dp_mesh is not None:
+        for block in model.blocks.values():
+            fully_shard(block, mesh=dp_mesh)
+        fully_shard(model, mesh=dp_mesh)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     inputs, labels, pos = _batch()
-    n = BATCH // MICRO
+    n = BATCH // MICRO // dp
     out: dict = {"losses": [], "norms": []}
     for step in range(2):
-        total = 0.0
+        total = torch.zeros(())
         for i in range(n):
-            rows = slice(i * MICRO, (i + 1) * MICRO)
+            rows = slice((dp_rank * n + i) * MICRO, (dp_rank * n + i + 1) * MICRO)
             logits, aux = model(inputs[rows], position_ids=pos[rows], return_aux=True)
             if mesh is None:
                 loss = lm_loss(logits, labels[rows])
             else:
                 loss = vocab_parallel_cross_entropy(logits, labels[rows], mesh)
             loss = loss + aux.get("aux_loss", 0.0)
-            (loss / n).backward()
-            total += loss.item() / n
-        out["losses"].append(total)
+            (loss / n).backward()  # FSDP2 averages over the data-parallel ranks
+            total += loss.detach() / n
+        if dp_mesh is not None:
+            dist.all_reduce(total, group=dp_mesh.get_group())
+            total /= dp
+        out["losses"].append(total.item())
         if step == 0:
             out["grads"] = {
                 k: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
@@ -126,6 +137,21 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
+def _check(name: str, part: dict, ref: dict, what: str) -> None:
+    for got, want in zip(part["losses"], ref["losses"]):
+        assert abs(got - want) <= 1e-5 * abs(want), (what, got, want)
+    assert sorted(part["grads"]) == sorted(ref["grads"]), what
+    for k, want in ref["grads"].items():
+        # a differential-attention lambda's gradient sums the two maps' opposite
+        # contributions over every head: its fp32 rounding shows at ~1e-5 when the
+        # heads are summed per rank first
+        tol = 5e-5 if ".lambda_" in k else 1e-5
+        assert _rel(part["grads"][k], want) <= tol, (what, k, _rel(part["grads"][k], want))
+    assert ref["norms"][0] > CLIP
+    for got, want in zip(part["norms"], ref["norms"]):
+        assert abs(got - want) <= 1e-5 * want, (what, got, want)
+
+
 def test_tensor_parallel_equals_single_process(tmp_path):
     mp.start_processes(_rank_main, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
@@ -133,16 +159,30 @@ def test_tensor_parallel_equals_single_process(tmp_path):
         ref = _run(name)
         for sp in (False, True):
             for part in (r[name, sp] for r in ranks):
-                what = f"{name} sp={sp}"
-                for got, want in zip(part["losses"], ref["losses"]):
-                    assert abs(got - want) <= 1e-5 * abs(want), (what, got, want)
-                assert sorted(part["grads"]) == sorted(ref["grads"]), what
-                for k, want in ref["grads"].items():
-                    # a differential-attention lambda's gradient sums the two maps' opposite
-                    # contributions over every head: its fp32 rounding shows at ~1e-5 when the
-                    # heads are summed per rank first
-                    tol = 5e-5 if ".lambda_" in k else 1e-5
-                    assert _rel(part["grads"][k], want) <= tol, (what, k, _rel(part["grads"][k], want))
-                assert ref["norms"][0] > CLIP
-                for got, want in zip(part["norms"], ref["norms"]):
-                    assert abs(got - want) <= 1e-5 * want, (what, got, want)
+                _check(name, part, ref, f"{name} sp={sp}")
+
+
+DP_TP_CASES = ("sambay", "mamba2_tiny")
+
+
+def _rank_main_dp_tp(rank: int, world: int, store: str, out_dir: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp_shard", "tp"))
+    results = {name: _run(name, mesh["tp"], True, mesh["dp_shard"]) for name in DP_TP_CASES}
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
+    end_spawned_rank()
+
+
+def test_fsdp_x_tensor_parallel_equals_single_process(tmp_path):
+    """dp_shard2 x tp2 on 4 ranks: FSDP2 over DTensor parameters already sharded by TP."""
+    mp.start_processes(
+        _rank_main_dp_tp, args=(4, str(tmp_path / "store"), str(tmp_path)), nprocs=4, start_method="spawn"
+    )
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(4)]
+    for name in DP_TP_CASES:
+        ref = _run(name)
+        for r, part in enumerate(ranks):
+            _check(name, part[name], ref, f"{name} dp2 x tp2 rank {r}")
