@@ -252,8 +252,12 @@ def build_stage(
     in_keys = keys[stage]
     out_keys = output_keys(keys[n]) if last else keys[stage + 1]
     # a Titans memory differentiates its own weights inside the forward: torch's weight pass,
-    # which backpropagates from the recorded intermediates, gets wk and wv wrong there (rel 0.7)
-    split = not any(pattern[i][0].split("_")[0] in TitansConfig.used_by for i in mixers)
+    # which backpropagates from the recorded intermediates, gets wk and wv wrong there (rel 0.7);
+    # and with two 'moe_gru' FFN halves the shared GRU's weights reach the loss through graphs
+    # that torch's weight pass frees after their first use ("backward through the graph a second
+    # time"); one 'moe_gru' per stage, or plain 'moe' layers, split fine
+    titans = any(pattern[i][0].split("_")[0] in TitansConfig.used_by for i in mixers)
+    split = not titans and sum(pattern[i][1] == "moe_gru" for i in ffns) < 2
     return StageModule(model, stage, n, in_keys, out_keys, tuple(replicas), split)
 
 

@@ -207,3 +207,13 @@ def test_plan_exits_2_naming_the_field(capsys):
     assert main(["plan", "configs/tiny.toml", "--set", "parallel.pp=7"]) == 2
     err = capsys.readouterr().err.strip()
     assert "parallel.pp:" in err and "\n" not in err
+
+
+def test_plan_prints_half_blocks(capsys):
+    """A cut inside block 1 shows as its mixer half ending stage 0 and its FFN half starting stage 1."""
+    assert main(["plan", "configs/rmoe_tiny.toml", "--set", "parallel.pp=2", "--set", 'parallel.pp_split=["1.ffn"]']) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s+\d+\s+\d", line)]
+    n = _cfg("rmoe_tiny").model.n_layers
+    assert [r[2] for r in rows] == ["0-1.mixer", f"1.ffn-{n - 1}"]
+    assert "cuts ['1.ffn'] (given by parallel.pp_split)" in out
