@@ -1,12 +1,11 @@
 """Cost-balanced pipeline stage split: where to cut the layer stack into pp x virtual stages.
 
-The split runs over half-blocks: a stage may start between a block's mixer half and its FFN
-half (the cut point "L.ffn", see parallel/pipeline/stage.py), so that equal layers plus a large
-head can still be balanced (whole blocks leave e.g. RMoE at pp=4 with 1.2 x the mean on its
-last stage). A half-block's cost is its training FLOPs per token
-(:func:`pretrain.models.stats.block_flops` of the mixer half alone, 6 x its matmul weights plus
-its sequence terms; the FFN half is the rest of the block's, with MoE's active experts); a
-block without FFN is one unit. The first stage
+The split runs over half-blocks: a stage may also start between a block's mixer half and its
+FFN half (the cut point "L.ffn", see parallel/pipeline/stage.py), so that equal layers plus a
+large head still balance (whole blocks leave RMoE at pp=4 with 1.2 x the mean on one stage).
+A half-block's cost is its training FLOPs per token (:func:`pretrain.models.stats.block_flops`
+of the mixer half alone: 6 x its matmul weights plus its sequence terms; the FFN half's is the
+rest of the block's, e.g. MoE's active experts); a block without FFN is one unit. The first stage
 also pays the embedding (a lookup: no FLOPs counted, as in ``flops_per_token``) and the last one
 the final norm, head and loss (6 x d_model x vocab per token; the loss's elementwise softmax is
 negligible beside it). Optionally a ``memory_weight`` w in [0, 1] balances
@@ -14,10 +13,10 @@ negligible beside it). Optionally a ``memory_weight`` w in [0, 1] balances
 which is what bounds a pipeline's throughput; w > 0 trades some of it for evener activation
 memory (e.g. a head whose fp32 logits dominate one stage's memory).
 
-The cut points minimise the largest stage cost over all contiguous partitions of the units (the bottleneck
-that sets a synchronous pipeline's step time), exactly, by dynamic programming. Among the
-partitions that reach it, the smallest sum of squared stage costs wins (the evenest spread of
-the rest), then the lexicographically smallest cut points, so the split is deterministic.
+The cut points minimise the largest stage cost over all contiguous partitions of the units (the
+bottleneck that sets a synchronous pipeline's step time), exactly, by dynamic programming. Among
+the partitions that reach it, the smallest sum of squared stage costs wins (the evenest spread
+of the rest), then the lexicographically smallest cut points, so the split is deterministic.
 Costs are rounded to integers first so that ties are exact.
 """
 

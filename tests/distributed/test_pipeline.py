@@ -283,7 +283,12 @@ def test_carry_keys_and_names_of_a_split():
     for part in names:
         for k, p in part.items():
             assert torch.equal(p, whole[k]), k
-    for bad in ([1, 4], [0, 4, 4], [0, 8]):
+    # cut inside block 5 ('attn_kv'): its mixer half makes the K/V on stage 0, its FFN half is stage 1's
+    mid = [build_stage(cfg, [0, "5.ffn"], s, SEED) for s in range(2)]
+    assert mid[0].out_keys == mid[1].in_keys == ["gmu_memory", "shared_k", "shared_v"]
+    for module, half in zip(mid, ({"norm1", "mixer"}, {"norm2", "ffn"})):
+        assert {k.split(".")[2] for k, _ in module.model.named_parameters() if k.startswith("blocks.5.")} == half
+    for bad in ([1, 4], [0, 4, 4], [0, 8], [0, "8.ffn"], [0, "4.ffn", 4], [0, "4.mlp"]):
         with pytest.raises(ValueError, match="cuts"):
             stage_layers(bad, cfg.n_layers, 0)
 
@@ -295,9 +300,9 @@ FAMILIES = [
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_chained_stages_equal_whole_model(family):
-    """Every family's stages, chained in one process through their packed carry (the tuples the
-    pipeline sends), give the whole model's logits, auxiliary loss, metrics and, with the
-    copies of shared parameters summed, every gradient."""
+    """Every family's stages, cut between blocks and inside them, chained in one process
+    through their packed carry (the tuples the pipeline sends), give the whole model's logits,
+    auxiliary loss, metrics and, with the copies of shared parameters summed, every gradient."""
     from parallel.pipeline.stage import SHARED_PARAMS, build_stage
     from pretrain.config import load_config
     from pretrain.models import build_model
@@ -311,7 +316,8 @@ def test_chained_stages_equal_whole_model(family):
     logits, aux = whole(inputs, position_ids=pos, return_aux=True)
     (lm_loss(logits, labels) + aux.get("aux_loss", 0.0)).backward()
     n = cfg.n_layers
-    for cuts in ([0, n // 2], [0, 1, n - 1]):
+    inside = [[0, "0.ffn", f"{n // 2}.ffn"]] if cfg.pattern()[0][1] != "none" else []  # cuts inside blocks
+    for cuts in ([0, n // 2], [0, 1, n - 1], *inside):
         stages = [build_stage(cfg, cuts, s, SEED) for s in range(len(cuts))]
         out = (inputs,)
         for stage in stages:

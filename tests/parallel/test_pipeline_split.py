@@ -211,7 +211,8 @@ def test_plan_exits_2_naming_the_field(capsys):
 
 def test_plan_prints_half_blocks(capsys):
     """A cut inside block 1 shows as its mixer half ending stage 0 and its FFN half starting stage 1."""
-    assert main(["plan", "configs/rmoe_tiny.toml", "--set", "parallel.pp=2", "--set", 'parallel.pp_split=["1.ffn"]']) == 0
+    args = ["--set", "parallel.pp=2", "--set", 'parallel.pp_split=["1.ffn"]']
+    assert main(["plan", "configs/rmoe_tiny.toml", *args]) == 0
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s+\d+\s+\d", line)]
     n = _cfg("rmoe_tiny").model.n_layers
