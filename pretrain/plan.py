@@ -60,7 +60,9 @@ def format_plan(cfg: Config, dp: int = 1) -> str:
 
 
 def format_split(cfg: Config) -> list[str]:
-    """The pipeline stages: one line each, then the imbalance and the parameters held twice."""
+    """The pipeline stages: one line each (layers '3-6.mixer': blocks 3 to 6, of block 6 only its
+    mixer half; '7.ffn-9': from block 7's FFN half), then the imbalance and the parameters held
+    twice."""
     from parallel.pipeline.split import plan_split
 
     p, model_cfg = cfg.parallel, cfg.with_vocab().model
@@ -70,14 +72,13 @@ def format_split(cfg: Config) -> list[str]:
     lines = [
         f"pipeline    pp {p.pp} x {p.pp_virtual_stages} stage(s) per rank, schedule {p.pp_schedule}, "
         f"{p.microbatches} micro-batches per round; cuts {list(split.cuts)} ({how})",
-        f"  {'stage':>5} {'rank':>4}  {'layers':<8}{'params':>14}{'FLOPs/token':>14}{'act/micro-batch':>17}  blocks",
+        f"  {'stage':>5} {'rank':>4}  {'layers':<16}{'params':>14}{'FLOPs/token':>14}{'act/micro-batch':>17}  blocks",
     ]
     for s in split.stages:
-        layers = f"{s.layers.start}" + (f"-{s.layers.stop - 1}" if len(s.layers) > 1 else "")
         blocks = _pattern_summary(pattern[s.layers.start : s.layers.stop])
         extras = (["embed"] if s.index == 0 else []) + (["head"] if s.index == len(split.stages) - 1 else [])
         lines.append(
-            f"  {s.index:>5} {s.rank:>4}  {layers:<8}{s.params:>14,}{_human(s.flops_per_token, 'FLOP'):>14}"
+            f"  {s.index:>5} {s.rank:>4}  {s.span:<16}{s.params:>14,}{_human(s.flops_per_token, 'FLOP'):>14}"
             f"{s.activation_bytes / 2**30:>13.3f} GiB  {', '.join([*extras, blocks])}"
         )
     rank = f"; per rank {split.rank_imbalance:.3f}" if p.pp_virtual_stages > 1 else ""

@@ -73,6 +73,10 @@ def test_pattern_tiles_layers():
         (["parallel.pp=2", "parallel.pp_split=[6]"], "parallel.pp_split"),
         (["parallel.pp=2", "parallel.pp_split=[0]"], "parallel.pp_split"),
         (["parallel.pp=2", "parallel.pp_split=['3']"], "parallel.pp_split"),
+        (["parallel.pp=2", "parallel.pp_split=['3.mlp']"], "parallel.pp_split"),
+        (["parallel.pp=3", "parallel.pp_split=['2.ffn', 2]"], "parallel.pp_split"),
+        (["parallel.pp=2", "parallel.pp_split=['6.ffn']"], "parallel.pp_split"),
+        (["parallel.pp=2", "model.ffn=none", "parallel.pp_split=['2.ffn']"], "parallel.pp_split"),  # no FFN
     ],
 )
 def test_bad_values_name_the_field(overrides, field):
@@ -107,8 +111,18 @@ def test_bad_toml_and_missing_file(tmp_path):
         (["parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.pp_virtual_stages=2",
           "parallel.pp_microbatches=1"], 4, 1),
         (["parallel.pp=3", "parallel.pp_split=[1, 5]"], 3, 3),
+        (["parallel.pp=4", 'parallel.pp_split=["0.ffn", 2, "2.ffn"]'], 4, 4),  # inside blocks 0 and 2
     ],
 )
 def test_possible_pipeline_layouts_load(overrides, stages, microbatches):
     p = load_config("configs/tiny.toml", overrides).parallel
     assert (p.n_stages, p.microbatches) == (stages, microbatches)
+
+
+def test_pp_split_mixes_layers_and_half_blocks():
+    """TOML's mixed arrays: a layer index and an 'L.ffn' cut inside block L, in position order."""
+    from pretrain.config import split_position
+
+    p = load_config("configs/tiny.toml", ["parallel.pp=3", 'parallel.pp_split=[2,"3.ffn"]']).parallel
+    assert p.pp_split == [2, "3.ffn"]
+    assert [split_position(c) for c in (2, "2.ffn", "3.ffn", 4)] == [4, 5, 7, 8]

@@ -20,13 +20,16 @@ from parallel.pipeline.stage import (
     boundary_keys,
     build_stage,
     clip_grad_norm_,
+    position_cut,
     shared_holders,
+    stage_halves,
     stage_layers,
+    stage_units,
 )
 
 __all__ = [
     "SCHEDULES", "SHARED_PARAMS", "PipelineLoss", "PipelineSplit", "SharedParamSync", "Stage", "StageModule",
     "balanced_cuts", "boundary_keys", "build_schedule", "build_stage", "clip_grad_norm_", "evaluate",
-    "pipeline_stage", "plan_split", "shared_holders", "stage_cost", "stage_layers", "stage_ranks",
-    "stages_of_rank", "step",
+    "pipeline_stage", "plan_split", "position_cut", "shared_holders", "stage_cost", "stage_halves", "stage_layers",
+    "stage_ranks", "stage_units", "stages_of_rank", "step",
 ]

@@ -109,7 +109,8 @@ def pipeline_stage(
     ``split_weight_grad`` is False, the zero-bubble schedules' input-gradient action (B) runs the
     full backward and their weight action (W) nothing: still exact, only without the overlap.
     torch splits W off by backpropagating from the intermediates it recorded in B, which misses
-    gradient paths of a model that differentiates its own weights in its forward (Titans)."""
+    gradient paths of a model that differentiates its own weights in its forward (Titans) and
+    fails on a stage using RMoE's shared GRU twice (see ``build_stage``)."""
     no_split = None if module.split_weight_grad else (lambda: lambda: None)
     return PipelineStage(module, module.stage, module.n_stages, device, group=group, dw_builder=no_split)
 

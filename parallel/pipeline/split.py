@@ -1,7 +1,11 @@
 """Cost-balanced pipeline stage split: where to cut the layer stack into pp x virtual stages.
 
-A block's cost is its training FLOPs per token (:func:`pretrain.models.stats.block_flops`: 6 x
-its matmul weights plus the mixer's sequence terms and MoE's active experts); the first stage
+The split runs over half-blocks: a stage may also start between a block's mixer half and its
+FFN half (the cut point "L.ffn", see parallel/pipeline/stage.py), so that equal layers plus a
+large head still balance (whole blocks leave RMoE at pp=4 with 1.2 x the mean on one stage).
+A half-block's cost is its training FLOPs per token (:func:`pretrain.models.stats.block_flops`
+of the mixer half alone: 6 x its matmul weights plus its sequence terms; the FFN half's is the
+rest of the block's, e.g. MoE's active experts); a block without FFN is one unit. The first stage
 also pays the embedding (a lookup: no FLOPs counted, as in ``flops_per_token``) and the last one
 the final norm, head and loss (6 x d_model x vocab per token; the loss's elementwise softmax is
 negligible beside it). Optionally a ``memory_weight`` w in [0, 1] balances
@@ -9,10 +13,10 @@ negligible beside it). Optionally a ``memory_weight`` w in [0, 1] balances
 which is what bounds a pipeline's throughput; w > 0 trades some of it for evener activation
 memory (e.g. a head whose fp32 logits dominate one stage's memory).
 
-The cut points minimise the largest stage cost over all contiguous partitions (the bottleneck
-that sets a synchronous pipeline's step time), exactly, by dynamic programming. Among the
-partitions that reach it, the smallest sum of squared stage costs wins (the evenest spread of
-the rest), then the lexicographically smallest cut points, so the split is deterministic.
+The cut points minimise the largest stage cost over all contiguous partitions of the units (the
+bottleneck that sets a synchronous pipeline's step time), exactly, by dynamic programming. Among
+the partitions that reach it, the smallest sum of squared stage costs wins (the evenest spread
+of the rest), then the lexicographically smallest cut points, so the split is deterministic.
 Costs are rounded to integers first so that ties are exact.
 """
 
@@ -25,7 +29,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from parallel.pipeline.schedule import stage_ranks
-from parallel.pipeline.stage import shared_holders
+from parallel.pipeline.stage import position_cut, shared_holders
+from pretrain.config import split_position
 from pretrain.models.hybrid import HybridLM
 from pretrain.models.layers.moe import GRU_KEYS
 from pretrain.models.stats import block_activation_elements, block_flops, head_activation_elements, head_flops
@@ -95,7 +100,11 @@ class Stage:
     index: int
     rank: int
     layers: range
-    """Block indices (module names ``blocks.<i>``) the stage owns."""
+    """Block indices (module names ``blocks.<i>``) of which the stage holds at least one half:
+    the first and the last may be held only in part (see ``units``)."""
+    units: range
+    """Half-block positions the stage holds: 2L is block L's mixer half (norm1, mixer), 2L + 1
+    its FFN half (norm2, ffn)."""
     params: int
     """Parameters it owns; a parameter shared with other stages counts on its first stage only."""
     flops_per_token: float
@@ -103,12 +112,23 @@ class Stage:
     activation_bytes: float
     """Activations one micro-batch keeps for its backward (without activation checkpointing)."""
 
+    @property
+    def span(self) -> str:
+        """The held blocks as text, a half block marked: '0-5', '3-6.mixer', '7.ffn-11', '4.ffn'."""
+        a, b = self.units.start, self.units.stop
+        start = f"{a // 2}.ffn" if a % 2 else f"{a // 2}"
+        end = f"{(b - 1) // 2}.mixer" if b % 2 else f"{(b - 1) // 2}"
+        if a // 2 != (b - 1) // 2:
+            return f"{start}-{end}"
+        return start if a % 2 else end
+
 
 @dataclass(frozen=True)
 class PipelineSplit:
     """Where a model is cut and what each stage costs (``pretrain plan``)."""
 
-    cuts: tuple[int, ...]
+    cuts: tuple[int | str, ...]
+    """Where stages 1, 2, ... start: a layer index L, or "L.ffn" (after block L's mixer half)."""
     stages: tuple[Stage, ...]
     automatic: bool
     """False when parallel.pp_split gave the cuts."""
@@ -144,21 +164,20 @@ def plan_split(
     act_bytes: int = 4,
 ) -> PipelineSplit:
     """The stages of ``model_cfg`` under ``parallel`` (pp x pp_virtual_stages of them): the
-    cuts of parallel.pp_split when given, else :func:`balanced_cuts` of the per-block costs
-    (see the module docstring; ``memory_weight`` in [0, 1]), and each stage's layers,
+    cuts of parallel.pp_split when given, else :func:`balanced_cuts` of the per-half-block
+    costs (see the module docstring; ``memory_weight`` in [0, 1]), and each stage's layers,
     parameters, FLOPs per token at ``seq_len`` and activation bytes for a micro-batch of
     ``micro_batch_size`` sequences (``act_bytes`` per element: 4 fp32, 2 bf16).
     Builds the model on the meta device (no memory). Raises ValueError for more stages than
-    layers or a memory_weight outside [0, 1]."""
+    units or a memory_weight outside [0, 1]."""
     if not 0.0 <= memory_weight <= 1.0:
         raise ValueError(f"memory_weight must be in [0, 1], got {memory_weight}")
     with torch.device("meta"):
         model = HybridLM(model_cfg)
-    blocks = list(model.blocks.values())
-    flops = [sum(block_flops(b, seq_len).values()) for b in blocks]
-    acts = [sum(block_activation_elements(b, model_cfg.d_model).values()) for b in blocks]
+    flops, acts, params = _half_block_costs(model, seq_len)
     head_f, head_a = head_flops(model_cfg), head_activation_elements(model_cfg)
     n_stages = parallel.pp * parallel.pp_virtual_stages
+    end = len(flops)
     if parallel.pp_split:
         cuts = list(parallel.pp_split)
     else:
@@ -167,30 +186,52 @@ def plan_split(
         def weighted(f: float, a: float) -> int:  # shares of the totals, as integers (exact ties)
             return round(1e12 * ((1 - memory_weight) * f / total_f + memory_weight * a / total_a))
 
-        costs = [weighted(f, a) for f, a in zip(flops, acts)]
-        cuts = balanced_cuts(costs, n_stages, last_extra=weighted(head_f, head_a))
-    bounds = [0, *cuts, len(blocks)]
+        # the positions a stage may start at: every half but the missing FFN of a block without one
+        starts = [u for u in range(end) if u % 2 == 0 or model.blocks[str(u // 2)].ffn is not None]
+        spans = list(zip(starts, [*starts[1:], end]))
+        costs = [sum(weighted(flops[u], acts[u]) for u in range(a, b)) for a, b in spans]
+        cuts = [position_cut(starts[k]) for k in balanced_cuts(costs, n_stages, last_extra=weighted(head_f, head_a))]
+    bounds = [0, *(split_position(c) for c in cuts), end]
     tokens = micro_batch_size * seq_len
     last = n_stages - 1
-    shared = shared_holders(model_cfg, bounds[:-1], list(range(n_stages)))
+    shared = shared_holders(model_cfg, [0, *cuts], list(range(n_stages)))
     gru_stage = shared.get(GRU_KEYS[0], [None])[0]
     stage_rank = stage_ranks(parallel.pp_schedule, parallel.pp, parallel.pp_virtual_stages)
     stages = []
     for s in range(n_stages):
-        layers = range(bounds[s], bounds[s + 1])
-        params = sum(_numel(blocks[i]) for i in layers)
-        f, a = sum(flops[i] for i in layers), sum(acts[i] for i in layers)
+        units = range(bounds[s], bounds[s + 1])
+        p, f, a = sum(params[u] for u in units), sum(flops[u] for u in units), sum(acts[u] for u in units)
         if s == 0:
-            params += _numel(model.embed)
-        if s == gru_stage:  # the GRU's first holder: the first stage with a 'moe_gru' block
-            params += _numel(model.router_gru)
+            p += _numel(model.embed)
+        if s == gru_stage:  # the GRU's first holder: the first stage with a 'moe_gru' FFN half
+            p += _numel(model.router_gru)
         if s == last:
-            params += _numel(model.norm) + _numel(model.head)
+            p += _numel(model.norm) + _numel(model.head)
             f, a = f + head_f, a + head_a
-        stages.append(Stage(s, stage_rank[s], layers, params, f, float(a * tokens * act_bytes)))
+        layers = range(units.start // 2, (units.stop + 1) // 2)
+        stages.append(Stage(s, stage_rank[s], layers, units, p, f, float(a * tokens * act_bytes)))
     copies = {}
     if len(shared["embed.weight"]) > 1:
         copies["embed.weight (tied head)"] = (_numel(model.embed), tuple(shared["embed.weight"]))
     if len(shared.get(GRU_KEYS[0], ())) > 1:
         copies["router_gru"] = (_numel(model.router_gru), tuple(shared[GRU_KEYS[0]]))
     return PipelineSplit(tuple(cuts), tuple(stages), not parallel.pp_split, copies)
+
+
+def _half_block_costs(model: HybridLM, seq_len: int) -> tuple[list[float], list[float], list[int]]:
+    """Training FLOPs per token, activation elements per token and parameters of every
+    half-block position (2L: block L's mixer half, 2L + 1 its FFN half; 0 for a missing FFN)."""
+    flops, acts, params = [], [], []
+    d_model = model.cfg.d_model
+    for block in model.blocks.values():
+        whole_f = sum(block_flops(block, seq_len).values())
+        whole_a = sum(block_activation_elements(block, d_model).values())
+        norm2, ffn = block.norm2, block.ffn
+        block.norm2 = block.ffn = None  # the mixer half alone (on this meta build only), then back
+        mixer_f = sum(block_flops(block, seq_len).values())
+        mixer_a = sum(block_activation_elements(block, d_model).values())
+        block.norm2, block.ffn = norm2, ffn
+        flops += [mixer_f, whole_f - mixer_f]
+        acts += [mixer_a, whole_a - mixer_a]
+        params += [_numel(block.norm1) + _numel(block.mixer), _numel(norm2) + _numel(ffn)]
+    return flops, acts, params

@@ -2,9 +2,15 @@
 that crosses each stage boundary as positional tensors, and the gradient sync of parameters that
 several stages hold a copy of.
 
-A stage owns the blocks ``cuts[s] <= i < cuts[s + 1]`` (``cuts[0] == 0``), keeping their string
-keys in ``blocks`` so that parameter names (FQNs) do not depend on the split; the first stage
-also owns the embedding, the last one the final norm and the head.
+**Cuts at half-block granularity.** Every block is two units, its mixer half (norm1, mixer and
+their residual add: position 2L) and its FFN half (norm2, ffn and theirs: position 2L + 1). A cut
+point is a layer index L (position 2L, before block L) or the string "L.ffn" (position 2L + 1,
+inside block L, after its mixer half; parallel.pp_split's two forms). A stage owns the positions
+``[cuts[s], cuts[s + 1])`` (``cuts[0] == 0``): whole blocks, and at a cut inside a block only that
+block's half (the other half's two modules set to None, so ``Block.forward`` runs the one left).
+Blocks keep their string keys in ``blocks`` and their submodule names, so parameter names (FQNs)
+do not depend on the split; the first stage also owns the embedding, the last one the final norm
+and the head.
 
 **Building.** A stage is built on the meta device, then its modules are materialised and
 initialised in ``HybridLM.init_units`` order from the single-process seed; each module it does
@@ -17,18 +23,22 @@ to the next stage's positional inputs, and gives every stage the same chunked ke
 of ``schedule.step`` (``position_ids`` travels that way, so each stage rebuilds its own masks and
 RoPE tables). The carry dict that ``HybridLM.forward_layers`` threads through the blocks is
 therefore packed as ``(h, *carry[k] for k in keys)`` with ``keys`` the sorted names present after
-the boundary's last block, found once by a dry forward (two tokens) through all blocks, one
-materialised at a time. The shared GRU's weights are never sent: each stage with a 'moe_gru' block
-adds its own copy. The last stage returns ``(logits, *carry[k])`` for ``k`` in 'aux_loss' and the
-'metric/...' keys, and :class:`PipelineLoss` adds the auxiliary loss to the LM loss. Detached
-entries (metrics, the MoE load sums) cross without gradient; everything else carries one back.
+the boundary's last half-block, found once by a dry forward (two tokens) through all blocks, one
+materialised at a time. At a cut inside a block, ``h`` is the residual stream after its mixer
+half, the carry holds what the earlier blocks and that mixer half left in it (e.g. SambaY's shared
+K/V), and the block's FFN half (e.g. an MoE layer adding to the auxiliary loss and the GRU router
+state) runs on the next stage. The shared GRU's weights are never sent: each stage with the FFN
+half of a 'moe_gru' block adds its own copy. The last stage returns ``(logits, *carry[k])`` for
+``k`` in 'aux_loss' and the 'metric/...' keys, and :class:`PipelineLoss` adds the auxiliary loss
+to the LM loss. Detached entries (metrics, the MoE load sums) cross without gradient; everything
+else carries one back.
 
 **Shared parameters.** With tied embeddings the last stage holds a copy of ``embed`` (for the
-head), and every stage with a 'moe_gru' block holds a copy of ``router_gru``. Each copy gets the
-gradient of its own uses only; :class:`SharedParamSync` sums them over the stages that hold
-them (locally, then one all-reduce among their ranks) and writes the sum into every copy, so
-the copies take identical optimizer steps and stay bitwise equal, as Megatron does with its
-embedding group.
+head), and every stage with the FFN half of a 'moe_gru' block holds a copy of ``router_gru``.
+Each copy gets the gradient of its own uses only; :class:`SharedParamSync` sums them over the
+stages that hold them (locally, then one all-reduce among their ranks) and writes the sum into
+every copy, so the copies take identical optimizer steps and stay bitwise equal, as Megatron
+does with its embedding group.
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
+from pretrain.config import split_position
 from pretrain.config.model import TitansConfig
 from pretrain.models.layers.moe import GRU_KEYS
 
@@ -50,14 +61,40 @@ if TYPE_CHECKING:
     from pretrain.models import HybridLM
 
 
-def stage_layers(cuts: list[int], n_layers: int, stage: int) -> range:
-    """Block indices of ``stage`` for stages starting at layers ``cuts`` (``cuts[0] == 0``,
-    strictly increasing, all below ``n_layers``). Raises ValueError on bad cuts."""
-    if not cuts or cuts[0] != 0 or any(b <= a for a, b in zip(cuts, cuts[1:])) or cuts[-1] >= n_layers:
+def stage_units(cuts: list[int | str], n_layers: int, stage: int) -> range:
+    """Half-block positions of ``stage`` (2L: block L's mixer half, 2L + 1: its FFN half) for
+    stages starting at the cut points ``cuts`` (layer indices or "L.ffn" strings, see the module
+    docstring; ``cuts[0] == 0``, strictly increasing, all below the end). Raises ValueError on
+    bad cuts."""
+    try:
+        units = [split_position(c) for c in cuts]
+    except ValueError as exc:
+        raise ValueError(f"pipeline cuts {cuts}: {exc}") from None
+    if not units or units[0] != 0 or any(b <= a for a, b in zip(units, units[1:])) or units[-1] >= 2 * n_layers:
         raise ValueError(f"pipeline cuts {cuts} must start at 0 and increase strictly below n_layers={n_layers}")
-    if not 0 <= stage < len(cuts):
-        raise ValueError(f"stage {stage} out of range for {len(cuts)} stages")
-    return range(cuts[stage], cuts[stage + 1] if stage + 1 < len(cuts) else n_layers)
+    if not 0 <= stage < len(units):
+        raise ValueError(f"stage {stage} out of range for {len(units)} stages")
+    return range(units[stage], units[stage + 1] if stage + 1 < len(units) else 2 * n_layers)
+
+
+def stage_layers(cuts: list[int | str], n_layers: int, stage: int) -> range:
+    """Block indices of which ``stage`` holds at least one half (see :func:`stage_units`).
+    Raises ValueError on bad cuts."""
+    units = stage_units(cuts, n_layers, stage)
+    return range(units.start // 2, (units.stop + 1) // 2)
+
+
+def stage_halves(cuts: list[int | str], n_layers: int, stage: int) -> tuple[list[int], list[int]]:
+    """The blocks whose mixer half, and those whose FFN half, ``stage`` holds (a block without
+    FFN counts in the second list too when its position 2L + 1 is the stage's)."""
+    units = stage_units(cuts, n_layers, stage)
+    return [u // 2 for u in units if u % 2 == 0], [u // 2 for u in units if u % 2 == 1]
+
+
+def position_cut(position: int) -> int | str:
+    """The cut point of a half-block position: 2L -> L, 2L + 1 -> "L.ffn" (inverse of
+    :func:`pretrain.config.split_position`)."""
+    return position // 2 if position % 2 == 0 else f"{position // 2}.ffn"
 
 
 @contextmanager
@@ -77,25 +114,29 @@ def _materialised(module: nn.Module, device: torch.device) -> Iterator[nn.Module
 
 
 @torch.no_grad()
-def boundary_keys(model: HybridLM, cuts: list[int], device: torch.device) -> list[list[str]]:
+def boundary_keys(model: HybridLM, cuts: list[int | str], device: torch.device) -> list[list[str]]:
     """For each stage s, the sorted carry keys that stage s receives (``[]`` for s = 0), then
-    those after the last block: the entries present after block ``cuts[s] - 1`` in a dry
-    forward of the whole ``model`` on two tokens, less the shared GRU's weights (each stage adds
-    its own copy). ``len(cuts) + 1`` lists. ``model`` may be on the meta device: the dry forward
-    then materialises one block at a time on ``device`` (zero weights: only the keys matter)."""
+    those after the last block: the entries present after the half-block just before cut
+    point ``cuts[s]`` (see :func:`stage_units`) in a dry forward of the whole ``model`` on two
+    tokens, less the shared GRU's weights (each stage adds its own copy). ``len(cuts) + 1``
+    lists. ``model`` may be on the meta device: the dry forward then materialises one block at
+    a time on ``device`` (zero weights: only the keys matter)."""
     with _materialised(model.embed, device) as embed:
         h = embed(torch.zeros(1, 2, dtype=torch.long, device=device))
     ctx = model._context(h, None, None)
-    after: dict[int, list[str]] = {}
+    after: list[list[str]] = []  # after[u]: the keys after half-block position u
     with ExitStack() as stack:
         carry: dict[str, Tensor] = {}
         if model.router_gru is not None:
             carry = stack.enter_context(_materialised(model.router_gru, device)).carry()
-        for i, block in enumerate(model.blocks.values()):
+        for block in model.blocks.values():
             with _materialised(block, device):
-                h, carry = block(h, ctx, carry)
-            after[i] = sorted(k for k in carry if k not in GRU_KEYS)
-    return [[]] + [after[c - 1] for c in cuts[1:]] + [after[len(model.blocks) - 1]]
+                h, carry = block.forward_mixer(h, ctx, carry)
+                after.append(sorted(k for k in carry if k not in GRU_KEYS))
+                if block.ffn is not None:
+                    h, carry = block.forward_ffn(h, ctx, carry)
+                after.append(sorted(k for k in carry if k not in GRU_KEYS))
+    return [[]] + [after[split_position(c) - 1] for c in cuts[1:]] + [after[-1]]
 
 
 def output_keys(keys: list[str]) -> list[str]:
@@ -156,29 +197,36 @@ class StageModule(nn.Module):
 
 
 def build_stage(
-    cfg: ModelConfig, cuts: list[int], stage: int, seed: int, device: torch.device | None = None
+    cfg: ModelConfig, cuts: list[int | str], stage: int, seed: int, device: torch.device | None = None
 ) -> StageModule:
-    """The module of ``stage`` (of ``len(cuts)`` stages starting at layers ``cuts``) on
-    ``device`` (default: the current default device), with every weight equal to a
-    single-process ``torch.manual_seed(seed); build_model(cfg)``. Built on the meta device;
-    the modules are then initialised one at a time in ``HybridLM.init_units`` order from
-    ``torch.manual_seed(seed)`` (which this call sets), each unowned one materialised only for
-    its RNG draws and released again, so the rank holds its own modules plus at most one
-    other. Keeps a copy of ``embed`` on the last stage when embeddings are tied, and of
-    ``router_gru`` on every stage with a 'moe_gru' block. Raises ValueError on bad cuts."""
+    """The module of ``stage`` (of ``len(cuts)`` stages starting at the cut points ``cuts``:
+    layer indices or "L.ffn" strings, see the module docstring) on ``device`` (default: the
+    current default device), with every weight equal to a single-process
+    ``torch.manual_seed(seed); build_model(cfg)``. Built on the meta device; the modules are
+    then initialised one at a time in ``HybridLM.init_units`` order from
+    ``torch.manual_seed(seed)`` (which this call sets), each unowned one (or unowned half of a
+    block cut inside) materialised only for its RNG draws and released again, so the rank holds
+    its own modules plus at most one other. Keeps a copy of ``embed`` on the last stage when
+    embeddings are tied, and of ``router_gru`` on every stage with the FFN half of a 'moe_gru'
+    block. Raises ValueError on bad cuts, or an "L.ffn" cut in a block without FFN."""
     from pretrain.models import build_model
 
     device = torch.device(device) if device is not None else torch.get_default_device()
     n = len(cuts)
     first, last = stage == 0, stage == n - 1
+    pattern = cfg.pattern()
+    for c in cuts:
+        if split_position(c) % 2 and pattern[split_position(c) // 2][1] == "none":
+            raise ValueError(f"pipeline cut {c!r} is inside a block without FFN")
     owned = stage_layers(cuts, cfg.n_layers, stage)
+    mixers, ffns = stage_halves(cuts, cfg.n_layers, stage)
     with torch.device("meta"):
         model = build_model(cfg)
     keys = boundary_keys(model, cuts, device)
     keep = {f"blocks.{i}" for i in owned}
     keep |= {"embed"} if first or (last and cfg.tie_embeddings) else set()
     keep |= {"norm", "head"} if last else set()
-    if any(model.blocks[str(i)].ffn_name == "moe_gru" for i in owned):
+    if any(pattern[i][1] == "moe_gru" for i in ffns):
         keep.add("router_gru")
     torch.manual_seed(seed)
     for name in model.init_units():
@@ -187,20 +235,29 @@ def build_stage(
         model.init_unit(name)
         if name not in keep:
             unit.to("meta")  # drawn from the RNG as in one process, then released
+        elif name.startswith("blocks."):  # a block cut inside: release the other stage's half
+            i = int(name.removeprefix("blocks."))
+            halves = ((i in mixers, ("norm1", "mixer")), (i in ffns, ("norm2", "ffn")))
+            for module in (m for held, names in halves if not held for m in names):
+                setattr(unit, module, None)
     for name in ("embed", "norm", "head", "router_gru"):
         if name not in keep:
             setattr(model, name, None)
     for name in [k for k in model.blocks if int(k) not in owned]:
         del model.blocks[name]
     replicas = ["embed.weight"] if "embed" in keep and not first else []
-    first_gru = min((i for i, (_, ffn) in enumerate(cfg.pattern()) if ffn == "moe_gru"), default=None)
-    if "router_gru" in keep and first_gru not in owned:
+    first_gru = min((i for i, (_, ffn) in enumerate(pattern) if ffn == "moe_gru"), default=None)
+    if "router_gru" in keep and first_gru not in ffns:
         replicas += [k for k in SHARED_PARAMS if k.startswith("router_gru.")]
     in_keys = keys[stage]
     out_keys = output_keys(keys[n]) if last else keys[stage + 1]
     # a Titans memory differentiates its own weights inside the forward: torch's weight pass,
-    # which backpropagates from the recorded intermediates, gets wk and wv wrong there (rel 0.7)
-    split = not any(cfg.pattern()[i][0].split("_")[0] in TitansConfig.used_by for i in owned)
+    # which backpropagates from the recorded intermediates, gets wk and wv wrong there (rel 0.7);
+    # and with two 'moe_gru' FFN halves the shared GRU's weights reach the loss through graphs
+    # that torch's weight pass frees after their first use ("backward through the graph a second
+    # time"); one 'moe_gru' per stage, or plain 'moe' layers, split fine
+    titans = any(pattern[i][0].split("_")[0] in TitansConfig.used_by for i in mixers)
+    split = not titans and sum(pattern[i][1] == "moe_gru" for i in ffns) < 2
     return StageModule(model, stage, n, in_keys, out_keys, tuple(replicas), split)
 
 
@@ -211,7 +268,7 @@ SHARED_PARAMS = ("embed.weight", *GRU_KEYS)
 class SharedParamSync:
     """Sums the gradients of parameters held by several stages and writes the sum into every
     copy: ``embed.weight`` (first stage, and the last when embeddings are tied) and the shared
-    GRU ``router_gru.*`` (every stage with a 'moe_gru' block).
+    GRU ``router_gru.*`` (every stage with a 'moe_gru' FFN half).
 
     Construct on EVERY rank of the pipeline group with the same ``holders`` (it creates one
     process group per set of ranks, a collective): ``holders[name]`` lists the ranks (in
@@ -275,9 +332,10 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def shared_holders(cfg: ModelConfig, cuts: list[int], stage_rank: list[int]) -> dict[str, list[int]]:
+def shared_holders(cfg: ModelConfig, cuts: list[int | str], stage_rank: list[int]) -> dict[str, list[int]]:
     """For each shared parameter, the ranks holding a copy (with repeats when one rank holds
-    several stages): ``stage_rank[s]`` is the rank of stage s."""
+    several stages): ``stage_rank[s]`` is the rank of stage s, ``cuts`` the stages' cut points
+    (see :func:`stage_units`); the GRU's copies are on the stages with a 'moe_gru' FFN half."""
     from pretrain.models.layers.moe import uses_router_gru
 
     n = len(cuts)
@@ -289,7 +347,7 @@ def shared_holders(cfg: ModelConfig, cuts: list[int], stage_rank: list[int]) -> 
         with_gru = [
             stage_rank[s]
             for s in range(n)
-            if any(pattern[i][1] == "moe_gru" for i in stage_layers(cuts, cfg.n_layers, s))
+            if any(pattern[i][1] == "moe_gru" for i in stage_halves(cuts, cfg.n_layers, s)[1])
         ]
         for key in GRU_KEYS:
             out[key] = with_gru

@@ -34,7 +34,7 @@ __all__ = [
     "AC_MODES", "AttentionConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "GLAConfig",
     "LoggingConfig", "Mamba2Config", "MambaConfig", "ModelConfig", "MoEConfig", "OptimConfig",
     "PP_SCHEDULES", "ParallelConfig", "RunConfig", "TitansConfig", "TrainConfig", "config_from_dict", "load_config",
-    "validate", "validate_parallel",
+    "split_position", "validate", "validate_parallel",
 ]
 
 
@@ -179,9 +179,12 @@ class ParallelConfig:
     the same communication volume (all-gather + reduce-scatter instead of all-reduce).
     data.seq_len must then divide by tp. Unused when tp = 1."""
     pp_split: list = field(default_factory=list)
-    """Explicit cut points: the first layer of every stage but the first, increasing, inside
-    (0, model.n_layers), pp x pp_virtual_stages - 1 of them; e.g. [6, 12] makes three stages
-    starting at layers 0, 6 and 12. Empty: cut where the estimated cost is balanced (see
+    """Explicit cut points, where every stage but the first starts, increasing, pp x
+    pp_virtual_stages - 1 of them: a layer index L in (0, model.n_layers) (before block L), or
+    the string "L.ffn" (inside block L, between its mixer half and its FFN half; the block must
+    have an FFN). E.g. [6, 12] makes three stages starting at layers 0, 6 and 12; [6, "12.ffn"]
+    cuts the third one after block 12's mixer. Parameter names do not depend on the cuts.
+    Empty: cut where the estimated cost is balanced, at half-block granularity (see
     parallel.pipeline.split)."""
     dp_backend: str = "fsdp"
     """Data-parallel engine: 'fsdp' (torch FSDP2, HSDP with dp_replicate > 1) or 'deepspeed'
@@ -446,7 +449,7 @@ def validate(cfg: Config) -> None:
     require(0 < o.decay_fraction <= 1, "optim.decay_fraction", "must be in (0, 1]")
     require_choice(o.fused, "optim.fused", ("auto", "true", "false"))
 
-    validate_parallel(cfg.parallel, cfg.model.n_layers)
+    validate_parallel(cfg.parallel, cfg.model.n_layers, cfg.model.pattern())
     if cfg.parallel.tp > 1:
         if cfg.parallel.sp:
             require(
@@ -468,9 +471,10 @@ def validate(cfg: Config) -> None:
     require(bool(cfg.run.dir), "run.dir", "must not be empty")
 
 
-def validate_parallel(p: ParallelConfig, n_layers: int) -> None:
+def validate_parallel(p: ParallelConfig, n_layers: int, pattern: list[tuple[str, str]] | None = None) -> None:
     """Checks of the [parallel] section that do not depend on the world size (those are in
-    parallel.dims.ParallelDims.from_config); raises ConfigError naming the field. The schedule
+    parallel.dims.ParallelDims.from_config); raises ConfigError naming the field. ``pattern``
+    (``ModelConfig.pattern()``): when given, an "L.ffn" cut must name a block with an FFN. The schedule
     limits mirror torch.distributed.pipelining's schedule constructors."""
     require(p.dp_replicate >= 1, "parallel.dp_replicate", "must be >= 1")
     require(p.dp_shard == -1 or p.dp_shard >= 1, "parallel.dp_shard", "must be -1 or >= 1")
@@ -512,15 +516,35 @@ def validate_parallel(p: ParallelConfig, n_layers: int) -> None:
         )
     cuts = p.pp_split
     if cuts:
-        require(all(isinstance(c, int) and not isinstance(c, bool) for c in cuts), "parallel.pp_split",
-                "must be a list of layer indices")
+        for c in cuts:
+            require(_is_cut(c), "parallel.pp_split", f"{c!r} is neither a layer index nor an 'L.ffn' string")
         require(
             len(cuts) == p.n_stages - 1,
             "parallel.pp_split",
             f"{len(cuts)} cut points for pp x pp_virtual_stages = {p.n_stages} stages (needs {p.n_stages - 1})",
         )
+        units = [split_position(c) for c in cuts]
         require(
-            all(0 < c < n_layers for c in cuts) and all(a < b for a, b in zip(cuts, cuts[1:])),
+            all(0 < u < 2 * n_layers for u in units) and all(a < b for a, b in zip(units, units[1:])),
             "parallel.pp_split",
             f"{cuts} must be increasing and inside (0, model.n_layers={n_layers})",
         )
+        for c, u in zip(cuts, units):
+            require(not (u % 2 and pattern and pattern[u // 2][1] == "none"), "parallel.pp_split",
+                    f"{c!r} cuts before the FFN of a block without one")
+
+
+def _is_cut(cut: Any) -> bool:
+    if isinstance(cut, str):
+        layer, dot, half = cut.partition(".")
+        return bool(dot) and half == "ffn" and layer.isascii() and layer.isdigit()
+    return isinstance(cut, int) and not isinstance(cut, bool)
+
+
+def split_position(cut: int | str) -> int:
+    """Half-block position of a parallel.pp_split cut point: a layer index L (the stage starts
+    at block L) -> 2L; "L.ffn" (the stage starts between block L's mixer half and its FFN half)
+    -> 2L + 1. Raises ValueError on any other value."""
+    if not _is_cut(cut):
+        raise ValueError(f"cut point {cut!r} is neither a layer index nor 'L.ffn'")
+    return 2 * cut if isinstance(cut, int) else 2 * int(cut.partition(".")[0]) + 1

@@ -1,7 +1,8 @@
 """The hybrid decoder: embedding -> blocks from the layer pattern -> norm -> head.
 
 Reads like single-device code. A pipeline stage deletes the modules it does not own (set
-``embed``/``norm``/``head`` to None, drop entries of ``blocks``) and forward skips them.
+``embed``/``norm``/``head`` to None, drop entries of ``blocks``, or set one half of a block it
+is cut inside to None: ``norm1``/``mixer`` or ``norm2``/``ffn``) and forward skips them.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ if TYPE_CHECKING:
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: h += mixer(norm1(h)); h += ffn(norm2(h))."""
+    """Pre-norm residual block: h += mixer(norm1(h)) (the mixer half); h += ffn(norm2(h)) (the
+    FFN half; absent when the pattern gives no FFN)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -40,21 +42,34 @@ class Block(nn.Module):
         self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps) if self.ffn is not None else None
 
     def forward(self, h: Tensor, ctx: ForwardContext, carry: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """``carry``: tensors that cross layers (e.g. a shared KV); passed through untouched by
-        the built-in layers."""
+        """``h [B, T, d_model]`` -> the block's output and the outgoing ``carry`` (tensors that
+        cross layers, e.g. a shared KV). Runs the halves present: a pipeline stage cut inside
+        the block holds only one of them (the other set to None)."""
+        if self.mixer is not None:
+            h, carry = self.forward_mixer(h, ctx, carry)
+        if self.ffn is not None:
+            h, carry = self.forward_ffn(h, ctx, carry)
+        return h, carry
+
+    def forward_mixer(
+        self, h: Tensor, ctx: ForwardContext, carry: dict[str, Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The mixer half, ``h + mixer(norm1(h))``; the carry passes through the layers that do
+        not use it."""
         state = ctx.cache.states.get(self.name) if ctx.cache is not None else None
         if getattr(self.mixer, "uses_carry", False):
             y, carry = self.mixer(self.norm1(h), ctx, state, carry)
         else:
             y = self.mixer(self.norm1(h), ctx, state)
-        h = h + y
-        if self.ffn is not None:
-            if getattr(self.ffn, "uses_carry", False):
-                y, carry = self.ffn(self.norm2(h), ctx, carry)
-            else:
-                y = self.ffn(self.norm2(h))
-            h = h + y
-        return h, carry
+        return h + y, carry
+
+    def forward_ffn(self, h: Tensor, ctx: ForwardContext, carry: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The FFN half, ``h + ffn(norm2(h))`` (the block must have an FFN)."""
+        if getattr(self.ffn, "uses_carry", False):
+            y, carry = self.ffn(self.norm2(h), ctx, carry)
+        else:
+            y = self.ffn(self.norm2(h))
+        return h + y, carry
 
     def init_weights(self, init_std: float, out_std: float) -> None:
         self.norm1.init_weights()
@@ -92,8 +107,8 @@ class HybridLM(nn.Module):
             )
             self.tied_head = TiedHead() if cfg.tie_embeddings else None
             # RMoE's GRU, shared by every 'moe_gru' block: handed to them through the carry
-            # (see pretrain/models/layers/moe.py); every pipeline stage with a 'moe_gru' block
-            # holds a copy, and parallel/pipeline/stage.py sums their gradients.
+            # (see pretrain/models/layers/moe.py); every pipeline stage with a 'moe_gru' block's
+            # FFN half holds a copy, and parallel/pipeline/stage.py sums their gradients.
             self.router_gru: RouterGRU | None = (
                 RouterGRU(cfg.moe.router_hidden) if uses_router_gru(cfg) else None
             )

@@ -61,7 +61,9 @@ class LocalModel(nn.Module):
     """The modules of this rank's stages under their single-process names (``blocks.<i>``,
     ``embed``, ``norm``, ``head``, ``router_gru``); not callable, the schedule runs the stages.
     When two local stages hold a copy of one shared module, the first is registered and
-    :meth:`sync_copies` copies its values into the others."""
+    :meth:`sync_copies` copies its values into the others. When they hold the two halves of one
+    block (a 'zbv' rank's two stages meeting at a cut inside a block), ``blocks.<i>`` is a
+    container of both halves' modules."""
 
     def __init__(self, stages: list[nn.Module]) -> None:
         super().__init__()
@@ -69,7 +71,8 @@ class LocalModel(nn.Module):
         self.copies: list[tuple[nn.Module, nn.Module]] = []
         for stage in stages:
             model = stage.model
-            blocks.update((int(k), b) for k, b in model.blocks.items())
+            for k, block in model.blocks.items():
+                blocks[int(k)] = _join_halves(blocks[int(k)], block) if int(k) in blocks else block
             for name in _MODULES:
                 module = getattr(model, name, None)
                 if module is None:
@@ -86,6 +89,14 @@ class LocalModel(nn.Module):
         for src, dst in self.copies:
             for p, q in zip(src.parameters(), dst.parameters()):
                 q.copy_(p)
+
+
+def _join_halves(a: nn.Module, b: nn.Module) -> nn.Module:
+    """One module holding the submodules of two stages' halves of a block, under their names."""
+    joined = nn.Module()
+    for name, child in (*a.named_children(), *b.named_children()):
+        joined.add_module(name, child)
+    return joined
 
 
 class PipelineTrainer(Trainer):

@@ -2,8 +2,9 @@
 and micro-batches: the losses of two SGD steps and every parameter gradient of the first, for
 every family's tiny config (shrunk): tiny (Mamba/SWA, tied embeddings), llama_tiny (untied),
 gla_tiny, mamba2_tiny, titans_mac_tiny, SambaY cut between the shared-KV layer and the
-cross-decoder, RMoE with MoE layers on both sides of the cut and hybrid_mix; every batch is
-packed (the position ids restart). All cases run in one process group of two ranks, since spawning is slow."""
+cross-decoder, RMoE with MoE layers on both sides of the cut and hybrid_mix, and cuts inside
+blocks (between a block's mixer and FFN halves) of RMoE and SambaY; every batch is packed (the
+position ids restart). All cases run in one process group of two ranks, since spawning is slow."""
 
 from __future__ import annotations
 
@@ -53,6 +54,17 @@ CASES = {
     "rmoe_both_sides": ("configs/rmoe_tiny.toml", [
         "model.d_model=32", "model.moe.n_experts=4", "model.moe.router_hidden=8", "model.moe.aux_loss_coef=0.05",
     ], {2: [0, 2], 4: [0, 1, 2, 3]}),
+    # cuts inside blocks: the MoE aux loss, load sums and GRU state of the FFN halves cross them;
+    # at 4 stages stage 0 holds no FFN half (so no GRU copy: stage 1 holds the first), and under
+    # 'zbv' rank 1 holds both halves of block 1 in its two stages
+    "rmoe_mid_block": ("configs/rmoe_tiny.toml", [
+        "model.d_model=32", "model.moe.n_experts=4", "model.moe.router_hidden=8", "model.moe.aux_loss_coef=0.05",
+    ], {2: [0, "1.ffn"], 4: [0, "0.ffn", "1.ffn", "2.ffn"]}),
+    # cut right after the mixer half of 'mamba_mem' (4, the GMU memory), of 'attn_kv' (5, the
+    # shared K/V) and of 'gmu' (6, which reads them): they cross inside blocks
+    "sambay_mid_block": ("configs/sambay_tiny.toml", [
+        "model.d_model=32", "model.attention.window=5", "model.mamba.d_state=4",
+    ], {2: [0, "5.ffn"], 4: [0, "4.ffn", "5.ffn", "6.ffn"]}),
     # Mamba, GLA, SWA and attention, GRU-routed MoE in blocks 0 and 2: at 4 stages the GRU is on
     # stages 0 and 2 only, and the router state passes through stage 1
     "hybrid_mix": ("configs/hybrid_mix.toml", [
@@ -234,6 +246,8 @@ def test_pipeline_equals_single_process(tmp_path):
             assert len(grads["embed.weight"]) == (2 if cfg.tie_embeddings else 1)  # tied: the head's copy
             if name == "rmoe_both_sides":
                 assert len(grads["router_gru.weight_ih"]) == n_stages  # a GRU copy on every stage
+            if name == "rmoe_mid_block":  # on the stages with an FFN half: not stage 0 of 4
+                assert len(grads["router_gru.weight_ih"]) == (2 if n_stages == 2 else 3)
             print(f"{name} {schedule}: max relative gradient error {worst:.2e}")
 
 
@@ -269,7 +283,12 @@ def test_carry_keys_and_names_of_a_split():
     for part in names:
         for k, p in part.items():
             assert torch.equal(p, whole[k]), k
-    for bad in ([1, 4], [0, 4, 4], [0, 8]):
+    # cut inside block 5 ('attn_kv'): its mixer half makes the K/V on stage 0, its FFN half is stage 1's
+    mid = [build_stage(cfg, [0, "5.ffn"], s, SEED) for s in range(2)]
+    assert mid[0].out_keys == mid[1].in_keys == ["gmu_memory", "shared_k", "shared_v"]
+    for module, half in zip(mid, ({"norm1", "mixer"}, {"norm2", "ffn"})):
+        assert {k.split(".")[2] for k, _ in module.model.named_parameters() if k.startswith("blocks.5.")} == half
+    for bad in ([1, 4], [0, 4, 4], [0, 8], [0, "8.ffn"], [0, "4.ffn", 4], [0, "4.mlp"]):
         with pytest.raises(ValueError, match="cuts"):
             stage_layers(bad, cfg.n_layers, 0)
 
@@ -281,9 +300,9 @@ FAMILIES = [
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_chained_stages_equal_whole_model(family):
-    """Every family's stages, chained in one process through their packed carry (the tuples the
-    pipeline sends), give the whole model's logits, auxiliary loss, metrics and, with the
-    copies of shared parameters summed, every gradient."""
+    """Every family's stages, cut between blocks and inside them, chained in one process
+    through their packed carry (the tuples the pipeline sends), give the whole model's logits,
+    auxiliary loss, metrics and, with the copies of shared parameters summed, every gradient."""
     from parallel.pipeline.stage import SHARED_PARAMS, build_stage
     from pretrain.config import load_config
     from pretrain.models import build_model
@@ -297,7 +316,8 @@ def test_chained_stages_equal_whole_model(family):
     logits, aux = whole(inputs, position_ids=pos, return_aux=True)
     (lm_loss(logits, labels) + aux.get("aux_loss", 0.0)).backward()
     n = cfg.n_layers
-    for cuts in ([0, n // 2], [0, 1, n - 1]):
+    inside = [[0, "0.ffn", f"{n // 2}.ffn"]] if cfg.pattern()[0][1] != "none" else []  # cuts inside blocks
+    for cuts in ([0, n // 2], [0, 1, n - 1], *inside):
         stages = [build_stage(cfg, cuts, s, SEED) for s in range(len(cuts))]
         out = (inputs,)
         for stage in stages:

@@ -4,7 +4,8 @@ cannot evaluate through it) runs of the tied-embedding SambaY, pp2 x dp_shard2 (
 the stages) and pp2 x dp_replicate2 (HSDP) on four ranks, checkpoints that resume across the
 layouts (pp2 -> one process, pp2 -> pp4, pp2 -> dp2 -> pp2, one process -> pp4 -> pp2) with the
 same weights, optimizer state and data position as the uninterrupted single-process run, and
-`pretrain eval` and `pretrain generate` on a pp2 checkpoint."""
+`pretrain eval` and `pretrain generate` on a pp2 checkpoint. The zbv run and the pp4 resume cut
+stages inside blocks (parallel.pp_split "L.ffn"), with the same checkpoint names and values."""
 
 from __future__ import annotations
 
@@ -104,12 +105,15 @@ def test_pipeline_train_equals_single_process(small_corpus, prepared_dir, tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
     want = _records(single)
 
-    # zbv: rank 0 holds the first and the last stage, so two copies of the tied embedding
+    # zbv: rank 0 holds the first and the last stage, so two copies of the tied embedding; its
+    # stages are cut inside blocks, block 3's mixer half ending stage 1 and its FFN half starting
+    # stage 2, both on rank 1 (one checkpoint entry blocks.3 holding both halves)
     for schedule, virtual in (("gpipe", 1), ("1f1b", 1), ("zbv", 2)):
         run = tmp_path / schedule
+        inside = {"parallel.pp_split": '["1.ffn", "3.ffn", "5.ffn"]'} if schedule == "zbv" else {}
         result = _torchrun(_overrides(small_corpus, prepared_dir, run, **{
             "parallel.pp": 2, "parallel.pp_schedule": schedule, "parallel.pp_virtual_stages": virtual,
-            "parallel.pp_microbatches": 2}))
+            "parallel.pp_microbatches": 2, **inside}))
         assert result.returncode == 0, result.stderr[-3000:]
         assert "2 pipeline micro-batches x 2 accumulation step(s)" in result.stdout
         keys = ("loss", "grad_norm") if schedule == "zbv" else ("loss", "val_loss", "grad_norm")
@@ -117,6 +121,8 @@ def test_pipeline_train_equals_single_process(small_corpus, prepared_dir, tmp_pa
             assert "validation skipped" in result.stdout
         worst = _assert_same_log(_records(run), want, list(range(1, 5)), keys)
         print(f"{schedule}: worst relative difference of {'/'.join(keys)} vs one process {worst:.2e}")
+    _assert_same_checkpoint(_checkpoint(tmp_path / "zbv/checkpoints/step-00000004", tmp_path),
+                            _checkpoint(single / "checkpoints/step-00000004", tmp_path))
 
     # pp2 x dp_shard2 on 4 ranks: FSDP2 inside each stage. Its gradients are averaged over the two
     # half batches by a reduce-scatter, another summation order than one process, which AdamW
@@ -184,11 +190,12 @@ def test_pipeline_train_equals_single_process(small_corpus, prepared_dir, tmp_pa
         print(f"{run.name}: max |weight| / |moment| difference vs one process %.1e / %.1e"
               % _max_differences(got, final))
 
-    # The same pp2 checkpoint resumes under pp4 (four stages, one per rank) ...
+    # The same pp2 checkpoint resumes under pp4 (four stages, one per rank, cut inside blocks 1
+    # and 5: SambaY's GMU memory and shared K/V cross after block 5's mixer half) ...
     pp2_to_pp4 = tmp_path / "pp2_to_pp4"
     _resumable_copy(tmp_path / "gpipe", pp2_to_pp4, 2)
     result = _torchrun(_overrides(small_corpus, prepared_dir, pp2_to_pp4, **{
-        "parallel.pp": 4, "parallel.pp_microbatches": 4}), nproc=4)
+        "parallel.pp": 4, "parallel.pp_microbatches": 4, "parallel.pp_split": '["1.ffn", 4, "5.ffn"]'}), nproc=4)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from step 2" in result.stdout and "at sample 16 " in result.stdout
     worst = _assert_same_log(_records(pp2_to_pp4), want, [3, 4], keys=("loss", "grad_norm"))
