@@ -18,6 +18,11 @@ CASES = {
     "sambay": ("configs/sambay_tiny.toml", []),
     "diff": ("configs/sambay_tiny.toml", ['model.layer_pattern=["diff_swa","diff_attn_kv","diff_xattn","diff_attn"]',
                                           "model.n_layers=4", "model.attention.n_heads=8"]),
+    "rmoe": ("configs/rmoe_tiny.toml", ["model.d_model=32", "model.moe.router_hidden=8", "model.moe.expert_hidden=8",
+                                        "model.n_layers=3", "model.moe.z_loss_coef=1e-2"]),  # 'global' balance
+    "moe": ("configs/rmoe_tiny.toml", ["model.d_model=32", "model.moe.expert_hidden=8", "model.n_layers=2",
+                                       "model.layer_pattern='attn:moe'", "model.moe.balance='per_layer'",
+                                       "model.moe.top_k=1", "model.moe.shared_expert=true"]),
 }
 
 
@@ -114,3 +119,10 @@ def test_plan_refuses_indivisible_heads():
         MIXER_PLANS["attn"](cfg, 0, 3)
     with pytest.raises(ConfigError, match="model.ffn_hidden"):
         FFN_PLANS["mlp"](cfg, 0, 7)
+
+
+def test_moe_plan_refuses_indivisible_expert_hidden():
+    cfg = load_config("configs/rmoe_tiny.toml", ["model.vocab_size=64", "model.moe.expert_hidden=12"]).model
+    with pytest.raises(ConfigError, match="model.moe.expert_hidden"):
+        FFN_PLANS["moe_gru"](cfg, 1, 8)
+    FFN_PLANS["moe_gru"](cfg, 1, 4)  # 12 / 4 splits
