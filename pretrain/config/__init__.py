@@ -168,6 +168,10 @@ class ParallelConfig:
     (0, model.n_layers), pp x pp_virtual_stages - 1 of them; e.g. [6, 12] makes three stages
     starting at layers 0, 6 and 12. Empty: cut where the estimated cost is balanced (see
     parallel.pipeline.split)."""
+    ep: int = 1
+    """Expert-parallel degree: the routed experts of every MoE layer are sharded over groups of
+    ep data-parallel ranks, tokens reaching them by all-to-all (parallel/expert.py). Must divide
+    model.moe.n_experts; 1: every rank holds all experts."""
 
     @property
     def n_stages(self) -> int:
@@ -409,7 +413,7 @@ def validate(cfg: Config) -> None:
     require(0 < o.decay_fraction <= 1, "optim.decay_fraction", "must be in (0, 1]")
     require_choice(o.fused, "optim.fused", ("auto", "true", "false"))
 
-    validate_parallel(cfg.parallel, cfg.model.n_layers)
+    validate_parallel(cfg.parallel, cfg.model.n_layers, cfg.model)
 
     c = cfg.checkpoint
     require(c.interval >= 0, "checkpoint.interval", "must be >= 0")
@@ -421,10 +425,11 @@ def validate(cfg: Config) -> None:
     require(bool(cfg.run.dir), "run.dir", "must not be empty")
 
 
-def validate_parallel(p: ParallelConfig, n_layers: int) -> None:
+def validate_parallel(p: ParallelConfig, n_layers: int, model: ModelConfig | None = None) -> None:
     """Checks of the [parallel] section that do not depend on the world size (those are in
     parallel.dims.ParallelDims.from_config); raises ConfigError naming the field. The schedule
-    limits mirror torch.distributed.pipelining's schedule constructors."""
+    limits mirror torch.distributed.pipelining's schedule constructors. ``model``: also check
+    parallel.ep against its experts."""
     require(p.dp_replicate >= 1, "parallel.dp_replicate", "must be >= 1")
     require(p.dp_shard == -1 or p.dp_shard >= 1, "parallel.dp_shard", "must be -1 or >= 1")
     require(p.pp >= 1, "parallel.pp", "must be >= 1")
@@ -442,6 +447,12 @@ def validate_parallel(p: ParallelConfig, n_layers: int) -> None:
         "parallel.pp",
         f"pp x pp_virtual_stages = {p.pp} x {v} stages exceed the model.n_layers={n_layers} layers",
     )
+    require(p.ep >= 1, "parallel.ep", "must be >= 1")
+    if model is not None and p.ep > 1:
+        has_moe = any(ffn in ("moe", "moe_gru") for _, ffn in model.pattern())
+        require(has_moe, "parallel.ep", f"{p.ep} needs MoE layers ('moe' or 'moe_gru' in model.layer_pattern)")
+        e = model.moe.n_experts
+        require(e % p.ep == 0, "parallel.ep", f"{p.ep} does not divide model.moe.n_experts={e}")
     require(p.pp_microbatches >= 0, "parallel.pp_microbatches", "must be >= 0 (0: the number of stages)")
     m = p.microbatches
     if p.pp_schedule == "1f1b":

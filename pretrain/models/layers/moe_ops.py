@@ -47,14 +47,17 @@ are the layer's expert weights as this process holds them (all E, or its shard o
 def grouped_swiglu(xs: Tensor, counts: list[int], w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
     """SwiGLU expert e (``w1[e], w3[e] [d, H]``, ``w2[e] [H, d]``) on its ``counts[e]``
     contiguous rows of ``xs [M, d]`` (``sum(counts) == M``, ``len(counts) == w1.shape[0]``);
-    returns ``[M, d]``. The result depends on ``xs`` even when M = 0, so that a collective in
-    ``xs``'s history still runs its backward on this process."""
+    returns ``[M, d]``. When M = 0 the result still depends on ``xs`` and the weights, so that
+    a collective in ``xs``'s history still runs its backward on this process and the weights get
+    a zero gradient, as experts without tokens do beside others that have some."""
     outs = []
     # unbind, not w1[e]: one stacked gradient per weight instead of E full-size zero-filled ones
     for chunk, g, u, dn in zip(xs.split(counts), w1.unbind(0), w3.unbind(0), w2.unbind(0)):
         if chunk.shape[0] > 0:
             outs.append((F.silu(chunk @ g) * (chunk @ u)) @ dn)  # [n_e, d]
-    return torch.cat(outs) if outs else xs * 0  # [0, d]
+    if outs:
+        return torch.cat(outs)
+    return xs * 0 + 0 * (w1.sum() + w3.sum() + w2.sum())  # [0, d]
 
 
 def local_experts(xs: Tensor, counts: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> tuple[Tensor, Tensor]:
