@@ -98,11 +98,12 @@ def expert_parallel_modules(model: nn.Module) -> dict[str, MoE]:
     return {name: m for name, m in model.named_modules() if isinstance(m, MoE)}
 
 
-def is_expert_param(name: str, model: nn.Module) -> bool:
-    """Whether parameter ``name`` of ``model`` is an expert weight that expert parallelism
-    shards (its gradient must NOT be all-reduced over the ep ranks)."""
-    prefix, _, leaf = name.rpartition(".")
-    return leaf in EXPERT_PARAMS and prefix in expert_parallel_modules(model)
+def expert_param_names(model: nn.Module) -> set[str]:
+    """Qualified names of the expert weights that expert parallelism shards: their gradients
+    are NOT averaged over the ep ranks (only over the ranks holding the same experts), unlike
+    every other parameter's. The same names before and after :func:`apply_expert_parallel`."""
+    modules = expert_parallel_modules(model)
+    return {f"{prefix}.{leaf}" if prefix else leaf for prefix in modules for leaf in EXPERT_PARAMS}
 
 
 @torch.no_grad()
@@ -110,9 +111,9 @@ def apply_expert_parallel(model: nn.Module, group: dist.ProcessGroup) -> list[st
     """Shard every MoE layer's experts of ``model`` over ``group`` in place: keep this rank's
     contiguous block of ``w1, w3, w2`` along the experts (as new Parameters, same names) and
     install :class:`ExpertParallel`. Call it on every rank of the group, after building (and
-    initialising, identically on every rank) the model and before creating the optimizer.
-    Returns the names of the sharded parameters. Raises ConfigError (``parallel.ep``) when a
-    layer's experts do not divide over the group."""
+    initialising, identically on every rank) the model and before FSDP wrapping and creating
+    the optimizer. Returns the names of the sharded parameters (:func:`expert_param_names`).
+    Raises ConfigError (``parallel.ep``) when a layer's experts do not divide over the group."""
     ep, rank = dist.get_world_size(group), dist.get_rank(group)
     names = []
     for prefix, moe in expert_parallel_modules(model).items():

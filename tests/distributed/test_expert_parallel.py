@@ -60,7 +60,7 @@ def _step(model, rows: slice):
 
 
 def _rank_main(rank: int, world: int, store: str, out_dir: str) -> None:
-    from parallel.expert import apply_expert_parallel, is_expert_param
+    from parallel.expert import apply_expert_parallel, expert_param_names
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
@@ -69,9 +69,9 @@ def _rank_main(rank: int, world: int, store: str, out_dir: str) -> None:
         model = _model(case)
         sharded = apply_expert_parallel(model, dist.group.WORLD)
         loss, aux, loads = _step(model, slice(rank * ROWS, (rank + 1) * ROWS))
-        grads = {}
+        experts, grads = expert_param_names(model), {}
         for name, p in model.named_parameters():
-            if not is_expert_param(name, model):  # data parallelism: the mean over ranks
+            if name not in experts:  # data parallelism: the mean over ranks
                 dist.all_reduce(p.grad)
                 p.grad /= world
             grads[name] = p.grad
