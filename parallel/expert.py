@@ -78,18 +78,21 @@ class ExpertParallel:
         table = [torch.empty_like(counts) for _ in range(ep)]
         dist.all_gather(table, counts.contiguous(), group=self.group)
         table = torch.stack(table)  # [ep, E]: rows that rank s sends to expert e
-        mine = table[:, self.rank * nl : (self.rank + 1) * nl]  # [ep, E/ep] rows this rank gets
-        send = counts.view(ep, nl).sum(1).tolist()
-        recv = mine.sum(1).tolist()
+        rows = table.tolist()  # the one host sync: split sizes must be Python ints
+        lo, hi = self.rank * nl, (self.rank + 1) * nl
+        send = [sum(rows[self.rank][j * nl : (j + 1) * nl]) for j in range(ep)]
+        recv = [sum(r[lo:hi]) for r in rows]
+        per_expert = [sum(r[lo + e] for r in rows) for e in range(nl)]
         xr = all_to_all_single_autograd(xs, recv, send, self.group)  # ordered (source, expert)
         # regroup by (expert, source): a stable sort on that key of each received row
-        seg = torch.repeat_interleave(torch.arange(ep * nl, device=xs.device), mine.flatten())
+        mine = table[:, lo:hi].flatten()  # [ep * E/ep] rows this rank gets, (source, expert)
+        seg = torch.repeat_interleave(torch.arange(ep * nl, device=xs.device), mine, output_size=sum(recv))
         order = torch.argsort((seg % nl) * ep + seg // nl, stable=True)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         scale = 1.0 / ep
         w1, w3, w2 = (_ScaleGrad.apply(w, scale) for w in (w1, w3, w2))
-        ys = grouped_swiglu(xr[order], mine.sum(0).tolist(), w1, w3, w2)[inverse]
+        ys = grouped_swiglu(xr[order], per_expert, w1, w3, w2)[inverse]
         return all_to_all_single_autograd(ys, send, recv, self.group), table.sum(0)
 
 
