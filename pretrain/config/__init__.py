@@ -369,7 +369,7 @@ def validate(cfg: Config) -> None:
     require(0 < o.decay_fraction <= 1, "optim.decay_fraction", "must be in (0, 1]")
     require_choice(o.fused, "optim.fused", ("auto", "true", "false"))
 
-    validate_parallel(cfg.parallel, cfg.model.n_layers, cfg.model.pattern())
+    validate_parallel(cfg.parallel, cfg.model.n_layers, cfg.model.pattern(), cfg.model.moe.n_experts)
     if cfg.parallel.tp > 1:
         if cfg.parallel.sp:
             require(

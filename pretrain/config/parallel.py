@@ -62,6 +62,10 @@ class ParallelConfig:
     cuts the third one after block 12's mixer. Parameter names do not depend on the cuts.
     Empty: cut where the estimated cost is balanced, at half-block granularity (see
     parallel.pipeline.split)."""
+    ep: int = 1
+    """Expert-parallel degree: the routed experts of every MoE layer are sharded over groups of
+    ep data-parallel ranks, tokens reaching them by all-to-all (parallel/expert.py). Must divide
+    model.moe.n_experts; 1: every rank holds all experts."""
     dp_backend: str = "fsdp"
     """Data-parallel engine: 'fsdp' (torch FSDP2, HSDP with dp_replicate > 1) or 'deepspeed'
     (DeepSpeed ZeRO over all ranks, Rajbhandari et al. 2020; the optional `deepspeed` extra).
@@ -96,10 +100,13 @@ class ParallelConfig:
         return self.pp_microbatches or self.n_stages
 
 
-def validate_parallel(p: ParallelConfig, n_layers: int, pattern: list[tuple[str, str]] | None = None) -> None:
+def validate_parallel(
+    p: ParallelConfig, n_layers: int, pattern: list[tuple[str, str]] | None = None, n_experts: int = 0
+) -> None:
     """Checks of the [parallel] section that do not depend on the world size (those are in
     parallel.dims.ParallelDims.from_config); raises ConfigError naming the field. ``pattern``
-    (``ModelConfig.pattern()``): when given, an "L.ffn" cut must name a block with an FFN. The schedule
+    (``ModelConfig.pattern()``): when given, an "L.ffn" cut must name a block with an FFN, and
+    parallel.ep needs MoE layers whose ``n_experts`` it divides. The schedule
     limits mirror torch.distributed.pipelining's schedule constructors."""
     require(p.dp_replicate >= 1, "parallel.dp_replicate", "must be >= 1")
     require(p.dp_shard == -1 or p.dp_shard >= 1, "parallel.dp_shard", "must be -1 or >= 1")
@@ -128,6 +135,11 @@ def validate_parallel(p: ParallelConfig, n_layers: int, pattern: list[tuple[str,
         "parallel.pp",
         f"pp x pp_virtual_stages = {p.pp} x {v} stages exceed the model.n_layers={n_layers} layers",
     )
+    require(p.ep >= 1, "parallel.ep", "must be >= 1")
+    if pattern is not None and p.ep > 1:
+        has_moe = any(ffn in ("moe", "moe_gru") for _, ffn in pattern)
+        require(has_moe, "parallel.ep", f"{p.ep} needs MoE layers ('moe' or 'moe_gru' in model.layer_pattern)")
+        require(n_experts % p.ep == 0, "parallel.ep", f"{p.ep} does not divide model.moe.n_experts={n_experts}")
     require(p.pp_microbatches >= 0, "parallel.pp_microbatches", "must be >= 0 (0: the number of stages)")
     m = p.microbatches
     if p.pp_schedule == "1f1b":

@@ -39,6 +39,11 @@ CASES = {
                                                 "model.titans.n_persistent=2", "model.attention.window=6"]),
     "titans_mac_none": ("configs/titans_mac_tiny.toml", ["model.n_layers=1", "model.titans.mac_output='none'",
                                                          "model.titans.segment_size=4", "model.titans.chunk_size=4"]),
+    "rmoe": ("configs/rmoe_tiny.toml", ["model.d_model=32", "model.moe.router_hidden=8", "model.moe.expert_hidden=8",
+                                        "model.n_layers=3", "model.moe.z_loss_coef=1e-2"]),  # 'global' balance
+    "moe": ("configs/rmoe_tiny.toml", ["model.d_model=32", "model.moe.expert_hidden=8", "model.n_layers=2",
+                                       "model.layer_pattern='attn:moe'", "model.moe.balance='per_layer'",
+                                       "model.moe.top_k=1", "model.moe.shared_expert=true"]),
 }
 
 
@@ -150,3 +155,8 @@ def test_gla_and_titans_plans_refuse_indivisible_heads():
     MIXER_PLANS["mag"](titans, 0, 4)  # its memory is replicated: only the attention heads split
     with pytest.raises(ConfigError, match="model.attention.n_heads"):
         MIXER_PLANS["mag"](titans, 0, 8)
+def test_moe_plan_refuses_indivisible_expert_hidden():
+    cfg = load_config("configs/rmoe_tiny.toml", ["model.vocab_size=64", "model.moe.expert_hidden=12"]).model
+    with pytest.raises(ConfigError, match="model.moe.expert_hidden"):
+        FFN_PLANS["moe_gru"](cfg, 1, 8)
+    FFN_PLANS["moe_gru"](cfg, 1, 4)  # 12 / 4 splits

@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pretrain.models.layers.mlp import SwiGLU, ffn_hidden
-from pretrain.models.layers.moe_ops import moe_experts
+from pretrain.models.layers.moe_ops import ExpertCompute, dispatch_experts, local_experts
 from pretrain.models.registry import register_ffn
 
 if TYPE_CHECKING:
@@ -153,6 +153,14 @@ class MoE(nn.Module):
     """Dropless top-k MoE of SwiGLU experts, with an optional always-on shared expert.
 
     ``recurrent``: route with the layerwise GRU (RMoE) instead of one linear layer.
+
+    ``expert_compute`` (default :func:`~pretrain.models.layers.moe_ops.local_experts`) is the
+    hook that runs the experts on the permuted tokens (see moe_ops.ExpertCompute); expert
+    parallelism (parallel/expert.py) replaces it and shards ``w1, w3, w2`` along the experts,
+    leaving routing here unchanged. The load it reports (tokens per expert over every process
+    sharing the experts) gives the balance loss's f and the logged load; the mean router
+    probability P stays this process's, so with equal token counts per process the mean over
+    processes of the balance loss equals the loss of their tokens together.
     """
 
     uses_carry = True
@@ -173,6 +181,8 @@ class MoE(nn.Module):
         self.finishes_balance = not moe_layers or name == str(moe_layers[-1])
         self.recurrent = recurrent
         e = cfg.n_experts
+        self.n_experts = e
+        self.expert_compute: ExpertCompute = local_experts
         if recurrent:
             self.router_in = nn.Linear(d_model, cfg.router_hidden, bias=False)  # x -> GRU input
             self.router_out = nn.Linear(cfg.router_hidden, e, bias=False)  # GRU state -> logits
@@ -205,10 +215,10 @@ class MoE(nn.Module):
         logits = logits.reshape(b * t, -1)  # [N, E]
         probs, idx, weight = route(logits, self.top_k, self.renormalize)
         flat = x.reshape(b * t, d)
-        y = moe_experts(flat, self.w1, self.w3, self.w2, idx, weight)
+        y, counts = dispatch_experts(flat, idx, weight, self.n_experts, self.expert_compute, self.w1, self.w3, self.w2)
         if self.shared is not None:
             y = y + self.shared(flat)
-        load = expert_load(idx, probs.shape[-1])
+        load = counts.float() / counts.sum()  # f [E], as expert_load computes it on one process
         carry = {**carry, f"metric/moe_load.{self.name}": load}
         aux, carry = self._balance(load, probs.mean(dim=0), carry)
         if self.z_loss_coef > 0:
@@ -248,7 +258,8 @@ class MoE(nn.Module):
     def activation_elements(self) -> int:
         """Per token: input, logits and probs, and per active expert the gathered input, the
         SwiGLU intermediates and the output (plus the GRU gates and the shared expert)."""
-        e, d, hidden = self.w1.shape
+        _, d, hidden = self.w1.shape
+        e = self.n_experts  # w1 holds only this rank's experts under expert parallelism
         n = d + 2 * e + self.top_k * (2 * d + 4 * hidden)
         if self.recurrent:
             n += 8 * self.router_out.weight.shape[1]

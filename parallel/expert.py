@@ -1,0 +1,130 @@
+"""Expert parallelism (GShard, Lepikhin et al. 2020; Switch, Fedus et al. 2021; torchtitan's
+and Megatron-LM's ``expert_model_parallel_size``): the E experts of every MoE layer sharded over
+``ep`` ranks, tokens sent to their experts' rank and back with two all-to-alls.
+
+The ``ep`` ranks are data-parallel ranks: each runs the whole model on its own micro-batch. Rank
+r holds experts ``[r E/ep, (r+1) E/ep)`` of every MoE layer (``w1, w3, w2`` keep their names,
+sliced along dim 0) and every other parameter whole. In each MoE layer (see
+pretrain/models/layers/moe_ops.py) routing runs locally, exactly as on one process; the
+layer's :data:`~pretrain.models.layers.moe_ops.ExpertCompute` hook, which receives the tokens
+permuted by expert, is replaced by :class:`ExpertParallel`:
+
+1. all-gather the token count per expert of every rank ([ep, E]; one host sync, needed for the
+   all-to-all split sizes anyway), whose sum over ranks is each expert's global load;
+2. dispatch: an all-to-all sends each rank's expert-contiguous rows to the experts' owners;
+3. the received rows, ordered (source rank, expert), are regrouped by expert and each local
+   expert runs one SwiGLU on them (dropless: no capacity, no padding);
+4. combine: the inverse all-to-all returns the outputs, in the permuted order the hook got.
+
+Both all-to-alls are ``torch.distributed._functional_collectives.all_to_all_single_autograd``
+(torch.distributed.nn.functional's is deprecated in torch 2.13), whose backward is the inverse
+all-to-all.
+
+Loss and gradient scaling, with the training loss the mean over ranks of each rank's mean loss
+(data parallelism): the balance loss uses the GLOBAL load f (step 1, no gradient) and the local
+mean probability P, so the mean over ranks of ``E sum_e f_e P_e`` is the loss of all ranks'
+tokens together (equal token counts per rank). A non-expert parameter's gradient is rank-local
+and is averaged over the data-parallel ranks as usual. An expert's gradient arrives on its owner
+as the SUM over the ep ranks of their losses' gradients; :class:`ExpertParallel` scales it by
+1/ep, so that averaging it over the ranks that hold the same experts (the data-parallel ranks
+outside the ep group; none when dp = ep) gives the gradient of the global mean loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed._functional_collectives import all_to_all_single_autograd
+
+from pretrain.config.errors import require
+from pretrain.models.layers.moe import MoE
+from pretrain.models.layers.moe_ops import grouped_swiglu
+
+EXPERT_PARAMS = ("w1", "w3", "w2")
+"""Names (in an MoE module) of the stacked expert weights that expert parallelism shards."""
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by ``scale``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.scale, None
+
+
+class ExpertParallel:
+    """The :data:`~pretrain.models.layers.moe_ops.ExpertCompute` of one MoE layer whose
+    ``n_experts`` experts are sharded over the ranks of ``group`` (contiguous blocks of
+    ``n_experts / ep``, in group-rank order). Every rank of the group must call it the same
+    number of times, in the same order, in forward and backward (as a model's layers do)."""
+
+    def __init__(self, group: dist.ProcessGroup, n_experts: int) -> None:
+        self.group = group
+        self.ep = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.n_local = n_experts // self.ep
+
+    def __call__(self, xs: Tensor, counts: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> tuple[Tensor, Tensor]:
+        """``xs [M, d]`` grouped by global expert with ``counts [E]`` rows each; ``w1, w3
+        [E/ep, d, H]``, ``w2 [E/ep, H, d]`` this rank's experts. Returns ``ys [M, d]`` and the
+        global load ``[E]`` (rows per expert summed over the group)."""
+        ep, nl = self.ep, self.n_local
+        table = [torch.empty_like(counts) for _ in range(ep)]
+        dist.all_gather(table, counts.contiguous(), group=self.group)
+        table = torch.stack(table)  # [ep, E]: rows that rank s sends to expert e
+        rows = table.tolist()  # the one host sync: split sizes must be Python ints
+        lo, hi = self.rank * nl, (self.rank + 1) * nl
+        send = [sum(rows[self.rank][j * nl : (j + 1) * nl]) for j in range(ep)]
+        recv = [sum(r[lo:hi]) for r in rows]
+        per_expert = [sum(r[lo + e] for r in rows) for e in range(nl)]
+        xr = all_to_all_single_autograd(xs, recv, send, self.group)  # ordered (source, expert)
+        # regroup by (expert, source): a stable sort on that key of each received row
+        mine = table[:, lo:hi].flatten()  # [ep * E/ep] rows this rank gets, (source, expert)
+        seg = torch.repeat_interleave(torch.arange(ep * nl, device=xs.device), mine, output_size=sum(recv))
+        order = torch.argsort((seg % nl) * ep + seg // nl, stable=True)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        scale = 1.0 / ep
+        w1, w3, w2 = (_ScaleGrad.apply(w, scale) for w in (w1, w3, w2))
+        ys = grouped_swiglu(xr[order], per_expert, w1, w3, w2)[inverse]
+        return all_to_all_single_autograd(ys, send, recv, self.group), table.sum(0)
+
+
+def expert_parallel_modules(model: nn.Module) -> dict[str, MoE]:
+    """The MoE modules of ``model`` by qualified name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, MoE)}
+
+
+def expert_param_names(model: nn.Module) -> set[str]:
+    """Qualified names of the expert weights that expert parallelism shards: their gradients
+    are NOT averaged over the ep ranks (only over the ranks holding the same experts), unlike
+    every other parameter's. The same names before and after :func:`apply_expert_parallel`."""
+    modules = expert_parallel_modules(model)
+    return {f"{prefix}.{leaf}" if prefix else leaf for prefix in modules for leaf in EXPERT_PARAMS}
+
+
+@torch.no_grad()
+def apply_expert_parallel(model: nn.Module, group: dist.ProcessGroup) -> list[str]:
+    """Shard every MoE layer's experts of ``model`` over ``group`` in place: keep this rank's
+    contiguous block of ``w1, w3, w2`` along the experts (as new Parameters, same names) and
+    install :class:`ExpertParallel`. Call it on every rank of the group, after building (and
+    initialising, identically on every rank) the model and before FSDP wrapping and creating
+    the optimizer. Returns the names of the sharded parameters (:func:`expert_param_names`).
+    Raises ConfigError (``parallel.ep``) when a layer's experts do not divide over the group."""
+    ep, rank = dist.get_world_size(group), dist.get_rank(group)
+    names = []
+    for prefix, moe in expert_parallel_modules(model).items():
+        require(moe.n_experts % ep == 0, "parallel.ep", f"{moe.n_experts} experts do not split over {ep} ranks")
+        nl = moe.n_experts // ep
+        for leaf in EXPERT_PARAMS:
+            full = getattr(moe, leaf)
+            setattr(moe, leaf, nn.Parameter(full[rank * nl : (rank + 1) * nl].clone()))
+            names.append(f"{prefix}.{leaf}" if prefix else leaf)
+        moe.expert_compute = ExpertParallel(group, moe.n_experts)
+    return names
