@@ -31,10 +31,10 @@ def _overrides(corpus, prepared, run_dir, **extra):
     return [o for o in tiny_overrides(corpus, prepared, run_dir, **values) if not o.startswith(drop)]
 
 
-def _torchrun(overrides: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+def _torchrun(overrides: list[str], nproc: int = 2, config: str = "configs/sambay_tiny.toml") -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "pretrain", "train", "configs/sambay_tiny.toml", *set_args(overrides)]
+           "-m", "pretrain", "train", config, *set_args(overrides)]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 

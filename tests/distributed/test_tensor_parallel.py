@@ -35,6 +35,15 @@ CASES = {
     ]),
     # the memory and the shared K/V cross layers as per-rank shards
     "sambay": ("configs/sambay_tiny.toml", ["model.d_model=32", "model.attention.window=5", "model.mamba.d_state=4"]),
+    # the router, GRU and auxiliary loss replicated, each expert split within itself
+    "rmoe": ("configs/rmoe_tiny.toml", [
+        "model.d_model=32", "model.n_layers=2", "model.moe.n_experts=4", "model.moe.router_hidden=8",
+        "model.moe.aux_loss_coef=0.05",
+    ]),
+    "hybrid_mix": ("configs/hybrid_mix.toml", [
+        "model.d_model=32", "model.n_layers=4", "model.moe.n_experts=4", "model.moe.router_hidden=8",
+        "model.moe.aux_loss_coef=0.05", "model.attention.window=5", "model.mamba.d_state=4",
+    ]),
     "diff": ("configs/llama_tiny.toml", [
         "model.d_model=32", 'model.layer_pattern="diff_swa diff_attn"', "model.n_layers=2",
         "model.attention.n_heads=4", "model.attention.n_kv_heads=2", "model.attention.window=5",
