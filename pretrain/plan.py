@@ -27,12 +27,13 @@ def _pattern_summary(pattern: list[tuple[str, str]]) -> str:
 
 def format_plan(cfg: Config, dp: int = 1) -> str:
     """The plan of ``cfg`` as text; ``dp``: data-parallel ranks to estimate memory and the
-    batch relation for (the world size is parallel.pp x dp)."""
+    batch relation for (the world size is parallel.pp x dp x parallel.tp)."""
     model_cfg = cfg.with_vocab().model
     pattern = model_cfg.pattern()
     params = count_parameters(model_cfg)
     flops = flops_per_token(model_cfg, cfg.data.seq_len)
-    mem = memory_estimate(model_cfg, cfg.train.micro_batch_size, cfg.data.seq_len, dp=dp)
+    p = cfg.parallel
+    mem = memory_estimate(model_cfg, cfg.train.micro_batch_size, cfg.data.seq_len, dp=dp, tp=p.tp, sp=p.sp)
     counts = Counter(m for m, _ in pattern)
     lines = [
         f"model       {cfg.run.name}: {model_cfg.n_layers} blocks, d_model {model_cfg.d_model}, "
@@ -46,7 +47,8 @@ def format_plan(cfg: Config, dp: int = 1) -> str:
     lines.append("training FLOPs per token (forward + backward)")
     for key, value in flops.items():
         lines.append(f"  {key:<22}{_human(value, 'FLOP'):>16}")
-    lines.append(f"memory per device (dp={dp}, micro-batch {cfg.train.micro_batch_size}, fp32 master weights)")
+    tp = f", tp={p.tp}{' with sequence parallelism' if p.sp else ''}" if p.tp > 1 else ""
+    lines.append(f"memory per device (dp={dp}{tp}, micro-batch {cfg.train.micro_batch_size}, fp32 master weights)")
     for key, value in mem.items():
         if isinstance(value, dict):
             for sub, v in value.items():
@@ -93,7 +95,7 @@ def _batch_line(cfg: Config, dp: int) -> str:
     from parallel.dims import ParallelDims
 
     try:
-        dims = ParallelDims.from_config(cfg.parallel, cfg.parallel.pp * dp, cfg.train)
+        dims = ParallelDims.from_config(cfg.parallel, cfg.parallel.pp * dp * cfg.parallel.tp, cfg.train)
     except ConfigError as exc:  # plan describes what would be refused rather than refusing
         return f"batch       not runnable with dp={dp}: {exc}"
     return f"batch       {dims.describe_batch(cfg.train).removeprefix('batch: ')}"

@@ -113,13 +113,16 @@ def head_activation_elements(cfg: ModelConfig) -> int:
 
 
 def memory_estimate(
-    cfg: ModelConfig, micro_batch_size: int, seq_len: int, dp: int = 1, *, act_bytes: int = 4
+    cfg: ModelConfig, micro_batch_size: int, seq_len: int, dp: int = 1, *, act_bytes: int = 4,
+    tp: int = 1, sp: bool = False,
 ) -> dict[str, float | dict[str, float]]:
     """Rough training memory per rank in bytes: fp32 ``params``, ``grads`` and AdamW
     ``optimizer`` states (two fp32 moments), sharded over ``dp`` ranks (FSDP/ZeRO-3; pass dp=1
-    for replicated data parallelism); ``activations`` of one micro-batch without activation
-    checkpointing (``act_bytes`` per element: 4 for fp32, 2 under bf16 autocast), with their
-    split ``activations_by_type``; and ``total``."""
+    for replicated data parallelism) and ``tp`` tensor-parallel ranks (the few replicated
+    parameters, norms and routers, neglected); ``activations`` of one micro-batch without
+    activation checkpointing (``act_bytes`` per element: 4 for fp32, 2 under bf16 autocast),
+    with their split ``activations_by_type``: the layers' and the head's split over tp ranks,
+    the norms' too with sequence parallelism (``sp``); and ``total``."""
     model = _model(cfg)
     p = count_parameters(model)["total"]
     tokens = micro_batch_size * seq_len
@@ -128,11 +131,12 @@ def memory_estimate(
         for key, elements in block_activation_elements(block, cfg.d_model).items():
             acts[key] += elements
     acts["head"] = head_activation_elements(cfg)
-    by_type = {k: float(v * tokens * act_bytes) for k, v in acts.items()}
+    by_type = {k: float(v * tokens * act_bytes) / (tp if k != "norm" or sp else 1) for k, v in acts.items()}
+    shards = dp * tp
     out: dict[str, float | dict[str, float]] = {
-        "params": 4.0 * p / dp,
-        "grads": 4.0 * p / dp,
-        "optimizer": 8.0 * p / dp,
+        "params": 4.0 * p / shards,
+        "grads": 4.0 * p / shards,
+        "optimizer": 8.0 * p / shards,
         "activations": float(sum(by_type.values())),
         "activations_by_type": by_type,
     }
