@@ -55,10 +55,42 @@ def format_plan(cfg: Config, dp: int = 1) -> str:
                 lines.append(f"    {sub:<20}{v / 2**30:>13.3f} GiB")
         else:
             lines.append(f"  {key:<22}{value / 2**30:>13.3f} GiB")
+    if p.tp > 1:
+        lines += format_tp(model_cfg, p.tp)
     if cfg.parallel.pp > 1 or cfg.parallel.pp_virtual_stages > 1:
         lines += format_split(cfg)
     lines.append(_batch_line(cfg, dp))
     return "\n".join(lines)
+
+
+def format_tp(model_cfg, tp: int) -> list[str]:
+    """One line per layer type under tensor parallelism: what its plan splits, and what it
+    keeps whole on every rank (KV heads or B/C groups fewer than the ranks, Megatron's way)."""
+    from parallel.tensor.plan import GroupSlice
+    from parallel.tensor.region import tp_plans
+
+    import torch
+
+    from pretrain.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(model_cfg)
+    lines, seen = [], set()
+    for block, plans in zip(model.blocks.values(), tp_plans(model_cfg, tp)):
+        for name, module, plan in zip((block.mixer_name, block.ffn_name), (block.mixer, block.ffn), plans):
+            if plan is None or name in seen:
+                continue
+            seen.add(name)
+            layouts = {n: plan.layout(n) for n, _ in module.named_parameters()}
+            shared = [f"{n} (each of {g.groups} groups on {tp // g.groups} ranks)"
+                      for n, g in layouts.items() if isinstance(g, GroupSlice)]
+            sums = [f"partial sums in {k or 'the layer'} over {span} ranks" for k, span in plan.partial_sums.items()]
+            split = sum(1 for g in layouts.values() if g is not None and not isinstance(g, GroupSlice))
+            whole = sum(1 for g in layouts.values() if g is None)
+            note = f"{split} parameters split, {whole} whole" + "".join(f"; replicated: {x}" for x in shared)
+            note += "".join(f"; {x}" for x in sums)
+            lines.append(f"tensor      {name:<10} {note}")
+    return lines
 
 
 def format_split(cfg: Config) -> list[str]:

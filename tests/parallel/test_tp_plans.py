@@ -170,3 +170,15 @@ def test_every_layer_type_has_a_plan_and_a_case():
     for path, overrides in CASES.values():
         seen |= {name for pair in load_config(path, ["model.vocab_size=64", *overrides]).model.pattern() for name in pair}
     assert set(MIXERS) | set(FFN_PLANS) <= seen, sorted(set(MIXERS) | set(FFN_PLANS) - seen)
+
+
+def test_plan_says_what_tp_replicates():
+    """`pretrain plan` names the KV projections kept whole when KV heads are fewer than ranks."""
+    from pretrain.plan import format_tp
+
+    cfg = load_config("configs/sambay_tiny.toml", ["model.vocab_size=64"]).model  # 4 heads, 2 KV heads
+    at4 = {line.split()[1]: line for line in format_tp(cfg, 4)}
+    assert "replicated: wk.weight (each of 2 groups on 2 ranks)" in at4["swa"]
+    assert "replicated" not in at4["xattn"]  # queries only
+    assert "partial sums in the layer over 4 ranks" in at4["mamba"]  # x_proj's dt, B, C
+    assert not any("replicated" in line for line in format_tp(cfg, 2))
