@@ -72,6 +72,8 @@ class Trainer:
         self.mesh = self.dims.build_mesh(self.device.type)
         self.dp_rank = self.dims.dp_rank(self.rank)
         self.tp_mesh = self.mesh["tp"] if self.dims.tp > 1 else None
+        # FSDP2 wraps the whole model here (the pipeline trainer shards its stages itself)
+        self.fsdp = self.dims.dp > 1 and cfg.parallel.dp_backend == "fsdp" and self.dims.pp == 1
         self.main = self.rank == 0
         self.log = log if self.main else (lambda *_: None)
         dp = self.dims.dp
@@ -144,7 +146,6 @@ class Trainer:
         if self.cfg.train.compile:
             for name, block in model.blocks.items():
                 model.blocks[name] = torch.compile(block)
-        self.fsdp = self.dims.dp > 1
         if self.fsdp:
             apply_fsdp(model, self.mesh["dp_replicate", "dp_shard"])
         return model
