@@ -8,7 +8,8 @@ one forward (model + vocab-parallel cross-entropy) and one backward with a
 ``torch.distributed.tensor.debug.CommDebugMode`` extended to note each collective's kind and
 bytes. That mode is a dispatch mode, so it sees both the DTensor redistributions (as
 ``_c10d_functional`` ops) and the raw ``torch.distributed`` calls of the partial sums
-(``torch.distributed.nn.functional.all_reduce`` dispatches ``c10d.allreduce_``).
+(``torch.distributed.nn.functional.all_reduce`` dispatches ``c10d.allreduce_``); every run checks
+that it saw as many collectives as the tp process group's sequence number advanced by.
 
 Each collective is attributed to the region it belongs to: in the forward, by the module
 whose forward is running (hooks around every mixer, FFN, norm, the embedding and the head,
@@ -22,11 +23,13 @@ Korthikanti et al. 2022), ``X = [B, T, d_model]`` fp32:
   parallelism all-gather X + reduce-scatter X each way;
 - every replicated (or GroupSlice) parameter of a region: backward all-reduce of its size;
   under sequence parallelism each norm's weight too (it sees only the rank's tokens);
-- replicated carry entries a region reads with a gradient (MoE's running aux loss and
-  balance sums, RMoE's GRU weights and state): backward all-reduce of their size;
+- replicated carry entries a region reads with a gradient (MoE's running aux loss, unless
+  only the last MoE layer writes it (a 'global' balance loss and no z-loss), and balance sum
+  of probabilities; RMoE's GRU weights and state): backward all-reduce of their size;
 - partial sums, all-reduced forward and backward: Mamba-1 ``[B, T, dt_rank + 2 d_state]``,
   Mamba-2 / GMU gated norm over a group spanning ranks ``[B, T, 1]``, Titans 'mal'
-  ``[B, T, d]``, 'mac' 2 (3 with per_token reads) x ``[B, T, d]`` over its segments, 'mag'
+  ``[B, T, d]``, 'mac' 2 (3 with per_token reads) x ``[B, L, d]`` per segment of L tokens
+  (packed documents cut more pieces: more, smaller all-reduces, the same bytes), 'mag'
   2 x ``[B, T, 1]``;
 - embedding: the exit of its partial sums (forward all-reduce X, or reduce-scatter X and a
   backward all-gather X); final norm -> head: an entry (backward all-reduce X, or forward
@@ -209,6 +212,8 @@ def measure(name: str, mesh, sp: bool, batch: int, seq: int) -> list[tuple[str, 
     pos = torch.arange(seq).repeat(batch, 1)
     mode = CommBytesMode(mesh.size())
     label_modules(model, mode)
+    group = mesh.get_group()
+    issued = group._get_sequence_number_for_group()
     with mode:
         logits, aux = model(tokens[:, :-1], position_ids=pos, return_aux=True)
         mode.stack.append("loss")
@@ -218,8 +223,13 @@ def measure(name: str, mesh, sp: bool, batch: int, seq: int) -> list[tuple[str, 
         mode.stack.pop()
         mode.phase = "bwd"
         loss.backward()
-    if mode.get_total_counts() != len(mode.log):
-        raise RuntimeError(f"CommDebugMode counted {mode.get_total_counts()} collectives, the log {len(mode.log)}")
+    # two independent counts: CommDebugMode's own, and the process group's sequence number,
+    # which every collective issued on it advances whichever way it was called (tp=2: the
+    # partial sums' span groups are the tp group itself)
+    issued = group._get_sequence_number_for_group() - issued
+    if not mode.get_total_counts() == issued == len(mode.log):
+        raise RuntimeError(f"{len(mode.log)} collectives logged, {mode.get_total_counts()} counted by "
+                           f"CommDebugMode, {issued} issued on the tp group")
     return mode.log
 
 
