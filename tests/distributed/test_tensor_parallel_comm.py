@@ -13,8 +13,9 @@ import torch.multiprocessing as mp
 from tests.conftest import end_spawned_rank
 
 BATCH, SEQ, TP = 2, 8, 2
-# Mamba-1's x_proj partial sums + SWA + MLP (tied embeddings); Mamba-2's gated norm spanning
-# ranks and its GroupSlice B/C; MoE's replicated router and carry; Titans mac, mag, mal
+# one model ("mix": one spawn, one build): Mamba-1's x_proj partial sums with an MoE FFN,
+# Mamba-2 with one B/C group (GroupSlice, the gated norm spanning ranks) with an MoE FFN reading
+# the running balance sum, Titans 'mal' (the memory's summed reads) with an MLP, SWA alone
 CASES = ["mix"]
 
 
