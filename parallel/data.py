@@ -13,11 +13,15 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype = torch.float32) -> nn.Module:
+def apply_fsdp(
+    model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype = torch.float32,
+    ignored_params: set[nn.Parameter] | None = None,
+) -> nn.Module:
     """Shard ``model`` over the data-parallel dimensions of ``mesh`` in place.
 
     Parameters stay fp32 (the master weights); ``param_dtype`` is the compute dtype that
-    FSDP casts gathered parameters to, gradients are reduced in fp32.
+    FSDP casts gathered parameters to, gradients are reduced in fp32. ``ignored_params``
+    (expert parallelism's experts, parallel/expert.py) are neither sharded nor reduced.
     """
     if mesh.mesh_dim_names == ("dp_replicate", "dp_shard") and mesh["dp_replicate"].size() == 1:
         dp_mesh = mesh["dp_shard"]
@@ -27,6 +31,6 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype = to
     blocks = getattr(model, "blocks", None)
     if blocks is not None:
         for block in blocks.values():
-            fully_shard(block, mesh=dp_mesh, mp_policy=mp)
-    fully_shard(model, mesh=dp_mesh, mp_policy=mp)
+            fully_shard(block, mesh=dp_mesh, mp_policy=mp, ignored_params=ignored_params)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, ignored_params=ignored_params)
     return model

@@ -29,6 +29,8 @@ class ParallelDims:
     """Micro-batches per pipeline round (parallel.pp_microbatches resolved; 1 without pp)."""
     tp: int = 1
     sequence_parallel: bool = False
+    ep: int = 1
+    """Expert-parallel degree: borrowed from dp_shard (its inner ep ranks), as torchtitan does."""
 
     @classmethod
     def from_config(cls, cfg: ParallelConfig, world_size: int, train: TrainConfig | None = None) -> "ParallelDims":
@@ -56,8 +58,10 @@ class ParallelDims:
                 f"parallel.dp_shard: {pp}dp_replicate={cfg.dp_replicate} x dp_shard={shard}{tp} "
                 f"!= world size {world_size}"
             )
+        _check_ep(cfg, shard)
         dims = cls(
-            cfg.dp_replicate, shard, world_size, cfg.pp, cfg.microbatches if cfg.pp > 1 else 1, cfg.tp, cfg.sp
+            cfg.dp_replicate, shard, world_size, cfg.pp, cfg.microbatches if cfg.pp > 1 else 1, cfg.tp, cfg.sp,
+            cfg.ep,
         )
         if train is not None:
             dims.grad_accum(train)
@@ -114,6 +118,25 @@ class ParallelDims:
         return init_device_mesh(
             device_type, tuple(shape[i] for i in keep), mesh_dim_names=tuple(names[i] for i in keep)
         )
+
+    def build_ep_mesh(self, device_type: str) -> DeviceMesh:
+        """The ('dp_replicate', 'dp_shard_mod_ep', 'ep') mesh of expert parallelism (ep > 1
+        only): 'ep' takes the inner ep ranks of 'dp_shard', so global rank r (tp = pp = 1) is
+        data-parallel rank r and holds expert block r % ep; the ranks along the other two
+        dimensions hold the same experts."""
+        shape = (self.dp_replicate, self.dp_shard // self.ep, self.ep)
+        return init_device_mesh(device_type, shape, mesh_dim_names=("dp_replicate", "dp_shard_mod_ep", "ep"))
+
+
+def _check_ep(cfg: ParallelConfig, dp_shard: int) -> None:
+    """parallel.ep borrows ranks from dp_shard and composes only with FSDP2 data parallelism."""
+    if cfg.ep == 1:
+        return
+    if dp_shard % cfg.ep:
+        raise ConfigError(f"parallel.ep: {cfg.ep} does not divide parallel.dp_shard={dp_shard} (ep borrows its ranks)")
+    for name, value, ok in (("pp", cfg.pp, 1), ("tp", cfg.tp, 1), ("dp_backend", cfg.dp_backend, "fsdp")):
+        if value != ok:
+            raise ConfigError(f"parallel.ep: expert parallelism runs only with parallel.{name}={ok!r}, got {value!r}")
 
 
 def init_distributed(device_type: str) -> tuple[int, int, int]:

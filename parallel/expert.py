@@ -28,6 +28,22 @@ and is averaged over the data-parallel ranks as usual. An expert's gradient arri
 as the SUM over the ep ranks of their losses' gradients; :class:`ExpertParallel` scales it by
 1/ep, so that averaging it over the ranks that hold the same experts (the data-parallel ranks
 outside the ep group; none when dp = ep) gives the gradient of the global mean loss.
+
+In the Trainer (:func:`parallelize_experts`, torchtitan's layout): ep borrows the inner ep ranks
+of 'dp_shard', on a mesh ('dp_replicate', 'dp_shard_mod_ep', 'ep'). Each expert weight is a
+DTensor of the global shape ``[E, ...]`` placed (Replicate, Replicate, Shard(0)), so that
+
+- DCP checkpoints hold the global ``[E, ...]`` tensors (and AdamW moments) under the
+  one-process names, and reshard between any ep, dp and one process;
+- the global gradient norm (parallel/grad_norm.py) counts each expert shard once: its square
+  is divided by the dp / ep ranks that hold the same shard.
+
+FSDP2 leaves the expert weights alone (``fully_shard(..., ignored_params=...)``): they are
+neither sharded further nor reduced by it, and :func:`average_expert_grads` averages their
+gradients over the two Replicate dimensions (nothing to do when dp = ep) before clipping. This
+is simpler than FSDP over the 'dp_shard_mod_ep' quotient mesh (which would need the experts in a
+module of their own, apart from the router); the cost is that each rank keeps its E/ep experts'
+weights and AdamW moments whole.
 """
 
 from __future__ import annotations
@@ -36,6 +52,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from pretrain.config.errors import require
 from pretrain.models.layers.moe import MoE
@@ -75,6 +93,9 @@ class ExpertParallel:
         [E/ep, d, H]``, ``w2 [E/ep, H, d]`` this rank's experts. Returns ``ys [M, d]`` and the
         global load ``[E]`` (rows per expert summed over the group)."""
         ep, nl = self.ep, self.n_local
+        # DTensor experts (parallelize_experts): compute on the local shard; the gradient
+        # returns as a DTensor of the same placements
+        w1, w3, w2 = (w.to_local() if isinstance(w, DTensor) else w for w in (w1, w3, w2))
         table = [torch.empty_like(counts) for _ in range(ep)]
         dist.all_gather(table, counts.contiguous(), group=self.group)
         table = torch.stack(table)  # [ep, E]: rows that rank s sends to expert e
@@ -128,3 +149,43 @@ def apply_expert_parallel(model: nn.Module, group: dist.ProcessGroup) -> list[st
             names.append(f"{prefix}.{leaf}" if prefix else leaf)
         moe.expert_compute = ExpertParallel(group, moe.n_experts)
     return names
+
+
+def parallelize_experts(model: nn.Module, mesh: DeviceMesh) -> list[nn.Parameter]:
+    """:func:`apply_expert_parallel` over ``mesh['ep']``, then every sharded expert weight made a
+    DTensor Parameter of the global shape, placed (Replicate, Replicate, Shard(0)) on ``mesh``
+    (:meth:`parallel.dims.ParallelDims.build_ep_mesh`; module docstring). Call it on every rank
+    after building the model identically everywhere and before FSDP (which must ignore the
+    returned parameters) and the optimizer. Returns the expert Parameters. Raises ConfigError
+    (``parallel.ep``) when a layer's experts do not divide over ``mesh['ep']``."""
+    placements = [Replicate()] * (mesh.ndim - 1) + [Shard(0)]
+    params = []
+    for name in apply_expert_parallel(model, mesh.get_group("ep")):
+        prefix, _, leaf = name.rpartition(".")
+        module = model.get_submodule(prefix)
+        local = getattr(module, leaf).data
+        param = nn.Parameter(DTensor.from_local(local, mesh, placements, run_check=False))
+        setattr(module, leaf, param)
+        params.append(param)
+    return params
+
+
+@torch.no_grad()
+def average_expert_grads(params: list[nn.Parameter]) -> None:
+    """Average (in place) the gradients of :func:`parallelize_experts`'s Parameters over the
+    ranks holding the same experts: the mean over every Replicate dimension of their mesh (the
+    'ep' shard already carries the 1/ep of :class:`ExpertParallel`). No communication when dp =
+    ep. Parameters without a gradient are skipped (the same on every rank)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    mesh, placements = grads[0].device_mesh, grads[0].placements
+    copies = [i for i, (size, pl) in enumerate(zip(mesh.shape, placements)) if pl.is_replicate() and size > 1]
+    if not copies:
+        return
+    flat = torch.cat([g.to_local().flatten() for g in grads])  # one collective per mesh dimension
+    for i in copies:
+        dist.all_reduce(flat, group=mesh.get_group(i))  # SUM: gloo has no AVG
+        flat /= mesh.size(i)
+    for g, part in zip(grads, flat.split([g.to_local().numel() for g in grads])):
+        g.to_local().copy_(part.view_as(g.to_local()))

@@ -17,6 +17,7 @@ from torch import nn
 
 from parallel.activation_checkpoint import apply_activation_checkpoint
 from parallel.data import apply_fsdp
+from parallel.expert import average_expert_grads, parallelize_experts
 from parallel.grad_norm import clip_grad_norm_
 from parallel.tensor.region import apply_tp, vocab_parallel_cross_entropy
 from parallel.dims import ParallelDims, destroy_distributed, init_distributed
@@ -57,6 +58,9 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 class Trainer:
     """Owns model, optimizer, data and checkpoints of one rank (without pipeline parallelism;
     :class:`~pretrain.train.pipeline_step.PipelineTrainer` runs parallel.pp > 1)."""
+
+    expert_params: tuple[nn.Parameter, ...] = ()
+    """The expert weights that parallel.ep > 1 shards (:meth:`_apply_ep`); FSDP2 ignores them."""
 
     def __init__(self, cfg: Config, resume: str = "auto", log=print, init_from: str | None = None):
         """``resume``: 'auto' (the run's newest usable checkpoint, if any), 'none' or a step
@@ -142,13 +146,24 @@ class Trainer:
         model.to(self.device)
         if self.tp_mesh is not None:
             apply_tp(model, self.tp_mesh, self.dims.sequence_parallel)
+
+        self.expert_params = self._apply_ep(model)  # expert parallelism: before FSDP, which ignores them
+
         apply_activation_checkpoint(model, self.cfg.parallel.activation_checkpoint)  # before compile, FSDP
         if self.cfg.train.compile:
             for name, block in model.blocks.items():
                 model.blocks[name] = torch.compile(block)
         if self.fsdp:
-            apply_fsdp(model, self.mesh["dp_replicate", "dp_shard"])
+            apply_fsdp(model, self.mesh["dp_replicate", "dp_shard"], ignored_params=set(self.expert_params) or None)
         return model
+
+    def _apply_ep(self, model: nn.Module) -> tuple[nn.Parameter, ...]:
+        """With parallel.ep > 1, shard the MoE experts over the 'ep' ranks as DTensors
+        (parallel/expert.py); returns their Parameters (none without ep), whose gradients
+        :meth:`_optimizer_step` averages over the ranks holding the same experts."""
+        if self.dims.ep == 1:
+            return ()
+        return tuple(parallelize_experts(model, self.dims.build_ep_mesh(self.device.type)))
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """LM loss of this rank's logits: vocabulary shards under tensor parallelism."""
@@ -267,6 +282,7 @@ class Trainer:
         global gradient norm before clipping. ``total``: this rank's mean loss of the step (for
         the message). Raises DivergenceError, without stepping, when the norm is not finite."""
         clip = self.cfg.train.grad_clip
+        average_expert_grads(self.expert_params)  # FSDP2 reduced all the others
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         norm = clip_grad_norm_(grads, clip if clip > 0 else math.inf)
         if not torch.isfinite(norm):  # the same on every rank: the norm is global

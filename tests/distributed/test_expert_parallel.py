@@ -7,7 +7,9 @@ ranks (data parallelism) and the expert gradients left alone: the mean of the ra
 process running both micro-batches as one batch (float32, relative error <= 1e-5). At these
 seeds the RMoE model's first layer routes no token to rank 0's experts, so the path of a rank
 that receives no rows (which must still join the backward all-to-alls and give its experts zero
-gradients) is exercised too."""
+gradients) is exercised too. On four ranks (dp_shard=4, ep=2, the Trainer's DTensor experts), the
+expert gradients averaged over the ranks holding the same experts and the global gradient norm
+(each expert shard counted once) equal one process."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
 
 from pretrain.config import ConfigError, load_config
 from tests.conftest import end_spawned_rank
@@ -127,3 +130,59 @@ def test_ep_must_divide_the_experts():
     with pytest.raises(ConfigError, match=r"^parallel\.ep: 2 needs MoE layers"):
         load_config("configs/llama_tiny.toml", ["parallel.ep=2"])
     assert load_config("configs/rmoe_tiny.toml", ["parallel.ep=4"]).parallel.ep == 4
+
+
+def _rank_main_dp4(rank: int, world: int, store: str, out_dir: str) -> None:
+    """Rank ``rank`` of dp_shard=4 x ep=2 (two ep groups, {0, 1} and {2, 3}), one sequence each,
+    as the Trainer lays it out: experts as DTensors (parallelize_experts), their gradients
+    averaged over the two groups (average_expert_grads), the others over all four ranks."""
+    from parallel.dims import ParallelDims
+    from parallel.expert import average_expert_grads, parallelize_experts
+    from parallel.grad_norm import clip_grad_norm_
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
+    mesh = ParallelDims(dp_replicate=1, dp_shard=world, world_size=world, ep=2).build_ep_mesh("cpu")
+    model = _model("rmoe")
+    experts = parallelize_experts(model, mesh)
+    _step(model, slice(rank, rank + 1))
+    for p in model.parameters():
+        if all(p is not e for e in experts):
+            dist.all_reduce(p.grad)
+            p.grad /= world
+    average_expert_grads(experts)
+    # the non-expert gradients are whole on every rank here (FSDP2 shards them in the Trainer):
+    # counted on rank 0 only; the expert DTensors count themselves once
+    others = [p.grad for p in model.parameters() if rank > 0 and not isinstance(p.grad, DTensor)]
+    norm = clip_grad_norm_([p.grad for p in model.parameters()], float("inf"), skip=others)
+    grads = {n: p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for n, p in model.named_parameters()}
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    torch.save({"norm": norm, "grads": grads, "shapes": shapes}, f"{out_dir}/dp4_rank{rank}.pt")
+    end_spawned_rank()
+
+
+def test_experts_replicated_over_dp_shard_mod_ep(tmp_path):
+    """dp = 4 > ep = 2: the gradients and the global norm equal one process accumulating the two
+    ep groups' batches as two micro-batches (each group's balance loss uses its own global load)."""
+    world = 4
+    mp.start_processes(_rank_main_dp4, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world,
+                       start_method="spawn")
+    got = [torch.load(tmp_path / f"dp4_rank{r}.pt") for r in range(world)]
+    torch.set_num_threads(1)
+    from pretrain.train.trainer import lm_loss
+
+    model = _model("rmoe")
+    for group in (slice(0, 2), slice(2, 4)):
+        inputs, labels, pos = (t[group] for t in _batch())
+        logits, aux = model(inputs, position_ids=pos, return_aux=True)
+        ((lm_loss(logits, labels) + aux["aux_loss"]) / 2).backward()
+    want_norm = torch.sqrt(sum(p.grad.square().sum() for p in model.parameters()))
+    for g in got:
+        assert _rel(g["norm"], want_norm) <= 1e-5, (g["norm"], want_norm)
+    for name, p in model.named_parameters():
+        assert got[0]["shapes"][name] == tuple(p.shape), name  # DTensors of the global shape
+        mine = got[0]["grads"][name]
+        if mine.shape != p.grad.shape:  # an expert shard: ranks 0, 1 hold the two halves
+            mine = torch.cat([got[0]["grads"][name], got[1]["grads"][name]])
+            torch.testing.assert_close(got[2]["grads"][name], got[0]["grads"][name], rtol=0, atol=0)
+        assert _rel(mine, p.grad) <= 1e-5, f"{name}: relative error {_rel(mine, p.grad):.2e}"
