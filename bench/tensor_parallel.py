@@ -8,7 +8,7 @@ one forward (model + vocab-parallel cross-entropy) and one backward with a
 ``torch.distributed.tensor.debug.CommDebugMode`` extended to note each collective's kind and
 bytes. That mode is a dispatch mode, so it sees both the DTensor redistributions (as
 ``_c10d_functional`` ops) and the raw ``torch.distributed`` calls of the partial sums
-(``torch.distributed.nn.functional.all_reduce`` dispatches ``c10d.allreduce_``); every run checks
+(``torch.distributed.all_reduce`` dispatches ``c10d.allreduce_``); every run checks
 that it saw as many collectives as the tp process group's sequence number advanced by.
 
 Each collective is attributed to the region it belongs to: in the forward, by the module
@@ -46,7 +46,6 @@ import argparse
 import os
 import sys
 import tempfile
-import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -360,9 +359,6 @@ def _rank_main(rank: int, world: int, store: str, out: str, batch: int, seq: int
     from torch.distributed.device_mesh import init_device_mesh
 
     torch.set_num_threads(1)
-    # region.py's partial sums use torch.distributed.nn.functional.all_reduce, deprecated in
-    # favour of functional collectives that do not all-reduce in the backward
-    warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_reduce is deprecated", FutureWarning)
     dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
     logs = measure_all(names, mesh, batch, seq)

@@ -46,7 +46,7 @@ whole tp group when span == tp; else one group per block, made with ``new_group`
 e.g. ``torch.distributed.new_subgroups_by_enumeration``) and its BACKWARD is also an all-reduce
 (SUM) of the incoming gradient over the same group: what follows the sum is rank-local (the
 rank's channels), so each rank's gradient of the sum is only its own channels' part, and every
-partial's true gradient is the sum of them all. ``torch.distributed.nn.functional.all_reduce``
+partial's true gradient is the sum of them all. region.py's ``_AllReduceBoth``
 has exactly this forward and backward; Megatron's identity-backward reduction (for a replicated
 consumer) would be wrong here. ``f`` must keep shape and dtype and be called the same number of
 times in the same order on every rank (it is: every rank runs the same code; activation

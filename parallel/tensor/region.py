@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
@@ -96,10 +95,28 @@ def _span_groups(mesh: DeviceMesh) -> dict[int, Any]:
 _SPAN_GROUPS: dict[tuple[int, int], dict[int, Any]] = {}
 
 
+class _AllReduceBoth(torch.autograd.Function):
+    """All-reduce (sum) over ``group`` in the forward and in the backward."""
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor, group: Any) -> Tensor:  # type: ignore[override]
+        ctx.group = group
+        out = t.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 def _partial_sum(group: Any) -> Any:
     """``reduce_partial`` of plan.py: all-reduce (sum) over ``group`` in the forward and, since
-    what follows is rank-local, in the backward too."""
-    return lambda t: dist_nn.all_reduce(t, group=group)
+    what follows is rank-local, in the backward too (torch.distributed.nn.functional.all_reduce
+    does the same but is deprecated)."""
+    return lambda t: _AllReduceBoth.apply(t, group)
 
 
 # ----------------------------------------------------------------- parameters
