@@ -3,9 +3,17 @@ replication across 'dp_replicate' (HSDP when both are > 1).
 
 Each block is its own FSDP unit so that only one block's parameters are gathered at a
 time; the embedding, final norm and head are gathered with the root.
+
+FSDP2 warns when a unit returns a view, since an in-place op on it would skip the unit's
+pre-backward hook. SambaY's blocks return the shared values ``[B, T, H_kv, D]`` as a view of
+their projection in the carry; no layer modifies a carry entry in place (the carry contract,
+pretrain/models/registry.py), so that warning is silenced for FSDP units here rather than
+copying the K/V every step.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import nn
@@ -17,7 +25,8 @@ def apply_fsdp(
     model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype = torch.float32,
     ignored_params: set[nn.Parameter] | None = None,
 ) -> nn.Module:
-    """Shard ``model`` over the data-parallel dimensions of ``mesh`` in place.
+    """Shard ``model`` (a HybridLM or a pipeline stage's StageModule) over the data-parallel
+    dimensions of ``mesh`` in place.
 
     Parameters stay fp32 (the master weights); ``param_dtype`` is the compute dtype that
     FSDP casts gathered parameters to, gradients are reduced in fp32. ``ignored_params``
@@ -28,7 +37,9 @@ def apply_fsdp(
     else:
         dp_mesh = mesh
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    blocks = getattr(model, "blocks", None)
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(\w+\) returned a view tensor", category=UserWarning)
+    inner = getattr(model, "model", model)  # a pipeline stage holds its part of the model
+    blocks = getattr(inner, "blocks", None)
     if blocks is not None:
         for block in blocks.values():
             fully_shard(block, mesh=dp_mesh, mp_policy=mp, ignored_params=ignored_params)

@@ -11,7 +11,8 @@ A mixer is an ``nn.Module`` with
     ``forward(x, ctx, state, carry) -> (y, carry)``: ``carry`` is the dict of tensors that
         cross layers (SambaY's memory and shared K/V, the GRU router's hidden state, the
         running ``aux_loss``); such a layer reads and returns it instead of hiding state in
-        module attributes,
+        module attributes, and never modifies an entry in place (it may be a view that
+        FSDP2 or a pipeline stage hands on),
     ``new_state(batch_size)`` -> that entry (or None for a stateless mixer),
     ``init_weights(init_std, out_std)`` (out_std for projections into the residual stream).
 An FFN has ``forward(x) -> x`` (or ``forward(x, ctx, carry) -> (y, carry)`` with

@@ -38,9 +38,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from torch.distributed.fsdp import fully_shard
 
 from parallel.activation_checkpoint import apply_activation_checkpoint_to_stage
+from parallel.data import apply_fsdp
 from parallel.pipeline.schedule import (
     PipelineLoss, build_schedule, evaluate, pipeline_stage, stage_ranks, stages_of_rank, step,
 )
@@ -135,9 +135,7 @@ class PipelineTrainer(Trainer):
             # HSDP: the 2-D (dp_replicate, dp_shard) submesh shards within and replicates across
             dp_mesh = self.mesh["dp_replicate", "dp_shard"] if self.dims.dp_replicate > 1 else self.mesh["dp_shard"]
             for m in self.stages:  # each block its own FSDP unit, the rest with the stage (root)
-                for block in m.model.blocks.values():
-                    fully_shard(block, mesh=dp_mesh)
-                fully_shard(m, mesh=dp_mesh)
+                apply_fsdp(m, dp_mesh)
         if self.dims.dp_replicate > 1:
             for r in range(self.dims.dp_replicate):  # new_group is collective: every rank makes all
                 group = dist.new_group(self.mesh.mesh[:, r].flatten().tolist())
