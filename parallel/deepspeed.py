@@ -20,6 +20,7 @@ import contextlib
 import io
 import logging
 import os
+import warnings
 from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator
 
@@ -45,6 +46,10 @@ def import_deepspeed(device: torch.device):
             "install it with pip install 'pretrain[deepspeed]' or use dp_backend = 'fsdp'"
         ) from None
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would drown ours
+    # DeepSpeed 0.19's ZeRO gathers with a collective torch 2.13 deprecates: its warning, not ours
+    warnings.filterwarnings(
+        "ignore", message=r"`torch.distributed.all_gather_into_tensor` is deprecated", category=FutureWarning
+    )
     return deepspeed
 
 
