@@ -286,7 +286,8 @@ def apply_tp(model: nn.Module, mesh: DeviceMesh, sequence_parallel: bool) -> Non
     plans = tp_plans(cfg, mesh.size())
     for name, block in model.blocks.items():
         mixer_plan, ffn_plan = plans[int(name)]
-        Region(block.mixer, mixer_plan, mesh, sequence_parallel)
+        if block.mixer is not None:  # None: a pipeline stage holds only the block's FFN half
+            Region(block.mixer, mixer_plan, mesh, sequence_parallel)
         if block.ffn is not None:
             Region(block.ffn, ffn_plan, mesh, sequence_parallel)
     # Outside the regions: the embedding and head split the vocabulary (Shard(0)); the norms
