@@ -147,12 +147,12 @@ def test_gla_and_titans_plans_refuse_indivisible_heads():
     with pytest.raises(ConfigError, match="model.gla.n_heads"):
         MIXER_PLANS["gla_mem"](gla, 0, 4)
     titans = load_config("configs/titans_mac_tiny.toml", ["model.vocab_size=64", "model.titans.n_heads=2"]).model
-    for name in ("mac", "mal"):
+    for name in ("mac", "mag", "mal"):
         with pytest.raises(ConfigError, match="model.titans.n_heads"):
             MIXER_PLANS[name](titans, 0, 4)
-    MIXER_PLANS["mag"](titans, 0, 4)  # its memory is replicated: only the attention heads split
-    with pytest.raises(ConfigError, match="model.attention.n_heads"):
-        MIXER_PLANS["mag"](titans, 0, 8)
+    eight = load_config("configs/titans_mac_tiny.toml", ["model.vocab_size=64", "model.titans.n_heads=8"]).model
+    with pytest.raises(ConfigError, match="model.attention.n_heads"):  # 4 attention heads
+        MIXER_PLANS["mag"](eight, 0, 8)
 def test_moe_plan_refuses_indivisible_expert_hidden():
     cfg = load_config("configs/rmoe_tiny.toml", ["model.vocab_size=64", "model.moe.expert_hidden=12"]).model
     with pytest.raises(ConfigError, match="model.moe.expert_hidden"):

@@ -408,6 +408,18 @@ class TitansMAC(_Titans):
 
 
 class TitansMAG(_Titans):
+    """``W_o(RMSNorm(o) * sigmoid(RMSNorm(m)))``: o the attention heads' outputs, m the memory's
+    projected reads, both ``[B, T, H_attn * D]``, the norms over that whole width.
+
+    The memory's reads pass through :attr:`scatter_partial` (identity here): under tensor
+    parallelism ``memory.out`` is row-parallel over the memory heads, so m is a partial sum, and
+    the hook returns the rank's columns of the sum (those of its attention heads); the two norms
+    then sum their sums of squares over the ranks (:class:`WidthRMSNorm`)."""
+
+    scatter_partial = staticmethod(no_reduction)
+    """Partial memory reads ``[B, T, W]`` -> this rank's contiguous ``[B, T, W / tp]`` columns of
+    their sum over ranks (protocol: parallel/tensor/plan.py, ``RegionPlan.scatter_partials``)."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         a = cfg.attention
         super().__init__(cfg, cfg.titans.chunk_size, a.n_heads * (a.head_dim or cfg.d_model // a.n_heads))
@@ -418,7 +430,7 @@ class TitansMAG(_Titans):
         self.gate_norm = WidthRMSNorm(inner, cfg.norm_eps)
 
     def forward(self, x: Tensor, ctx: ForwardContext, state: TitansState | None = None) -> Tensor:
-        m = self.memory(x, ctx, state)  # [B, T, H_attn * D]
+        m = self.scatter_partial(self.memory(x, ctx, state))  # [B, T, H_attn * D] (the rank's heads')
         q, k, v = self.attn.project(x, self.attn.rope(ctx.positions))
         k, v = self._kv(k, v, None if state is None else state.kv)
         mask = attention_mask(ctx.positions, ctx.offset, self.window, ctx.reset is not None)
