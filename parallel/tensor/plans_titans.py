@@ -28,6 +28,11 @@ Where a variant consumes a whole projected result, it is summed over the ranks i
   (one reduce-scatter of ``[B, T, W]``, W the attention width; as the attention heads are
   contiguous, chunk r is rank r's heads' columns). The two norms, whose weights split with the
   attention heads, sum their sums of squares (``attn_norm``, ``gate_norm``: ``[B, T, 1]`` each).
+  When the memory heads do not divide over the ranks (e.g. 4 memory heads at tp 8, which the 16
+  attention heads of titans_mag_760m allow), the memory branch is REPLICATED instead (every rank
+  runs all memory heads; ``pretrain plan`` counts those weights as whole) and ``memory.out`` is
+  column-parallel over the attention width (``Shard(0)``: the rank's heads' columns of m, no
+  reduce-scatter).
 """
 
 from __future__ import annotations
@@ -91,13 +96,12 @@ def mac_plan(cfg: ModelConfig, layer_idx: int, tp: int) -> RegionPlan:
 @register_plan(MIXER_PLANS, "mag")
 def mag_plan(cfg: ModelConfig, layer_idx: int, tp: int) -> RegionPlan:
     """Memory and attention split by heads; the memory's reads reduce-scattered to the rank's
-    attention columns, the two whole-width norms reducing their sums of squares."""
-    _require_memory(cfg, tp)
+    attention columns (the memory replicated, ``memory.out`` column-parallel, when its heads do
+    not divide over tp), the two whole-width norms reducing their sums of squares."""
     _require_attention(cfg, tp)
-    params = {
-        **_MEMORY_HEADS,
-        **_ATTENTION_HEADS,
-        "attn_norm.weight": Shard(0),
-        "gate_norm.weight": Shard(0),
-    }
-    return RegionPlan(params=params, partial_sums={"attn_norm": tp, "gate_norm": tp}, scatter_partials={"": tp})
+    norms = {"attn_norm.weight": Shard(0), "gate_norm.weight": Shard(0)}
+    sums = {"attn_norm": tp, "gate_norm": tp}
+    if cfg.titans.n_heads % tp:
+        return RegionPlan(params={**_ATTENTION_HEADS, "memory.out.weight": Shard(0), **norms}, partial_sums=sums)
+    return RegionPlan(params={**_MEMORY_HEADS, **_ATTENTION_HEADS, **norms}, partial_sums=sums,
+                      scatter_partials={"": tp})
