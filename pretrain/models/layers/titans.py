@@ -118,7 +118,8 @@ class NeuralMemory(nn.Module):
     ``init``) with ``out`` row-parallel: the q, k, v projections and the three gates are separate
     weights, not one fused projection whose shards would mix segments. The projected reads
     pass through :attr:`reduce_partial` (identity here; a sum over the ranks when ``out`` is
-    row-parallel, protocol in parallel/tensor/plan.py), so every caller gets the whole sum.
+    row-parallel, protocol in parallel/tensor/plan.py), so every caller gets the whole sum; MAG,
+    which needs only its ranks' columns, leaves it the identity and reduce-scatters the partial.
     """
 
     reduce_partial = staticmethod(no_reduction)
