@@ -85,6 +85,7 @@ def format_tp(model_cfg, tp: int) -> list[str]:
             shared = [f"{n} (each of {g.groups} groups on {tp // g.groups} ranks)"
                       for n, g in layouts.items() if isinstance(g, GroupSlice)]
             sums = [f"partial sums in {k or 'the layer'} over {span} ranks" for k, span in plan.partial_sums.items()]
+            sums += [f"reduce-scatter in {k or 'the layer'} over {span} ranks" for k, span in plan.scatter_partials.items()]
             split = sum(1 for g in layouts.values() if g is not None and not isinstance(g, GroupSlice))
             whole = sum(1 for g in layouts.values() if g is None)
             note = f"{split} parameters split, {whole} whole" + "".join(f"; replicated: {x}" for x in shared)

@@ -54,6 +54,21 @@ recomputation calls it again on all ranks alike). The hook is a plain attribute,
 in no state_dict, and with tp == 1 it stays the identity. tests/parallel/tp_reference.py
 implements the same protocol in one process (the ranks run in lockstep threads and sum their
 partials with autograd, which gives that backward).
+
+Scattered partial sums (``RegionPlan.scatter_partials``). When a rank needs only its own columns
+of a sum (Titans MAG: the memory's projected reads ``m [B, T, W]`` summed over the memory heads,
+of which each rank gates only its attention heads' ``W / tp`` columns), all-reducing the whole
+``[..., W]`` to slice it wastes ``span`` times the bandwidth. Such a module calls
+``self.scatter_partial(t)`` on its partial ``t [..., W]`` and gets its block-position's
+contiguous chunk ``[..., W / span]`` of the sum: on rank r, with ``i = r % span``, columns
+``[i * W / span, (i + 1) * W / span)`` of the sum of ``t`` over r's span block (the same blocks
+as ``partial_sums``). The attribute defaults to the identity (one process: span 1, the chunk is
+the whole sum); ``scatter_partials`` maps module names to spans as ``partial_sums`` does, and W
+must divide by the span (the plan factory checks the sizes that make it so). The region code sets
+``scatter_partial = f`` with ``f``'s forward a reduce-scatter (SUM) along the last dimension over
+r's block, and its BACKWARD an all-gather of the chunks' gradients along the last dimension:
+every partial enters the sum whole, so its gradient is the whole sum's gradient, of which each
+rank holds its chunk. Call count and order: as ``reduce_partial``.
 """
 
 from __future__ import annotations
@@ -90,7 +105,9 @@ class RegionPlan:
     unmatched parameters are replicated. ``sharded_carry``: carry-key pattern -> the layout of
     those tensors (a per-rank shard along the layout's dimension). ``partial_sums``: submodule
     name (``""``: the module itself) -> span, the consecutive ranks whose partial sums its
-    ``reduce_partial`` adds (see the module docstring for the protocol).
+    ``reduce_partial`` adds (see the module docstring for the protocol). ``scatter_partials``:
+    the same for modules whose ``scatter_partial`` returns the rank's chunk (along the last
+    dimension) of the sum over the span.
 
     A plan factory raises :class:`~pretrain.config.ConfigError` naming the config field when
     the layer cannot be split over tp ranks (e.g. heads not divisible).
@@ -99,6 +116,7 @@ class RegionPlan:
     params: Mapping[str, Layout] = field(default_factory=dict)
     sharded_carry: Mapping[str, Layout] = field(default_factory=dict)
     partial_sums: Mapping[str, int] = field(default_factory=dict)
+    scatter_partials: Mapping[str, int] = field(default_factory=dict)
 
     def layout(self, name: str) -> Layout | None:
         """The layout of parameter ``name`` (None: replicated and used whole)."""

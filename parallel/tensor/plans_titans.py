@@ -20,14 +20,19 @@ Where a variant consumes a whole projected result, it is summed over the ranks i
   (``""``, the mixer's own hook) are summed: 2 all-reduces of ``[B, L, d_model]`` per segment, 3
   with 'per_token'. The layer's output ``W_o(o) * gate`` keeps the rank's partial ``W_o(o)`` (the
   gate is whole on every rank), so it is the region's partial sum.
-- 'mag': ``W_o(RMSNorm(o) * sigmoid(RMSNorm(m)))`` normalises over the WHOLE attention width, and
-  ``m``'s columns must be those of the rank's attention heads. With only an all-reduce in the
-  protocol no rank can pick its columns out of a summed ``m``, so the memory branch is
-  REPLICATED (every rank runs all memory heads) and ``memory.out`` is column-parallel over the
-  attention width instead (``Shard(0)``: the rank's heads' columns of m); the two norms sum their
-  sums of squares (``attn_norm``, ``gate_norm``: ``[B, T, 1]`` each). Correct, but the memory's
-  compute is not divided: that needs a reduce-scatter of ``m`` along its last dimension (a
-  rank-sliced sum) in the protocol, after which the memory would split as in 'mal'.
+- 'mag': ``W_o(RMSNorm(o) * sigmoid(RMSNorm(m)))`` normalises over the WHOLE attention width,
+  and each rank gates its attention heads with their columns of ``m``, the memory's reads summed
+  over ALL memory heads. The memory splits by its heads as in 'mal' (``memory.out``
+  row-parallel) and the mixer's ``scatter_partial`` (``scatter_partials={"": tp}``) reduce-scatters
+  the partial ``m`` along its last dimension: each rank receives its ``[B, T, W / tp]`` columns
+  (one reduce-scatter of ``[B, T, W]``, W the attention width; as the attention heads are
+  contiguous, chunk r is rank r's heads' columns). The two norms, whose weights split with the
+  attention heads, sum their sums of squares (``attn_norm``, ``gate_norm``: ``[B, T, 1]`` each).
+  When the memory heads do not divide over the ranks (e.g. 4 memory heads at tp 8, which the 16
+  attention heads of titans_mag_760m allow), the memory branch is REPLICATED instead (every rank
+  runs all memory heads; ``pretrain plan`` counts those weights as whole) and ``memory.out`` is
+  column-parallel over the attention width (``Shard(0)``: the rank's heads' columns of m, no
+  reduce-scatter).
 """
 
 from __future__ import annotations
@@ -90,13 +95,13 @@ def mac_plan(cfg: ModelConfig, layer_idx: int, tp: int) -> RegionPlan:
 
 @register_plan(MIXER_PLANS, "mag")
 def mag_plan(cfg: ModelConfig, layer_idx: int, tp: int) -> RegionPlan:
-    """Attention split by heads, the memory replicated with its output columns split alike, the
-    two whole-width norms reducing their sums of squares."""
+    """Memory and attention split by heads; the memory's reads reduce-scattered to the rank's
+    attention columns (the memory replicated, ``memory.out`` column-parallel, when its heads do
+    not divide over tp), the two whole-width norms reducing their sums of squares."""
     _require_attention(cfg, tp)
-    params = {
-        **_ATTENTION_HEADS,
-        "memory.out.weight": Shard(0),
-        "attn_norm.weight": Shard(0),
-        "gate_norm.weight": Shard(0),
-    }
-    return RegionPlan(params=params, partial_sums={"attn_norm": tp, "gate_norm": tp})
+    norms = {"attn_norm.weight": Shard(0), "gate_norm.weight": Shard(0)}
+    sums = {"attn_norm": tp, "gate_norm": tp}
+    if cfg.titans.n_heads % tp:
+        return RegionPlan(params={**_ATTENTION_HEADS, "memory.out.weight": Shard(0), **norms}, partial_sums=sums)
+    return RegionPlan(params={**_MEMORY_HEADS, **_ATTENTION_HEADS, **norms}, partial_sums=sums,
+                      scatter_partials={"": tp})

@@ -119,6 +119,24 @@ def _partial_sum(group: Any) -> Any:
     return lambda t: _AllReduceBoth.apply(t, group)
 
 
+def _scatter_partial(mesh: DeviceMesh, group: Any) -> Any:
+    """``scatter_partial`` of plan.py over the ranks of ``group`` (this rank's span block; the tp
+    ``mesh`` itself when the block is all of it): a reduce-scatter (sum) of ``t [..., W]`` along
+    its last dimension to the rank's ``[..., W / span]`` chunk. Backward: DTensor's gradient of a
+    Partial -> Shard redistribution is Shard -> Replicate, an all-gather of the chunks'
+    gradients, the whole gradient every partial needs. Raises ValueError if W does not divide."""
+    block = mesh if group is mesh.get_group() else DeviceMesh.from_group(group, mesh.device_type)
+    span = block.size()
+
+    def scatter_partial(t: Tensor) -> Tensor:
+        if t.shape[-1] % span:
+            raise ValueError(f"scatter_partial: width {t.shape[-1]} does not split over {span} ranks")
+        d = DTensor.from_local(t, block, [Partial()], run_check=False)
+        return d.redistribute(block, [Shard(t.dim() - 1)]).to_local()
+
+    return scatter_partial
+
+
 # ----------------------------------------------------------------- parameters
 
 
@@ -204,11 +222,13 @@ class Region:
         self.tp = mesh.size()
         _distribute(module, {n: plan.layout(n) for n, _ in module.named_parameters()}, mesh)
         self.view = _region_view(plan, mesh, module)
-        if plan.partial_sums:
+        if plan.partial_sums or plan.scatter_partials:
             groups = _span_groups(mesh)
             for name, span in plan.partial_sums.items():
                 # an instance attribute: shadows the class's identity, in no state_dict
                 module.get_submodule(name).reduce_partial = _partial_sum(groups[span])
+            for name, span in plan.scatter_partials.items():
+                module.get_submodule(name).scatter_partial = _scatter_partial(mesh, groups[span])
         self.entered: list[dict[int, Tensor]] = []
         self.open: list[Any] = []
         module.register_forward_pre_hook(self._pre)

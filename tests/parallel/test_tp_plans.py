@@ -37,6 +37,10 @@ CASES = {
     "titans": ("configs/titans_mac_tiny.toml", ['model.layer_pattern=["mac","mag","mal"]', "model.n_layers=3",
                                                 "model.titans.segment_size=4", "model.titans.chunk_size=4",
                                                 "model.titans.n_persistent=2", "model.attention.window=6"]),
+    # 2 memory heads: split at tp 2, replicated at tp 4 (memory.out column-parallel, no reduce-scatter)
+    "titans_mag_mem2": ("configs/titans_mac_tiny.toml", ["model.layer_pattern=mag", "model.n_layers=1",
+                                                         "model.titans.n_heads=2", "model.titans.chunk_size=4",
+                                                         "model.titans.n_persistent=2", "model.attention.window=6"]),
     "titans_mac_none": ("configs/titans_mac_tiny.toml", ["model.n_layers=1", "model.titans.mac_output='none'",
                                                          "model.titans.segment_size=4", "model.titans.chunk_size=4"]),
     "rmoe": ("configs/rmoe_tiny.toml", ["model.d_model=32", "model.moe.router_hidden=8", "model.moe.expert_hidden=8",
@@ -150,7 +154,7 @@ def test_gla_and_titans_plans_refuse_indivisible_heads():
     for name in ("mac", "mal"):
         with pytest.raises(ConfigError, match="model.titans.n_heads"):
             MIXER_PLANS[name](titans, 0, 4)
-    MIXER_PLANS["mag"](titans, 0, 4)  # its memory is replicated: only the attention heads split
+    MIXER_PLANS["mag"](titans, 0, 4)  # its memory is then replicated: only the attention heads split
     with pytest.raises(ConfigError, match="model.attention.n_heads"):
         MIXER_PLANS["mag"](titans, 0, 8)
 def test_moe_plan_refuses_indivisible_expert_hidden():

@@ -9,7 +9,10 @@ distributed tests check the mechanism (parallel/tensor/region.py).
 A plan with ``partial_sums`` (sums over ranks in mid-region, plan.py) runs its ranks in lockstep
 threads, each on its own copy of the module whose ``reduce_partial`` hooks meet at a barrier and
 add the partials of the rank's span with autograd: the forward sum, and a backward that sums every
-rank's gradient into each partial (the all-reduce backward the protocol asks of region.py)."""
+rank's gradient into each partial (the all-reduce backward the protocol asks of region.py).
+``scatter_partials`` hooks meet the same way and return the rank's chunk (last dimension) of its
+block's sum: autograd then gives each partial the chunks' gradients side by side (the all-gather
+backward of a reduce-scatter)."""
 
 from __future__ import annotations
 
@@ -59,17 +62,29 @@ class _Rendezvous:
 
         return reduce_partial
 
+    def scatter_hook(self, rank: int, span: int):
+        total = self.hook(rank, span)
+
+        def scatter_partial(t: Tensor) -> Tensor:
+            width = t.shape[-1] // span
+            assert width * span == t.shape[-1], f"width {t.shape[-1]} does not split over {span} ranks"
+            return total(t).narrow(-1, rank % span * width, width)
+
+        return scatter_partial
+
 
 def _run_in_lockstep(module: nn.Module, plan: RegionPlan, tp: int, calls: list[tuple[dict, tuple]]) -> list[Any]:
     """``functional_call(module, *calls[r])`` for every rank r, in threads whose module copies
-    have ``plan.partial_sums``' hooks installed."""
-    for name, span in plan.partial_sums.items():
-        assert tp % span == 0, f"partial_sums[{name!r}] = {span} does not tile tp={tp}"
+    have ``plan.partial_sums``' and ``plan.scatter_partials``' hooks installed."""
+    for name, span in [*plan.partial_sums.items(), *plan.scatter_partials.items()]:
+        assert tp % span == 0, f"partial sum of {name!r} over {span} ranks does not tile tp={tp}"
     rendezvous, grad_enabled = _Rendezvous(tp), torch.is_grad_enabled()
     copies = [copy.deepcopy(module) for _ in range(tp)]
     for r, m in enumerate(copies):
         for name, span in plan.partial_sums.items():
             m.get_submodule(name).reduce_partial = rendezvous.hook(r, span)
+        for name, span in plan.scatter_partials.items():
+            m.get_submodule(name).scatter_partial = rendezvous.scatter_hook(r, span)
     outs: list[Any] = [None] * tp
     errors: list[BaseException] = []
 
@@ -104,7 +119,7 @@ def simulate_region(module: nn.Module, plan: RegionPlan, tp: int, args: tuple[An
         if uses_carry:
             a[-1] = {k: local_view(v, plan.carry_layout(k), r, tp) for k, v in args[-1].items()}
         calls.append((local, tuple(a)))
-    if plan.partial_sums:
+    if plan.partial_sums or plan.scatter_partials:
         outs = _run_in_lockstep(module, plan, tp, calls)
     else:
         outs = [torch.func.functional_call(module, local, a) for local, a in calls]

@@ -118,7 +118,8 @@ class NeuralMemory(nn.Module):
     ``init``) with ``out`` row-parallel: the q, k, v projections and the three gates are separate
     weights, not one fused projection whose shards would mix segments. The projected reads
     pass through :attr:`reduce_partial` (identity here; a sum over the ranks when ``out`` is
-    row-parallel, protocol in parallel/tensor/plan.py), so every caller gets the whole sum.
+    row-parallel, protocol in parallel/tensor/plan.py), so every caller gets the whole sum; MAG,
+    which needs only its ranks' columns, leaves it the identity and reduce-scatters the partial.
     """
 
     reduce_partial = staticmethod(no_reduction)
@@ -408,6 +409,18 @@ class TitansMAC(_Titans):
 
 
 class TitansMAG(_Titans):
+    """``W_o(RMSNorm(o) * sigmoid(RMSNorm(m)))``: o the attention heads' outputs, m the memory's
+    projected reads, both ``[B, T, H_attn * D]``, the norms over that whole width.
+
+    The memory's reads pass through :attr:`scatter_partial` (identity here): under tensor
+    parallelism ``memory.out`` is row-parallel over the memory heads, so m is a partial sum, and
+    the hook returns the rank's columns of the sum (those of its attention heads); the two norms
+    then sum their sums of squares over the ranks (:class:`WidthRMSNorm`)."""
+
+    scatter_partial = staticmethod(no_reduction)
+    """Partial memory reads ``[B, T, W]`` -> this rank's contiguous ``[B, T, W / tp]`` columns of
+    their sum over ranks (protocol: parallel/tensor/plan.py, ``RegionPlan.scatter_partials``)."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         a = cfg.attention
         super().__init__(cfg, cfg.titans.chunk_size, a.n_heads * (a.head_dim or cfg.d_model // a.n_heads))
@@ -418,7 +431,7 @@ class TitansMAG(_Titans):
         self.gate_norm = WidthRMSNorm(inner, cfg.norm_eps)
 
     def forward(self, x: Tensor, ctx: ForwardContext, state: TitansState | None = None) -> Tensor:
-        m = self.memory(x, ctx, state)  # [B, T, H_attn * D]
+        m = self.scatter_partial(self.memory(x, ctx, state))  # [B, T, H_attn * D] (the rank's heads')
         q, k, v = self.attn.project(x, self.attn.rope(ctx.positions))
         k, v = self._kv(k, v, None if state is None else state.kv)
         mask = attention_mask(ctx.positions, ctx.offset, self.window, ctx.reset is not None)
