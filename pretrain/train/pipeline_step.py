@@ -128,19 +128,11 @@ class PipelineTrainer(Trainer):
         # pipeline j
         pipelines = self.mesh.mesh.reshape(p.pp, -1).T.tolist()
         pp_group = self.mesh["pp"].get_group()
-        # clipping sums the squared norms of every (stage, shard) once: over all ranks, or with
-        # replicas (HSDP) over the ranks of this rank's replica, which hold every shard once
-        self.norm_group = None
         if self.dims.dp > 1:
             # HSDP: the 2-D (dp_replicate, dp_shard) submesh shards within and replicates across
             dp_mesh = self.mesh["dp_replicate", "dp_shard"] if self.dims.dp_replicate > 1 else self.mesh["dp_shard"]
             for m in self.stages:  # each block its own FSDP unit, the rest with the stage (root)
                 apply_fsdp(m, dp_mesh)
-        if self.dims.dp_replicate > 1:
-            for r in range(self.dims.dp_replicate):  # new_group is collective: every rank makes all
-                group = dist.new_group(self.mesh.mesh[:, r].flatten().tolist())
-                if self.rank in self.mesh.mesh[:, r]:
-                    self.norm_group = group
         self.is_first = any(m.is_first for m in self.stages)
         self.is_last = any(m.is_last for m in self.stages)
         last = next((m for m in self.stages if m.is_last), None)
@@ -205,7 +197,8 @@ class PipelineTrainer(Trainer):
 
         self.shared_sync.sync()
         clip = self.cfg.train.grad_clip
-        norm = clip_grad_norm_(self.stages, clip if clip > 0 else math.inf, self.norm_group)
+        # over every rank: each (stage, shard) counted once, replicas divided out (parallel/grad_norm.py)
+        norm = clip_grad_norm_(self.stages, clip if clip > 0 else math.inf)
         if not torch.isfinite(norm):  # the same on every rank: the norm is global
             self._zero_grad()
             raise DivergenceError(
