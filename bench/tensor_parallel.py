@@ -31,6 +31,8 @@ Korthikanti et al. 2022), ``X = [B, T, d_model]`` fp32:
   ``[B, T, d]``, 'mac' 2 (3 with per_token reads) x ``[B, L, d]`` per segment of L tokens
   (packed documents cut more pieces: more, smaller all-reduces, the same bytes), 'mag'
   2 x ``[B, T, 1]``;
+- 'mag''s memory output, a sum over memory heads of which each rank needs its own columns:
+  forward reduce-scatter, backward all-gather of ``[B, T, W]``;
 - embedding: the exit of its partial sums (forward all-reduce X, or reduce-scatter X and a
   backward all-gather X); final norm -> head: an entry (backward all-reduce X, or forward
   all-gather X and backward reduce-scatter X); the cross-entropy: 3 forward all-reduces of
@@ -274,6 +276,10 @@ def _region_theory(model, cfg, i: int, mixer: str, ffn: str, tp: int, sp: bool, 
             partial = [B * T * f4] * 2
         for phase in ("fwd", "bwd"):
             out[phase, label] += [("all_reduce", n) for n in partial]
+        for _, span in plan.scatter_partials.items():  # MAG's memory output [B, T, W]: each rank its columns
+            width = module.memory.out.weight.shape[0] if kind == "mag" else cfg.d_model
+            out["fwd", label].append(("reduce_scatter", B * T * width * f4))
+            out["bwd", label].append(("all_gather", B * T * width * f4))
         if part == "ffn" and kind in ("moe", "moe_gru"):  # replicated carry entries read with a gradient
             earlier = [f for _, f in pattern[:i] if f in ("moe", "moe_gru")]
             carry = []
