@@ -171,7 +171,7 @@ def test_tensor_parallel_equals_single_process(tmp_path):
                 _check(name, part, ref, f"{name} sp={sp}")
 
 
-DP_TP_CASES = ("sambay", "mamba2_tiny")
+DP_TP_CASES = ("tiny", "gla_tiny", "mamba2_tiny", "titans", "sambay", "rmoe")
 
 
 def _rank_main_dp_tp(rank: int, world: int, store: str, out_dir: str) -> None:
@@ -186,7 +186,8 @@ def _rank_main_dp_tp(rank: int, world: int, store: str, out_dir: str) -> None:
 
 
 def test_fsdp_x_tensor_parallel_equals_single_process(tmp_path):
-    """dp_shard2 x tp2 on 4 ranks: FSDP2 over DTensor parameters already sharded by TP."""
+    """dp_shard2 x tp2 on 4 ranks: FSDP2 over DTensor parameters already sharded by TP, for six
+    families (tied embeddings, GLA, Mamba-2, Titans, SambaY, RMoE)."""
     mp.start_processes(
         _rank_main_dp_tp, args=(4, str(tmp_path / "store"), str(tmp_path)), nprocs=4, start_method="spawn"
     )
