@@ -90,6 +90,8 @@ def test_ep2_train_and_resume_equal_single_process(small_corpus, prepared_dir, t
         ([], 2, (1, 1, 2)),
         (["parallel.dp_replicate=2"], 4, (2, 1, 2)),  # HSDP: the experts replicated across dp_replicate
         ([], 4, (1, 2, 2)),  # dp_shard=4: two ep groups of 2 ranks
+        (["parallel.tp=2"], 4, (1, 1, 2)),  # an ep group per tp coordinate
+        (["parallel.pp=2"], 4, (1, 1, 2)),  # an ep group per pipeline stage
     ],
 )
 def test_ep_borrows_dp_shard_ranks(overrides, world, grid):
@@ -102,8 +104,8 @@ def test_ep_borrows_dp_shard_ranks(overrides, world, grid):
     [
         ([], 1, "2 does not divide parallel.dp_shard=1 (ep borrows its ranks)"),
         (["parallel.dp_replicate=2"], 2, "2 does not divide parallel.dp_shard=1 (ep borrows its ranks)"),
-        (["parallel.tp=2"], 4, "expert parallelism runs only with parallel.tp=1, got 2"),
-        (["parallel.pp=2"], 4, "expert parallelism runs only with parallel.pp=1, got 2"),
+        (["parallel.tp=2"], 2, "2 does not divide parallel.dp_shard=1 (ep borrows its ranks)"),
+        (["parallel.pp=2", "parallel.tp=2"], 8, "expert parallelism runs with parallel.pp=2 or parallel.tp=2, not both yet"),
         (["parallel.dp_backend='deepspeed'"], 2,
          "expert parallelism runs only with parallel.dp_backend='fsdp', got 'deepspeed'"),
     ],
