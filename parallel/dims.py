@@ -130,21 +130,23 @@ class ParallelDims:
         shape = (self.pp, self.dp_replicate, self.dp_shard // self.ep, self.ep, self.tp)
         names = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "tp")
         keep = [i for i, n in enumerate(names) if n not in ("pp", "tp") or shape[i] > 1]
-        mesh = init_device_mesh(device_type, tuple(shape[i] for i in keep), mesh_dim_names=tuple(names[i] for i in keep))
+        mesh = init_device_mesh(
+            device_type, tuple(shape[i] for i in keep), mesh_dim_names=tuple(names[i] for i in keep)
+        )
         return mesh[tuple(names[i] for i in keep if names[i] != "pp")] if self.pp > 1 else mesh
 
 
 def _check_ep(cfg: ParallelConfig, dp_shard: int) -> None:
-    """parallel.ep borrows ranks from dp_shard and composes with FSDP2 data parallelism, tensor
-    parallelism and pipeline parallelism, but not yet with both of the latter at once."""
+    """parallel.ep borrows ranks from dp_shard; it composes with FSDP2 data parallelism (not
+    DeepSpeed), tensor parallelism and pipeline parallelism."""
     if cfg.ep == 1:
         return
     if dp_shard % cfg.ep:
         raise ConfigError(f"parallel.ep: {cfg.ep} does not divide parallel.dp_shard={dp_shard} (ep borrows its ranks)")
     if cfg.dp_backend != "fsdp":
-        raise ConfigError(f"parallel.ep: expert parallelism runs only with parallel.dp_backend='fsdp', got {cfg.dp_backend!r}")
-    if cfg.pp > 1 and cfg.tp > 1:
-        raise ConfigError(f"parallel.ep: expert parallelism runs with parallel.pp={cfg.pp} or parallel.tp={cfg.tp}, not both yet")
+        raise ConfigError(
+            f"parallel.ep: expert parallelism runs only with parallel.dp_backend='fsdp', got {cfg.dp_backend!r}"
+        )
 
 
 def init_distributed(device_type: str) -> tuple[int, int, int]:

@@ -44,6 +44,26 @@ gradients over the two Replicate dimensions (nothing to do when dp = ep) before 
 is simpler than FSDP over the 'dp_shard_mod_ep' quotient mesh (which would need the experts in a
 module of their own, apart from the router); the cost is that each rank keeps its E/ep experts'
 weights and AdamW moments whole.
+
+With tensor parallelism (parallel.tp > 1; the mesh gains an innermost 'tp' dimension, placement
+Replicate): each expert is sharded over ep and NOT split over tp (expert tensor parallel size 1,
+as torchtitan and Megatron-LM do by default); the MoE region's plan
+(parallel/tensor/plans_moe.py ``expert_parallel_moe_plan``) leaves the experts whole on every tp
+rank. Inside the region every tp rank holds the same tokens and routes them alike, so dispatching
+them all from every tp rank would compute each expert row tp times and the region's exit, a SUM
+over tp, would count it tp times. Instead tp rank t dispatches only its contiguous ``1/tp`` of
+the expert-sorted rows (``[t M / tp, (t+1) M / tp)``) over its ep group, the ranks with the same
+tp coordinate (and pipeline stage), and returns zeros for the other rows: the routed output is
+then a partial sum over tp like any row-parallel output, and the region's forward, backward and
+gradient rules hold unchanged: the experts, replicated parameters of the region, get their
+gradient all-reduced over tp by the region (each tp rank's holds its rows' part), so
+:func:`average_expert_grads` leaves 'tp' alone. The global load (balance loss) is still that of
+all the rows: the gathered table carries both the rows' and the tp rank's counts.
+
+With pipeline parallelism (parallel.pp > 1) each stage's experts are sharded over the stage's ep
+group (the mesh is the stage's slice of the ('pp', ...) mesh) and dispatch per micro-batch: the
+balance loss of a micro-batch uses the load of the ep group's ranks' micro-batches of the same
+index. Both compose: with pp and tp, an ep group is the ranks of one stage with one tp coordinate.
 """
 
 from __future__ import annotations

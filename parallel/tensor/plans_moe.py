@@ -69,7 +69,7 @@ def expert_parallel_moe_plan(cfg: ModelConfig, layer_idx: int, tp: int) -> Regio
     if cfg.moe.shared_expert:
         hidden = cfg.moe.expert_hidden or ffn_hidden(cfg)
         field = "model.moe.expert_hidden" if cfg.moe.expert_hidden else "model.ffn_hidden"
-        require(hidden % tp == 0, field, f"the shared expert's width {hidden} does not split over parallel.tp={tp} ranks")
+        require(hidden % tp == 0, field, f"the shared expert's width {hidden} does not split over parallel.tp={tp}")
     return RegionPlan(params=SHARED_EXPERT)
 
 

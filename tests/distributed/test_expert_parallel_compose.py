@@ -1,4 +1,4 @@
-"""Expert parallelism composed with tensor and pipeline parallelism, on four gloo ranks, against
+"""Expert parallelism composed with tensor and pipeline parallelism, on gloo ranks, against
 one process, for the RMoE and softmax-router 'moe' models of test_expert_parallel.py:
 
 - tp2 x ep2 (dp_shard=2, sequence parallel): the experts sharded over the two ranks of each
@@ -10,11 +10,15 @@ one process, for the RMoE and softmax-router 'moe' models of test_expert_paralle
   each stage's MoE layers dispatch over the stage's two data-parallel ranks. The losses, every
   gradient and the global norm equal one process accumulating, per micro-batch index, the two
   ranks' micro-batches as one batch (an ep group's balance loss uses the load of its ranks'
-  current micro-batches, parallel/expert.py).
+  current micro-batches, parallel/expert.py);
+- pp2 x tp2 x ep2 (eight ranks, RMoE): both at once, an ep group per stage and tp coordinate.
 
-float32, relative error <= 1e-5. One process group for both layouts and both models."""
+float32, relative error <= 1e-5. One process group of four ranks for the first two layouts and
+both models."""
 
 from __future__ import annotations
+
+from functools import partial
 
 import pytest
 import torch
@@ -69,23 +73,28 @@ def _tp_ep(case: str, rank: int) -> dict:
     }
 
 
-def _pp_ep(case: str, rank: int) -> dict:
-    """This rank's share of the pp2 x ep2 GPipe step of ``case``."""
+def _pp_ep(case: str, rank: int, tp: int = 1) -> dict:
+    """This rank's share of the pp2 x ep2 (x tp) GPipe step of ``case``."""
     from parallel.data import apply_fsdp
     from parallel.dims import ParallelDims
     from parallel.expert import average_expert_grads, parallelize_experts
     from parallel.pipeline.schedule import PipelineLoss, build_schedule, pipeline_stage, stage_ranks, step
     from parallel.pipeline.stage import SharedParamSync, build_stage, clip_grad_norm_, shared_holders
+    from parallel.tensor.region import apply_tp, vocab_parallel_cross_entropy
 
-    dims = ParallelDims(dp_replicate=1, dp_shard=2, world_size=WORLD, pp=2, pp_microbatches=ROWS, ep=2)
+    dims = ParallelDims(dp_replicate=1, dp_shard=2, world_size=4 * tp, pp=2, pp_microbatches=ROWS, tp=tp,
+                        sequence_parallel=tp > 1, ep=2)
     mesh = dims.build_mesh("cpu")
     pp_rank = mesh["pp"].get_local_rank()
     cfg = _model(case).cfg
     cuts = CUTS[case]
     stage = build_stage(cfg, cuts, pp_rank, SEED)
+    if tp > 1:
+        apply_tp(stage.model, mesh["tp"], True, ep=2)
     experts = parallelize_experts(stage.model, dims.build_ep_mesh("cpu"))
     apply_fsdp(stage, mesh["dp_shard"], ignored_params=set(experts))
-    loss_fn = PipelineLoss(stage.out_keys if stage.is_last else [], ROWS)
+    lm = partial(vocab_parallel_cross_entropy, mesh=mesh["tp"]) if tp > 1 else None
+    loss_fn = PipelineLoss(stage.out_keys if stage.is_last else [], ROWS, lm)
     sched = build_schedule("gpipe", [pipeline_stage(stage, torch.device("cpu"), group=mesh["pp"].get_group())],
                            ROWS, loss_fn)
     pipelines = mesh.mesh.reshape(2, -1).T.tolist()
@@ -107,6 +116,13 @@ def _rank_main(rank: int, world: int, store: str, out_dir: str) -> None:
     out = {("tp", case): _tp_ep(case, rank) for case in CASES}
     out.update({("pp", case): _pp_ep(case, rank) for case in CASES})
     torch.save(out, f"{out_dir}/rank{rank}.pt")
+    end_spawned_rank()
+
+
+def _rank_main_8(rank: int, world: int, store: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
+    torch.save(_pp_ep("rmoe", rank, tp=2), f"{out_dir}/rank{rank}.pt")
     end_spawned_rank()
 
 
@@ -146,6 +162,19 @@ def test_tp2_x_ep2_equals_one_process(ranks, case):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_pp2_x_ep2_equals_one_process(ranks, case):
     """Ranks 0, 1: stage 0 (dp ranks 0, 1); ranks 2, 3: stage 1."""
+    _check_pipeline(case, [r["pp", case] for r in ranks], 1)
+
+
+def test_pp2_x_tp2_x_ep2_equals_one_process(tmp_path):
+    """Eight ranks: pp2 x dp_shard2 x tp2 (sequence parallel), ep2 in each stage and tp coordinate."""
+    world = 8
+    mp.start_processes(_rank_main_8, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world,
+                       start_method="spawn")
+    _check_pipeline("rmoe", [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)], 2)
+
+
+def _check_pipeline(case: str, got: list[dict], tp: int) -> None:
+    """``got``: the ranks' :func:`_pp_ep` results, in global rank order (pp outermost)."""
     from pretrain.train.trainer import lm_loss
 
     torch.set_num_threads(1)
@@ -158,10 +187,10 @@ def test_pp2_x_ep2_equals_one_process(ranks, case):
         loss = lm_loss(logits, labels[rows]) + aux["aux_loss"]
         (loss / ROWS).backward()
         want.append(loss.item())
-    got = [r["pp", case] for r in ranks]
-    assert not got[0]["losses"] and not got[1]["losses"]
+    half = len(got) // 2  # ranks of stage 0, then of stage 1 (dp outer, tp inner)
+    assert not any(g["losses"] for g in got[:half])
     for m in range(ROWS):  # the last stage's dp ranks: their mean is the micro-batch's loss
-        mean = (got[2]["losses"][m] + got[3]["losses"][m]) / 2
+        mean = (got[half]["losses"][m] + got[half + tp]["losses"][m]) / 2
         assert abs(mean - want[m]) <= 1e-5 * abs(want[m]), (m, mean, want[m])
     grads = {}
     for g in got:

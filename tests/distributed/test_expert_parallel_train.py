@@ -115,6 +115,7 @@ def test_ep2_with_pp2_or_tp2_trains_as_single_process(small_corpus, prepared_dir
         ([], 4, (1, 2, 2)),  # dp_shard=4: two ep groups of 2 ranks
         (["parallel.tp=2"], 4, (1, 1, 2)),  # an ep group per tp coordinate
         (["parallel.pp=2"], 4, (1, 1, 2)),  # an ep group per pipeline stage
+        (["parallel.pp=2", "parallel.tp=2"], 16, (1, 2, 2)),  # per stage and tp coordinate
     ],
 )
 def test_ep_borrows_dp_shard_ranks(overrides, world, grid):
@@ -128,7 +129,6 @@ def test_ep_borrows_dp_shard_ranks(overrides, world, grid):
         ([], 1, "2 does not divide parallel.dp_shard=1 (ep borrows its ranks)"),
         (["parallel.dp_replicate=2"], 2, "2 does not divide parallel.dp_shard=1 (ep borrows its ranks)"),
         (["parallel.tp=2"], 2, "2 does not divide parallel.dp_shard=1 (ep borrows its ranks)"),
-        (["parallel.pp=2", "parallel.tp=2"], 8, "expert parallelism runs with parallel.pp=2 or parallel.tp=2, not both yet"),
         (["parallel.dp_backend='deepspeed'"], 2,
          "expert parallelism runs only with parallel.dp_backend='fsdp', got 'deepspeed'"),
     ],
