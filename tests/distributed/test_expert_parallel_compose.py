@@ -157,6 +157,8 @@ def test_tp2_x_ep2_equals_one_process(ranks, case):
         assert _rel(g["norm"], _norm(model)) <= 1e-5
         for name, p in model.named_parameters():
             assert _rel(g["grads"][name], p.grad) <= 1e-5, f"{case} {name}: {_rel(g['grads'][name], p.grad):.2e}"
+    worst = max(_rel(g["grads"][n], p.grad) for g in got for n, p in model.named_parameters())
+    print(f"tp2 x ep2 {case}: worst gradient relative error {worst:.1e}")
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -201,3 +203,5 @@ def _check_pipeline(case: str, got: list[dict], tp: int) -> None:
     for name, p in model.named_parameters():
         for grad in grads[name]:
             assert _rel(grad, p.grad) <= 1e-5, f"{case} {name}: {_rel(grad, p.grad):.2e}"
+    worst = max(_rel(grad, p.grad) for n, p in model.named_parameters() for grad in grads[n])
+    print(f"pp2 x ep2{' x tp2' if tp > 1 else ''} {case}: worst gradient relative error {worst:.1e}")
