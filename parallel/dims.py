@@ -120,23 +120,33 @@ class ParallelDims:
         )
 
     def build_ep_mesh(self, device_type: str) -> DeviceMesh:
-        """The ('dp_replicate', 'dp_shard_mod_ep', 'ep') mesh of expert parallelism (ep > 1
-        only): 'ep' takes the inner ep ranks of 'dp_shard', so global rank r (tp = pp = 1) is
-        data-parallel rank r and holds expert block r % ep; the ranks along the other two
-        dimensions hold the same experts."""
-        shape = (self.dp_replicate, self.dp_shard // self.ep, self.ep)
-        return init_device_mesh(device_type, shape, mesh_dim_names=("dp_replicate", "dp_shard_mod_ep", "ep"))
+        """The ('dp_replicate', 'dp_shard_mod_ep', 'ep'[, 'tp']) mesh of expert parallelism (ep >
+        1 only; 'tp' when tp > 1) of this rank's pipeline stage: 'ep' takes the inner ep ranks of
+        'dp_shard', so global rank r (tp = pp = 1) is data-parallel rank r and holds expert block
+        r % ep; the ranks along the other dimensions hold the same experts. An ep group is made
+        of ranks with the same pipeline stage and tp coordinate. Collective over all ranks (one
+        process group per dimension, for every stage); with pp > 1 the mesh returned is this
+        rank's stage's slice (its 'pp' coordinate fixed)."""
+        shape = (self.pp, self.dp_replicate, self.dp_shard // self.ep, self.ep, self.tp)
+        names = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "tp")
+        keep = [i for i, n in enumerate(names) if n not in ("pp", "tp") or shape[i] > 1]
+        mesh = init_device_mesh(
+            device_type, tuple(shape[i] for i in keep), mesh_dim_names=tuple(names[i] for i in keep)
+        )
+        return mesh[tuple(names[i] for i in keep if names[i] != "pp")] if self.pp > 1 else mesh
 
 
 def _check_ep(cfg: ParallelConfig, dp_shard: int) -> None:
-    """parallel.ep borrows ranks from dp_shard and composes only with FSDP2 data parallelism."""
+    """parallel.ep borrows ranks from dp_shard; it composes with FSDP2 data parallelism (not
+    DeepSpeed), tensor parallelism and pipeline parallelism."""
     if cfg.ep == 1:
         return
     if dp_shard % cfg.ep:
         raise ConfigError(f"parallel.ep: {cfg.ep} does not divide parallel.dp_shard={dp_shard} (ep borrows its ranks)")
-    for name, value, ok in (("pp", cfg.pp, 1), ("tp", cfg.tp, 1), ("dp_backend", cfg.dp_backend, "fsdp")):
-        if value != ok:
-            raise ConfigError(f"parallel.ep: expert parallelism runs only with parallel.{name}={ok!r}, got {value!r}")
+    if cfg.dp_backend != "fsdp":
+        raise ConfigError(
+            f"parallel.ep: expert parallelism runs only with parallel.dp_backend='fsdp', got {cfg.dp_backend!r}"
+        )
 
 
 def init_distributed(device_type: str) -> tuple[int, int, int]:

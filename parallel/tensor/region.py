@@ -278,22 +278,27 @@ class Region:
 # ----------------------------------------------------------------- the model
 
 
-def tp_plans(cfg: Any, tp: int) -> list[tuple[RegionPlan, RegionPlan | None]]:
-    """The (mixer, FFN) plans of every layer of ``cfg`` at ``tp``; raises ConfigError naming
-    the field when a layer cannot be split (or has no plan yet)."""
+def tp_plans(cfg: Any, tp: int, ep: int = 1) -> list[tuple[RegionPlan, RegionPlan | None]]:
+    """The (mixer, FFN) plans of every layer of ``cfg`` at ``tp`` (and expert-parallel degree
+    ``ep``: the MoE FFNs then keep their experts whole, parallel/tensor/plans_moe.py); raises
+    ConfigError naming the field when a layer cannot be split (or has no plan yet)."""
+    from parallel.tensor.plans_moe import EXPERT_PARALLEL_FFN_PLANS
     from pretrain.config.errors import require
 
+    ffn_plans = {**FFN_PLANS, **EXPERT_PARALLEL_FFN_PLANS} if ep > 1 else FFN_PLANS
     plans = []
     for i, (mixer, ffn) in enumerate(cfg.pattern()):
         require(mixer in MIXER_PLANS, "parallel.tp", f"mixer {mixer!r} has no tensor-parallel plan")
-        require(ffn == "none" or ffn in FFN_PLANS, "parallel.tp", f"FFN {ffn!r} has no tensor-parallel plan")
-        plans.append((MIXER_PLANS[mixer](cfg, i, tp), FFN_PLANS[ffn](cfg, i, tp) if ffn != "none" else None))
+        require(ffn == "none" or ffn in ffn_plans, "parallel.tp", f"FFN {ffn!r} has no tensor-parallel plan")
+        plans.append((MIXER_PLANS[mixer](cfg, i, tp), ffn_plans[ffn](cfg, i, tp) if ffn != "none" else None))
     return plans
 
 
-def apply_tp(model: nn.Module, mesh: DeviceMesh, sequence_parallel: bool) -> None:
+def apply_tp(model: nn.Module, mesh: DeviceMesh, sequence_parallel: bool, ep: int = 1) -> None:
     """Apply tensor (and sequence) parallelism to the materialised HybridLM ``model`` (a pipeline
     stage's model may lack blocks, the embedding or the head) over the 1-D tp ``mesh``, in place.
+    With parallel.ep = ``ep`` > 1 the MoE experts stay whole on every tp rank, for
+    :func:`parallel.expert.parallelize_experts` (called next) to shard over 'ep'.
 
     Every rank must hold the same full weights before (a seeded build): each keeps its shards.
     Under sequence parallelism the hidden states between regions are ``[B, T/tp, d_model]``
@@ -303,7 +308,7 @@ def apply_tp(model: nn.Module, mesh: DeviceMesh, sequence_parallel: bool) -> Non
     so FSDP2 (applied after) may gather and release them around it.
     """
     cfg = model.cfg
-    plans = tp_plans(cfg, mesh.size())
+    plans = tp_plans(cfg, mesh.size(), ep)
     for name, block in model.blocks.items():
         mixer_plan, ffn_plan = plans[int(name)]
         if block.mixer is not None:  # None: a pipeline stage holds only the block's FFN half

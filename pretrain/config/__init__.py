@@ -379,7 +379,7 @@ def validate(cfg: Config) -> None:
             )
         from parallel.tensor.region import tp_plans  # every layer has a plan that splits over tp
 
-        tp_plans(cfg.model, cfg.parallel.tp)
+        tp_plans(cfg.model, cfg.parallel.tp, cfg.parallel.ep)
 
     c = cfg.checkpoint
     require(c.interval >= 0, "checkpoint.interval", "must be >= 0")

@@ -23,6 +23,11 @@ What changes against one process, and why the numbers stay the same:
   ('dp_replicate', 'dp_shard') submesh), the stage module the root (torch's PipelineStage then
   reduces the gradients once per schedule step); shared copies are summed shard by shard, and
   the clipping norm sums every shard once (over one replica's ranks).
+- **Expert parallelism** (parallel.ep): each stage's MoE experts are sharded over the stage's
+  ep group (inner ep ranks of its 'dp_shard'), FSDP2 ignores them and their gradients are
+  averaged over the ranks holding the same experts before clipping, as in the
+  :class:`Trainer` (parallel/expert.py). An ep group's balance loss uses the load of its ranks'
+  current micro-batches.
 - **Logs.** The last stages hold the losses and the layers' metrics; rank 0 gets their mean over
   the data-parallel replicas.
 - **Validation** runs forward only through the schedule; a 'zbv' run skips it (torch 2.13 cannot
@@ -41,6 +46,7 @@ from torch import nn
 
 from parallel.activation_checkpoint import apply_activation_checkpoint_to_stage
 from parallel.data import apply_fsdp
+from parallel.expert import average_expert_grads, parallelize_experts
 from parallel.pipeline.schedule import (
     PipelineLoss, build_schedule, evaluate, pipeline_stage, stage_ranks, stages_of_rank, step,
 )
@@ -121,7 +127,10 @@ class PipelineTrainer(Trainer):
         ]
         if self.tp_mesh is not None:
             for m in self.stages:
-                apply_tp(m.model, self.tp_mesh, self.dims.sequence_parallel)
+                apply_tp(m.model, self.tp_mesh, self.dims.sequence_parallel, self.dims.ep)
+        if self.dims.ep > 1:  # each stage's experts over its ep group, before FSDP, which ignores them
+            ep_mesh = self.dims.build_ep_mesh(self.device.type)
+            self.expert_params = tuple(p for m in self.stages for p in parallelize_experts(m.model, ep_mesh))
         for m in self.stages:  # after TP, before FSDP, as in one process
             apply_activation_checkpoint_to_stage(m, p.activation_checkpoint)
         # rank = (pp_rank x dp + dp_rank) x tp + tp_rank (pp outermost): column j of the grid is
@@ -132,7 +141,7 @@ class PipelineTrainer(Trainer):
             # HSDP: the 2-D (dp_replicate, dp_shard) submesh shards within and replicates across
             dp_mesh = self.mesh["dp_replicate", "dp_shard"] if self.dims.dp_replicate > 1 else self.mesh["dp_shard"]
             for m in self.stages:  # each block its own FSDP unit, the rest with the stage (root)
-                apply_fsdp(m, dp_mesh)
+                apply_fsdp(m, dp_mesh, ignored_params=set(self.expert_params) or None)
         self.is_first = any(m.is_first for m in self.stages)
         self.is_last = any(m.is_last for m in self.stages)
         last = next((m for m in self.stages if m.is_last), None)
@@ -196,6 +205,7 @@ class PipelineTrainer(Trainer):
         from parallel.pipeline.stage import clip_grad_norm_
 
         self.shared_sync.sync()
+        average_expert_grads(self.expert_params)  # FSDP2 reduced all the others
         clip = self.cfg.train.grad_clip
         # over every rank: each (stage, shard) counted once, replicas divided out (parallel/grad_norm.py)
         norm = clip_grad_norm_(self.stages, clip if clip > 0 else math.inf)

@@ -145,7 +145,7 @@ class Trainer:
         model = build_model(self.cfg.model)
         model.to(self.device)
         if self.tp_mesh is not None:
-            apply_tp(model, self.tp_mesh, self.dims.sequence_parallel)
+            apply_tp(model, self.tp_mesh, self.dims.sequence_parallel, self.dims.ep)
 
         self.expert_params = self._apply_ep(model)  # expert parallelism: before FSDP, which ignores them
 

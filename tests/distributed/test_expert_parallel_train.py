@@ -47,9 +47,9 @@ def _single(overrides):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def _ep2(overrides):
+def _ep2(overrides, nproc=2):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "pretrain", "train", CONFIG, *set_args([*overrides, "parallel.ep=2"])]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -84,12 +84,38 @@ def test_ep2_train_and_resume_equal_single_process(small_corpus, prepared_dir, t
           "difference %.1e / %.1e" % _max_differences(got, reference))
 
 
+def test_ep2_with_pp2_or_tp2_trains_as_single_process(small_corpus, prepared_dir, tmp_path):
+    """pp2 x ep2 (GPipe, one micro-batch per round, so that each ep group's balance loss sees
+    the same 4 sequences as one process's micro-batch) and tp2 x ep2 (sequence parallel), four
+    ranks each: the logs of two steps and the weights and AdamW moments after them."""
+    overrides = {"train.max_steps": 2, "checkpoint.interval": 2, "train.eval_interval": 2, "optim.warmup_steps": 1}
+    single = tmp_path / "single"
+    _single(_overrides(small_corpus, prepared_dir, single, **overrides))
+    want = _records(single)
+    reference = _checkpoint(single / "checkpoints/step-00000002", tmp_path)
+    layouts = {
+        "pp2": {"parallel.pp": 2, "parallel.pp_schedule": "'gpipe'", "parallel.pp_microbatches": 1},
+        "tp2": {"parallel.tp": 2},
+    }
+    for name, layout in layouts.items():
+        run = tmp_path / name
+        _ep2(_overrides(small_corpus, prepared_dir, run, **overrides, **layout), nproc=4)
+        worst = _assert_same_log(_records(run), want, [1, 2])
+        got = _checkpoint(run / "checkpoints/step-00000002", tmp_path)
+        _assert_same_checkpoint(got, reference, rel=1e-4)
+        print(f"{name} x ep2: worst relative difference of the logs {worst:.1e}; max |weight| / |moment| "
+              "difference %.1e / %.1e" % _max_differences(got, reference))
+
+
 @pytest.mark.parametrize(
     "overrides, world, grid",
     [
         ([], 2, (1, 1, 2)),
         (["parallel.dp_replicate=2"], 4, (2, 1, 2)),  # HSDP: the experts replicated across dp_replicate
         ([], 4, (1, 2, 2)),  # dp_shard=4: two ep groups of 2 ranks
+        (["parallel.tp=2"], 4, (1, 1, 2)),  # an ep group per tp coordinate
+        (["parallel.pp=2"], 4, (1, 1, 2)),  # an ep group per pipeline stage
+        (["parallel.pp=2", "parallel.tp=2"], 16, (1, 2, 2)),  # per stage and tp coordinate
     ],
 )
 def test_ep_borrows_dp_shard_ranks(overrides, world, grid):
@@ -102,8 +128,7 @@ def test_ep_borrows_dp_shard_ranks(overrides, world, grid):
     [
         ([], 1, "2 does not divide parallel.dp_shard=1 (ep borrows its ranks)"),
         (["parallel.dp_replicate=2"], 2, "2 does not divide parallel.dp_shard=1 (ep borrows its ranks)"),
-        (["parallel.tp=2"], 4, "expert parallelism runs only with parallel.tp=1, got 2"),
-        (["parallel.pp=2"], 4, "expert parallelism runs only with parallel.pp=1, got 2"),
+        (["parallel.tp=2"], 2, "2 does not divide parallel.dp_shard=1 (ep borrows its ranks)"),
         (["parallel.dp_backend='deepspeed'"], 2,
          "expert parallelism runs only with parallel.dp_backend='fsdp', got 'deepspeed'"),
     ],
