@@ -56,16 +56,17 @@ def format_plan(cfg: Config, dp: int = 1) -> str:
         else:
             lines.append(f"  {key:<22}{value / 2**30:>13.3f} GiB")
     if p.tp > 1:
-        lines += format_tp(model_cfg, p.tp)
+        lines += format_tp(model_cfg, p.tp, p.ep)
     if cfg.parallel.pp > 1 or cfg.parallel.pp_virtual_stages > 1:
         lines += format_split(cfg)
     lines.append(_batch_line(cfg, dp))
     return "\n".join(lines)
 
 
-def format_tp(model_cfg, tp: int) -> list[str]:
+def format_tp(model_cfg, tp: int, ep: int = 1) -> list[str]:
     """One line per layer type under tensor parallelism: what its plan splits, and what it
-    keeps whole on every rank (KV heads or B/C groups fewer than the ranks, Megatron's way)."""
+    keeps whole on every rank (KV heads or B/C groups fewer than the ranks, Megatron's way;
+    with expert parallelism ``ep`` > 1, the experts, which are split over ep instead)."""
     from parallel.tensor.plan import GroupSlice
     from parallel.tensor.region import tp_plans
 
@@ -76,7 +77,7 @@ def format_tp(model_cfg, tp: int) -> list[str]:
     with torch.device("meta"):
         model = build_model(model_cfg)
     lines, seen = [], set()
-    for block, plans in zip(model.blocks.values(), tp_plans(model_cfg, tp)):
+    for block, plans in zip(model.blocks.values(), tp_plans(model_cfg, tp, ep)):
         for name, module, plan in zip((block.mixer_name, block.ffn_name), (block.mixer, block.ffn), plans):
             if plan is None or name in seen:
                 continue
