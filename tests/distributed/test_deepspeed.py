@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 
 from pretrain.config import ConfigError, load_config
 from tests.conftest import ROOT, end_spawned_rank, set_args, tiny_overrides
+from tests.distributed.test_pipeline_train import _records
 
 HAVE_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 needs_deepspeed = pytest.mark.skipif(not HAVE_DEEPSPEED, reason="DeepSpeed is not installed (pip install '.[deepspeed]')")
@@ -59,14 +60,6 @@ def _rank_main(rank: int, world: int, port: int, jobs: list) -> None:
         cls = DeepSpeedTrainer if kind == "deepspeed" else Trainer
         cls(load_config(config, overrides), resume=resume, log=lambda *_: None).fit()
     end_spawned_rank()
-
-
-def _records(run_dir) -> dict[int, dict]:
-    out: dict[int, dict] = {}
-    for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()):
-        if "step" in r:
-            out.setdefault(r["step"], {}).update(r)
-    return out
 
 
 def _checkpoint(step_dir, tmp_path) -> dict:

@@ -18,13 +18,7 @@ from tests.conftest import end_spawned_rank
 BATCH, SEQ, VOCAB, MICRO, SEED, LR, CLIP = 4, 12, 64, 2, 0, 0.5, 0.5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only contend for the few shared cores (8x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 CASES = {

@@ -11,8 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tests.conftest import end_spawned_rank
+from tests.distributed.test_pipeline import BATCH, CLIP, LR, MICRO, SEED, VOCAB, _batch, _rel
 
-BATCH, SEQ, VOCAB, MICRO, SEED, LR, CLIP = 4, 12, 64, 2, 0, 0.5, 0.5
 
 CASES = {
     "llama_tiny": ("configs/llama_tiny.toml", ["model.d_model=32", "model.n_layers=2", "model.attention.n_heads=4"]),
@@ -51,12 +51,7 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(name: str):
@@ -64,16 +59,6 @@ def _config(name: str):
 
     path, overrides = CASES[name]
     return load_config(path, [f"model.vocab_size={VOCAB}", *overrides]).model
-
-
-def _batch():
-    g = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=g)
-    position_ids = torch.arange(SEQ).repeat(BATCH, 1)
-    for row in range(BATCH):  # two documents per row
-        cut = 2 + 3 * row
-        position_ids[row, cut:] = torch.arange(SEQ - cut)
-    return tokens[:, :-1], tokens[:, 1:], position_ids
 
 
 def _run(name: str, mesh=None, sequence_parallel: bool = False, dp_mesh=None) -> dict:
@@ -140,10 +125,6 @@ def _rank_main(rank: int, world: int, store: str, out_dir: str) -> None:
     results = {(name, sp): _run(name, mesh, sp) for name in CASES for sp in (False, True)}
     torch.save(results, f"{out_dir}/rank{rank}.pt")
     end_spawned_rank()
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
 def _check(name: str, part: dict, ref: dict, what: str) -> None:
