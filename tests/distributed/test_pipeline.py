@@ -194,6 +194,15 @@ def _rank_main(rank: int, world: int, store: str, out_dir: str) -> None:
     end_spawned_rank()
 
 
+def _grads_by_name(parts: list[dict]) -> dict[str, list[torch.Tensor]]:
+    """Every rank's gradients of each parameter name (several: copies of a shared parameter)."""
+    grads: dict[str, list[torch.Tensor]] = {}
+    for p in parts:
+        for k, gs in p["grads"].items():
+            grads.setdefault(k, []).extend(gs)
+    return grads
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
@@ -210,10 +219,7 @@ def test_pipeline_equals_single_process(tmp_path):
             assert len(losses) == 2, (name, schedule)
             for got, want in zip(losses, ref["losses"]):
                 assert abs(got - want) <= 1e-5 * abs(want), (name, schedule, got, want)
-            grads: dict[str, list[torch.Tensor]] = {}
-            for p in parts:
-                for k, gs in p["grads"].items():
-                    grads.setdefault(k, []).extend(gs)
+            grads = _grads_by_name(parts)
             assert sorted(grads) == sorted(ref["grads"]), (name, schedule)
             for k, want in ref["grads"].items():
                 for got in grads[k]:

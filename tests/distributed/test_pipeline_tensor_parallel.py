@@ -11,7 +11,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tests.conftest import end_spawned_rank
-from tests.distributed.test_pipeline import BATCH, CASES, CLIP, LR, MICRO, SEED, _batch, _config, _reference, _rel
+from tests.distributed.test_pipeline import (
+    BATCH, CASES, CLIP, LR, MICRO, SEED, _batch, _config, _grads_by_name, _reference, _rel,
+)
 
 SCHEDULES = [("gpipe", 1), ("interleaved_1f1b", 2)]
 
@@ -82,10 +84,7 @@ def test_pipeline_x_tensor_parallel_equals_single_process(tmp_path):
             for got in losses:
                 for a, b in zip(got, ref["losses"]):
                     assert abs(a - b) <= 1e-5 * abs(b), (name, schedule, a, b)
-            grads: dict[str, list[torch.Tensor]] = {}
-            for p in parts:
-                for k, gs in p["grads"].items():
-                    grads.setdefault(k, []).extend(gs)
+            grads = _grads_by_name(parts)
             assert sorted(grads) == sorted(ref["grads"]), (name, schedule)
             for k, want in ref["grads"].items():
                 for got in grads[k]:
