@@ -1,0 +1,96 @@
+"""Initialising a model built on the meta device one init unit at a time, so that a rank never
+holds the whole model (torchtitan's order: build on meta, apply TP -> activation checkpointing
+-> compile -> FSDP to the meta model, then materialise and initialise).
+
+The weights must equal a single process's ``torch.manual_seed(seed); build_model(cfg)`` whatever
+the layout. :meth:`~pretrain.models.HybridLM.init_weights` initialises the top-level modules
+(``HybridLM.init_units``) in turn, each drawing from the RNG, so replaying that order from the
+same seed on a meta build, one unit materialised at a time, draws the same numbers.
+:func:`init_units_from_seed` is that replay; a pipeline stage keeps the units it owns
+(:func:`parallel.pipeline.stage.build_stage`), and :func:`materialise_sharded` copies each unit
+into this rank's shards (TP and FSDP2 DTensors) and releases it, so a rank holds its shards plus
+one whole unit at the most.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+if TYPE_CHECKING:
+    from pretrain.config import ModelConfig
+    from pretrain.models import HybridLM
+
+
+def init_units_from_seed(model: HybridLM, seed: int, device: torch.device) -> Iterator[tuple[str, nn.Module]]:
+    """Materialise and initialise the meta-device ``model``'s init units one at a time on
+    ``device``, in ``HybridLM.init_units`` order from ``torch.manual_seed(seed)`` (which this
+    sets when iteration starts): yields ``(name, unit)`` after each unit's initialisation, so
+    every unit equals the same module of a single-process ``torch.manual_seed(seed);
+    build_model(cfg)`` on ``device``. The caller keeps a unit, or releases it (``unit.to("meta")``)
+    before asking for the next one."""
+    torch.manual_seed(seed)
+    for name in model.init_units():
+        unit = model.get_submodule(name)
+        unit.to_empty(device=device)
+        model.init_unit(name)
+        yield name, unit
+
+
+def _plain_name(name: str) -> str:
+    """A parameter's name without the wrappers that torch.compile inserts."""
+    return name.replace("_orig_mod.", "")
+
+
+def _local_part(full: Tensor, target: Tensor) -> Tensor:
+    """This rank's part of ``full`` laid out as ``target``: its local shard when ``target`` is a
+    DTensor (any placements, FSDP2's strided ones included; no communication), else ``full``."""
+    if isinstance(target, DTensor):
+        return distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None).to_local()
+    return full
+
+
+@torch.no_grad()
+def materialise_sharded(
+    model: nn.Module,
+    cfg: ModelConfig,
+    seed: int,
+    device: torch.device,
+    init_device: torch.device | None = None,
+    slices: Mapping[str, Callable[[Tensor], Tensor]] | None = None,
+) -> nn.Module:
+    """Give the meta-device HybridLM ``model`` (built from ``cfg``, its parallel plans applied:
+    tensor-parallel DTensors, activation checkpointing, compiled blocks, FSDP2) storage on
+    ``device`` and fill every parameter and buffer with this rank's part of the single-process
+    ``torch.manual_seed(seed); build_model(cfg)`` weights built on ``init_device`` (default:
+    ``device``; the CPU reproduces a CPU build's weights on any device). Each init unit is built
+    whole on ``init_device`` in turn (:func:`init_units_from_seed` on a second meta build), copied
+    into the shards and released. ``slices``: for parameters sharded outside their DTensor
+    placements (e.g. expert parallelism's slice of the experts), by name, the function taking the
+    full tensor to this rank's part before the placements apply. Returns ``model``. Raises
+    ValueError when a parameter's part does not match its shard's shape (a layout this does not
+    know)."""
+    from pretrain.models import build_model
+
+    init_device = torch.device(init_device) if init_device is not None else torch.device(device)
+    slices = slices or {}
+    model.to_empty(device=device)
+    targets = {_plain_name(n): t for n, t in (*model.named_parameters(), *model.named_buffers())}
+    with torch.device("meta"):
+        template = build_model(cfg)
+    for unit_name, unit in init_units_from_seed(template, seed, init_device):
+        for leaf, full in (*unit.named_parameters(), *unit.named_buffers()):
+            name = f"{unit_name}.{leaf}"
+            target = targets[name]
+            part = _local_part(slices.get(name, lambda t: t)(full), target)
+            local = target.to_local() if isinstance(target, DTensor) else target
+            if part.shape != local.shape:
+                raise ValueError(f"{name}: this rank's part {tuple(part.shape)} does not fit its shard "
+                                 f"{tuple(local.shape)}")
+            local.copy_(part)
+        unit.to("meta")
+    return model
