@@ -14,6 +14,9 @@ one whole unit at the most.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
@@ -90,6 +93,23 @@ def _local_part(full: Tensor, target: Tensor) -> Tensor:
     return full
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def _trim_host_heap() -> None:
+    """Hand the free pages of glibc's heap back to the OS (``malloc_trim``). The shards' copies
+    free tensors of many sizes, and the allocator keeps what it cannot give back whole mapped:
+    0.5-0.9 GiB of RSS per rank for sambay_d16 at tp2 without this. A no-op elsewhere."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 @torch.no_grad()
 def materialise_sharded(
     model: nn.Module,
@@ -130,4 +150,5 @@ def materialise_sharded(
                                  f"{tuple(local.shape)}")
             local.copy_(part)
         unit.to("meta")
+        _trim_host_heap()
     return model

@@ -255,10 +255,12 @@ def tp_plans(cfg: Any, tp: int) -> list[tuple[RegionPlan, RegionPlan | None]]:
 
 
 def apply_tp(model: nn.Module, mesh: DeviceMesh, sequence_parallel: bool) -> None:
-    """Apply tensor (and sequence) parallelism to the materialised HybridLM ``model`` (a pipeline
-    stage's model may lack blocks, the embedding or the head) over the 1-D tp ``mesh``, in place.
+    """Apply tensor (and sequence) parallelism to the HybridLM ``model`` (a pipeline stage's
+    model may lack blocks, the embedding or the head) over the 1-D tp ``mesh``, in place.
 
-    Every rank must hold the same full weights before (a seeded build): each keeps its shards.
+    Materialised, every rank must hold the same full weights before (a seeded build): each keeps
+    its shards. On the meta device the shards stay meta, for
+    :func:`parallel.meta_init.materialise_sharded` to fill.
     Under sequence parallelism the hidden states between regions are ``[B, T/tp, d_model]``
     local shards, T must divide by tp, and ``position_ids [B, T]`` must be passed to the model
     (its masks are built from them). The logits are ``[B, T, V/tp]`` shards: use

@@ -138,6 +138,8 @@ class Trainer:
         # checkpointing -> compile -> FSDP), then materialised one init unit at a time: a rank
         # holds its shards plus one whole unit, and every layout starts from the weights of a
         # single process of the same seed (drawn on the CPU, as a CPU build: on any device).
+        # Parameters sharded outside their DTensor placements (expert parallelism) give their
+        # slicing to materialise_sharded's ``slices``.
         with torch.device("meta"):
             model = build_model(self.cfg.model)
         if self.tp_mesh is not None:
