@@ -209,6 +209,7 @@ def build_stage(
     its own modules plus at most one other. Keeps a copy of ``embed`` on the last stage when
     embeddings are tied, and of ``router_gru`` on every stage with the FFN half of a 'moe_gru'
     block. Raises ValueError on bad cuts, or an "L.ffn" cut in a block without FFN."""
+    from parallel.meta_init import init_units_from_seed
     from pretrain.models import build_model
 
     device = torch.device(device) if device is not None else torch.get_default_device()
@@ -228,11 +229,7 @@ def build_stage(
     keep |= {"norm", "head"} if last else set()
     if any(pattern[i][1] == "moe_gru" for i in ffns):
         keep.add("router_gru")
-    torch.manual_seed(seed)
-    for name in model.init_units():
-        unit = model.get_submodule(name)
-        unit.to_empty(device=device)
-        model.init_unit(name)
+    for name, unit in init_units_from_seed(model, seed, device):
         if name not in keep:
             unit.to("meta")  # drawn from the RNG as in one process, then released
         elif name.startswith("blocks."):  # a block cut inside: release the other stage's half

@@ -295,12 +295,14 @@ def tp_plans(cfg: Any, tp: int, ep: int = 1) -> list[tuple[RegionPlan, RegionPla
 
 
 def apply_tp(model: nn.Module, mesh: DeviceMesh, sequence_parallel: bool, ep: int = 1) -> None:
-    """Apply tensor (and sequence) parallelism to the materialised HybridLM ``model`` (a pipeline
-    stage's model may lack blocks, the embedding or the head) over the 1-D tp ``mesh``, in place.
+    """Apply tensor (and sequence) parallelism to the HybridLM ``model`` (a pipeline stage's
+    model may lack blocks, the embedding or the head) over the 1-D tp ``mesh``, in place.
     With parallel.ep = ``ep`` > 1 the MoE experts stay whole on every tp rank, for
     :func:`parallel.expert.parallelize_experts` (called next) to shard over 'ep'.
 
-    Every rank must hold the same full weights before (a seeded build): each keeps its shards.
+    Materialised, every rank must hold the same full weights before (a seeded build): each keeps
+    its shards. On the meta device the shards stay meta, for
+    :func:`parallel.meta_init.materialise_sharded` to fill.
     Under sequence parallelism the hidden states between regions are ``[B, T/tp, d_model]``
     local shards, T must divide by tp, and ``position_ids [B, T]`` must be passed to the model
     (its masks are built from them). The logits are ``[B, T, V/tp]`` shards: use

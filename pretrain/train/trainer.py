@@ -19,6 +19,7 @@ from parallel.activation_checkpoint import apply_activation_checkpoint
 from parallel.data import apply_fsdp
 from parallel.expert import average_expert_grads, parallelize_experts
 from parallel.grad_norm import clip_grad_norm_
+from parallel.meta_init import materialise_sharded
 from parallel.tensor.region import apply_tp, vocab_parallel_cross_entropy
 from parallel.dims import ParallelDims, destroy_distributed, init_distributed
 from pretrain.config import Config, ConfigError
@@ -139,23 +140,23 @@ class Trainer:
         return read_meta(cfg.data.dir)
 
     def _build_model(self) -> nn.Module:
-        # Built whole on the CPU from the seed on every rank, then sharded: every layout starts
-        # from the same weights as a single process.
-        # Order as torchtitan: TP -> compile -> FSDP.
-        model = build_model(self.cfg.model)
-        model.to(self.device)
+        # Built on the meta device, the plans applied in torchtitan's order (TP -> activation
+        # checkpointing -> compile -> FSDP), then materialised one init unit at a time: a rank
+        # holds its shards plus one whole unit, and every layout starts from the weights of a
+        # single process of the same seed (drawn on the CPU, as a CPU build: on any device).
+        # Expert parallelism's experts are DTensors of the global shape: they fill like the rest.
+        with torch.device("meta"):
+            model = build_model(self.cfg.model)
         if self.tp_mesh is not None:
             apply_tp(model, self.tp_mesh, self.dims.sequence_parallel, self.dims.ep)
-
         self.expert_params = self._apply_ep(model)  # expert parallelism: before FSDP, which ignores them
-
         apply_activation_checkpoint(model, self.cfg.parallel.activation_checkpoint)  # before compile, FSDP
         if self.cfg.train.compile:
             for name, block in model.blocks.items():
                 model.blocks[name] = torch.compile(block)
         if self.fsdp:
             apply_fsdp(model, self.mesh["dp_replicate", "dp_shard"], ignored_params=set(self.expert_params) or None)
-        return model
+        return materialise_sharded(model, self.cfg.model, self.cfg.train.seed, self.device, torch.device("cpu"))
 
     def _apply_ep(self, model: nn.Module) -> tuple[nn.Parameter, ...]:
         """With parallel.ep > 1, shard the MoE experts over the 'ep' ranks as DTensors
