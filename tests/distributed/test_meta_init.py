@@ -50,8 +50,8 @@ def _build(cfg, mesh, layout: str):
 
     dp_shard, tp = LAYOUTS[layout]
     dims = ParallelDims(1, dp_shard, 4, tp=tp)
-    owner = SimpleNamespace(cfg=cfg, device=torch.device("cpu"), dims=dims, mesh=mesh,
-                            tp_mesh=mesh["tp"] if tp > 1 else None)
+    owner = SimpleNamespace(cfg=cfg, device=torch.device("cpu"), dims=dims, mesh=mesh, fsdp=dp_shard > 1,
+                            tp_mesh=mesh["tp"] if tp > 1 else None, _apply_ep=lambda model: ())
     return Trainer._build_model(owner), owner.tp_mesh
 
 
