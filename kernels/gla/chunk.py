@@ -302,9 +302,9 @@ def chunk_gla_triton(
     Raises:
         ValueError: on mismatched shapes or an empty sequence.
     """
-    b, t, h, dk = q.shape if q.dim() == 4 else (None,) * 4
     if q.dim() != 4 or k.shape != q.shape or g.shape != q.shape:
         raise ValueError(f"chunk_gla_triton: q {tuple(q.shape)}, k {tuple(k.shape)} and g {tuple(g.shape)} must match [B, T, H, K]")
+    b, t, h, dk = q.shape
     if v.dim() != 4 or v.shape[:3] != (b, t, h):
         raise ValueError(f"chunk_gla_triton: v {tuple(v.shape)} must be [B, T, H, V] with B, T, H = {(b, t, h)}")
     if initial_state is not None and initial_state.shape != (b, h, dk, v.shape[-1]):

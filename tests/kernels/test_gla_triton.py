@@ -17,7 +17,7 @@ from pretrain.models.layers.gla_ops import chunk_gla
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
-# fp32 kernel vs fp64 loop; measured max abs error <= 2e-5 on outputs/grads of size ~10
+# fp32 kernel vs fp64 loop; measured max abs error <= 1.1e-5 on outputs and gradients of size ~10
 ATOL, RTOL = 1e-4, 1e-4
 
 
