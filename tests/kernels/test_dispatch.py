@@ -44,3 +44,26 @@ def test_model_kernels_is_validated():
     with pytest.raises(ConfigError, match="model.kernels"):
         config_from_dict({"model": {"kernels": "cuda"}})
     assert config_from_dict({"model": {"kernels": "torch"}}).model.kernels == "torch"
+
+
+@pytest.mark.parametrize("pattern", ["gla", "mamba", "mamba2", "mag"])
+def test_every_mixer_passes_model_kernels_on(pattern, monkeypatch):
+    """model.kernels reaches the op: 'triton' fails on CPU naming it, PRETRAIN_KERNELS=torch
+    overrides it and gives the 'torch' model's logits."""
+    from pretrain.models import build_model
+    from tests.models.conftest import _make_cfg
+
+    cfg = _make_cfg(pattern, kernels="triton")
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (1, 5))
+    with torch.no_grad(), pytest.raises(ValueError, match=r"model\.kernels='triton'"):
+        model(ids)
+    monkeypatch.setenv(ENV_VAR, "torch")
+    with torch.no_grad():
+        forced = model(ids)
+        monkeypatch.delenv(ENV_VAR)
+        cfg.kernels = "torch"
+        torch.manual_seed(0)
+        reference = build_model(cfg)(ids)
+    torch.testing.assert_close(forced, reference, rtol=0, atol=0)
