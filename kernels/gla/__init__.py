@@ -11,6 +11,12 @@ where present. :func:`chunk_gla` and :func:`fused_recurrent_gla` pick one (:mod:
 Packed documents: fla marks them with ``cu_seqlens`` (B = 1); the models mark them with ``reset``
 ``[B, T]`` (True where a document starts, from the position ids), which works for any batch size
 and is kept as an extra keyword. ``cu_seqlens`` is turned into ``reset``.
+
+Contract of a Triton module (``chunk.py`` exporting ``chunk_gla``, ``fused_recurrent.py``
+exporting ``fused_recurrent_gla``): called after the checks here as
+``fn(q, k, v, g, scale=, initial_state=, reset=)`` and returning ``(o, final_state)`` with the
+dtypes of the PyTorch path; its tests compare it with ``naive.py`` as
+tests/kernels/test_gla_reference.py does for the PyTorch path.
 """
 
 from __future__ import annotations
