@@ -1,1 +1,103 @@
-"""Mamba-1 selective scan kernels (Gu & Dao 2023); ``chunk.py`` holds the Triton scan."""
+"""Mamba-1's selective scan (Gu & Dao 2023, "Mamba: Linear-Time Sequence Modeling with Selective
+State Spaces"), per channel d and state index n (``A`` diagonal, one ``B``/``C`` per token):
+
+    h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t        y_t = C_t . h_t + D x_t
+
+Layout: ``naive.py`` (the specification), ``chunk_torch.py`` (PyTorch, chunked in time with a
+hand-written backward: the CPU path), and a Triton kernel ``chunk.py`` where present (none yet).
+Time-major like the rest of the models (``[B, T, D]``), unlike mamba_ssm's ``[B, D, T]``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kernels.dispatch import check_inputs, select
+from kernels.selective_scan import chunk_torch
+
+__all__ = ["selective_scan", "selective_state_update"]
+
+
+def selective_scan(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor,
+    initial_state: Tensor | None = None,
+    *,
+    reset: Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Selective scan over a whole sequence (training, prefill).
+
+    Args:
+        x: ``[B, T, D]`` input (after the short convolution).
+        dt: ``[B, T, D]`` positive step sizes (bias and softplus already applied).
+        A: ``[D, N]`` negative diagonal state matrix.
+        B, C: ``[B, T, N]`` input and output projections of the state.
+        D: ``[D]`` skip connection.
+        initial_state: ``[B, D, N]`` state before the first token, or None for zeros.
+        reset: ``[B, T]`` bool, True where a document starts: the carried state (initial_state
+            too, at t = 0) is dropped before that token is added.
+        backend: ``model.kernels``: 'auto', 'triton' or 'torch' (``PRETRAIN_KERNELS`` overrides).
+
+    Returns:
+        ``y [B, T, D]`` in x's dtype, and the final state ``[B, D, N]`` in fp32 (fp64 for fp64 inputs).
+
+    Raises:
+        ValueError: mismatched shapes, non-float inputs, several devices, an empty sequence,
+            or a backend that cannot run (:func:`kernels.dispatch.select`).
+    """
+    check_inputs("selective_scan", dict(x=x, dt=dt, A=A, B=B, C=C, D=D, initial_state=initial_state))
+    if x.dim() != 3 or A.dim() != 2:
+        raise ValueError(f"selective_scan: x {tuple(x.shape)} must be [B, T, D], A {tuple(A.shape)} [D, N]")
+    b, t, d = x.shape
+    n = A.shape[-1]
+    if dt.shape != x.shape or A.shape != (d, n) or D.shape != (d,):
+        raise ValueError(
+            f"selective_scan: x {tuple(x.shape)}, dt {tuple(dt.shape)}, A {tuple(A.shape)}, D {tuple(D.shape)}"
+        )
+    if B.shape != (b, t, n) or C.shape != (b, t, n):
+        raise ValueError(f"selective_scan: B {tuple(B.shape)} and C {tuple(C.shape)} must be {(b, t, n)}")
+    if initial_state is not None and initial_state.shape != (b, d, n):
+        raise ValueError(f"selective_scan: initial_state {tuple(initial_state.shape)} must be {(b, d, n)}")
+    if reset is not None and (reset.shape != (b, t) or reset.dtype != torch.bool):
+        raise ValueError(f"selective_scan: reset {tuple(reset.shape)} {reset.dtype} must be bool {(b, t)}")
+    if t == 0:
+        raise ValueError("selective_scan: empty sequence")
+    select("selective_scan", backend, x.device, None)  # no Triton kernel yet: 'triton' raises
+    return chunk_torch.selective_scan(x, dt, A, B, C, D, h0=initial_state, reset=reset)
+
+
+def selective_state_update(
+    state: Tensor,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor,
+    *,
+    reset: Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """One token of :func:`selective_scan` (decoding), mamba_ssm's name: ``state [B, D, N]``,
+    ``x, dt [B, D]``, ``A [D, N]``, ``B, C [B, N]``, ``D [D]``, ``reset [B]`` bool. Returns
+    ``(y [B, D] in x's dtype, new state [B, D, N] fp32)``. Raises ValueError as :func:`selective_scan`."""
+    check_inputs("selective_state_update", dict(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D))
+    b, d = x.shape if x.dim() == 2 else (-1, -1)
+    n = A.shape[-1]
+    if x.dim() != 2 or dt.shape != x.shape or A.shape != (d, n) or B.shape != (b, n) or C.shape != (b, n):
+        raise ValueError(
+            f"selective_state_update: x {tuple(x.shape)}, dt {tuple(dt.shape)}, A {tuple(A.shape)}, "
+            f"B {tuple(B.shape)}, C {tuple(C.shape)}"
+        )
+    if state.shape != (b, d, n) or D.shape != (d,) or (reset is not None and reset.shape != (b,)):
+        raise ValueError(
+            f"selective_state_update: state {tuple(state.shape)} must be {(b, d, n)}, D {(d,)}, reset {(b,)}"
+        )
+    select("selective_scan", backend, x.device, None)
+    return chunk_torch.selective_state_update(state, x, dt, A, B, C, D, reset=reset)

@@ -206,6 +206,10 @@ class ModelConfig:
     """Standard deviation of the normal initialisation of linear and embedding weights."""
     doc_masking: bool = True
     """Reset every mixer at document starts inside packed sequences."""
+    kernels: str = "auto"
+    """Implementation of the recurrent cores (GLA, selective scan, SSD, Titans memory; package
+    ``kernels``): 'auto' (Triton on CUDA where an op has a Triton kernel, else PyTorch), 'triton'
+    (an error where it cannot run) or 'torch'. The environment variable PRETRAIN_KERNELS overrides it."""
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     """Attention mixers ('attn' full causal, 'swa' sliding window)."""
     mamba: MambaConfig = field(default_factory=MambaConfig)
@@ -248,6 +252,7 @@ def validate_model(m: ModelConfig) -> None:
     require(m.ffn_hidden >= 0, "model.ffn_hidden", "must be >= 0")
     require(m.norm_eps > 0, "model.norm_eps", "must be > 0")
     require(m.init_std > 0, "model.init_std", "must be > 0")
+    require_choice(m.kernels, "model.kernels", ("auto", "triton", "torch"))
     require(a.n_heads > 0, "model.attention.n_heads", "must be > 0")
     require(
         a.head_dim > 0 or m.d_model % a.n_heads == 0,

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from pretrain.config import GLAConfig
 from pretrain.models import build_model
-from pretrain.models.layers.gla_ops import chunk_gla, recurrent_gla_step
+from kernels.gla.chunk_torch import chunk_gla, recurrent_gla_step
 from tests.models.util import decode as _decode
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from pretrain.config import Mamba2Config, load_config
 from pretrain.models import build_model, count_parameters
 from pretrain.models.layers.mamba2 import Mamba2
-from pretrain.models.layers.ssd_ops import segsum, ssd_chunked, ssd_step
+from kernels.ssd.chunk_torch import segsum, ssd_chunked, ssd_step
 from pretrain.train.optim import param_groups
 from tests.conftest import ROOT, losses, tiny_overrides
 from tests.models.util import assert_scan_matches, decode as _decode

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from pretrain.models import build_model
-from pretrain.models.layers.ssm_ops import DT_MAX, DT_MIN
+from pretrain.models.layers.mamba import DT_MAX, DT_MIN
 from pretrain.models.registry import FFNS, MIXERS, register_mixer
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.models.layers.ssm_ops import SCAN_CHUNK, selective_scan, selective_state_update
+from kernels.selective_scan import selective_scan as public_scan
+from kernels.selective_scan.chunk_torch import SCAN_CHUNK, selective_scan, selective_state_update
 from tests.models.util import assert_scan_matches
 
 
@@ -69,6 +70,6 @@ def test_state_update_is_one_step_of_the_scan():
 def test_scan_rejects_bad_shapes():
     (x, dt, A, B, C, D, _), _ = _inputs(2, 4, 3, 2, False, False)
     with pytest.raises(ValueError, match="B"):
-        selective_scan(x, dt, A, B[:, :3], C, D)
-    with pytest.raises(ValueError, match="h0"):
-        selective_scan(x, dt, A, B, C, D, h0=torch.zeros(2, 3, 3))
+        public_scan(x, dt, A, B[:, :3], C, D)
+    with pytest.raises(ValueError, match="initial_state"):
+        public_scan(x, dt, A, B, C, D, initial_state=torch.zeros(2, 3, 3))

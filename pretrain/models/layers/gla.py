@@ -3,7 +3,7 @@ with Hardware-Efficient Training").
 
 x -> q, k (expand_k * d), v (expand_v * d); a per-key-channel forget gate from a low-rank
 projection, ``g = logsigmoid(W2 W1 x + b) / gate_normalizer`` (log alpha); the gated linear
-recurrence of :mod:`pretrain.models.layers.gla_ops` per head; a per-head RMSNorm of the output,
+recurrence of :mod:`kernels.gla` per head; a per-head RMSNorm of the output,
 a swish output gate ``silu(W_g x)`` and the output projection. Parameter names follow fla's
 ``GatedLinearAttention`` (q_proj, k_proj, v_proj, g_proj, gk_proj.0/1, g_norm, o_proj).
 """
@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pretrain.models.layers.gla_ops import SUB_CHUNK, chunk_gla, recurrent_gla_step
+from kernels.gla import chunk_gla, fused_recurrent_gla
+from kernels.gla.chunk_torch import SUB_CHUNK
 from pretrain.models.layers.norm import RMSNorm, at_least_fp32
 from pretrain.models.registry import register_mixer
 
@@ -41,6 +42,7 @@ class GatedLinearAttention(nn.Module):
         self.head_k_dim, self.head_v_dim = self.key_dim // g.n_heads, self.value_dim // g.n_heads
         self.gate_normalizer = g.gate_normalizer
         self.chunk_size = g.chunk_size
+        self.kernels = cfg.kernels
         self.q_proj = nn.Linear(d, self.key_dim, bias=False)
         self.k_proj = nn.Linear(d, self.key_dim, bias=False)
         self.v_proj = nn.Linear(d, self.value_dim, bias=False)
@@ -66,12 +68,14 @@ class GatedLinearAttention(nn.Module):
         v = self.v_proj(x).view(b, t, -1, self.head_v_dim)  # [B, T, H, V]
         g_log = F.logsigmoid(at_least_fp32(self.gk_proj(x))) / self.gate_normalizer
         g_log = g_log.view(b, t, -1, self.head_k_dim)  # [B, T, H, K], log alpha <= 0
-        if state is not None and t == 1:
-            reset = None if ctx.reset is None else ctx.reset[:, 0]
-            o, state.h = recurrent_gla_step(q[:, 0], k[:, 0], v[:, 0], g_log[:, 0], state.h, reset=reset)
-            return o.unsqueeze(1)
         h0 = None if state is None else state.h
-        o, h = chunk_gla(q, k, v, g_log, h0=h0, reset=ctx.reset, chunk_size=self.chunk_size)
+        if state is not None and t == 1:
+            o, h = fused_recurrent_gla(q, k, v, g_log, None, h0, True, reset=ctx.reset, backend=self.kernels)
+        else:
+            o, h = chunk_gla(
+                q, k, v, g_log, None, h0, state is not None,
+                reset=ctx.reset, chunk_size=self.chunk_size, backend=self.kernels,
+            )
         if state is not None:
             state.h = h
         return o

@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels.selective_scan import selective_scan, selective_state_update
+from kernels.selective_scan.chunk_torch import SCAN_CHUNK
 from pretrain.models.layers.conv import cached_causal_conv, init_short_conv_
 from pretrain.models.layers.norm import at_least_fp32
-from pretrain.models.layers.ssm_ops import SCAN_CHUNK, sample_dt_bias, selective_scan, selective_state_update
 from pretrain.models.registry import register_mixer
 
 if TYPE_CHECKING:
@@ -60,6 +61,18 @@ def short_conv_segments_(convs: Sequence[nn.Conv1d]) -> None:
             p.copy_(part)
 
 
+DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4  # mamba_ssm's initial step-size range
+
+
+def sample_dt_bias(n: int, device: torch.device) -> Tensor:
+    """Initial bias of the step size of n channels (Mamba) or heads (Mamba-2): dt is drawn
+    log-uniform in [DT_MIN, DT_MAX] and the bias is its inverse softplus, so softplus(bias)
+    starts at dt."""
+    u = torch.rand(n, device=device)
+    dt = torch.exp(u * (math.log(DT_MAX) - math.log(DT_MIN)) + math.log(DT_MIN)).clamp(min=DT_FLOOR)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
 @dataclass
 class MambaState:
     conv: Tensor
@@ -82,6 +95,7 @@ class Mamba(nn.Module):
         self.d_state = m.d_state
         self.d_conv = m.d_conv
         self.dt_rank = m.dt_rank or math.ceil(cfg.d_model / 16)
+        self.kernels = cfg.kernels
         self.in_proj_x = nn.Linear(cfg.d_model, self.d_inner, bias=False)
         self.in_proj_z = nn.Linear(cfg.d_model, self.d_inner, bias=False)
         # depthwise; only its parameters are used: forward applies the taps itself (masked_causal_conv)
@@ -105,9 +119,8 @@ class Mamba(nn.Module):
         xi, z = self.in_proj_x(x), self.in_proj_z(x)  # [B, T, d_inner] each
         xc = F.silu(cached_causal_conv(xi, state, self.conv1d.weight[:, 0, :], self.conv1d.bias, ctx.positions))
         dt, B, C = self._ssm_params(xc)
-        y, h = selective_scan(
-            xc, dt, self._A(), B, C, self.D, h0=None if state is None else state.ssm, reset=ctx.reset
-        )
+        h0 = None if state is None else state.ssm
+        y, h = selective_scan(xc, dt, self._A(), B, C, self.D, h0, reset=ctx.reset, backend=self.kernels)
         if state is not None:
             state.ssm = h
         return y, z
@@ -131,7 +144,9 @@ class Mamba(nn.Module):
         xc = F.silu((window * keep * self.conv1d.weight[:, 0, :]).sum(-1) + self.conv1d.bias)
         dt, B, C = self._ssm_params(xc)
         reset = None if ctx.reset is None else ctx.reset[:, 0]
-        y, state.ssm = selective_state_update(state.ssm, xc, dt, self._A(), B, C, self.D, reset=reset)
+        y, state.ssm = selective_state_update(
+            state.ssm, xc, dt, self._A(), B, C, self.D, reset=reset, backend=self.kernels
+        )
         return y.unsqueeze(1), z.unsqueeze(1)  # [B, 1, d_inner] each
 
     def flops_per_token(self, seq_len: int) -> float:

@@ -20,11 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels.ssd import ssd_chunked, ssd_step
 from pretrain.models.layers.conv import cached_causal_conv
-from pretrain.models.layers.mamba import no_reduction, normal_segments_, short_conv_segments_
+from pretrain.models.layers.mamba import no_reduction, normal_segments_, sample_dt_bias, short_conv_segments_
 from pretrain.models.layers.norm import at_least_fp32
-from pretrain.models.layers.ssd_ops import ssd_chunked, ssd_step
-from pretrain.models.layers.ssm_ops import sample_dt_bias
 from pretrain.models.registry import register_mixer
 
 if TYPE_CHECKING:
@@ -91,6 +90,7 @@ class Mamba2(nn.Module):
         self.d_state = m.d_state
         self.d_conv = m.d_conv
         self.chunk_size = m.chunk_size
+        self.kernels = cfg.kernels
         self.conv_dim = self.d_inner + 2 * m.n_groups * m.d_state
         gn = m.n_groups * m.d_state
         self.in_proj_z = nn.Linear(cfg.d_model, self.d_inner, bias=False)
@@ -128,9 +128,10 @@ class Mamba2(nn.Module):
             B.unflatten(-1, (-1, self.d_state)),  # [B, T, G, N]
             C.unflatten(-1, (-1, self.d_state)),
             self.D,
-            h0=None if state is None else state.ssm,
+            None if state is None else state.ssm,
             reset=ctx.reset,
             chunk_size=self.chunk_size,
+            backend=self.kernels,
         )
         if state is not None:
             state.ssm = h
@@ -156,6 +157,7 @@ class Mamba2(nn.Module):
             C.view(b, -1, self.d_state),
             self.D,
             reset=None if ctx.reset is None else ctx.reset[:, 0],
+            backend=self.kernels,
         )
         return y.flatten(-2).unsqueeze(1), z.unsqueeze(1)  # [B, 1, d_inner] each
 

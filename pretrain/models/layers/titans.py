@@ -8,7 +8,7 @@
   (the memory's chunk is the segment). Output (``titans.mac_output``): 'per_token' is the
   paper's ``o_t = y_t (x) M*_t(y_t)``: the same retrieval M* (W_Q, its conv taps with a tail of
   its own, the output projection) applied to y reads token t's own weights, after t's write
-  (:func:`titans_ops.memory_scan` with ``read='per_token'``; M_t depends on tokens <= t only, so
+  (:func:`kernels.titans.memory_scan` with ``read='per_token'``; M_t depends on tokens <= t only, so
   this is causal); 'none' returns y ungated, with the write gates from x (the layer as it was
   before the option).
 * 'mag' (memory as gate): sliding-window attention over ``[persistent || x]`` gated by the memory
@@ -26,7 +26,7 @@ weights per layer).
 The memory branch: q, k, v projections -> short causal depthwise conv -> SiLU, q and k
 L2-normalised; per token and head the learning rate theta (sigmoid scaled to ``max_lr``), momentum
 eta and forgetting alpha (sigmoids of linear projections of the branch input); the scan is
-:func:`titans_ops.memory_scan`; the reads go through a per-head RMSNorm and an output projection.
+:func:`kernels.titans.memory_scan`; the reads go through a per-head RMSNorm and an output projection.
 
 Departures from the paper, and why:
 
@@ -53,13 +53,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels.titans import MemoryState, memory_read, memory_scan
 from pretrain.models.context import attention_mask
 from pretrain.models.layers.attention import KVState, mean_visible_keys
 from pretrain.models.layers.conv import masked_causal_conv
 from pretrain.models.layers.mamba import no_reduction
 from pretrain.models.layers.norm import RMSNorm, at_least_fp32
 from pretrain.models.layers.rope import apply_rope, rope_tables
-from pretrain.models.layers.titans_ops import MemoryState, memory_scan, mlp_forward
 from pretrain.models.registry import register_mixer
 
 if TYPE_CHECKING:
@@ -131,6 +131,7 @@ class NeuralMemory(nn.Module):
         self.n_heads, self.head_dim = c.n_heads, cfg.d_model // c.n_heads
         self.chunk_size, self.max_lr = chunk_size, c.max_lr
         inner = self.n_heads * self.head_dim
+        self.kernels = cfg.kernels
         self.q_proj = nn.Linear(cfg.d_model, inner, bias=False)
         self.k_proj = nn.Linear(cfg.d_model, inner, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, inner, bias=False)
@@ -180,7 +181,8 @@ class NeuralMemory(nn.Module):
         gates = (self.theta_proj, self.eta_proj, self.alpha_proj)
         theta, eta, alpha = (torch.sigmoid(at_least_fp32(p(x))) for p in gates)  # [B, T, H] each
         return memory_scan(
-            q, k, v, self.max_lr * theta, eta, alpha, mem, list(self.init), positions, self.chunk_size, reset, read
+            q, k, v, self.max_lr * theta, eta, alpha, mem, list(self.init), positions, self.chunk_size, reset, read,
+            backend=self.kernels,
         )
 
     def project_out(self, y: Tensor, dtype: torch.dtype) -> Tensor:
@@ -347,7 +349,7 @@ class TitansMAC(_Titans):
         w0 = st.memory.w0
         if reset is not None:
             w0 = [torch.where(reset[:, 0].view(-1, 1, 1, 1), at_least_fp32(p), w) for p, w in zip(mem.init, w0)]
-        read = mlp_forward(w0, at_least_fp32(F.normalize(q_mem, dim=-1)).transpose(1, 2))[0]  # [B, H, L, D]
+        read = memory_read(w0, at_least_fp32(F.normalize(q_mem, dim=-1)).transpose(1, 2))  # [B, H, L, D]
         h = mem.project_out(read.transpose(1, 2), x.dtype)  # [B, L, d]
         # 2. attend over [persistent || memory reads || tokens] of the segment so far
         rope = self.attn.rope(pos)
@@ -382,7 +384,7 @@ class TitansMAC(_Titans):
         return s
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Plus, 'per_token', the dual-form read (:func:`titans_ops.memory_scan`): per head the
+        """Plus, 'per_token', the dual-form read (:func:`kernels.titans.memory_scan`): per head the
         [L, L] decay product and per memory layer two [L, L]-by-width products and two reads of
         the piece-start weights and momentum, x3 for forward + backward; and W_Q and W_out used a
         second time (on y) beside their count as Linear weights."""

@@ -1,4 +1,5 @@
-"""Mamba-1 selective scan in pure PyTorch: the CPU path and the reference a Triton kernel replaces.
+"""Mamba-1 selective scan in pure PyTorch, chunked in time: the CPU path, and what a Triton kernel
+would replace on CUDA. Called through :mod:`kernels.selective_scan`.
 
 The recurrence, per channel d and state index n (``A`` diagonal, one ``B``/``C`` per token):
 
@@ -13,14 +14,10 @@ recomputes one chunk at a time (as the CUDA kernels do) instead of storing ``[T,
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from pretrain.models.layers.norm import at_least_fp32
-
-DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4  # mamba_ssm's initial step-size range
+from kernels.dispatch import at_least_fp32
 
 SCAN_CHUNK = 8  # tokens per chunk: measured fastest on CPU (8..16) for d_inner=512, N=16, B=8
 
@@ -117,21 +114,10 @@ def selective_scan(
 
     Returns:
         ``y [B, T, D]`` in the dtype of ``x``, and the final state ``[B, D, N]`` in fp32 (fp64
-        for float64 inputs: the scan never rounds below fp32).
+        for float64 inputs: the scan never rounds below fp32). Shapes are checked by the caller.
     """
     b, t, d = x.shape
     n = A.shape[-1]
-    if dt.shape != x.shape or A.shape != (d, n) or D.shape != (d,):
-        raise ValueError(f"selective_scan: x {tuple(x.shape)}, dt {tuple(dt.shape)}, A {tuple(A.shape)}, D {tuple(D.shape)}")
-    if B.shape != (b, t, n) or C.shape != (b, t, n):
-        raise ValueError(f"selective_scan: B {tuple(B.shape)} and C {tuple(C.shape)} must be {(b, t, n)}")
-    if h0 is not None and h0.shape != (b, d, n):
-        raise ValueError(f"selective_scan: h0 {tuple(h0.shape)} must be {(b, d, n)}")
-    if reset is not None and reset.shape != (b, t):
-        raise ValueError(f"selective_scan: reset {tuple(reset.shape)} must be {(b, t)}")
-    if t == 0:
-        raise ValueError("selective_scan: empty sequence")
-
     dtype = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for a float64 check
 
     def tm(z: Tensor) -> Tensor:  # [B, T, ...] -> time-major [T, B, ...] in dtype
@@ -163,12 +149,3 @@ def selective_state_update(
     h = a * f(h) + (f(dt) * f(x)).unsqueeze(-1) * f(B).unsqueeze(1)
     y = (h @ f(C).unsqueeze(-1)).squeeze(-1) + f(D) * f(x)
     return y.to(x.dtype), h
-
-
-def sample_dt_bias(n: int, device: torch.device) -> Tensor:
-    """Initial bias of the step size of n channels (Mamba) or heads (Mamba-2): dt is drawn
-    log-uniform in [DT_MIN, DT_MAX] and the bias is its inverse softplus, so softplus(bias)
-    starts at dt."""
-    u = torch.rand(n, device=device)
-    dt = torch.exp(u * (math.log(DT_MAX) - math.log(DT_MIN)) + math.log(DT_MIN)).clamp(min=DT_FLOOR)
-    return dt + torch.log(-torch.expm1(-dt))

@@ -1,4 +1,5 @@
-"""Titans neural long-term memory: the chunked test-time-training scan in pure PyTorch.
+"""Titans neural long-term memory: the chunked test-time-training scan in pure PyTorch (the CPU
+path; called through :mod:`kernels.titans`).
 
 The memory of one head is an MLP ``M`` over vectors of the head width D: linear (``M(x) = x W``)
 when its depth is 1, else ``M(x) = x + W_L silu(... silu(x W_1))`` (residual, SiLU). Each token
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pretrain.models.layers.norm import at_least_fp32
+from kernels.dispatch import at_least_fp32
 
 LOG_FLOOR = 1e-30  # gates of exactly 0 (eta, 1 - alpha) stay finite in log space
 

@@ -1,4 +1,5 @@
-"""Gated Linear Attention in pure PyTorch: the CPU path and the reference a Triton kernel replaces.
+"""Gated Linear Attention in pure PyTorch, chunkwise: the CPU path, and what the Triton kernel
+(``kernels/gla/chunk.py``) replaces on CUDA. Called through :mod:`kernels.gla`.
 
 The recurrence (Yang et al. 2023), per head, with a per-key-channel forget gate
 ``alpha_t = exp(g_t)`` (``g_t <= 0`` given in log space):
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pretrain.models.layers.norm import at_least_fp32
+from kernels.dispatch import at_least_fp32
 
 SUB_CHUNK = 16  # tokens per secondary chunk: pairwise decays cost SUB_CHUNK x the keys' memory
 
@@ -131,6 +132,27 @@ def chunk_gla(
     return o.to(v.dtype), state
 
 
+def recurrent_gla(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g_log: Tensor,
+    h0: Tensor | None = None,
+    reset: Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The recurrence one token at a time (decoding), shapes as :func:`chunk_gla`."""
+    b, t, h, dk = q.shape
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    state = q.new_zeros(b, h, dk, v.shape[-1], dtype=dtype) if h0 is None else h0
+    outs = []
+    for i in range(t):
+        r = None if reset is None else reset[:, i]
+        o, state = recurrent_gla_step(q[:, i], k[:, i], v[:, i], g_log[:, i], state, reset=r, scale=scale)
+        outs.append(o)
+    return torch.stack(outs, dim=1), state
+
+
 def recurrent_gla_step(
     q: Tensor,
     k: Tensor,
@@ -140,17 +162,18 @@ def recurrent_gla_step(
     reset: Tensor | None = None,
     scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """One recurrent step (decoding): ``q, k, g_log [B, H, K]``, ``v [B, H, V]``, state
-    ``h [B, H, K, V]``, ``reset [B]`` bool. Returns ``(o [B, H, V] in v's dtype, new h fp32)``."""
+    """One recurrent step: ``q, k, g_log [B, H, K]``, ``v [B, H, V]``, state ``h [B, H, K, V]``,
+    ``reset [B]`` bool. Returns ``(o [B, H, V] in v's dtype, new h fp32 (fp64 for fp64))``."""
     if q.dim() != 3 or k.shape != q.shape or g_log.shape != q.shape or h.shape != (*q.shape, v.shape[-1]):
         raise ValueError(
             f"recurrent_gla_step: q {tuple(q.shape)}, k {tuple(k.shape)}, g_log {tuple(g_log.shape)}, "
             f"v {tuple(v.shape)}, h {tuple(h.shape)}"
         )
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    alpha = g_log.float().exp()
+    f = at_least_fp32
+    alpha = f(g_log).exp()
     if reset is not None:
-        alpha = alpha * (~reset).float()[:, None, None]
-    h = alpha.unsqueeze(-1) * h.float() + k.float().unsqueeze(-1) * v.float().unsqueeze(-2)
-    o = ((q.float() * scale).unsqueeze(-2) @ h).squeeze(-2)
+        alpha = alpha * (~reset).to(alpha.dtype)[:, None, None]
+    h = alpha.unsqueeze(-1) * f(h) + f(k).unsqueeze(-1) * f(v).unsqueeze(-2)
+    o = ((f(q) * scale).unsqueeze(-2) @ h).squeeze(-2)
     return o.to(v.dtype), h

@@ -1,5 +1,5 @@
-"""Mamba-2's state space duality (SSD) in pure PyTorch: the CPU path and the reference a Triton
-kernel replaces.
+"""Mamba-2's state space duality (SSD) in pure PyTorch, chunked: the CPU path, and what a Triton
+kernel would replace on CUDA. Called through :mod:`kernels.ssd`.
 
 The recurrence, per head h (scalar decay ``A[h]``; heads share ``B``/``C`` within a group):
 
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pretrain.models.layers.norm import at_least_fp32
+from kernels.dispatch import at_least_fp32
 
 
 def segsum(a: Tensor) -> Tensor:
