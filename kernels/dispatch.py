@@ -2,7 +2,8 @@
 by the environment variable ``PRETRAIN_KERNELS`` (tests, debugging).
 
 'auto' takes the Triton kernel of an op when its module exists, triton is installed and the
-tensors are on CUDA, else the PyTorch implementation; 'triton' insists and raises where it cannot.
+tensors are on CUDA, else the PyTorch implementation; 'triton' insists and raises where it cannot
+(on CPU tensors it runs under Triton's interpreter when ``TRITON_INTERPRET=1``: the tests).
 """
 
 from __future__ import annotations
@@ -51,16 +52,18 @@ def select(op: str, backend: str, device: torch.device, module: str | None) -> s
         raise ValueError(f"{source}: must be one of {', '.join(BACKENDS)}")
     if backend == "torch":
         return "torch"
-    ok = module is not None and device.type == "cuda" and triton_available(module)
+    available = module is not None and triton_available(module)
     if backend == "auto":
-        return "triton" if ok else "torch"
-    if not ok:
+        return "triton" if available and device.type == "cuda" else "torch"
+    # asked for explicitly, Triton also runs on CPU tensors under its interpreter (tests)
+    runs = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    if not (available and runs):
         if module is None:
             why = f"{op} has no Triton kernel yet"
-        elif not triton_available(module):
+        elif not available:
             why = f"{op}'s Triton kernel needs triton and {module}, which are not installed"
         else:
-            why = f"{op}'s Triton kernel needs CUDA tensors, got {device.type}"
+            why = f"{op}'s Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1), got {device.type}"
         raise ValueError(f"{source}: {why}; use model.kernels='auto' or 'torch'")
     return "triton"
 

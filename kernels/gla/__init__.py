@@ -12,11 +12,10 @@ Packed documents: fla marks them with ``cu_seqlens`` (B = 1); the models mark th
 ``[B, T]`` (True where a document starts, from the position ids), which works for any batch size
 and is kept as an extra keyword. ``cu_seqlens`` is turned into ``reset``.
 
-Contract of a Triton module (``chunk.py`` exporting ``chunk_gla``, ``fused_recurrent.py``
-exporting ``fused_recurrent_gla``): called after the checks here as
-``fn(q, k, v, g, scale=, initial_state=, reset=)`` and returning ``(o, final_state)`` with the
-dtypes of the PyTorch path; its tests compare it with ``naive.py`` as
-tests/kernels/test_gla_reference.py does for the PyTorch path.
+Triton: ``chunk.py``'s ``chunk_gla_triton`` (forward and backward; tests/kernels/test_gla_triton.py
+compares it with a token loop and the PyTorch path under the interpreter). A fused recurrent
+decoding kernel (``fused_recurrent.py`` exporting ``fused_recurrent_gla(q, k, v, g, scale=,
+initial_state=, reset=) -> (o, final_state)``) does not exist yet: decoding runs the PyTorch step.
 """
 
 from __future__ import annotations
@@ -101,7 +100,9 @@ def chunk_gla(
     if select("gla", backend, q.device, "kernels.gla.chunk") == "triton":
         from kernels.gla import chunk  # noqa: PLC0415  (only where triton is installed)
 
-        o, h = chunk.chunk_gla(q, k, v, g, scale=scale, initial_state=initial_state, reset=reset)
+        o, h = chunk.chunk_gla_triton(
+            q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state, reset=reset
+        )
     else:
         o, h = chunk_torch.chunk_gla(q, k, v, g, h0=initial_state, reset=reset, chunk_size=chunk_size, scale=scale)
     return o, (h if output_final_state else None)

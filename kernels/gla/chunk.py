@@ -5,7 +5,7 @@ Per head, with the log forget gate ``g_t <= 0`` (``alpha_t = exp(g_t)``) and res
     S_t = Diag(alpha_t) S_{t-1} + k_t^T v_t          (S_{t-1} := 0 where reset_t)
     o_t = scale * q_t S_t
 
-The reference is ``pretrain.models.layers.gla_ops.chunk_gla``. One program owns one (batch, head,
+The reference is ``kernels.gla.chunk_torch.chunk_gla``. One program owns one (batch, head,
 value block) and walks the chunks of ``BT`` tokens in order, keeping the state ``[K, BV]`` in
 fp32 registers, so no per-chunk states are written to memory; the backward recomputes them.
 Every exponent is <= 0: inside a chunk the decays are exact pairwise differences

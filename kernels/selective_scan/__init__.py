@@ -68,7 +68,12 @@ def selective_scan(
         raise ValueError(f"selective_scan: reset {tuple(reset.shape)} {reset.dtype} must be bool {(b, t)}")
     if t == 0:
         raise ValueError("selective_scan: empty sequence")
-    select("selective_scan", backend, x.device, None)  # no Triton kernel yet: 'triton' raises
+    if select("selective_scan", backend, x.device, "kernels.selective_scan.chunk") == "triton":
+        from kernels.selective_scan import chunk  # noqa: PLC0415  (only where triton is installed)
+
+        return chunk.selective_scan_triton(
+            x, dt, A, B, C, D, initial_state=initial_state, output_final_state=True, reset=reset
+        )
     return chunk_torch.selective_scan(x, dt, A, B, C, D, h0=initial_state, reset=reset)
 
 

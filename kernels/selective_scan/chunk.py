@@ -5,7 +5,7 @@ Per channel d and state index n, with ``A`` diagonal and one ``B``/``C`` per tok
     h_t = exp(dt_t * A) * h_{t-1} + dt_t * x_t * B_t        (h_{t-1} := 0 where reset_t)
     y_t = (C_t . h_t + D * x_t) * silu(z_t)                  (the gate only when z is given)
 
-The reference is ``pretrain.models.layers.ssm_ops.selective_scan`` (which leaves the z gate to the
+The reference is ``kernels.selective_scan.chunk_torch.selective_scan`` (which leaves the z gate to the
 Mamba layer). One program owns one (batch, block of ``BD`` channels) and walks time token by token
 with its state ``[BD, N]`` in fp32 registers: the state is N times wider than the activations, so
 it is never written per token. The forward stores only the state entering each chunk of ``CHUNK``
@@ -241,7 +241,7 @@ def selective_scan_triton(
 ) -> tuple[Tensor, Tensor | None]:
     """Mamba-1 selective scan over a whole sequence in Triton (Gu & Dao 2023, Algorithm 2).
 
-    Same recurrence and layout as ``pretrain.models.layers.ssm_ops.selective_scan``, plus the
+    Same recurrence and layout as ``kernels.selective_scan.chunk_torch.selective_scan``, plus the
     optional fused output gate ``y * silu(z)`` of the Mamba block.
 
     Args:

@@ -29,6 +29,15 @@ def test_triton_where_it_cannot_run_names_the_setting(module):
         select("gla", "triton", CPU, module)
 
 
+def test_triton_on_cpu_only_under_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert select("gla", "triton", CPU, "kernels.gla.chunk") == "triton"
+    assert select("gla", "auto", CPU, "kernels.gla.chunk") == "torch"  # auto never interprets
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=r"model\.kernels='triton'.*CUDA"):
+        select("gla", "triton", CPU, "kernels.gla.chunk")
+
+
 def test_environment_overrides_the_config(monkeypatch):
     monkeypatch.setenv(ENV_VAR, "torch")
     assert select("gla", "triton", CPU, None) == "torch"
@@ -46,10 +55,10 @@ def test_model_kernels_is_validated():
     assert config_from_dict({"model": {"kernels": "torch"}}).model.kernels == "torch"
 
 
-@pytest.mark.parametrize("pattern", ["gla", "mamba", "mamba2", "mag"])
+@pytest.mark.parametrize("pattern", ["mamba2", "mag"])
 def test_every_mixer_passes_model_kernels_on(pattern, monkeypatch):
-    """model.kernels reaches the op: 'triton' fails on CPU naming it, PRETRAIN_KERNELS=torch
-    overrides it and gives the 'torch' model's logits."""
+    """model.kernels reaches the op: 'triton' fails for an op without a Triton kernel, naming
+    it; PRETRAIN_KERNELS=torch overrides it and gives the 'torch' model's logits."""
     from pretrain.models import build_model
     from tests.models.conftest import _make_cfg
 
@@ -67,3 +76,26 @@ def test_every_mixer_passes_model_kernels_on(pattern, monkeypatch):
         torch.manual_seed(0)
         reference = build_model(cfg)(ids)
     torch.testing.assert_close(forced, reference, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("pattern", ["gla", "mamba"])
+def test_models_on_triton_kernels_equal_the_torch_path(pattern, monkeypatch):
+    """A whole model with model.kernels='triton' (under the interpreter, packed documents):
+    logits and every parameter gradient equal the PyTorch path's (fp32 tolerance)."""
+    from pretrain.models import build_model
+    from tests.models.conftest import _make_cfg
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    out = {}
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    pos = torch.cat([torch.arange(4), torch.arange(5)]).expand(2, 9)  # two documents per row
+    for kernels in ("torch", "triton"):
+        cfg = _make_cfg(pattern, kernels=kernels)
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        logits = model(ids % cfg.vocab_size, position_ids=pos)
+        logits.square().mean().backward()
+        out[kernels] = logits.detach(), {k: p.grad for k, p in model.named_parameters()}
+    torch.testing.assert_close(out["triton"][0], out["torch"][0], rtol=1e-4, atol=1e-5)
+    for k, g in out["torch"][1].items():
+        torch.testing.assert_close(out["triton"][1][k], g, rtol=1e-3, atol=1e-5, msg=k)

@@ -95,7 +95,8 @@ def test_scale_and_output_dtype():
     torch.testing.assert_close(o.double(), o_ref, rtol=1e-2, atol=1e-2)  # o rounded to bf16
 
 
-def test_bad_inputs_raise():
+def test_bad_inputs_raise(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors: 'triton' cannot run uninterpreted
     (q, k, v, g, _), _ = _inputs(2, 4, 2, 4, 3, False, False)
     for fn in (chunk_gla, fused_recurrent_gla):
         with pytest.raises(ValueError, match="g "):

@@ -13,7 +13,7 @@ import torch
 
 import kernels.gla.chunk as gla_chunk
 from kernels.gla.chunk import chunk_gla_triton
-from pretrain.models.layers.gla_ops import chunk_gla
+from kernels.gla.chunk_torch import chunk_gla
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"

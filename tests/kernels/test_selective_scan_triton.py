@@ -1,5 +1,5 @@
 """The Triton selective scan against a naive token loop (fp64) and the PyTorch chunked scan of
-ssm_ops: outputs, final states and every gradient, with documents packed by resets, an initial
+the PyTorch path (chunk_torch): outputs, final states and every gradient, with documents packed by resets, an initial
 state, strong and weak decays, the z gate, lengths that are not a multiple of the chunk and channel
 and state sizes that are not powers of two (several channel blocks, masked lanes). Chunks and
 channel blocks are shrunk to 4 so a few tokens cross chunk boundaries. Fresh outputs are
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import kernels.selective_scan.chunk as scan_chunk
 from kernels.selective_scan.chunk import selective_scan_triton
-from pretrain.models.layers.ssm_ops import selective_scan
+from kernels.selective_scan.chunk_torch import selective_scan
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -123,7 +123,7 @@ def test_matches_naive_loop_outputs_states_and_gradients(t, d, n, strong, with_h
 
 
 def test_matches_pytorch_chunked_scan():
-    """Same outputs and final state as ssm_ops.selective_scan, the gate applied outside as the
+    """Same outputs and final state as chunk_torch.selective_scan, the gate applied outside as the
     Mamba layer does."""
     x, dt, A, B, C, D, z, h0, reset = make_inputs(2, 11, 6, 4, True, True, True, seed=3)
     y, ht = selective_scan_triton(x, dt, A, B, C, D, z, initial_state=h0, output_final_state=True, reset=reset)
