@@ -102,7 +102,6 @@ def _selective_scan_bwd_kernel(x, dt, A, B, C, D, z, reset, ckpt, dy, dht, scrat
     """All gradients of one (batch, channel block). ``b_g`` is dL/dh of the current token through
     the later tokens (and the final state); dB and dC go to this block's slice ``[i_d]``."""
     i_d, i_b = tl.program_id(0), tl.program_id(1)
-    n_blocks = tl.num_programs(0)
     o_d, o_n, m_d, m_n, m_dn, o_dn, b_A, b_D = _block(A, D, i_d, DIM, N, BD, BN, HAS_D)
     p_h = i_b.to(tl.int64) * DIM * N + o_dn
     b_g = tl.zeros([BD, BN], dtype=tl.float32)
