@@ -3,9 +3,15 @@ overrides that shrink any config to a model that trains in seconds."""
 
 from __future__ import annotations
 
+import os
+
+# Triton kernels run under Triton's interpreter on CPU tensors in the tests. triton reads this
+# when it is first imported (torch may import it from any test), so it is set here, before
+# anything else; TRITON_INTERPRET=0 in the environment runs tests/kernels compiled on CUDA.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import importlib.util
 import json
-import os
 import signal
 import subprocess
 import sys
