@@ -45,10 +45,9 @@ from parallel.tensor.plan import FFN_PLANS, MIXER_PLANS, GroupSlice, Layout, Reg
 def enter_region(x: Tensor, mesh: DeviceMesh, sequence_parallel: bool) -> Tensor:
     """Megatron's f: the full input of a region. Forward: identity (all-gather along dim 1 with
     sequence parallelism); backward: all-reduce (reduce-scatter along dim 1)."""
-    if sequence_parallel:
-        d = DTensor.from_local(x, mesh, [Shard(1)], run_check=False).redistribute(mesh, [Replicate()])
-    else:
-        d = DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+    if not sequence_parallel:
+        return _all_reduce_grad(x, mesh)
+    d = DTensor.from_local(x, mesh, [Shard(1)], run_check=False).redistribute(mesh, [Replicate()])
     return d.to_local(grad_placements=[Partial()])
 
 
@@ -221,7 +220,7 @@ class Region:
         self.uses_carry = getattr(module, "uses_carry", False)
         self.tp = mesh.size()
         _distribute(module, {n: plan.layout(n) for n, _ in module.named_parameters()}, mesh)
-        self.view = _region_view(plan, mesh, module)
+        _Swap(module, _region_view(plan, mesh, module))  # the local shards during its forward
         if plan.partial_sums or plan.scatter_partials:
             groups = _span_groups(mesh)
             for name, span in plan.partial_sums.items():
@@ -230,13 +229,10 @@ class Region:
             for name, span in plan.scatter_partials.items():
                 module.get_submodule(name).scatter_partial = _scatter_partial(mesh, groups[span])
         self.entered: list[dict[int, Tensor]] = []
-        self.open: list[Any] = []
         module.register_forward_pre_hook(self._pre)
         module.register_forward_hook(self._post, always_call=True)
 
     def _pre(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        cm = _local_params(module, self.view)
-        cm.__enter__()
         args = list(args)
         args[0] = enter_region(args[0], self.mesh, self.sp)
         originals: dict[int, Tensor] = {}
@@ -253,11 +249,9 @@ class Region:
                 carry[k] = v
             args[-1] = carry
         self.entered.append(originals)
-        self.open.append(cm)
         return tuple(args)
 
     def _post(self, module: nn.Module, args: Any, output: Any) -> Any:
-        self.open.pop().__exit__(None, None, None)
         originals = self.entered.pop()
         if output is None:  # the forward raised
             return None
@@ -372,15 +366,10 @@ def vocab_parallel_cross_entropy(logits: Tensor, labels: Tensor, mesh: DeviceMes
     start = mesh.get_local_rank() * width
     with torch.no_grad():  # the stabiliser: lse = m + log sum exp(x - m) for any constant m
         m = DTensor.from_local(x.max(dim=1).values, mesh, [Partial("max")], run_check=False).full_tensor()
-    sum_exp = _sum_over_ranks(torch.exp(x - m.unsqueeze(1)).sum(dim=1), mesh)
+    sum_exp = exit_region(torch.exp(x - m.unsqueeze(1)).sum(dim=1), mesh, False)
     local = labels - start
     mine = (local >= 0) & (local < width)
     target = x.gather(1, local.clamp(0, width - 1).unsqueeze(1)).squeeze(1).masked_fill(~mine, 0.0)
-    target = _sum_over_ranks(target, mesh)
+    target = exit_region(target, mesh, False)
     keep = labels != ignore_index
     return ((torch.log(sum_exp) + m - target) * keep).sum() / keep.sum()
-
-
-def _sum_over_ranks(t: Tensor, mesh: DeviceMesh) -> Tensor:
-    """All-reduce (sum) whose backward is the identity (the result is used alike by all ranks)."""
-    return DTensor.from_local(t, mesh, [Partial()], run_check=False).redistribute(mesh, [Replicate()]).to_local()

@@ -13,57 +13,13 @@ from pretrain.models import build_model
 from pretrain.models.context import ForwardContext
 from pretrain.models.layers import titans
 from kernels.titans.chunk_torch import MemoryState, memory_scan
+from kernels.titans.naive import naive_memory_scan as naive_scan
 from tests.models.util import decode_with_cache as _decode
 
 B, H, D, HID = 2, 2, 4, 6
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation (10-100x slower on a
-    busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def naive_mlp(ws, x):
-    """The memory MLP written out: linear for one layer, else x + W_L silu(... silu(x W_1))."""
-    if len(ws) == 1:
-        return x @ ws[0]
-    h = x
-    for w in ws[:-1]:
-        h = F.silu(h @ w)
-    return x + h @ ws[-1]
-
-
-def naive_scan(q, k, v, theta, eta, alpha, state, init, positions, chunk_size, reset=None, read="chunk_start"):
-    """One token at a time: reset, read the chunk-start weights, gradient of ||M(k)-v||^2 there by
-    autograd (create_graph: differentiable), momentum and forgetting step, and at a chunk's last
-    token the chunk-start weights become the running ones. read='per_token' reads the running
-    weights right after the token's step instead."""
-    w0, m, s = list(state.w0), list(state.m), list(state.s)
-    ys = []
-    for t in range(q.shape[1]):
-        if reset is not None:
-            r = reset[:, t].view(-1, 1, 1, 1)
-            w0 = [torch.where(r, p, x) for p, x in zip(init, w0)]
-            m = [torch.where(r, p, x) for p, x in zip(init, m)]
-            s = [torch.where(r, 0.0, x) for x in s]
-        qt, kt, vt = (x[:, t].unsqueeze(2) for x in (q, k, v))  # [B, H, 1, D]
-        if read == "chunk_start":
-            ys.append(naive_mlp(w0, qt)[:, :, 0])
-        loss = ((naive_mlp(w0, kt) - vt) ** 2).sum()  # the (b, h) memories are independent
-        grads = torch.autograd.grad(loss, w0, create_graph=True)
-        th, et, al = (x[:, t].view(*x.shape[:1], -1, 1, 1) for x in (theta, eta, alpha))
-        s = [et * si - th * g for si, g in zip(s, grads)]
-        m = [(1 - al) * mi + si for mi, si in zip(m, s)]
-        if read == "per_token":
-            ys.append(naive_mlp(m, qt)[:, :, 0])
-        done = (positions[:, t] % chunk_size == chunk_size - 1).view(-1, 1, 1, 1)
-        w0 = [torch.where(done, mi, wi) for mi, wi in zip(m, w0)]
-    return torch.stack(ys, dim=1), MemoryState(w0, m, s)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _inputs(depth, t, seed=0):
