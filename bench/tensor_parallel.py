@@ -35,8 +35,9 @@ Korthikanti et al. 2022), ``X = [B, T, d_model]`` fp32:
   forward reduce-scatter, backward all-gather of ``[B, T, W]``;
 - embedding: the exit of its partial sums (forward all-reduce X, or reduce-scatter X and a
   backward all-gather X); final norm -> head: an entry (backward all-reduce X, or forward
-  all-gather X and backward reduce-scatter X); the cross-entropy: 3 forward all-reduces of
-  ``[B * T]`` fp32 (row max, sum of exponentials, target logit).
+  all-gather X and backward reduce-scatter X); the head fused with the cross-entropy: per
+  block of c tokens, 2 forward all-reduces, ``[c]`` fp32 (row max) and ``[2, c]`` (sum of
+  exponentials, target logit): 3 x ``[B * T]`` fp32 in all.
 
 Bytes are those of the whole (unsharded) tensor a collective reduces or gathers: an
 all-reduce's tensor, an all-gather's output, a reduce-scatter's input.
@@ -200,7 +201,7 @@ def label_modules(model: torch.nn.Module, mode: CommBytesMode) -> None:
 
 def measure(name: str, mesh, sp: bool, batch: int, seq: int) -> list[tuple[str, str, str, int]]:
     """The collectives of one forward + backward of case ``name`` at the mesh's tp."""
-    from parallel.tensor.region import apply_tp, vocab_parallel_cross_entropy
+    from parallel.tensor.region import apply_tp
     from pretrain.config import load_config
     from pretrain.models import build_model
 
@@ -216,12 +217,8 @@ def measure(name: str, mesh, sp: bool, batch: int, seq: int) -> list[tuple[str, 
     group = mesh.get_group()
     issued = group._get_sequence_number_for_group()
     with mode:
-        logits, aux = model(tokens[:, :-1], position_ids=pos, return_aux=True)
-        mode.stack.append("loss")
-        start = _seq()
-        loss = vocab_parallel_cross_entropy(logits, tokens[:, 1:], mesh) + aux.get("aux_loss", 0.0)
-        mode.ranges.append((start, _seq(), "loss"))
-        mode.stack.pop()
+        loss, aux = model(tokens[:, :-1], position_ids=pos, labels=tokens[:, 1:], return_aux=True)
+        loss = loss + aux.get("aux_loss", 0.0)
         mode.phase = "bwd"
         loss.backward()
     # two independent counts: CommDebugMode's own, and the process group's sequence number,
@@ -316,7 +313,14 @@ def theory(model, tp: int, sp: bool, B: int, T: int) -> dict:
         out["bwd", "norm"] = [("reduce_scatter", X), ("all_reduce", cfg.d_model * 4)]
     else:
         out["bwd", "norm"] = [("all_reduce", X)]
-    out["fwd", "loss"] = [("all_reduce", B * T * 4)] * 3
+    # the head fused with the loss: per block of tokens, the max, then the sum of exponentials
+    # and the target logit together (kernels/linear_cross_entropy)
+    from kernels.linear_cross_entropy.chunk_torch import auto_chunk_size
+
+    chunk = auto_chunk_size(B * T, cfg.d_model, -(-cfg.vocab_size // tp))
+    for start in range(0, B * T, chunk):
+        n = min(chunk, B * T - start)
+        out["fwd", "head"] += [("all_reduce", n * 4), ("all_reduce", 2 * n * 4)]
     return out
 
 
@@ -351,7 +355,7 @@ def compare(name: str, log, tp: int, sp: bool, B: int, T: int) -> list[dict]:
 
 
 def _order(label: str):
-    head = {"embed": (-1, ""), "norm": (1e9, "a"), "head": (1e9, "b"), "loss": (1e9, "c"), "other": (1e9, "d")}
+    head = {"embed": (-1, ""), "norm": (1e9, "a"), "head": (1e9, "b"), "other": (1e9, "d")}
     if label in head:
         return head[label]
     i, part = label.split(".")

@@ -10,7 +10,6 @@ import torch
 
 from pretrain.data import read_meta, validation_batches
 from pretrain.train.checkpoint import load_for_inference
-from pretrain.train.trainer import lm_loss
 
 
 @torch.no_grad()
@@ -21,9 +20,9 @@ def perplexity(checkpoint: Path, samples: int | None = None, device: str = "cpu"
     batches = validation_batches(cfg.data.dir, cfg.data.seq_len, n, cfg.train.micro_batch_size, 0, 1)
     total, tokens = 0.0, 0
     for batch in batches:
-        logits = model(batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device))
-        count = batch["labels"].numel()
-        total += lm_loss(logits, batch["labels"].to(device)).item() * count
+        ids, pos, labels = (batch[k].to(device) for k in ("input_ids", "position_ids", "labels"))
+        count = labels.numel()
+        total += model(ids, position_ids=pos, labels=labels).item() * count
         tokens += count
     loss = total / max(tokens, 1)
     return {

@@ -71,32 +71,26 @@ def stage_ranks(schedule: str, pp: int, virtual_stages: int = 1) -> list[int]:
 
 
 class PipelineLoss:
-    """The last stage's loss of one micro-batch: mean next-token cross-entropy of the logits
-    plus the layers' auxiliary loss, divided by the number of micro-batches ``n`` (the
-    schedules then run with ``scale_grads=False``), so the summed gradients equal a
-    single-process step that accumulates ``(loss_i / n).backward()`` over the same
-    micro-batches.
+    """The last stage's loss of one micro-batch: the mean next-token cross-entropy the stage
+    computed with its head (it receives the labels as a keyword, see :func:`step`) plus the
+    layers' auxiliary loss, divided by the number of micro-batches ``n`` (the schedules then
+    run with ``scale_grads=False``), so the summed gradients equal a single-process step that
+    accumulates ``(loss_i / n).backward()`` over the same micro-batches.
 
     Called by the schedule as ``loss(outputs, labels)``: ``outputs`` the last stage's
-    ``(fp32 logits [B, T, V], *carry)`` with the carry in ``keys`` order (a lone tensor when
-    ``keys`` is empty), ``labels [B, T]`` int64. ``records`` collects, per call, the detached
-    LM loss under 'lm_loss' and every carry entry (fp32), for logging; :func:`step` clears it
-    and keeps one entry per micro-batch.
+    ``(LM loss, *carry)`` with the carry in ``keys`` order (a lone tensor when ``keys`` is
+    empty); ``labels`` is not read again. ``records`` collects, per call, the detached LM loss
+    under 'lm_loss' and every carry entry (fp32), for logging; :func:`step` clears it and keeps
+    one entry per micro-batch.
     """
 
-    def __init__(self, keys: list[str], n_microbatches: int, lm_loss: Any = None) -> None:
-        """``lm_loss(logits, labels)``: the LM loss (default the trainer's cross-entropy; under
-        tensor parallelism the vocabulary-parallel one of the logits' shards)."""
-        from pretrain.train.trainer import lm_loss as default
-
+    def __init__(self, keys: list[str], n_microbatches: int) -> None:
         self.keys, self.n = list(keys), n_microbatches
-        self.lm_loss = lm_loss or default
         self.records: list[dict[str, Tensor]] = []
 
     def __call__(self, outputs: Tensor | tuple[Tensor, ...], labels: Tensor) -> Tensor:
         outputs = (outputs,) if isinstance(outputs, Tensor) else tuple(outputs)
-        logits, carry = outputs[0], dict(zip(self.keys, outputs[1:]))
-        lm = self.lm_loss(logits, labels)
+        lm, carry = outputs[0], dict(zip(self.keys, outputs[1:]))
         loss = lm + carry["aux_loss"] if "aux_loss" in carry else lm
         self.records.append({"lm_loss": lm.detach(), **{k: v.detach().float() for k, v in carry.items()}})
         return loss / self.n
@@ -119,7 +113,7 @@ def build_schedule(name: str, stages: list[PipelineStage], n_microbatches: int, 
     """The ``torch.distributed.pipelining`` schedule ``name`` over this rank's ``stages`` (in
     increasing stage order, laid out by :func:`stages_of_rank`), with ``scale_grads=False``
     (``loss_fn`` already divides by the micro-batch count). Inputs are split along the batch
-    dimension; ``position_ids`` goes to every stage as a keyword. Raises ValueError on an
+    dimension; ``position_ids`` and ``labels`` go to every stage as keywords. Raises ValueError on an
     unknown name or a stage count the schedule cannot run."""
     if name not in SCHEDULES:
         raise ValueError(f"unknown pipeline schedule {name!r}; known: {sorted(SCHEDULES)}")
@@ -155,6 +149,8 @@ def _run(
     loss_fn.records.clear()
     args = (input_ids,) if input_ids is not None else ()
     kwargs = {"position_ids": position_ids} if position_ids is not None else {}
+    if labels is not None:  # the last stage fuses its head with the loss (no logits)
+        kwargs["labels"] = labels
     action(*args, target=labels, return_outputs=False, **kwargs)
     # The first step (and the first after an eval) also runs the loss once on placeholder
     # tensors to infer shapes: keep the last n records.

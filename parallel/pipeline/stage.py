@@ -119,8 +119,9 @@ def boundary_keys(model: HybridLM, cuts: list[int | str], device: torch.device) 
     those after the last block: the entries present after the half-block just before cut
     point ``cuts[s]`` (see :func:`stage_units`) in a dry forward of the whole ``model`` on two
     tokens, less the shared GRU's weights (each stage adds its own copy). ``len(cuts) + 1``
-    lists. ``model`` may be on the meta device: the dry forward then materialises one block at
-    a time on ``device`` (zero weights: only the keys matter)."""
+    lists; the last also holds what the head adds with the labels (the z-loss, with
+    model.z_loss_coef > 0). ``model`` may be on the meta device: the dry forward then
+    materialises one block at a time on ``device`` (zero weights: only the keys matter)."""
     with _materialised(model.embed, device) as embed:
         h = embed(torch.zeros(1, 2, dtype=torch.long, device=device))
     ctx = model._context(h, None, None)
@@ -136,7 +137,8 @@ def boundary_keys(model: HybridLM, cuts: list[int | str], device: torch.device) 
                 if block.ffn is not None:
                     h, carry = block.forward_ffn(h, ctx, carry)
                 after.append(sorted(k for k in carry if k not in GRU_KEYS))
-    return [[]] + [after[split_position(c) - 1] for c in cuts[1:]] + [after[-1]]
+    head = {"aux_loss", "metric/z_loss"} if model.cfg.z_loss_coef else set()
+    return [[]] + [after[split_position(c) - 1] for c in cuts[1:]] + [sorted({*after[-1], *head})]
 
 
 def output_keys(keys: list[str]) -> list[str]:
@@ -149,9 +151,10 @@ class StageModule(nn.Module):
     (its parameter names are the single-process ones), and forward packs the carry.
 
     forward: first stage ``(input_ids [B, T] int64)``; other stages ``(h [B, T, d_model],
-    *carry tensors in in_keys order)``; keyword ``position_ids [B, T]`` on every stage.
-    Returns ``(h, *carry in out_keys order)``, on the last stage ``(fp32 logits [B, T, V],
-    *carry in out_keys order)`` with out_keys from :func:`output_keys`.
+    *carry tensors in in_keys order)``; keyword ``position_ids [B, T]`` on every stage, and
+    ``labels [B, T]`` (read by the last stage only). Returns ``(h, *carry in out_keys order)``,
+    on the last stage ``(fp32 logits [B, T, V], *carry in out_keys order)`` with out_keys from
+    :func:`output_keys`, or with labels ``(LM loss, *carry)`` (the head fused with the loss).
     """
 
     def __init__(
@@ -176,11 +179,14 @@ class StageModule(nn.Module):
         self.replicas = frozenset(replicas)
         self.split_weight_grad = split_weight_grad
 
-    def forward(self, x: Tensor, *carry_in: Tensor, position_ids: Tensor | None = None) -> tuple[Tensor, ...]:
+    def forward(
+        self, x: Tensor, *carry_in: Tensor, position_ids: Tensor | None = None, labels: Tensor | None = None
+    ) -> tuple[Tensor, ...]:
         if len(carry_in) != len(self.in_keys):
             raise ValueError(f"stage {self.stage} expects carry {self.in_keys}, got {len(carry_in)} tensors")
         h = self.model.embed(x) if self.is_first else x
-        out, carry = self.model.forward_layers(h, dict(zip(self.in_keys, carry_in)), position_ids)
+        labels = labels if self.is_last else None
+        out, carry = self.model.forward_layers(h, dict(zip(self.in_keys, carry_in)), position_ids, labels=labels)
         missing = [k for k in self.out_keys if k not in carry]
         if missing:
             raise RuntimeError(f"stage {self.stage}: carry entries {missing} expected at its boundary are missing")

@@ -19,9 +19,11 @@ redistributions:
 - replicated parameters used inside a region, or on sequence-sharded tokens (the norms under
   sequence parallelism), get their gradient all-reduced: each rank holds only its part of it;
 - the embedding is vocabulary-parallel (each rank looks up its vocabulary rows, zeros the rest,
-  and the partial sums are reduced), the head column-parallel over the vocabulary: the logits
-  stay sharded ``[B, T, V/tp]`` and :func:`vocab_parallel_cross_entropy` computes the loss
-  without gathering them (torch's ``loss_parallel``).
+  and the partial sums are reduced), the head column-parallel over the vocabulary: logits stay
+  sharded ``[B, T, V/tp]``, and the loss fused with the head (the model's ``labels`` path,
+  :mod:`kernels.linear_cross_entropy`) combines each token's max, sum of exponentials and
+  target logit over the tp ranks (Megatron's vocab-parallel cross-entropy), never gathering
+  the logits.
 """
 
 from __future__ import annotations
@@ -299,9 +301,10 @@ def apply_tp(model: nn.Module, mesh: DeviceMesh, sequence_parallel: bool, ep: in
     :func:`parallel.meta_init.materialise_sharded` to fill.
     Under sequence parallelism the hidden states between regions are ``[B, T/tp, d_model]``
     local shards, T must divide by tp, and ``position_ids [B, T]`` must be passed to the model
-    (its masks are built from them). The logits are ``[B, T, V/tp]`` shards: use
-    :func:`vocab_parallel_cross_entropy`. Every hook is on the module that uses the parameters,
-    so FSDP2 (applied after) may gather and release them around it.
+    (its masks are built from them). The logits are ``[B, T, V/tp]`` shards; the model's loss
+    (``labels``) is the full vocabulary's, replicated on the tp ranks. Every hook is on the
+    module that uses the parameters, so FSDP2 (applied after) may gather and release them
+    around it.
     """
     cfg = model.cfg
     plans = tp_plans(cfg, mesh.size(), ep)
@@ -321,10 +324,14 @@ def apply_tp(model: nn.Module, mesh: DeviceMesh, sequence_parallel: bool, ep: in
     for name, module in model.named_modules():
         if name.endswith(("norm1", "norm2")) or name == "norm":
             _Swap(module, {"weight": on_tokens})
+    vocab_rows = local_slice(Shard(0), cfg.vocab_size, mesh.get_local_rank(), mesh.size())
     if model.head is not None:
         _Swap(model.head, {"weight": local})
     if model.tied_head is not None:
-        model.tied_head.register_forward_pre_hook(lambda m, args: (args[0], args[1].to_local()))
+        model.tied_head.register_forward_pre_hook(lambda m, args: (args[0], args[1].to_local(), *args[2:]))
+    for head in (model.head, model.tied_head):
+        if head is not None:
+            head.vocab_start, head.all_reduce = vocab_rows.start, _vocab_all_reduce(mesh)
     if model.embed is not None:
         _Swap(model.embed, {"weight": local})
         _vocab_parallel_embedding(model.embed, mesh, sequence_parallel)
@@ -352,24 +359,14 @@ def _vocab_parallel_embedding(embed: nn.Embedding, mesh: DeviceMesh, sequence_pa
     embed.register_forward_hook(post)
 
 
-def vocab_parallel_cross_entropy(logits: Tensor, labels: Tensor, mesh: DeviceMesh, ignore_index: int = -100) -> Tensor:
-    """Mean next-token cross-entropy of vocabulary-sharded ``logits [B, T, V/tp]`` (this
-    rank's contiguous slice of the vocabulary) against ``labels [B, T]`` (int64, full
-    vocabulary ids; ``ignore_index`` ones skipped, as ``F.cross_entropy``), without gathering
-    the logits (Megatron's vocab-parallel cross-entropy): all-reductions of the row max, the
-    sum of exponentials and the target logit, ``[B * T]`` floats each. Returns the replicated
-    fp32 scalar; its backward reaches the local logits with no further communication, so it
-    needs no context around the backward (unlike torch's ``loss_parallel``)."""
-    x = logits.float().flatten(0, 1)  # [N, V/tp]
-    labels = labels.flatten()
-    width = x.shape[1]
-    start = mesh.get_local_rank() * width
-    with torch.no_grad():  # the stabiliser: lse = m + log sum exp(x - m) for any constant m
-        m = DTensor.from_local(x.max(dim=1).values, mesh, [Partial("max")], run_check=False).full_tensor()
-    sum_exp = exit_region(torch.exp(x - m.unsqueeze(1)).sum(dim=1), mesh, False)
-    local = labels - start
-    mine = (local >= 0) & (local < width)
-    target = x.gather(1, local.clamp(0, width - 1).unsqueeze(1)).squeeze(1).masked_fill(~mine, 0.0)
-    target = exit_region(target, mesh, False)
-    keep = labels != ignore_index
-    return ((torch.log(sum_exp) + m - target) * keep).sum() / keep.sum()
+def _vocab_all_reduce(mesh: DeviceMesh):
+    """The reduction over the tp ranks that a vocabulary-parallel fused loss combines its
+    per-token statistics with (:data:`kernels.linear_cross_entropy.AllReduce`); called inside
+    the loss's forward, where autograd is off."""
+    group = mesh.get_group()
+
+    def all_reduce(x: Tensor, op: str) -> Tensor:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
+        return x
+
+    return all_reduce

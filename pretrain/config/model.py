@@ -200,6 +200,10 @@ class ModelConfig:
     """SwiGLU hidden width; 0 means 8/3 * d_model rounded up to a multiple of 64."""
     tie_embeddings: bool = True
     """Share the input embedding with the output head."""
+    z_loss_coef: float = 0.0
+    """Weight of the output z-loss, ``coef * mean(logsumexp(logits)^2)`` (PaLM; keeps the
+    softmax normaliser near 1 for bf16 stability); added to the auxiliary loss and logged as
+    'z_loss'. 0 disables it."""
     norm_eps: float = 1e-5
     """RMSNorm epsilon."""
     init_std: float = 0.02
@@ -253,6 +257,7 @@ def validate_model(m: ModelConfig) -> None:
     require(m.norm_eps > 0, "model.norm_eps", "must be > 0")
     require(m.init_std > 0, "model.init_std", "must be > 0")
     require_choice(m.kernels, "model.kernels", ("auto", "triton", "torch"))
+    require(m.z_loss_coef >= 0, "model.z_loss_coef", "must be >= 0")
     require(a.n_heads > 0, "model.attention.n_heads", "must be > 0")
     require(
         a.head_dim > 0 or m.d_model % a.n_heads == 0,

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels.linear_cross_entropy import AllReduce, linear_cross_entropy
 from pretrain.models.context import Cache, ForwardContext, build_context
 from pretrain.models.layers.attention import Attention, flash_available
 from pretrain.models.layers.moe import RouterGRU, uses_router_gru
@@ -79,12 +80,44 @@ class Block(nn.Module):
             self.ffn.init_weights(init_std, out_std)
 
 
-class TiedHead(nn.Module):
+class HeadOutput:
+    """The output projection's forward, shared by :class:`LMHead` and :class:`TiedHead`: fp32
+    logits, or with labels the loss fused with the projection (the logits never exist).
+
+    ``vocab_start`` / ``all_reduce``: a vocabulary-parallel head's first id and the reduction
+    over its ranks (see :func:`kernels.linear_cross_entropy.linear_cross_entropy`), set by
+    parallel/tensor; the defaults are one rank holding the whole vocabulary."""
+
+    vocab_start: int = 0
+    all_reduce: AllReduce | None = None
+
+    def output(self, h: Tensor, weight: Tensor, labels: Tensor | None, z_loss_coef: float) -> Tensor | tuple[Tensor, Tensor]:
+        """``h [B, T, d_model]`` -> fp32 logits ``[B, T, V]``; with ``labels [B, T]``, ``(mean
+        cross-entropy + z-loss term, the z-loss term detached)``, both fp32 scalars."""
+        if labels is None:
+            return at_least_fp32(F.linear(h, weight))
+        return linear_cross_entropy(
+            h, weight, labels, z_loss_coef=z_loss_coef, vocab_start=self.vocab_start,
+            all_reduce=self.all_reduce, return_z_loss=True,
+        )
+
+
+class LMHead(HeadOutput, nn.Linear):
+    """The output projection ``weight [V, d_model]`` (no bias); given labels, fused with the loss."""
+
+    def __init__(self, d_model: int, vocab_size: int) -> None:
+        super().__init__(d_model, vocab_size, bias=False)
+
+    def forward(self, h: Tensor, labels: Tensor | None = None, z_loss_coef: float = 0.0):
+        return self.output(h, self.weight, labels, z_loss_coef)
+
+
+class TiedHead(HeadOutput, nn.Module):
     """The output projection with the input embedding's weight (no parameters of its own, so
     parameter names do not change): a module so that a tensor-parallel plan can hook it."""
 
-    def forward(self, h: Tensor, weight: Tensor) -> Tensor:
-        return F.linear(h, weight)
+    def forward(self, h: Tensor, weight: Tensor, labels: Tensor | None = None, z_loss_coef: float = 0.0):
+        return self.output(h, weight, labels, z_loss_coef)
 
 
 class HybridLM(nn.Module):
@@ -102,9 +135,7 @@ class HybridLM(nn.Module):
             self.embed: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.d_model)
             self.blocks = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
             self.norm: RMSNorm | None = RMSNorm(cfg.d_model, cfg.norm_eps)
-            self.head: nn.Linear | None = (
-                None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-            )
+            self.head: LMHead | None = None if cfg.tie_embeddings else LMHead(cfg.d_model, cfg.vocab_size)
             self.tied_head = TiedHead() if cfg.tie_embeddings else None
             # RMoE's GRU, shared by every 'moe_gru' block: handed to them through the carry
             # (see pretrain/models/layers/moe.py); every pipeline stage with a 'moe_gru' block's
@@ -154,29 +185,40 @@ class HybridLM(nn.Module):
         position_ids: Tensor | None = None,
         cache: Cache | None = None,
         return_aux: bool = False,
+        labels: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         """``input_ids [B, T]`` (hidden states ``[B, T, d_model]`` on a stage without embedding)
-        -> fp32 logits ``[B, T, V]`` (hidden states on a stage without norm/head).
+        -> fp32 logits ``[B, T, V]`` (hidden states on a stage without norm/head), or with
+        ``labels [B, T]`` (int64; -100 ignored) the mean next-token cross-entropy, an fp32
+        scalar, computed with the head in blocks of tokens so the logits never exist
+        (:func:`kernels.linear_cross_entropy.linear_cross_entropy`).
 
         ``position_ids [B, T]``: position inside each packed document (0 at its start); None is
         one document (continuing from the cache's offset). ``cache``: consumed and updated in
         place; any number of new tokens. ``return_aux``: also return the auxiliary outputs of
-        the layers, ``{"aux_loss": scalar to add to the LM loss, "metric/...": detached}``.
+        the layers, ``{"aux_loss": scalar to add to the LM loss, "metric/...": detached}``
+        (with labels and model.z_loss_coef > 0, the z-loss joins them).
         """
         h = self.embed(input_ids) if self.embed is not None else input_ids
-        out, carry = self.forward_layers(h, {}, position_ids, cache)
+        out, carry = self.forward_layers(h, {}, position_ids, cache, labels)
         if not return_aux:
             return out
         return out, {k: v for k, v in carry.items() if k == "aux_loss" or k.startswith("metric/")}
 
     def forward_layers(
-        self, h: Tensor, carry: dict[str, Tensor], position_ids: Tensor | None = None, cache: Cache | None = None
+        self,
+        h: Tensor,
+        carry: dict[str, Tensor],
+        position_ids: Tensor | None = None,
+        cache: Cache | None = None,
+        labels: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Everything after the embedding: hidden states ``h [B, T, d_model]`` and the incoming
         ``carry`` (empty at the first block; a pipeline stage passes what the previous stage
-        returned) -> (fp32 logits ``[B, T, V]``, or hidden states without norm, and the
-        outgoing carry with every entry the blocks left in it). The shared GRU's weights join
-        the carry here, from this module's own ``router_gru`` (a pipeline stage's copy)."""
+        returned) -> (fp32 logits ``[B, T, V]`` or with ``labels`` the loss (see :meth:`forward`),
+        or hidden states without norm, and the outgoing carry with every entry the blocks left
+        in it). The shared GRU's weights join the carry here, from this module's own
+        ``router_gru`` (a pipeline stage's copy)."""
         ctx = self._context(h, position_ids, cache)
         if self.router_gru is not None:
             carry = {**carry, **self.router_gru.carry()}
@@ -184,17 +226,23 @@ class HybridLM(nn.Module):
             h, carry = block(h, ctx, carry)
         if cache is not None:
             cache.offset += h.shape[1]
-        return self._output(h), carry
-
-    def _output(self, h: Tensor) -> Tensor:
         if self.norm is None:
-            return h
+            return h, carry
         h = self.norm(h)
+        z_coef = self.cfg.z_loss_coef
         if self.head is not None:
-            return at_least_fp32(self.head(h))
-        if self.cfg.tie_embeddings and self.embed is not None:
-            return at_least_fp32(self.tied_head(h, self.embed.weight))
-        return h
+            out = self.head(h, labels, z_coef)
+        elif self.cfg.tie_embeddings and self.embed is not None:
+            out = self.tied_head(h, self.embed.weight, labels, z_coef)
+        else:
+            return h, carry
+        if labels is None:
+            return out, carry
+        loss, z_loss = out
+        if z_coef:
+            # the value logged as the LM loss is the cross-entropy; the gradient is the sum's
+            carry = {**carry, "aux_loss": carry.get("aux_loss", 0) + z_loss, "metric/z_loss": z_loss}
+        return loss - z_loss, carry
 
     def _context(self, h: Tensor, position_ids: Tensor | None, cache: Cache | None) -> ForwardContext:
         attn = [b.mixer for b in self.blocks.values() if isinstance(b.mixer, Attention)]

@@ -147,9 +147,7 @@ class PipelineTrainer(Trainer):
         last = next((m for m in self.stages if m.is_last), None)
         self.n_micro = self.dims.pp_microbatches
         # every micro-batch of the step divides its loss by their total count, as one process does
-        self.loss_fn = PipelineLoss(
-            last.out_keys if last is not None else [], self.n_micro * self.grad_accum, self._loss
-        )
+        self.loss_fn = PipelineLoss(last.out_keys if last is not None else [], self.n_micro * self.grad_accum)
         pipe_stages = [pipeline_stage(m, self.device, group=pp_group) for m in self.stages]
         self.schedule = build_schedule(p.pp_schedule, pipe_stages, self.n_micro, self.loss_fn)
         holders = shared_holders(cfg.model, self.cuts, ranks)

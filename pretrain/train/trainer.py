@@ -20,7 +20,7 @@ from parallel.data import apply_fsdp
 from parallel.expert import average_expert_grads, parallelize_experts
 from parallel.grad_norm import clip_grad_norm_
 from parallel.meta_init import materialise_sharded
-from parallel.tensor.region import apply_tp, vocab_parallel_cross_entropy
+from parallel.tensor.region import apply_tp
 from parallel.dims import ParallelDims, destroy_distributed, init_distributed
 from pretrain.config import Config, ConfigError
 from pretrain.data import PackedLoader, prepare, prepared_datasets, read_meta, validation_batches
@@ -52,7 +52,8 @@ def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; logits [B, T, V], labels [B, T]."""
+    """Mean next-token cross-entropy of materialised logits [B, T, V] against labels [B, T]: the
+    reference the tests hold the model's fused loss (``model(..., labels=)``) against."""
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
 
 
@@ -166,12 +167,6 @@ class Trainer:
             return ()
         return tuple(parallelize_experts(model, self.dims.build_ep_mesh(self.device.type)))
 
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """LM loss of this rank's logits: vocabulary shards under tensor parallelism."""
-        if self.tp_mesh is not None:
-            return vocab_parallel_cross_entropy(logits, labels, self.tp_mesh)
-        return lm_loss(logits, labels)
-
     def _check_resume_config(self, cfg: Config, mode: str) -> None:
         """Refuse, before anything is written, a resume whose config changes the data order the
         checkpoint's position counts in (see :func:`~pretrain.train.resume_checks.check_data_order`)."""
@@ -261,8 +256,9 @@ class Trainer:
                 self.model.set_requires_gradient_sync(i == n - 1)
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with self._autocast():
-                logits, aux = self.model(batch["input_ids"], position_ids=batch["position_ids"], return_aux=True)
-            loss = self._loss(logits, batch["labels"])
+                loss, aux = self.model(
+                    batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"], return_aux=True
+                )
             total += loss.detach() / n
             if "aux_loss" in aux:
                 loss = loss + aux["aux_loss"]
@@ -327,8 +323,7 @@ class Trainer:
         for batch in batches:
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with self._autocast():
-                logits = self.model(batch["input_ids"], position_ids=batch["position_ids"])
-            total += self._loss(logits, batch["labels"])
+                total += self.model(batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"])
         self.model.train()
         loss = self._all_reduce_mean(total / max(1, len(batches)))
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}

@@ -18,7 +18,6 @@ both models."""
 
 from __future__ import annotations
 
-from functools import partial
 
 import pytest
 import torch
@@ -42,7 +41,7 @@ def _tp_ep(case: str, rank: int) -> dict:
     from parallel.dims import ParallelDims
     from parallel.expert import average_expert_grads, parallelize_experts
     from parallel.grad_norm import clip_grad_norm_
-    from parallel.tensor.region import apply_tp, vocab_parallel_cross_entropy
+    from parallel.tensor.region import apply_tp
 
     dims = ParallelDims(dp_replicate=1, dp_shard=2, world_size=WORLD, tp=2, sequence_parallel=True, ep=2)
     mesh = dims.build_mesh("cpu")
@@ -52,8 +51,8 @@ def _tp_ep(case: str, rank: int) -> dict:
     experts = parallelize_experts(model, dims.build_ep_mesh("cpu"))
     dp = dims.dp_rank(rank)
     inputs, labels, pos = (t[dp * ROWS : (dp + 1) * ROWS] for t in _batch())
-    logits, aux = model(inputs, position_ids=pos, return_aux=True)
-    loss = vocab_parallel_cross_entropy(logits, labels, tp_mesh) + aux["aux_loss"]
+    loss, aux = model(inputs, position_ids=pos, labels=labels, return_aux=True)
+    loss = loss + aux["aux_loss"]
     loss.backward()
     expert_ids = {id(p) for p in experts}
     others = [p for p in model.parameters() if id(p) not in expert_ids]
@@ -80,7 +79,7 @@ def _pp_ep(case: str, rank: int, tp: int = 1) -> dict:
     from parallel.expert import average_expert_grads, parallelize_experts
     from parallel.pipeline.schedule import PipelineLoss, build_schedule, pipeline_stage, stage_ranks, step
     from parallel.pipeline.stage import SharedParamSync, build_stage, clip_grad_norm_, shared_holders
-    from parallel.tensor.region import apply_tp, vocab_parallel_cross_entropy
+    from parallel.tensor.region import apply_tp
 
     dims = ParallelDims(dp_replicate=1, dp_shard=2, world_size=4 * tp, pp=2, pp_microbatches=ROWS, tp=tp,
                         sequence_parallel=tp > 1, ep=2)
@@ -93,8 +92,7 @@ def _pp_ep(case: str, rank: int, tp: int = 1) -> dict:
         apply_tp(stage.model, mesh["tp"], True, ep=2)
     experts = parallelize_experts(stage.model, dims.build_ep_mesh("cpu"))
     apply_fsdp(stage, mesh["dp_shard"], ignored_params=set(experts))
-    lm = partial(vocab_parallel_cross_entropy, mesh=mesh["tp"]) if tp > 1 else None
-    loss_fn = PipelineLoss(stage.out_keys if stage.is_last else [], ROWS, lm)
+    loss_fn = PipelineLoss(stage.out_keys if stage.is_last else [], ROWS)
     sched = build_schedule("gpipe", [pipeline_stage(stage, torch.device("cpu"), group=mesh["pp"].get_group())],
                            ROWS, loss_fn)
     pipelines = mesh.mesh.reshape(2, -1).T.tolist()

@@ -21,13 +21,12 @@ SCHEDULES = [("gpipe", 1), ("interleaved_1f1b", 2)]
 def _pipeline_tp(name: str, schedule: str, virtual: int, mesh) -> dict:
     """This rank's share of a pp2 x tp2 run of case ``name``: losses (last stage), first-step
     gradients as full tensors, clipped norms."""
-    from functools import partial
 
     from parallel.pipeline.schedule import (
         PipelineLoss, build_schedule, pipeline_stage, stage_ranks, stages_of_rank, step,
     )
     from parallel.pipeline.stage import SharedParamSync, build_stage, clip_grad_norm_, shared_holders
-    from parallel.tensor.region import apply_tp, vocab_parallel_cross_entropy
+    from parallel.tensor.region import apply_tp
 
     pp, tp_mesh = mesh["pp"], mesh["tp"]
     cfg, cuts = _config(name, 2 * virtual)
@@ -36,8 +35,7 @@ def _pipeline_tp(name: str, schedule: str, virtual: int, mesh) -> dict:
         apply_tp(m.model, tp_mesh, True)
     stages = [pipeline_stage(m, torch.device("cpu"), group=pp.get_group()) for m in local]
     last = next((m for m in local if m.is_last), None)
-    loss_fn = PipelineLoss(last.out_keys if last is not None else [], BATCH // MICRO,
-                           partial(vocab_parallel_cross_entropy, mesh=tp_mesh))
+    loss_fn = PipelineLoss(last.out_keys if last is not None else [], BATCH // MICRO)
     sched = build_schedule(schedule, stages, BATCH // MICRO, loss_fn)
     pipelines = mesh.mesh.reshape(2, -1).T.tolist()
     sync = SharedParamSync(local, shared_holders(cfg, cuts, stage_ranks(schedule, 2, virtual)), pp.get_group(), pipelines)

@@ -68,7 +68,7 @@ def _run(name: str, mesh=None, sequence_parallel: bool = False, dp_mesh=None) ->
     from torch.distributed.fsdp import fully_shard
 
     from parallel.grad_norm import clip_grad_norm_
-    from parallel.tensor.region import apply_tp, vocab_parallel_cross_entropy
+    from parallel.tensor.region import apply_tp
     from pretrain.models import build_model
     from pretrain.train.trainer import lm_loss
 
@@ -89,11 +89,11 @@ def _run(name: str, mesh=None, sequence_parallel: bool = False, dp_mesh=None) ->
         total = torch.zeros(())
         for i in range(n):
             rows = slice((dp_rank * n + i) * MICRO, (dp_rank * n + i + 1) * MICRO)
-            logits, aux = model(inputs[rows], position_ids=pos[rows], return_aux=True)
-            if mesh is None:
+            if mesh is None:  # the reference: materialised logits, F.cross_entropy
+                logits, aux = model(inputs[rows], position_ids=pos[rows], return_aux=True)
                 loss = lm_loss(logits, labels[rows])
-            else:
-                loss = vocab_parallel_cross_entropy(logits, labels[rows], mesh)
+            else:  # the vocabulary-parallel head fused with the loss, as the trainer runs it
+                loss, aux = model(inputs[rows], position_ids=pos[rows], labels=labels[rows], return_aux=True)
             loss = loss + aux.get("aux_loss", 0.0)
             (loss / n).backward()  # FSDP2 averages over the data-parallel ranks
             total += loss.detach() / n
