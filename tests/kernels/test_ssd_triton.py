@@ -197,39 +197,36 @@ def test_offsets_past_2_31_are_64_bit(tmp_path):
 
 
 def test_packed_sequences_equal_a_loop_over_single_sequences():
-    """cu_seqlens with per-sequence initial and final states, on the Triton and the PyTorch path:
-    outputs, final states and every gradient equal running each sequence alone."""
+    """cu_seqlens with per-sequence initial and final states (and a document reset inside one
+    sequence), on the Triton and the PyTorch path: outputs, final states and every gradient equal
+    the fp64 loop run on each sequence alone."""
     lengths = [7, 18, 1, 11]  # one shorter than a chunk, one crossing a chunk, one single token
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=DEVICE)
     h, p, g, n = 2, 12, 1, 8
     leaves, _ = make_inputs(1, sum(lengths), h, p, g, n, "mixed", False, False, seed=11)
-    h0 = torch.randn(len(lengths), h, p, n, generator=torch.Generator().manual_seed(12)).to(DEVICE)
-    leaves[6] = h0
+    leaves[6] = torch.randn(len(lengths), h, p, n, generator=torch.Generator().manual_seed(12)).to(DEVICE)
+    reset = torch.zeros(1, sum(lengths), dtype=torch.bool, device=DEVICE)
+    reset[0, 16] = True  # token 9 of the second sequence
     packed = {be: grads_of(lambda *a, **kw: ssd_chunked(*a, backend=be, cu_seqlens=cu, chunk_size=8, **kw),
-                           leaves, None) for be in ("triton", "torch")}
+                           leaves, reset) for be in ("triton", "torch")}
+    # the same random loss as on the packed output, restricted to each sequence
+    gen = torch.Generator().manual_seed(1)
+    gy = torch.randn(packed["triton"][0].shape, generator=gen).double().to(DEVICE)
+    gh = torch.randn(packed["triton"][1].shape, generator=gen).double().to(DEVICE)
     ys, hs, grads = [], [], []
     for i, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
-        part = [leaves[0][:, s:e], leaves[1][:, s:e], leaves[2], leaves[3][:, s:e], leaves[4][:, s:e], leaves[5],
-                h0[i : i + 1]]
-        # the same random loss as on the packed output: the cotangents of this sequence's slice
-        gen = torch.Generator().manual_seed(1)
-        gy = torch.randn(packed["triton"][0].shape, generator=gen).to(DEVICE)[:, s:e]
-        gh = torch.randn(packed["triton"][1].shape, generator=gen).to(DEVICE)[i : i + 1]
-        ins = [z.detach().clone().requires_grad_() for z in part]
-        y, ht = ssd_chunked_triton(*ins)
-        gr = torch.autograd.grad((y * gy).sum() + (ht * gh).sum(), ins)
+        x, dt, A, B, C, D, h0 = (z.double().requires_grad_() for z in leaves)
+        part = [x[:, s:e], dt[:, s:e], A, B[:, s:e], C[:, s:e], D, h0[i : i + 1]]
+        y, ht = naive_ssd(*part, reset=reset[:, s:e])
+        gr = torch.autograd.grad((y * gy[:, s:e]).sum() + (ht * gh[i : i + 1]).sum(), [x, dt, A, B, C, D, h0])
         ys.append(y), hs.append(ht), grads.append(gr)
     loop_y, loop_h = torch.cat(ys, 1), torch.cat(hs, 0)
-    loop_grads = [torch.cat([gr[k] for gr in grads], 1) for k in (0, 1, 3, 4)]  # per-token gradients
-    shared = [sum(gr[k] for gr in grads) for k in (2, 5)]  # A and D: summed over the sequences
+    loop_grads = [sum(gr[k] for gr in grads) for k in range(7)]  # each sequence fills its own slice
     for be, (y, ht, gr) in packed.items():
         assert_close(y, loop_y, f"{be} y")
         assert_close(ht, loop_h, f"{be} final states")
-        for k, want in zip((0, 1, 3, 4), loop_grads):
-            assert_close(gr[k], want, f"{be} d{NAMES[k]}")
-        for k, want in zip((2, 5), shared):
-            assert_close(gr[k], want, f"{be} d{NAMES[k]}")
-        assert_close(gr[6], torch.cat([gr_[6] for gr_ in grads], 0), f"{be} dh0")
+        for name, got, want in zip(NAMES, gr, loop_grads):
+            assert_close(got, want, f"{be} d{name}")
 
 
 def test_step_chains_with_the_chunked_op():
