@@ -143,7 +143,7 @@ def test_only_output_gradient_and_no_initial_state():
 
 
 def test_backward_is_bitwise_deterministic():
-    leaves, reset = make_inputs(2, 37, 4, 20, 2, 12, "mixed", True, True, seed=5)
+    leaves, reset = make_inputs(2, 20, 2, 20, 1, 12, "mixed", True, True, seed=5)  # 2 blocks, 2 heads a group
     first = grads_of(triton_fn, leaves, reset)[2]
     second = grads_of(triton_fn, leaves, reset)[2]
     for name, a, b in zip(NAMES, first, second):
