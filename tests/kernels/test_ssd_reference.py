@@ -71,7 +71,7 @@ def test_step_is_one_token_of_the_spec():
     torch.testing.assert_close(h, h_ref, **TOL)
 
 
-def test_bad_inputs_raise():
+def test_bad_inputs_raise(monkeypatch):
     (x, dt, A, B, C, D, h0), _ = _inputs(2, 4, 4, 3, 2, 5, True, False)
     with pytest.raises(ValueError, match="initial_state"):
         ssd_chunked(x, dt, A, B, C, D, h0[:, :2])
@@ -83,8 +83,15 @@ def test_bad_inputs_raise():
         ssd_chunked(x, dt, A, B, C, D, reset=torch.zeros(2, 4))
     with pytest.raises(ValueError, match="state"):
         ssd_step(h0[:, :2], x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D)
-    triton = r"model\.kernels='triton'.*no Triton kernel"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # Triton on CPU tensors only under the interpreter
+    triton = r"model\.kernels='triton'.*needs CUDA"
     with pytest.raises(ValueError, match=triton):
         ssd_chunked(x, dt, A, B, C, D, backend="triton")
     with pytest.raises(ValueError, match=triton):
         ssd_step(h0, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, backend="triton")
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        ssd_chunked(x, dt, A, B, C, D, cu_seqlens=torch.tensor([0, 4]))  # B = 2
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        ssd_chunked(x[:1], dt[:1], A, B[:1], C[:1], D, cu_seqlens=torch.tensor([0, 3, 3, 4]))
+    with pytest.raises(ValueError, match="initial_state"):
+        ssd_chunked(x[:1], dt[:1], A, B[:1], C[:1], D, h0[:1], cu_seqlens=torch.tensor([0, 3, 4]))
