@@ -83,6 +83,47 @@ def _load_piece(q, k, v, theta, eta, alpha, i_b, i_h, t0, t1, T, s_b, s_t, s_h,
 
 
 @triton.jit
+def _piece_decays(la, le, d_a, d_e, last):
+    """C = Da @ De, the last token's rows c (of C) and d (of De), A = exp(la), b, and the last
+    token's a, beta (its A, b) and e = exp(le_last)."""
+    c_mat = tl.dot(d_a, d_e, input_precision="ieee")  # [i, s]
+    c_last = tl.sum(tl.where(last[:, None], c_mat, 0.0), axis=0)  # [BT] over s
+    d_last = tl.sum(tl.where(last[:, None], d_e, 0.0), axis=0)
+    big_a = tl.exp(la)
+    exp_le = tl.exp(le)
+    b_vec = tl.sum(d_a * exp_le[None, :], axis=1)
+    a_end = tl.sum(tl.where(last, big_a, 0.0), axis=0)
+    beta = tl.sum(tl.where(last, b_vec, 0.0), axis=0)
+    e_end = tl.exp(tl.sum(tl.where(last, le, 0.0), axis=0))
+    return c_mat, c_last, d_last, big_a, exp_le, b_vec, a_end, beta, e_end
+
+
+@triton.jit
+def _gate_grads(d_c, d_de, d_bvec, d_bigA, de, d_a, d_e, big_a, exp_le, e_end, b_eta, b_al, m_t, last, tri,
+                BT: tl.constexpr):
+    """d eta and d alpha of a piece from the gradients of C, De (beyond C's), b, A and e:
+    through la / le (C = Da @ De, b_i = sum_t Da[i, t] exp(le_t), A_i = exp(la_i)), then the
+    reverse cumulative sum inside the piece and the derivative of the clamped logs."""
+    o_c = tl.arange(0, BT)
+    d_da = tl.dot(d_c, tl.trans(d_e), input_precision="ieee") + d_bvec[:, None] * exp_le[None, :]
+    d_de += tl.dot(tl.trans(d_a), d_c, input_precision="ieee")
+    h_a = tl.where(tri, d_da * d_a, 0.0)
+    h_e = tl.where(tri, d_de * d_e, 0.0)
+    g_b = d_bvec[:, None] * d_a * exp_le[None, :]
+    d_la = tl.sum(h_a, axis=1) - tl.sum(h_a, axis=0) + d_bigA * big_a
+    d_le = tl.sum(h_e, axis=1) - tl.sum(h_e, axis=0) + tl.sum(g_b, axis=0) + tl.where(last, de * e_end, 0.0)
+    d_la = tl.where(m_t, d_la, 0.0)
+    d_le = tl.where(m_t, d_le, 0.0)
+    later = o_c[:, None] <= o_c[None, :]  # [r, j]: j >= r; la_j sums the log gates r <= j
+    d_lal = tl.sum(tl.where(later, d_la[None, :], 0.0), axis=1)
+    d_lel = tl.sum(tl.where(later, d_le[None, :], 0.0), axis=1)
+    keep = 1.0 - b_al
+    b_dal = tl.where(keep > 1e-30, -d_lal / keep, 0.0)
+    b_deta = tl.where(b_eta > 1e-30, d_lel / b_eta, 0.0)
+    return b_deta, b_dal
+
+
+@triton.jit
 def _titans_linear_fwd_kernel(q, k, v, theta, eta, alpha, reset, done, starts, n_pieces, init,
                               w0_in, m_in, s_in, y, w0_out, m_out, s_out, ckpt, T, P_MAX,
                               s_b, s_t, s_h, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
@@ -114,14 +155,7 @@ def _titans_linear_fwd_kernel(q, k, v, theta, eta, alpha, reset, done, starts, n
             q, k, v, theta, eta, alpha, i_b, i_h, t0, t1, T, s_b, s_t, s_h, H, D, BT, BD)
         # ieee: fp32 dots, so the kernel matches the fp32 reference (tf32 would drop 13 bits)
         b_delta = 2.0 * (tl.dot(b_k, b_w0, input_precision="ieee") - b_v)  # [BT, BD]; 0 past t1
-        c_mat = tl.dot(d_a, d_e, input_precision="ieee")  # [i, s]
-        c_last = tl.sum(tl.where(last[:, None], c_mat, 0.0), axis=0)  # [BT] over s
-        d_last = tl.sum(tl.where(last[:, None], d_e, 0.0), axis=0)
-        big_a = tl.exp(la)
-        b_vec = tl.sum(d_a * tl.exp(le)[None, :], axis=1)
-        a_end = tl.sum(tl.where(last, big_a, 0.0), axis=0)
-        beta = tl.sum(tl.where(last, b_vec, 0.0), axis=0)
-        e_end = tl.exp(tl.sum(tl.where(last, le, 0.0), axis=0))
+        c_mat, c_last, d_last, big_a, exp_le, b_vec, a_end, beta, e_end = _piece_decays(la, le, d_a, d_e, last)
         p_y = (i_b.to(tl.int64) * T + (t0 + tl.arange(0, BT)).to(tl.int64))[:, None] * H * D + i_h * D \
             + tl.arange(0, BD)[None, :]
         if PER_TOKEN:
@@ -171,15 +205,7 @@ def _titans_linear_bwd_kernel(q, k, v, theta, eta, alpha, reset, done, starts, n
         b_q, b_k, b_v, b_th, b_eta, b_al, p_x, p_g, m_t, m_td, la, le, d_a, d_e, last, tri = _load_piece(
             q, k, v, theta, eta, alpha, i_b, i_h, t0, t1, T, s_b, s_t, s_h, H, D, BT, BD)
         b_delta = 2.0 * (tl.dot(b_k, b_w0, input_precision="ieee") - b_v)
-        c_mat = tl.dot(d_a, d_e, input_precision="ieee")
-        c_last = tl.sum(tl.where(last[:, None], c_mat, 0.0), axis=0)
-        d_last = tl.sum(tl.where(last[:, None], d_e, 0.0), axis=0)
-        big_a = tl.exp(la)
-        exp_le = tl.exp(le)
-        b_vec = tl.sum(d_a * exp_le[None, :], axis=1)
-        a_end = tl.sum(tl.where(last, big_a, 0.0), axis=0)
-        beta = tl.sum(tl.where(last, b_vec, 0.0), axis=0)
-        e_end = tl.exp(tl.sum(tl.where(last, le, 0.0), axis=0))
+        c_mat, c_last, d_last, big_a, exp_le, b_vec, a_end, beta, e_end = _piece_decays(la, le, d_a, d_e, last)
         # W0 <- M_end at a chunk end: the leaving W0's gradient joins M_end's, else W0 carries it
         fin = tl.load(done + i_b.to(tl.int64) * T + t1 - 1) != 0
         b_dm = tl.where(fin, b_dm + b_dw0, b_dm)
@@ -229,22 +255,8 @@ def _titans_linear_bwd_kernel(q, k, v, theta, eta, alpha, reset, done, starts, n
         # delta = 2 (k W0 - v)
         b_dk += 2.0 * tl.dot(d_delta, tl.trans(b_w0), input_precision="ieee")
         b_dw0 += 2.0 * tl.dot(tl.trans(b_k), d_delta, input_precision="ieee")
-        # gates: C = Da @ De, b_i = sum_t Da[i, t] exp(le_t), A_i = exp(la_i), e = exp(le_last)
-        d_da = tl.dot(d_c, tl.trans(d_e), input_precision="ieee") + d_bvec[:, None] * exp_le[None, :]
-        d_de += tl.dot(tl.trans(d_a), d_c, input_precision="ieee")
-        h_a = tl.where(tri, d_da * d_a, 0.0)
-        h_e = tl.where(tri, d_de * d_e, 0.0)
-        g_b = d_bvec[:, None] * d_a * exp_le[None, :]
-        d_la = tl.sum(h_a, axis=1) - tl.sum(h_a, axis=0) + d_bigA * big_a
-        d_le = tl.sum(h_e, axis=1) - tl.sum(h_e, axis=0) + tl.sum(g_b, axis=0) + tl.where(last, de * e_end, 0.0)
-        d_la = tl.where(m_t, d_la, 0.0)
-        d_le = tl.where(m_t, d_le, 0.0)
-        later = o_c[:, None] <= o_c[None, :]  # [r, j]: j >= r; la_j sums the log gates r <= j
-        d_lal = tl.sum(tl.where(later, d_la[None, :], 0.0), axis=1)
-        d_lel = tl.sum(tl.where(later, d_le[None, :], 0.0), axis=1)
-        keep = 1.0 - b_al
-        b_dal = tl.where(keep > 1e-30, -d_lal / keep, 0.0)
-        b_deta = tl.where(b_eta > 1e-30, d_lel / b_eta, 0.0)
+        b_deta, b_dal = _gate_grads(d_c, d_de, d_bvec, d_bigA, de, d_a, d_e, big_a, exp_le, e_end, b_eta, b_al,
+                                    m_t, last, tri, BT)
         p_o = (i_b.to(tl.int64) * T + (t0 + o_c).to(tl.int64))[:, None] * H * D + i_h * D + tl.arange(0, BD)[None, :]
         tl.store(dq + p_o, b_dq, mask=m_td)
         tl.store(dk + p_o, b_dk, mask=m_td)
