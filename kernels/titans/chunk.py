@@ -377,8 +377,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def unsupported(q: Tensor, state_dtypes: list[torch.dtype], depth: int) -> str | None:
     """Why the Triton path cannot run this call, or None when it can."""
-    if depth != 1:
-        return f"memory depth {depth} (the Triton kernel has the linear memory, depth 1, only)"
+    if depth not in (1, 2):
+        return f"memory depth {depth} (the Triton kernels have depths 1 and 2)"
     if q.dtype not in SUPPORTED_DTYPES:
         return f"{q.dtype} inputs (fp32, bf16 or fp16 only)"
     if any(dt != torch.float32 for dt in state_dtypes):
@@ -387,15 +387,16 @@ def unsupported(q: Tensor, state_dtypes: list[torch.dtype], depth: int) -> str |
 
 
 def memory_scan_triton(q, k, v, theta, eta, alpha, state, init, positions, chunk_size, reset=None, read="chunk_start"):
-    """:func:`kernels.titans.memory_scan` for the linear memory (depth 1) in Triton.
+    """:func:`kernels.titans.memory_scan` for the linear memory (depth 1) and, through
+    :mod:`kernels.titans.chunk_mlp`, the 2-layer MLP memory (depth 2) in Triton.
 
     Args and returns as :func:`kernels.titans.chunk_torch.memory_scan`: q, k, v ``[B, T, H, D]``
     (fp32, bf16 or fp16; computed in fp32), theta, eta, alpha ``[B, T, H]``, ``state`` of fp32
-    ``[B, H, D, D]`` tensors, ``init`` ``[[H, D, D]]``, positions ``[B, T]`` integers, reset
+    ``[B, H, d_in, d_out]`` tensors, ``init`` ``[[H, D, D]]`` or ``[[H, D, E], [H, E, D]]``, positions ``[B, T]`` integers, reset
     ``[B, T]`` bool or None. ``y`` and the new state are fp32.
 
     Raises:
-        ValueError: mismatched shapes, or what :func:`unsupported` names (deeper memories, fp64).
+        ValueError: mismatched shapes, or what :func:`unsupported` names (depth > 2, fp64).
     """
     from kernels.titans.chunk_torch import MemoryState  # noqa: PLC0415
 
@@ -412,11 +413,14 @@ def memory_scan_triton(q, k, v, theta, eta, alpha, state, init, positions, chunk
     why = unsupported(q, [x.dtype for x in (*state.w0, *state.m, *state.s)], len(init))
     if why is not None:
         raise ValueError(f"memory_scan: the Triton kernel does not support {why}")
-    for x in (*state.w0, *state.m, *state.s):
-        if x.shape != (b, h, d, d):
-            raise ValueError(f"memory_scan: state {tuple(x.shape)} must be {(b, h, d, d)}")
-    if init[0].shape != (h, d, d):
-        raise ValueError(f"memory_scan: init {tuple(init[0].shape)} must be {(h, d, d)}")
+    e = init[0].shape[-1]
+    shapes = [(d, d)] if len(init) == 1 else [(d, e), (e, d)]
+    for i, shape in enumerate(shapes):
+        if init[i].shape != (h, *shape):
+            raise ValueError(f"memory_scan: init[{i}] {tuple(init[i].shape)} must be {(h, *shape)}")
+        for x in (state.w0[i], state.m[i], state.s[i]):
+            if x.shape != (b, h, *shape):
+                raise ValueError(f"memory_scan: state tensor {tuple(x.shape)} must be {(b, h, *shape)}")
     bt = _tile(chunk_size)
     done, starts, n_pieces, p_max = pieces(positions, chunk_size, reset, bt)
     reset_i = reset.to(torch.int32).contiguous() if reset is not None else None
@@ -424,6 +428,12 @@ def memory_scan_triton(q, k, v, theta, eta, alpha, state, init, positions, chunk
     gates = [g.contiguous() for g in (theta, eta, alpha)]
     c = lambda x: x.contiguous()  # noqa: E731  (fresh states are expanded views of init)
     with torch.autocast(q.device.type, enabled=False):
-        y, w0, m, s = LinearMemoryScan.apply(
-            q, k, v, *gates, c(state.w0[0]), c(state.m[0]), c(state.s[0]), c(init[0]), meta)
-    return y, MemoryState([w0], [m], [s])
+        if len(init) == 1:
+            y, w0, m, s = LinearMemoryScan.apply(
+                q, k, v, *gates, c(state.w0[0]), c(state.m[0]), c(state.s[0]), c(init[0]), meta)
+            return y, MemoryState([w0], [m], [s])
+        from kernels.titans.chunk_mlp import MLPMemoryScan  # noqa: PLC0415  (it imports this module)
+
+        layers = [c(x) for i in range(2) for x in (state.w0[i], state.m[i], state.s[i])]
+        y, w1, m1, s1, w2, m2, s2 = MLPMemoryScan.apply(q, k, v, *gates, *layers, c(init[0]), c(init[1]), meta)
+    return y, MemoryState([w1, w2], [m1, m2], [s1, s2])
