@@ -1,4 +1,5 @@
-"""The Triton Titans memory kernel (linear memory) against the token-by-token specification
+"""The Triton Titans memory kernels (linear memory, depth 1, and 2-layer MLP memory, depth 2)
+against the token-by-token specification
 kernels/titans/naive.py in fp64 and the PyTorch chunked path: reads, the final MemoryState and
 every gradient (q, k, v, theta, eta, alpha, init, and the incoming w0, m, s), with both read modes,
 documents packed by resets, positions not starting at 0 (a start mid-chunk), T not a multiple of
@@ -37,16 +38,19 @@ def poison(monkeypatch):
     monkeypatch.setattr(titans_chunk, "POISON_OUTPUTS", True)
 
 
-def make_inputs(b, t, h, d, first_position, chunk, resets, seed=0, dtype=torch.float32):
-    """Leaves q, k, v, theta, eta, alpha, init, w0, m, s (a memory mid-sequence: W0 != M, S != 0),
-    positions and reset (row 0: a document starting at t // 2; row 1 at its first token)."""
+def make_inputs(b, t, h, d, first_position, chunk, resets, seed=0, dtype=torch.float32, depth=1, hidden=20):
+    """Leaves q, k, v, theta, eta, alpha, init (one per layer), then w0, m, s (one per layer each;
+    a memory mid-sequence: W0 != M, S != 0), positions and reset (row 0: a document starting at
+    t // 2; row 1 at its first token). Depth 2 takes smaller learning rates: the MLP's inner
+    descent diverges at theta ~ 0.5 over 40 tokens (in the fp64 reference too)."""
     g = torch.Generator().manual_seed(seed)
     q, k = (F.normalize(torch.randn(b, t, h, d, generator=g), dim=-1) for _ in range(2))
     v = torch.randn(b, t, h, d, generator=g)
-    theta = 0.5 * torch.rand(b, t, h, generator=g)
+    theta = (0.5 if depth == 1 else 0.15) * torch.rand(b, t, h, generator=g)
     eta, alpha = torch.rand(b, t, h, generator=g), 0.3 * torch.rand(b, t, h, generator=g)
-    init = torch.randn(h, d, d, generator=g) / d**0.5
-    states = [init.expand(b, h, d, d) + 0.1 * torch.randn(b, h, d, d, generator=g) for _ in range(3)]
+    dims = [d] + [hidden] * (depth - 1) + [d]
+    init = [torch.randn(h, i, o, generator=g) / i**0.5 for i, o in zip(dims, dims[1:])]
+    states = [p.expand(b, *p.shape) + 0.1 * torch.randn(b, *p.shape, generator=g) for _ in range(3) for p in init]
     positions = (torch.arange(t) + first_position).expand(b, t).clone()
     reset = None
     if resets:
@@ -54,16 +58,25 @@ def make_inputs(b, t, h, d, first_position, chunk, resets, seed=0, dtype=torch.f
         reset[0, t // 2] = reset[1, 0] = True
         positions[0, t // 2 :] = torch.arange(t - t // 2)
         positions[1] = torch.arange(t)
-    leaves = [x.to(dtype) for x in (q, k, v, theta, eta, alpha)] + [init.to(dtype)] + states
+    leaves = [x.to(dtype) for x in (q, k, v, theta, eta, alpha, *init)] + states
     move = lambda z: None if z is None else z.to(DEVICE)  # noqa: E731
     return [move(x) for x in leaves], move(positions), move(reset)
 
 
+def split(leaves):
+    """(the six sequence tensors, init, MemoryState) of :func:`make_inputs`' leaves."""
+    depth = (len(leaves) - 6) // 4
+    init, st = leaves[6 : 6 + depth], leaves[6 + depth :]
+    return leaves[:6], init, MemoryState(st[:depth], st[depth : 2 * depth], st[2 * depth :])
+
+
 def run(fn, leaves, positions, chunk, reset, read, cast=None, seed=1):
-    """Outputs (y, w0, m, s) and the gradients of a random weighting of them w.r.t. every leaf."""
+    """Outputs (y, then w0, m, s per layer) and the gradients of a random weighting of them
+    w.r.t. every leaf."""
     ins = [(x if cast is None else x.to(cast)).detach().requires_grad_() for x in leaves]
-    y, st = fn(*ins[:6], MemoryState([ins[7]], [ins[8]], [ins[9]]), [ins[6]], positions, chunk, reset, read)
-    outs = [y, st.w0[0], st.m[0], st.s[0]]
+    args, init, st = split(ins)
+    y, st = fn(*args, st, init, positions, chunk, reset, read)
+    outs = [y, *st.w0, *st.m, *st.s]
     g = torch.Generator().manual_seed(seed)
     weights = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device) for o in outs]
     loss = sum((o.double() * w).sum() for o, w in zip(outs, weights))
@@ -75,40 +88,47 @@ def triton_scan(*args):
     return memory_scan(*args, backend="triton")
 
 
-NAMES = "q k v theta eta alpha init w0 m s".split()
+def names(depth):
+    layers = [f"{n}{i}" for n in ("init", "w0", "m", "s") for i in range(depth)]
+    return "q k v theta eta alpha".split() + layers
+
+
 CASES = [
-    # (B, T, H, D, first position, chunk, resets)
-    (2, 1, 1, 12, 3, 4, False),  # one token, mid-chunk (decoding)
-    (2, 37, 2, 12, 2, 8, True),  # T not a multiple of the chunk or the tile, resets, odd D
-    (1, 45, 1, 20, 5, 20, False),  # chunk 20 > tile cut at 32: a piece boundary inside a chunk
-    (2, 11, 1, 16, 0, 4, True),  # a document start exactly at t = 0 of row 1
+    # (depth, B, T, H, D, first position, chunk, resets)
+    (1, 2, 1, 1, 12, 3, 4, False),  # one token, mid-chunk (decoding)
+    (1, 2, 27, 1, 12, 2, 8, True),  # T not a multiple of the chunk or the tile, resets, odd D
+    (1, 1, 36, 1, 20, 5, 20, False),  # chunk 20, tile 32: the cut at t = 32 falls inside a chunk
+    (1, 2, 11, 1, 16, 0, 4, True),  # a document start exactly at t = 0 of row 1
+    (2, 2, 1, 1, 12, 3, 4, False),  # the MLP memory (hidden width 20): one token, mid-chunk
+    (2, 2, 19, 1, 12, 2, 8, True),  # resets, odd D and hidden width
+    (2, 1, 36, 1, 12, 5, 20, False),  # the tile's cut inside a chunk
 ]
 
 
 @pytest.mark.parametrize("read", ["chunk_start", "per_token"])
 @pytest.mark.parametrize("case", CASES)
 def test_matches_naive_and_torch_path(case, read):
-    b, t, h, d, first, chunk, resets = case
-    leaves, positions, reset = make_inputs(b, t, h, d, first, chunk, resets)
+    depth, b, t, h, d, first, chunk, resets = case
+    leaves, positions, reset = make_inputs(b, t, h, d, first, chunk, resets, depth=depth)
     outs, grads = run(triton_scan, leaves, positions, chunk, reset, read)
     refs, ref_grads = run(naive_memory_scan, leaves, positions, chunk, reset, read, cast=torch.float64)
     torch_outs, torch_grads = run(chunk_torch.memory_scan, leaves, positions, chunk, reset, read)
     assert all(o.dtype == torch.float32 for o in outs)
-    for name, o, r, p in zip(["y", "w0", "m", "s"], outs, refs, torch_outs):
+    for name, o, r, p in zip(["y"] + names(depth)[6 + depth :], outs, refs, torch_outs):
         torch.testing.assert_close(o.double(), r, atol=ATOL, rtol=RTOL, msg=lambda m, n=name: f"{n}: {m}")
         torch.testing.assert_close(o, p, atol=ATOL, rtol=RTOL, msg=lambda m, n=name: f"{n} vs torch: {m}")
-    for name, a, r, p in zip(NAMES, grads, ref_grads, torch_grads):
+    for name, a, r, p in zip(names(depth), grads, ref_grads, torch_grads):
         assert a.dtype == torch.float32 and a.shape == p.shape, name
         torch.testing.assert_close(a.double(), r, atol=ATOL, rtol=RTOL, msg=lambda m, n=name: f"d{n}: {m}")
         torch.testing.assert_close(a, p, atol=ATOL, rtol=RTOL, msg=lambda m, n=name: f"d{n} vs torch: {m}")
 
 
-@pytest.mark.parametrize("read", ["chunk_start", "per_token"])
-def test_continuation_equals_one_call(read):
+@pytest.mark.parametrize(("depth", "read"), [(1, "chunk_start"), (1, "per_token"), (2, "per_token")])
+def test_continuation_equals_one_call(depth, read):
     """Pieces of 5, 1, 1, 6 and 4 tokens (decoding steps among them), each starting from the
     state the previous one left (mid-chunk: M != W0), equal one call over the 17 tokens."""
-    leaves, positions, reset = make_inputs(2, 17, 1, 12, 1, 4, False, seed=2)
-    args, init, st = leaves[:6], [leaves[6]], MemoryState([leaves[7]], [leaves[8]], [leaves[9]])
+    leaves, positions, _ = make_inputs(2, 17, 1, 12, 1, 4, False, seed=2, depth=depth)
+    args, init, st = split(leaves)
     y, whole = triton_scan(*args, st, init, positions, 4, None, read)
     ys, start = [], 0
     for n in (5, 1, 1, 6, 4):
@@ -117,29 +137,30 @@ def test_continuation_equals_one_call(read):
         ys.append(yp)
         start += n
     torch.testing.assert_close(torch.cat(ys, 1), y, atol=1e-5, rtol=1e-5)
-    for a, c in zip((st.w0, st.m, st.s), (whole.w0, whole.m, whole.s)):
-        torch.testing.assert_close(a[0], c[0], atol=1e-5, rtol=1e-5)
+    for a, c in zip((*st.w0, *st.m, *st.s), (*whole.w0, *whole.m, *whole.s)):
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
 
 
-def test_backward_is_bitwise_deterministic():
-    leaves, positions, reset = make_inputs(2, 37, 2, 12, 2, 8, True, seed=5)
+@pytest.mark.parametrize("depth", [1, 2])
+def test_backward_is_bitwise_deterministic(depth):
+    leaves, positions, reset = make_inputs(2, 21, 1, 12, 2, 8, True, seed=5, depth=depth)
     _, first = run(triton_scan, leaves, positions, 8, reset, "per_token")
     _, second = run(triton_scan, leaves, positions, 8, reset, "per_token")
-    for name, a, c in zip(NAMES, first, second):
+    for name, a, c in zip(names(depth), first, second):
         assert torch.equal(a, c), name
 
 
-@pytest.mark.parametrize("read", ["chunk_start", "per_token"])
-def test_bf16_inputs_against_the_naive_loop(read):
+@pytest.mark.parametrize(("depth", "read"), [(1, "chunk_start"), (1, "per_token"), (2, "per_token")])
+def test_bf16_inputs_against_the_naive_loop(depth, read):
     """bf16 q, k, v, gates and init: outputs fp32, gradients in the inputs' dtypes."""
-    leaves, positions, reset = make_inputs(2, 19, 1, 12, 2, 8, True, seed=7)
-    low = [x.bfloat16() for x in leaves[:7]] + leaves[7:]
+    leaves, positions, reset = make_inputs(2, 19, 1, 12, 2, 8, True, seed=7, depth=depth)
+    low = [x.bfloat16() for x in leaves[: 6 + depth]] + leaves[6 + depth :]
     outs, grads = run(triton_scan, low, positions, 8, reset, read)
     refs, ref_grads = run(naive_memory_scan, low, positions, 8, reset, read, cast=torch.float64)
     assert outs[0].dtype == torch.float32 and grads[0].dtype == torch.bfloat16
     for o, r in zip(outs, refs):
         torch.testing.assert_close(o.double(), r, **BF16_OUT)
-    for name, a, r in zip(NAMES, grads, ref_grads):
+    for name, a, r in zip(names(depth), grads, ref_grads):
         torch.testing.assert_close(a.double(), r, **BF16_GRAD, msg=lambda m, n=name: f"d{n}: {m}")
 
 
@@ -162,24 +183,21 @@ def test_offsets_past_2_31_elements():
 
 
 def test_unsupported_cases():
-    """'triton' names what its kernel lacks; 'auto' takes the PyTorch path for it."""
-    leaves, positions, _ = make_inputs(1, 3, 1, 4, 0, 4, False)
-    g = torch.Generator().manual_seed(0)
-    init = [torch.randn(1, 4, 6, generator=g), torch.randn(1, 6, 4, generator=g)]
-    st = MemoryState.fresh(init, 1)
-    with pytest.raises(ValueError, match=r"model\.kernels='triton'.*memory depth 2"):
-        memory_scan(*leaves[:6], st, init, positions, 4, backend="triton")
-    fp64 = [x.double() for x in leaves]
+    """'triton' names what its kernels lack; 'auto' takes the PyTorch path for it."""
+    leaves, positions, _ = make_inputs(1, 3, 1, 4, 0, 4, False, depth=3, hidden=6)
+    args, init, st = split(leaves)
+    with pytest.raises(ValueError, match=r"model\.kernels='triton'.*memory depth 3"):
+        memory_scan(*args, st, init, positions, 4, backend="triton")
+    args, init, st = split([x.double() for x in make_inputs(1, 3, 1, 4, 0, 4, False)[0]])
     with pytest.raises(ValueError, match=r"model\.kernels='triton'.*float64"):
-        memory_scan(*fp64[:6], MemoryState.fresh([fp64[6]], 1), [fp64[6]], positions, 4, backend="triton")
+        memory_scan(*args, st, init, positions, 4, backend="triton")
 
 
-def test_auto_falls_back_where_the_kernel_lacks_a_case(monkeypatch):
-    """Where 'auto' would pick Triton (CUDA), a depth-2 memory runs the PyTorch path instead."""
-    leaves, positions, _ = make_inputs(1, 3, 1, 4, 0, 4, False)
-    g = torch.Generator().manual_seed(0)
-    init = [torch.randn(1, 4, 6, generator=g), torch.randn(1, 6, 4, generator=g)]
+def test_auto_falls_back_where_the_kernels_lack_a_case(monkeypatch):
+    """Where 'auto' would pick Triton (CUDA), a depth-3 memory runs the PyTorch path instead."""
+    leaves, positions, _ = make_inputs(1, 3, 1, 4, 0, 4, False, depth=3, hidden=6)
+    args, init, st = split(leaves)
     monkeypatch.setattr(titans, "select", lambda *a: "triton")
-    y, _ = memory_scan(*leaves[:6], MemoryState.fresh(init, 1), init, positions, 4, backend="auto")
-    ref, _ = chunk_torch.memory_scan(*leaves[:6], MemoryState.fresh(init, 1), init, positions, 4)
+    y, _ = memory_scan(*args, st, init, positions, 4, backend="auto")
+    ref, _ = chunk_torch.memory_scan(*args, st, init, positions, 4)
     assert torch.equal(y, ref)
