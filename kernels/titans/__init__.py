@@ -3,9 +3,12 @@ Time"): per head an MLP memory trained at test time by mini-batch gradient desce
 and forgetting (see :mod:`kernels.titans.chunk_torch` for the equations and the chunking).
 
 Layout: ``naive.py`` (the specification, token by token with autograd's inner gradients),
-``chunk_torch.py`` (closed-form chunked scan in PyTorch: the CPU path), and the Triton kernels
-``chunk.py`` (forward and backward of the linear memory, depth 1; deeper memories run the PyTorch
-path under ``model.kernels='auto'``). Decoding calls :func:`memory_scan` with T = 1: the same
+``chunk_torch.py`` (closed-form chunked scan in PyTorch: the CPU path), and the Triton kernels,
+forward and backward: ``chunk.py`` (the linear memory, depth 1, and the shared piece/gate
+machinery) and ``chunk_mlp.py`` (the 2-layer MLP memory, depth 2). Deeper memories and fp64 run
+the PyTorch path under ``model.kernels='auto'`` and raise under 'triton'. Tests:
+tests/kernels/test_titans_triton.py (against ``naive.py`` and ``chunk_torch.py``) and
+tests/kernels/test_titans_model_triton.py (a whole model). Decoding calls :func:`memory_scan` with T = 1: the same
 kernel serves it (a piece may start and end anywhere inside a chunk).
 """
 
@@ -65,7 +68,7 @@ def memory_scan(
     Raises:
         ValueError: mismatched shapes, non-float inputs, several devices, an unknown ``read``,
             a backend that cannot run (:func:`kernels.dispatch.select`), or 'triton' asked for a
-            case its kernel does not support (a memory deeper than 1, fp64, an empty sequence).
+            case its kernels do not support (a memory deeper than 2, fp64, an empty sequence).
     """
     check_inputs("memory_scan", dict(q=q, k=k, v=v, theta=theta, eta=eta, alpha=alpha))
     check_inputs("memory_scan", {f"init[{i}]": p for i, p in enumerate(init)} | {"q": q})
