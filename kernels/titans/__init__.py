@@ -8,8 +8,8 @@ forward and backward: ``chunk.py`` (the linear memory, depth 1, and the shared p
 machinery) and ``chunk_mlp.py`` (the 2-layer MLP memory, depth 2). Deeper memories and fp64 run
 the PyTorch path under ``model.kernels='auto'`` and raise under 'triton'. Tests:
 tests/kernels/test_titans_triton.py (against ``naive.py`` and ``chunk_torch.py``) and
-tests/kernels/test_titans_model_triton.py (a whole model). Decoding calls :func:`memory_scan` with T = 1: the same
-kernel serves it (a piece may start and end anywhere inside a chunk).
+tests/kernels/test_titans_model_triton.py (a whole model). Decoding calls :func:`memory_scan`
+with T = 1: the same kernels serve it (a piece may start and end anywhere inside a chunk).
 """
 
 from __future__ import annotations
