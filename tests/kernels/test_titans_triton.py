@@ -26,9 +26,10 @@ DEVICE = "cpu" if INTERPRET else "cuda"
 # fp32 kernel vs fp64 loop: measured max |error| / (1 + |value|) 1.4e-4 (the PyTorch path in fp32:
 # 1.4e-4 too), on d eta, where the log-space gates divide by eta (down to 0.003 here)
 ATOL, RTOL = 5e-4, 5e-4
-# bf16 inputs vs the fp64 loop on the same (bf16-rounded) inputs: the kernel computes in fp32,
-# so the only extra error is the fp32 output; the bf16 gradients are rounded (8 mantissa bits)
-BF16_OUT, BF16_GRAD = dict(atol=2e-4, rtol=1e-4), dict(atol=0.25, rtol=2e-2)
+# bf16 inputs vs the fp64 loop on the same (bf16-rounded) inputs: the kernel computes in fp32, so
+# the fp32 outputs keep fp32 errors (measured <= 4e-7); the gradients come back rounded to bf16
+# (8 mantissa bits: measured max error 6e-2 on values up to 29, relative 3e-3)
+BF16_OUT, BF16_GRAD = dict(atol=2e-4, rtol=1e-4), dict(atol=2e-2, rtol=1e-2)
 
 
 @pytest.fixture(autouse=True)
