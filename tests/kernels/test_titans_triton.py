@@ -21,6 +21,8 @@ from kernels.titans import MemoryState, memory_scan
 from kernels.titans import chunk_torch
 from kernels.titans.naive import naive_memory_scan
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only contend
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
 # fp32 kernel vs fp64 loop: measured max |error| / (1 + |value|) 1.4e-4 (the PyTorch path in fp32:
@@ -97,11 +99,11 @@ def names(depth):
 CASES = [
     # (depth, B, T, H, D, first position, chunk, resets)
     (1, 2, 1, 1, 12, 3, 4, False),  # one token, mid-chunk (decoding)
-    (1, 2, 27, 1, 12, 2, 8, True),  # T not a multiple of the chunk or the tile, resets, odd D
+    (1, 2, 37, 2, 12, 2, 8, True),  # T not a multiple of the chunk or the tile, resets, odd D
     (1, 1, 36, 1, 20, 5, 20, False),  # chunk 20, tile 32: the cut at t = 32 falls inside a chunk
     (1, 2, 11, 1, 16, 0, 4, True),  # a document start exactly at t = 0 of row 1
     (2, 2, 1, 1, 12, 3, 4, False),  # the MLP memory (hidden width 20): one token, mid-chunk
-    (2, 2, 19, 1, 12, 2, 8, True),  # resets, odd D and hidden width
+    (2, 2, 19, 2, 12, 2, 8, True),  # resets, two heads, odd D and hidden width
     (2, 1, 36, 1, 12, 5, 20, False),  # the tile's cut inside a chunk
 ]
 
