@@ -43,7 +43,6 @@ import triton.language as tl
 from torch import Tensor
 
 POISON_OUTPUTS = False  # tests set True: fresh outputs start as NaN, so an unwritten element shows
-LOG_FLOOR = 1e-30  # as chunk_torch: gates of exactly 0 (eta, 1 - alpha) stay finite in log space
 
 
 @triton.jit
@@ -72,7 +71,8 @@ def _load_piece(q, k, v, theta, eta, alpha, i_b, i_h, t0, t1, T, s_b, s_t, s_h,
     b_th = tl.load(theta + p_g, mask=m_t, other=0.0).to(tl.float32)
     b_eta = tl.load(eta + p_g, mask=m_t, other=1.0).to(tl.float32)
     b_al = tl.load(alpha + p_g, mask=m_t, other=0.0).to(tl.float32)
-    # past the piece: log gates 0, so la / le stay at the last token's value
+    # past the piece: log gates 0, so la / le stay at the last token's value; the floor 1e-30 is
+    # chunk_torch.LOG_FLOOR (gates of exactly 0 stay finite in log space)
     la = tl.cumsum(tl.log(tl.maximum(1.0 - b_al, 1e-30)), axis=0)
     le = tl.cumsum(tl.log(tl.maximum(b_eta, 1e-30)), axis=0)
     tri = (o_c[:, None] >= o_c[None, :]) & m_t[:, None] & m_t[None, :]
@@ -392,8 +392,9 @@ def memory_scan_triton(q, k, v, theta, eta, alpha, state, init, positions, chunk
 
     Args and returns as :func:`kernels.titans.chunk_torch.memory_scan`: q, k, v ``[B, T, H, D]``
     (fp32, bf16 or fp16; computed in fp32), theta, eta, alpha ``[B, T, H]``, ``state`` of fp32
-    ``[B, H, d_in, d_out]`` tensors, ``init`` ``[[H, D, D]]`` or ``[[H, D, E], [H, E, D]]``, positions ``[B, T]`` integers, reset
-    ``[B, T]`` bool or None. ``y`` and the new state are fp32.
+    ``[B, H, d_in, d_out]`` tensors, ``init`` ``[[H, D, D]]`` or ``[[H, D, E], [H, E, D]]``,
+    positions ``[B, T]`` integers, reset ``[B, T]`` bool or None. ``y`` and the new state are
+    fp32. One host sync per call (the largest piece count sizes the checkpoints).
 
     Raises:
         ValueError: mismatched shapes, or what :func:`unsupported` names (depth > 2, fp64).
