@@ -27,6 +27,10 @@ import triton.language as tl
 
 from kernels.titans.chunk import _gate_grads, _load_piece, _new, _piece_decays, _strides
 
+# six [D, E] states (twelve with their gradients in the backward) share one program's registers:
+# twice the default warps halves the registers each thread needs (fewer spills at D = 32, E = 64)
+NUM_WARPS = 8
+
 
 @triton.jit
 def _mlp_ptrs(i_bh, D: tl.constexpr, E: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr):
@@ -313,7 +317,7 @@ def mlp_fwd(q, k, v, theta, eta, alpha, states, inits, meta, store_ckpt):
     _titans_mlp_fwd_kernel[(b * h,)](
         q, k, v, theta, eta, alpha, reset, done, starts, n_pieces, *inits, *states, y, *outs, ckpt, t, p_max,
         s_b, s_t, s_h, H=h, D=d, E=e, BT=bt, BD=bd, BE=be, PER_TOKEN=per_token, HAS_RESET=reset is not None,
-        STORE_CKPT=store_ckpt)
+        STORE_CKPT=store_ckpt, num_warps=NUM_WARPS)
     return y, outs, ckpt
 
 
@@ -334,7 +338,7 @@ def mlp_bwd(q, k, v, theta, eta, alpha, ckpt, e, meta, dy, dstates_t):
     _titans_mlp_bwd_kernel[(b * h,)](
         q, k, v, theta, eta, alpha, reset, done, starts, n_pieces, ckpt, dy, *finals, dq, dk, dv, *dgates,
         *dstates, *dinits, t, p_max, s_b, s_t, s_h, H=h, D=d, E=e, BT=bt, BD=bd, BE=be,
-        PER_TOKEN=per_token, HAS_RESET=reset is not None)
+        PER_TOKEN=per_token, HAS_RESET=reset is not None, num_warps=NUM_WARPS)
     return [dq, dk, dv, *dgates, *dstates, dinits[0].sum(0), dinits[1].sum(0)]
 
 
