@@ -62,7 +62,11 @@ def test_every_mixer_passes_model_kernels_on(pattern, monkeypatch):
     from pretrain.models import build_model
     from tests.models.conftest import _make_cfg
 
-    cfg = _make_cfg(pattern, kernels="triton")
+    from pretrain.config import TitansConfig
+
+    # Titans' kernels cover memory depths 1 and 2: a depth-3 memory has none
+    extra = {"titans": TitansConfig(memory_depth=3)} if pattern == "mag" else {}
+    cfg = _make_cfg(pattern, kernels="triton", **extra)
     torch.manual_seed(0)
     model = build_model(cfg)
     ids = torch.randint(0, cfg.vocab_size, (1, 5))

@@ -89,5 +89,5 @@ def test_bad_inputs_raise():
         memory_scan(q, k, v, theta.long(), eta, alpha, st, init, pos, 4)
     with pytest.raises(ValueError, match="chunk_size"):
         memory_scan(q, k, v, theta, eta, alpha, st, init, pos, 0)
-    with pytest.raises(ValueError, match=r"model\.kernels='triton'.*no Triton kernel"):
+    with pytest.raises(ValueError, match=r"model\.kernels='triton'.*Triton kernel does not support"):
         memory_scan(q, k, v, theta, eta, alpha, st, init, pos, 4, backend="triton")
