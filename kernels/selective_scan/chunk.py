@@ -34,6 +34,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels.selective_scan.chunk_torch import check_cu_seqlens
+
 POISON_OUTPUTS = False  # tests set True: fresh outputs start as NaN, so an unwritten element shows
 CHUNK = 64  # tokens between state checkpoints: checkpoints cost T / CHUNK states, scratch CHUNK + 1
 BLOCK_D = 32  # channels per program; the whole state dimension N stays in one block
@@ -340,12 +342,3 @@ def selective_scan_triton(
     return SelectiveScanFunction.apply(x, dt, c(A), B, C, c(D), z, c(initial_state), reset, cu_seqlens,
                                        output_final_state)
 
-
-def check_cu_seqlens(op: str, cu_seqlens: Tensor, b: int, t: int) -> None:
-    """ValueError unless ``cu_seqlens`` is an integer ``[N + 1]`` tensor rising strictly from 0
-    to ``t`` and the batch is one row (a host sync: the offsets are read)."""
-    if b != 1 or cu_seqlens.dim() != 1 or len(cu_seqlens) < 2 or cu_seqlens.is_floating_point():
-        raise ValueError(f"{op}: cu_seqlens must be an integer [N + 1] tensor with B = 1, got B={b}, "
-                         f"{tuple(cu_seqlens.shape)} {cu_seqlens.dtype}")
-    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != t or bool((cu_seqlens.diff() <= 0).any()):
-        raise ValueError(f"{op}: cu_seqlens {cu_seqlens.tolist()} must rise strictly from 0 to T={t}")
