@@ -17,8 +17,9 @@ from tests.kernels.test_selective_scan_triton import DEVICE, INTERPRET, make_inp
 
 TOL = {"triton": dict(atol=1e-5, rtol=1e-5), "torch": dict(atol=1e-9, rtol=1e-9)}  # fp32 kernel / fp64 path
 # bf16 inputs vs fp64 on the same bf16 values. y and the gradients of bf16 inputs are rounded to
-# bf16 once (2^-8 relative, values up to ~10); fp32 states and fp32 parameters' gradients are not.
-# Measured max abs: y 3.1e-2, state 1.9e-6, dx/ddt/dB/dC/dz 6.3e-2, dA/dD/dh0 3.8e-6.
+# bf16 once (2^-8 relative, values up to ~25); fp32 states and fp32 parameters' gradients are not.
+# Measured max abs over 3 seeds (B=2, T=9, D=5, N=3, strong decays, resets, h0): y 4.3e-2,
+# state 7.6e-8, dx/ddt/dB/dC/dz 5.1e-2, dA/dD/dh0 4.5e-7. fp32: every output and gradient <= 1.7e-6.
 BF16 = dict(atol=1e-1, rtol=2e-2)
 LENGTHS = (5, 1, 7)  # two chunks, a single token, two chunks with a tail
 
