@@ -1,5 +1,5 @@
-"""Mamba-1 selective scan in pure PyTorch, chunked in time: the CPU path, and what a Triton kernel
-would replace on CUDA. Called through :mod:`kernels.selective_scan`.
+"""Mamba-1 selective scan in pure PyTorch, chunked in time: the CPU path, which the Triton kernels
+(``chunk.py``, ``recurrent.py``) replace on CUDA. Called through :mod:`kernels.selective_scan`.
 
 The recurrence, per channel d and state index n (``A`` diagonal, one ``B``/``C`` per token):
 
