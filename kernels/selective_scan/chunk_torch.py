@@ -1,10 +1,10 @@
-"""Mamba-1 selective scan in pure PyTorch, chunked in time: the CPU path, and what a Triton kernel
-would replace on CUDA. Called through :mod:`kernels.selective_scan`.
+"""Mamba-1 selective scan in pure PyTorch, chunked in time: the CPU path, which the Triton kernels
+(``chunk.py``, ``recurrent.py``) replace on CUDA. Called through :mod:`kernels.selective_scan`.
 
 The recurrence, per channel d and state index n (``A`` diagonal, one ``B``/``C`` per token):
 
     h_t = exp(dt_t * A) * h_{t-1} + dt_t * x_t * B_t        (h_{t-1} := 0 where reset_t)
-    y_t = C_t . h_t + D * x_t
+    y_t = (C_t . h_t + D * x_t) * silu(z_t)                  (the gate only when z is given)
 
 The state ``[B, D, N]`` is N times wider than the activations, so the cost is moving those
 values, not arithmetic. The forward walks time in chunks of ``SCAN_CHUNK`` tokens whose decay and
@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+import torch.nn.functional as F
 
 from kernels.dispatch import at_least_fp32
 
@@ -99,6 +101,8 @@ def selective_scan(
     D: Tensor,
     h0: Tensor | None = None,
     reset: Tensor | None = None,
+    z: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Mamba-1 selective scan over a whole sequence (training / prefill).
 
@@ -108,14 +112,29 @@ def selective_scan(
         A: ``[D, N]`` negative diagonal state matrix.
         B, C: ``[B, T, N]`` input and output projections of the state.
         D: ``[D]`` skip connection.
-        h0: ``[B, D, N]`` initial state, or None for zeros.
+        h0: ``[B, D, N]`` initial state, or None for zeros (``[N_seq, D, N]`` with cu_seqlens).
         reset: ``[B, T]`` bool, True where a document starts: the carried state is dropped
             before that token is added.
+        z: ``[B, T, D]`` output gate, or None: y is multiplied by ``silu(z)`` (in fp32).
+        cu_seqlens: ``[N_seq + 1]`` offsets of sequences packed in a batch of one (B = 1), each
+            scanned from its own initial state (a loop over the sequences).
 
     Returns:
-        ``y [B, T, D]`` in the dtype of ``x``, and the final state ``[B, D, N]`` in fp32 (fp64
-        for float64 inputs: the scan never rounds below fp32). Shapes are checked by the caller.
+        ``y [B, T, D]`` in the dtype of ``x``, and the final state ``[B, D, N]`` (``[N_seq, D, N]``
+        with cu_seqlens) in fp32 (fp64 for float64 inputs: the scan never rounds below fp32).
+        Shapes are checked by the caller.
     """
+    if cu_seqlens is not None:
+        ys, hs = [], []
+        for i, (bos, eos) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())):
+            sl = slice(bos, eos)
+            y_i, h_i = selective_scan(
+                x[:, sl], dt[:, sl], A, B[:, sl], C[:, sl], D, None if h0 is None else h0[i : i + 1],
+                None if reset is None else reset[:, sl], None if z is None else z[:, sl],
+            )
+            ys.append(y_i)
+            hs.append(h_i)
+        return torch.cat(ys, dim=1), torch.cat(hs, dim=0)
     b, t, d = x.shape
     n = A.shape[-1]
     dtype = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for a float64 check
@@ -127,6 +146,8 @@ def selective_scan(
     keep = None if reset is None else tm(~reset)
     with torch.autocast(x.device.type, enabled=False):  # the recurrence needs fp32
         y, h = _SelectiveScan.apply(tm(x), tm(dt), A.to(dtype), tm(B), tm(C), D.to(dtype), h0, keep)
+        if z is not None:
+            y = y * F.silu(tm(z))
     return y.transpose(0, 1).to(x.dtype), h  # [B, T, D]
 
 
@@ -139,13 +160,27 @@ def selective_state_update(
     C: Tensor,
     D: Tensor,
     reset: Tensor | None = None,
+    z: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One recurrent step (decoding): ``h [B, D, N]``, ``x, dt [B, D]``, ``B, C [B, N]``,
-    ``reset [B]`` bool. Returns ``(y [B, D] in x's dtype, new h [B, D, N] fp32)``."""
+    ``reset [B]`` bool, ``z [B, D]`` gate or None. Returns ``(y [B, D] in x's dtype, new h
+    [B, D, N] fp32)``; ``h`` is not modified."""
     f = at_least_fp32
     a = torch.exp(f(dt).unsqueeze(-1) * f(A))  # [B, D, N]
     if reset is not None:
         a = a * (~reset).to(a.dtype)[:, None, None]
     h = a * f(h) + (f(dt) * f(x)).unsqueeze(-1) * f(B).unsqueeze(1)
     y = (h @ f(C).unsqueeze(-1)).squeeze(-1) + f(D) * f(x)
+    if z is not None:
+        y = y * F.silu(f(z))
     return y.to(x.dtype), h
+
+
+def check_cu_seqlens(op: str, cu_seqlens: Tensor, b: int, t: int) -> None:
+    """ValueError unless ``cu_seqlens`` is an integer ``[N + 1]`` tensor rising strictly from 0
+    to ``t`` and the batch is one row (a host sync: the offsets are read)."""
+    if b != 1 or cu_seqlens.dim() != 1 or len(cu_seqlens) < 2 or cu_seqlens.is_floating_point():
+        raise ValueError(f"{op}: cu_seqlens must be an integer [N + 1] tensor with B = 1, got B={b}, "
+                         f"{tuple(cu_seqlens.shape)} {cu_seqlens.dtype}")
+    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != t or bool((cu_seqlens.diff() <= 0).any()):
+        raise ValueError(f"{op}: cu_seqlens {cu_seqlens.tolist()} must rise strictly from 0 to T={t}")

@@ -107,20 +107,25 @@ class Mamba(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, cfg.d_model, bias=False)
 
     def forward(self, x: Tensor, ctx: ForwardContext, state: MambaState | None = None) -> Tensor:
-        y, z = self.scan(x, ctx, state)
-        return self.out_proj(y * F.silu(z))
+        y, _ = self.scan(x, ctx, state, gate=True)
+        return self.out_proj(y)
 
-    def scan(self, x: Tensor, ctx: ForwardContext, state: MambaState | None = None) -> tuple[Tensor, Tensor]:
+    def scan(
+        self, x: Tensor, ctx: ForwardContext, state: MambaState | None = None, gate: bool = False
+    ) -> tuple[Tensor, Tensor]:
         """The scan output y (with the D skip) and the output gate's input z, both
         ``[B, T, d_inner]``: the mixer's output is out_proj(y * silu(z)); SambaY's memory layer
-        also exports y."""
+        also exports y. With ``gate`` the returned y is already ``y * silu(z)``, fused into the
+        scan kernel (no ungated y is written)."""
         if state is not None and x.shape[1] == 1:
-            return self.step(x, ctx, state)
+            return self.step(x, ctx, state, gate)
         xi, z = self.in_proj_x(x), self.in_proj_z(x)  # [B, T, d_inner] each
         xc = F.silu(cached_causal_conv(xi, state, self.conv1d.weight[:, 0, :], self.conv1d.bias, ctx.positions))
         dt, B, C = self._ssm_params(xc)
         h0 = None if state is None else state.ssm
-        y, h = selective_scan(xc, dt, self._A(), B, C, self.D, h0, reset=ctx.reset, backend=self.kernels)
+        y, h = selective_scan(
+            xc, dt, self._A(), B, C, self.D, h0, z=z if gate else None, reset=ctx.reset, backend=self.kernels
+        )
         if state is not None:
             state.ssm = h
         return y, z
@@ -133,7 +138,7 @@ class Mamba(nn.Module):
     def _A(self) -> Tensor:
         return -torch.exp(at_least_fp32(self.A_log))  # [d_inner, N], strictly negative: a stable decay
 
-    def step(self, x: Tensor, ctx: ForwardContext, state: MambaState) -> tuple[Tensor, Tensor]:
+    def step(self, x: Tensor, ctx: ForwardContext, state: MambaState, gate: bool = False) -> tuple[Tensor, Tensor]:
         """O(1) decoding of one token ``x [B, 1, d_model]`` -> y, z ``[B, 1, d_inner]`` as in
         :meth:`scan`; updates ``state`` in place."""
         xi, z = self.in_proj_x(x[:, 0]), self.in_proj_z(x[:, 0])  # [B, d_inner] each
@@ -145,7 +150,7 @@ class Mamba(nn.Module):
         dt, B, C = self._ssm_params(xc)
         reset = None if ctx.reset is None else ctx.reset[:, 0]
         y, state.ssm = selective_state_update(
-            state.ssm, xc, dt, self._A(), B, C, self.D, reset=reset, backend=self.kernels
+            state.ssm, xc, dt, self._A(), B, C, self.D, z=z if gate else None, reset=reset, backend=self.kernels
         )
         return y.unsqueeze(1), z.unsqueeze(1)  # [B, 1, d_inner] each
 
