@@ -48,6 +48,7 @@ FAMILIES = {
 # grows with d_inner x Mamba layers. tiny.toml keeps one 'mamba swa' pair of its three.
 SHRINK = {"tiny.toml": ["model.n_layers=2"]}
 OP_MODULES = (kernels.gla, kernels.selective_scan, kernels.ssd, kernels.titans)
+SELECT = dispatch.select  # the real one, before any spy replaces it
 
 
 def test_every_tiny_config_is_listed():
@@ -64,14 +65,15 @@ def _train(config: str, kernels_backend: str, corpus: Path, data_dir: Path, run_
     from tests.conftest import data_overrides
 
     ran_triton: set[str] = set()
+    select = SELECT
 
     def spy(op, backend, device, module):
-        chosen = dispatch.select(op, backend, device, module)
+        chosen = select(op, backend, device, module)
         if chosen == "triton":
             ran_triton.add(op)
         return chosen
 
-    for mod in OP_MODULES:
+    for mod in (dispatch, *OP_MODULES):  # the ops import it by name; a new one may not
         monkeypatch.setattr(mod, "select", spy)
     overrides = [
         *data_overrides(corpus, data_dir),
