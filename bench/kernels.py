@@ -24,18 +24,20 @@ Minimum FLOPs, forward (per op, counting the algorithm's multiply-adds as 2 FLOP
                  q k^T (C K, the causal C x C tile counted whole, as a tensor core computes it)
                  and their product with v (C V), the inter-chunk read q S and the state update
                  k^T v (K V each). It equals a FLOP counter on our chunked PyTorch path
-                 (tests/bench/test_bench_kernels.py).
+                 (tests/kernels/test_bench_kernels.py).
   selective_scan B T D (7 N + 3): per state element dt A, exp, the decay product, (dt x) B,
-                 the add, C h and the sum over N (7); per channel dt x, D x and its add (3).
+                 the add, C h and the sum over N (7); per channel dt x, D x and its add (3):
+                 the arithmetic of kernels/selective_scan/naive.py, element by element.
   ssd_chunked    2 B T (G C N + H C P + 2 H N P), chunk C (the config's): the group's
                  intra-chunk C B^T scores (C N), their product with x (C P), the chunk states
                  B^T x and the read of the carried states C h (N P each); the scan of the states
-                 over chunks (B H P N per chunk) is left out.
+                 over chunks (B H P N per chunk) is left out (our PyTorch path's count is 1 %
+                 above: it passes the states as a matmul over chunks).
   memory_scan    B T H (14 D F + 4 C (D + F)) for the 2-layer memory D -> F -> D (6 D^2 +
                  4 C D for the linear memory D -> D): the memory on k at the chunk's start
                  (4 D F), the output gradient to the hidden layer (2 D F), the weight gradients
                  (4 D F), the read on q (4 D F), and the dual form of the per-token read (two
-                 C-wide products per layer).
+                 C-wide products per layer); a lower bound: our PyTorch path counts 1.5-1.9x.
   forward+backward is 3x the forward (the backward's two products per forward product).
 Minimum bytes: forward reads every per-token input once and writes every output once;
 forward+backward adds the backward's reads of the inputs and the output gradient and its writes
