@@ -413,8 +413,9 @@ def bench_op(op: Op, ts: tuple[int, ...], dtype: torch.dtype, device: torch.devi
                 row["status"] = "not installed"
             except torch.cuda.OutOfMemoryError:
                 row["status"] = "OOM"
-            except (ValueError, RuntimeError) as exc:  # a shape or dtype the kernel does not take
-                row["status"] = f"error: {str(exc).splitlines()[0][:80]}"
+            except Exception as exc:  # noqa: BLE001  (a shape, dtype or version a kernel does not take: report, go on)
+                first = (str(exc).splitlines() or [""])[0]
+                row["status"] = f"error: {type(exc).__name__}: {first[:80]}"
             torch.cuda.empty_cache()
             rows.append(row)
         del inp
