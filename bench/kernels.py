@@ -156,7 +156,8 @@ OPS = {
     ),
     "ssd_chunked": Op(
         "ssd_chunked", "kernels.ssd.chunk", True, _mamba2_shape,
-        lambda s: 2 * s["B"] * s["T"] * (s["G"] * s["C"] * s["N"] + s["H"] * s["C"] * s["P"] + 2 * s["H"] * s["N"] * s["P"]),
+        lambda s: 2 * s["B"] * s["T"] * (s["G"] * s["C"] * s["N"] + s["H"] * s["C"] * s["P"]
+                                         + 2 * s["H"] * s["N"] * s["P"]),
         lambda s: {"x": s["B"] * s["T"] * s["H"] * s["P"], "dt": s["B"] * s["T"] * s["H"],
                    "B": s["B"] * s["T"] * s["G"] * s["N"], "C": s["B"] * s["T"] * s["G"] * s["N"]},
         lambda s: {"y": s["B"] * s["T"] * s["H"] * s["P"]},
@@ -193,7 +194,8 @@ def make_inputs(name: str, s: dict, dtype: torch.dtype, device: torch.device, se
                     B=rand(b, t, n), C=rand(b, t, n), D=rand(d, dt=torch.float32))
     if name == "ssd_chunked":
         b, t, h, p, g, n = (s[c] for c in "BTHPGN")
-        return dict(x=rand(b, t, h, p), dt=rand(b, t, h, lo=1e-3, hi=0.1), A=rand(h, lo=-8.0, hi=-1.0, dt=torch.float32),
+        return dict(x=rand(b, t, h, p), dt=rand(b, t, h, lo=1e-3, hi=0.1),
+                    A=rand(h, lo=-8.0, hi=-1.0, dt=torch.float32),
                     B=rand(b, t, g, n), C=rand(b, t, g, n), D=rand(h, dt=torch.float32))
     if name == "memory_scan":
         b, t, h, d, f = (s[c] for c in "BTHDF")
@@ -378,11 +380,13 @@ def goal_lines(op: Op, rows: list[dict]) -> list[str]:
         elif op.name == "selective_scan" and t == 4096:
             judge(t, "ours (torch)", "ours (triton)", lambda x: x >= 10.0, "speed-up over our PyTorch path")
         elif op.name == "ssd_chunked":
-            judge(t, "ours (triton)", "mamba_ssm mamba_chunk_scan_combined", lambda x: x <= 1.2, "f+b time / mamba_ssm's")
+            judge(t, "ours (triton)", "mamba_ssm mamba_chunk_scan_combined", lambda x: x <= 1.2,
+                  "f+b time / mamba_ssm's")
     return lines
 
 
 def dtype_name(dtype: torch.dtype) -> str:
+    """'bf16' or 'fp32', as --dtype spells it."""
     return {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
 
 
@@ -394,7 +398,10 @@ def copy_bandwidth_gbs(device: torch.device, gib: float = 1.0) -> float:
     return 2 * src.numel() * 4 / ms / 1e6
 
 
-def bench_op(op: Op, ts: tuple[int, ...], dtype: torch.dtype, device: torch.device, warmup: int, reps: int) -> list[dict]:
+def bench_op(op: Op, ts: tuple[int, ...], dtype: torch.dtype, device: torch.device, warmup: int,
+             reps: int) -> list[dict]:
+    """Rows (:func:`format_table`) of ``op`` at each T: our Triton kernel, our PyTorch path and
+    the field's kernels, or why a row has no time."""
     rows = []
     for t in ts:
         s = op.shape(t)
@@ -473,6 +480,7 @@ def run_check(names: list[str], dtype: torch.dtype, device: torch.device) -> int
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark (or --check) and return the exit code: 0, or 1 when --check fails."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=f"T in {T_QUICK} instead of {T_SWEEP}")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
