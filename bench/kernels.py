@@ -2,7 +2,7 @@
 field's kernels (issue 9's benchmark), side by side.
 
     python bench/kernels.py [--quick] [--dtype bf16|fp32] [--ops chunk_gla ssd_chunked ...]
-    python bench/kernels.py --check          # each Triton op once against the torch path
+    python bench/kernels.py --check          # each Triton op once against the torch path (fp32, bf16)
 
 Per op with a Triton module present (``kernels.dispatch.triton_available``) and per sequence
 length T: forward and forward+backward time (CUDA events after warm-up, the median of --reps),
@@ -487,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ops", nargs="+", choices=list(OPS), default=list(OPS))
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--check", action="store_true", help="each Triton op once against the torch path")
+    parser.add_argument("--check", action="store_true",
+                        help="each Triton op once against the torch path, fp32 and bf16 (exit 1 on a failure)")
     args = parser.parse_args(argv)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     if not torch.cuda.is_available():
@@ -499,19 +500,22 @@ def main(argv: list[str] | None = None) -> int:
     missing = [n for n in args.ops if n not in present]
     if missing:
         print("no Triton kernel yet (skipped): " + ", ".join(f"{n} ({OPS[n].module})" for n in missing))
-    if args.check:
-        return run_check(present, dtype, device)
+    if args.check:  # both dtypes: a sanity check should not depend on a flag
+        return max(run_check(present, d, device) for d in (torch.float32, torch.bfloat16))
     name = torch.cuda.get_device_name(device)
     peak = device_peak(name)
     copy_gbs = copy_bandwidth_gbs(device)
+    import triton  # noqa: PLC0415  (present: triton_available said so)
+
     print(f"device {name}: " + (", ".join(f"{k} {v:g}" for k, v in peak.items()) if peak else "not in the peak table")
-          + f" (TFLOP/s, GB/s); measured copy {copy_gbs:.0f} GB/s; torch {torch.__version__}")
+          + f" (TFLOP/s, GB/s); measured copy {copy_gbs:.0f} GB/s; torch {torch.__version__}, "
+          f"triton {triton.__version__}", flush=True)
     ts = T_QUICK if args.quick else T_SWEEP
     for n in present:
         op = OPS[n]
         rows = bench_op(op, ts, dtype, device, args.warmup, args.reps)
         print("\n".join(format_table(op, {t: op.shape(t) for t in ts}, rows, dtype, peak, copy_gbs)))
-        print("\n".join(goal_lines(op, rows)))
+        print("\n".join(goal_lines(op, rows)), flush=True)
     return 0
 
 

@@ -172,3 +172,23 @@ def test_script_says_it_needs_a_gpu_and_exits_0_on_cpu():
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "needs a GPU" in done.stdout
+
+
+def test_main_prints_a_table_and_goals_per_triton_op(monkeypatch, capsys):
+    """The GPU path of main() with the device faked and made-up timings (its sizes come from
+    the configs): a table per op whose Triton module exists, a skip line for the others."""
+    from kernels.dispatch import triton_available
+
+    monkeypatch.setattr(bk.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bk.torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(bk, "copy_bandwidth_gbs", lambda device: 4000.0)
+    impls = ("ours (triton)", "ours (torch)")
+    monkeypatch.setattr(bk, "bench_op", lambda op, ts, *a: [dict(T=t, impl=i, fwd=1.0, fb=2.0) for t in ts for i in impls])
+    assert bk.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "device NVIDIA H200: bf16 989" in out and "measured copy 4000 GB/s" in out
+    for name, op in bk.OPS.items():
+        assert (f"== {name}  bf16" in out) == triton_available(op.module), name
+        assert (f"{name} ({op.module})" in out) != triton_available(op.module), name
+    assert "speed-up over our PyTorch path 1.00x  NOT met" in out  # the scan's goal at T = 4096
+    assert "== selective_scan  bf16  sizes B=8 D=2048 N=16" in out
