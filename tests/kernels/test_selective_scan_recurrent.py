@@ -6,7 +6,6 @@ Fresh outputs are NaN-poisoned. Runs under TRITON_INTERPRET=1 (tests/conftest.py
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
