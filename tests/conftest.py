@@ -191,3 +191,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def nan_poison(monkeypatch):
+    """Fresh allocations (torch.empty / empty_like) come back filled with NaN, so code that
+    reads memory it never wrote fails loudly instead of passing by luck."""
+    import torch
+
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poisoned(fn):
+        def wrapper(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            if out.is_floating_point():
+                out.fill_(float("nan"))
+            return out
+
+        return wrapper
+
+    monkeypatch.setattr(torch, "empty", poisoned(empty))
+    monkeypatch.setattr(torch, "empty_like", poisoned(empty_like))

@@ -55,6 +55,16 @@ def test_scan_matches_naive(t, d, with_h0, resets):
         torch.testing.assert_close(gr, gr_ref, **TOL, msg=lambda m, name=name: f"d{name}: {m}")
 
 
+def test_a_document_start_forgets_everything_before():
+    """After a reset the outputs equal a fresh call on the tail."""
+    (x, dt, A, B, C, D, h0), _ = _inputs(1, 10, 3, 2, True, False)
+    reset = torch.zeros(1, 10, dtype=torch.bool)
+    reset[0, 6] = True
+    y, _ = selective_scan(x, dt, A, B, C, D, h0, reset=reset, backend="torch")
+    y_tail, _ = selective_scan(x[:, 6:], dt[:, 6:], A, B[:, 6:], C[:, 6:], D, backend="torch")
+    torch.testing.assert_close(y[:, 6:], y_tail, **TOL)
+
+
 def test_state_update_is_one_token_of_the_spec():
     (x, dt, A, B, C, D, h0), _ = _inputs(3, 1, 5, 4, True, False, seed=2)
     reset = torch.tensor([[True], [False], [False]])

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.ssd import ssd_chunked, ssd_step
+from kernels.ssd.chunk_torch import segsum
 from kernels.ssd.naive import naive_ssd
 
 TOL = dict(rtol=1e-9, atol=1e-9)
@@ -60,6 +61,27 @@ def test_chunked_matches_naive(t, p, chunk_size, with_h0, resets, skip):
     names = [n for n, z in zip("x dt A B C D initial_state".split(), leaves) if z is not None]
     for name, gr, gr_ref in zip(names, grads, grads_ref):
         torch.testing.assert_close(gr, gr_ref, **TOL, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+def test_segsum_is_sums_of_segments_without_nan():
+    a = torch.tensor([0.5, -1.0, float("-inf"), 2.0])
+    s = segsum(a)
+    for i in range(4):
+        for j in range(4):
+            want = a[j + 1 : i + 1].sum() if j <= i else float("-inf")
+            assert s[i, j] == want, (i, j)
+    assert not s.isnan().any()
+
+
+def test_a_document_start_forgets_everything_before():
+    """After a reset the outputs equal a fresh call on the tail (chunk of 4, a start on a chunk
+    boundary and one right after it)."""
+    (x, dt, A, B, C, D, h0), _ = _inputs(1, 12, 2, 3, 1, 4, True, False)
+    reset = torch.zeros(1, 12, dtype=torch.bool)
+    reset[0, [0, 4, 5, 11]] = True
+    y, _ = ssd_chunked(x, dt, A, B, C, D, h0, reset=reset, chunk_size=4, backend="torch")
+    y_tail, _ = ssd_chunked(x[:, 5:], dt[:, 5:], A, B[:, 5:], C[:, 5:], D, chunk_size=4, backend="torch")
+    torch.testing.assert_close(y[:, 5:11], y_tail[:, :6], **TOL)
 
 
 def test_step_is_one_token_of_the_spec():

@@ -71,6 +71,25 @@ def test_scan_matches_naive(t, d, first_position, depth, read, resets):
         torch.testing.assert_close(a, c, **TOL, msg=lambda m, name=name: f"d{name}: {m}")
 
 
+@pytest.mark.parametrize("read", ["chunk_start", "per_token"])
+@pytest.mark.parametrize("depth", [1, 2])
+def test_scan_continues_from_a_state(depth, read, nan_poison):
+    """Pieces of 3, 1, 5, 2 tokens chained through the state equal one call (pieces start inside
+    chunks, where the running weights are not the chunk-start ones)."""
+    args, init, _ = _inputs(2, 11, 2, 4, depth, seed=3)
+    positions = torch.arange(11).expand(2, 11)
+    scan = lambda a, st, pos: memory_scan(*a, st, init, pos, 4, read=read, backend="torch")  # noqa: E731
+    y, st = scan(args, MemoryState.fresh(init, 2), positions)
+    ys, st2, start = [], MemoryState.fresh(init, 2), 0
+    for n in (3, 1, 5, 2):
+        sl = slice(start, start + n)
+        yp, st2 = scan([x[:, sl] for x in args], st2, positions[:, sl])
+        ys.append(yp)
+        start += n
+    for a, b in zip(_flatten(torch.cat(ys, 1), st2), _flatten(y, st)):
+        torch.testing.assert_close(a, b, **TOL)
+
+
 @pytest.mark.parametrize("depth", [1, 2])
 def test_memory_read_is_the_mlp(depth):
     _, init, state = _inputs(2, 1, 2, 4, depth)

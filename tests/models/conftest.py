@@ -31,22 +31,3 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture
 def rel_err():
     return _rel_err
-
-
-@pytest.fixture
-def nan_poison(monkeypatch):
-    """Fresh allocations (torch.empty / empty_like) come back filled with NaN, so code that
-    reads memory it never wrote fails loudly instead of passing by luck."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poisoned(fn):
-        def wrapper(*args, **kwargs):
-            out = fn(*args, **kwargs)
-            if out.is_floating_point():
-                out.fill_(float("nan"))
-            return out
-
-        return wrapper
-
-    monkeypatch.setattr(torch, "empty", poisoned(empty))
-    monkeypatch.setattr(torch, "empty_like", poisoned(empty_like))

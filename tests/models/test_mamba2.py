@@ -1,5 +1,5 @@
-"""Mamba-2: chunked SSD against the per-token recurrence, and the 'mamba2' mixer in a HybridLM
-(decoding parity, packed documents, init, weight decay, a short training run)."""
+"""Mamba-2: the 'mamba2' mixer in a HybridLM (decoding parity, packed documents, init, weight
+decay, a short training run); SSD itself: tests/kernels/test_ssd_*.py."""
 
 from __future__ import annotations
 
@@ -12,96 +12,12 @@ import torch.nn.functional as F
 from pretrain.config import Mamba2Config, load_config
 from pretrain.models import build_model, count_parameters
 from pretrain.models.layers.mamba2 import Mamba2
-from kernels.ssd.chunk_torch import segsum, ssd_chunked, ssd_step
 from pretrain.train.optim import param_groups
 from tests.conftest import ROOT, losses, tiny_overrides
-from tests.models.util import assert_scan_matches, decode as _decode
+from tests.models.util import decode as _decode
 
 CHUNK = 4
 T = 13  # several chunks, not a multiple of CHUNK
-
-
-def naive_ssd(x, dt, A, B, C, D=None, h0=None, reset=None):
-    """The recurrence token by token, differentiated by autograd. x [B, T, H, P], B/C [B, T, G, N]."""
-    b, t, h, p = x.shape
-    k = h // B.shape[2]
-    state = x.new_zeros(b, h, p, B.shape[-1]) if h0 is None else h0
-    ys = []
-    for i in range(t):
-        decay = torch.exp(dt[:, i] * A)  # [B, H]
-        if reset is not None:
-            decay = torch.where(reset[:, i, None], torch.zeros_like(decay), decay)
-        Bi = B[:, i].repeat_interleave(k, dim=1)  # [B, H, N]
-        Ci = C[:, i].repeat_interleave(k, dim=1)
-        state = decay[..., None, None] * state + (dt[:, i, :, None] * x[:, i])[..., None] * Bi[:, :, None, :]
-        y = (state * Ci[:, :, None, :]).sum(-1)
-        ys.append(y if D is None else y + D[:, None] * x[:, i])
-    return torch.stack(ys, dim=1), state
-
-
-def _inputs(b, t, h, p, g, n, with_h0, with_reset, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, t, h, p, generator=gen)
-    dt = F.softplus(torch.randn(b, t, h, generator=gen) - 1)
-    A = -torch.exp(torch.randn(h, generator=gen))
-    B, C = torch.randn(b, t, g, n, generator=gen), torch.randn(b, t, g, n, generator=gen)
-    D = torch.randn(h, generator=gen)
-    h0 = torch.randn(b, h, p, n, generator=gen) if with_h0 else None
-    reset = torch.rand(b, t, generator=gen) < 0.25 if with_reset else None
-    return [x, dt, A, B, C, D, h0], reset
-
-
-def test_segsum_is_sums_of_segments_without_nan():
-    a = torch.tensor([0.5, -1.0, float("-inf"), 2.0])
-    s = segsum(a)
-    for i in range(4):
-        for j in range(4):
-            want = a[j + 1 : i + 1].sum() if j <= i else float("-inf")
-            assert s[i, j] == want, (i, j)
-    assert not s.isnan().any()
-
-
-@pytest.mark.parametrize("t", [1, 3, CHUNK, 2 * CHUNK + 3])
-@pytest.mark.parametrize("with_h0", [False, True])
-@pytest.mark.parametrize("with_reset", [False, True])
-@pytest.mark.parametrize("groups", [1, 2])
-def test_ssd_chunked_matches_naive(t, with_h0, with_reset, groups, nan_poison):
-    tensors, reset = _inputs(2, t, 4, 3, groups, 5, with_h0, with_reset)
-    leaves = [z.requires_grad_() if z is not None else None for z in tensors]
-    y, h = ssd_chunked(*leaves, reset=reset, chunk_size=CHUNK)
-    y_ref, h_ref = naive_ssd(*leaves, reset=reset)
-    assert_scan_matches(y, h, y_ref, h_ref, leaves)
-
-
-def test_ssd_without_skip_and_with_resets_at_chunk_edges():
-    (x, dt, A, B, C, _, h0), _ = _inputs(1, 12, 2, 3, 1, 4, with_h0=True, with_reset=False)
-    reset = torch.zeros(1, 12, dtype=torch.bool)
-    reset[0, [0, 4, 5, 11]] = True  # first token, a chunk start, back to back, the last token
-    y, h = ssd_chunked(x, dt, A, B, C, h0=h0, reset=reset, chunk_size=CHUNK)
-    y_ref, h_ref = naive_ssd(x, dt, A, B, C, h0=h0, reset=reset)
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
-    y_tail, _ = ssd_chunked(x[:, 5:], dt[:, 5:], A, B[:, 5:], C[:, 5:], chunk_size=CHUNK)
-    torch.testing.assert_close(y[:, 5:11], y_tail[:, :6], rtol=1e-5, atol=1e-5)
-
-
-def test_ssd_step_is_one_step_of_the_recurrence():
-    (x, dt, A, B, C, D, h0), _ = _inputs(3, 1, 4, 3, 2, 5, with_h0=True, with_reset=False, seed=1)
-    reset = torch.tensor([[True], [False], [False]])
-    y, h = ssd_step(h0, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, reset=reset[:, 0])
-    y_ref, h_ref = naive_ssd(x, dt, A, B, C, D, h0, reset)
-    torch.testing.assert_close(y, y_ref[:, 0])
-    torch.testing.assert_close(h, h_ref)
-
-
-def test_ssd_rejects_bad_shapes():
-    (x, dt, A, B, C, D, _), _ = _inputs(2, 4, 4, 3, 2, 5, False, False)
-    with pytest.raises(ValueError, match="B"):
-        ssd_chunked(x, dt, A, B[:, :3], C, D)
-    with pytest.raises(ValueError, match="G dividing"):
-        ssd_chunked(x, dt, A, torch.randn(2, 4, 3, 5), torch.randn(2, 4, 3, 5), D)
-    with pytest.raises(ValueError, match="dt"):
-        ssd_chunked(x, dt[:, :, :2], A, B, C, D)
 
 
 # ------------------------------------------------------------------------------ the mixer

@@ -1,93 +1,21 @@
-"""Titans memory: the chunked scan (chunk-start reads and per-token reads) against a per-token
-autograd loop, and the MAC/MAG/MAL mixers' decoding parity, causality, document resets and
-training."""
+"""Titans: the MAC/MAG/MAL mixers' projections against the naive memory scan, decoding parity,
+causality, document resets and training (the scan itself: tests/kernels/test_titans_*.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from pretrain.config import AttentionConfig, ConfigError, ModelConfig, TitansConfig, load_config
 from pretrain.models import build_model
 from pretrain.models.context import ForwardContext
 from pretrain.models.layers import titans
-from kernels.titans.chunk_torch import MemoryState, memory_scan
 from kernels.titans.naive import naive_memory_scan as naive_scan
 from tests.models.util import decode_with_cache as _decode
 
-B, H, D, HID = 2, 2, 4, 6
-
+B = 2  # rows of the test batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _inputs(depth, t, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q, k = (F.normalize(torch.randn(B, t, H, D, generator=g), dim=-1) for _ in range(2))
-    v = torch.randn(B, t, H, D, generator=g)
-    theta = 0.5 * torch.rand(B, t, H, generator=g)
-    eta, alpha = torch.rand(B, t, H, generator=g), 0.3 * torch.rand(B, t, H, generator=g)
-    dims = [D] + [HID] * (depth - 1) + [D]
-    init = [torch.randn(H, i, o, generator=g) / i**0.5 for i, o in zip(dims, dims[1:])]
-    leaves = [x.requires_grad_() for x in (q, k, v, theta, eta, alpha, *init)]
-    return leaves
-
-
-def _flatten(y, st):
-    return [y, *st.w0, *st.m, *st.s]
-
-
-@pytest.mark.parametrize("read", ["chunk_start", "per_token"])
-@pytest.mark.parametrize("depth", [1, 2])
-@pytest.mark.parametrize("packed", [False, True])
-def test_memory_scan_matches_naive(depth, packed, read, rel_err):
-    t, chunk = 11, 4
-    q, k, v, theta, eta, alpha, *init = _inputs(depth, t)
-    if packed:  # row 0: documents of 6 and 5 tokens (a start inside a chunk); row 1: 3 and 8
-        positions = torch.tensor([list(range(6)) + list(range(5)), list(range(3)) + list(range(8))])
-        reset = positions == 0
-    else:
-        positions, reset = torch.arange(t).expand(B, t), None
-    args = (q, k, v, theta, eta, alpha)
-    outs = _flatten(*memory_scan(*args, MemoryState.fresh(init, B), init, positions, chunk, reset, read))
-    refs = _flatten(*naive_scan(*args, MemoryState.fresh(init, B), init, positions, chunk, reset, read))
-    for o, r in zip(outs, refs):
-        assert rel_err(o, r) <= 1e-5
-    g = torch.Generator().manual_seed(1)
-    weights = [torch.randn(r.shape, generator=g) for r in refs]
-    leaves = [q, k, v, theta, eta, alpha, *init]
-    got = torch.autograd.grad(sum((o * w).sum() for o, w in zip(outs, weights)), leaves)
-    want = torch.autograd.grad(sum((r * w).sum() for r, w in zip(refs, weights)), leaves)
-    for a, b in zip(got, want):
-        assert rel_err(a, b) <= 1e-4
-
-
-@pytest.mark.parametrize("read", ["chunk_start", "per_token"])
-@pytest.mark.parametrize("depth", [1, 2])
-def test_memory_scan_continues_from_a_state(depth, read, rel_err, nan_poison):
-    """Pieces of 3, 1, 5, 2 tokens chained through the state equal one call (pieces start inside
-    chunks, where the running weights are not the chunk-start ones)."""
-    q, k, v, theta, eta, alpha, *init = (x.detach() for x in _inputs(depth, 11, seed=3))
-    positions = torch.arange(11).expand(B, 11)
-    args = (q, k, v, theta, eta, alpha)
-    y, st = memory_scan(*args, MemoryState.fresh(init, B), init, positions, 4, read=read)
-    ys, st2, start = [], MemoryState.fresh(init, B), 0
-    for n in (3, 1, 5, 2):
-        sl = slice(start, start + n)
-        yp, st2 = memory_scan(*(x[:, sl] for x in args), st2, init, positions[:, sl], 4, read=read)
-        ys.append(yp)
-        start += n
-    for a, b in zip(_flatten(torch.cat(ys, 1), st2), _flatten(y, st)):
-        assert rel_err(a, b) <= 1e-5
-
-
-def test_memory_scan_rejects_bad_shapes():
-    q, k, v, theta, eta, alpha, *init = (x.detach() for x in _inputs(1, 5))
-    with pytest.raises(ValueError):
-        memory_scan(q, k[:, :4], v, theta, eta, alpha, MemoryState.fresh(init, B), init, torch.zeros(B, 5), 4)
-    with pytest.raises(ValueError, match="read"):
-        memory_scan(q, k, v, theta, eta, alpha, MemoryState.fresh(init, B), init, torch.zeros(B, 5), 4, read="end")
 
 
 def _cfg(pattern, doc_masking=True, **titans_kw):

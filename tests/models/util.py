@@ -37,17 +37,3 @@ def assert_packed_equals_separate(model, vocab_size: int, lengths=(5, 3, 8), tol
             alone = model(doc[None])[0]
             assert (packed[start : start + len(doc)] - alone).abs().max() <= tol * max(1.0, alone.abs().max().item())
             start += len(doc)
-
-
-def assert_scan_matches(y, h, y_ref, h_ref, leaves, names: str = "x dt A B C D h0") -> None:
-    """Outputs and final states of a scan equal its reference, and so does the gradient of a
-    random projection of both with respect to every input in ``leaves`` (None entries skipped)."""
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
-    gy, gh = torch.randn_like(y), torch.randn_like(h)
-    inputs = [z for z in leaves if z is not None]
-    grads = torch.autograd.grad((y * gy).sum() + (h * gh).sum(), inputs)
-    grads_ref = torch.autograd.grad((y_ref * gy).sum() + (h_ref * gh).sum(), inputs)
-    for name, g, g_ref in zip(names.split(), grads, grads_ref):
-        assert torch.isfinite(g).all(), name
-        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"d{name}: {m}")
