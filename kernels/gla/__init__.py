@@ -49,7 +49,8 @@ def _check(op: str, q, k, v, g, initial_state, reset, cu_seqlens) -> int:
     if cu_seqlens is not None:
         if reset is not None or b != 1 or cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point:
             raise ValueError(f"{op}: cu_seqlens must be an integer [N + 1] tensor, with B = 1 and no reset")
-        if len(cu_seqlens) < 2 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != t or bool((cu_seqlens.diff() <= 0).any()):
+        bad = len(cu_seqlens) < 2 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != t
+        if bad or bool((cu_seqlens.diff() <= 0).any()):
             raise ValueError(f"{op}: cu_seqlens {cu_seqlens.tolist()} must rise strictly from 0 to T={t}")
         n = len(cu_seqlens) - 1
     if initial_state is not None and initial_state.shape != (n, h, dk, v.shape[-1]):

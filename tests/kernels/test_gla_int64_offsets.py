@@ -37,7 +37,8 @@ def poison(monkeypatch):
 @pytest.fixture(scope="module")
 def far_apart_rows():
     """q, k, v, g ``[3, 5, 1, 16]`` bf16 views with batch stride ``STRIDE``, and their values."""
-    storage = torch.empty(2 * STRIDE + 4 * T * H * D, dtype=torch.bfloat16, device=DEVICE)  # untouched pages stay virtual
+    # pages never written stay virtual: about 4 KiB of the 4 GiB are ever touched
+    storage = torch.empty(2 * STRIDE + 4 * T * H * D, dtype=torch.bfloat16, device=DEVICE)
     gen = torch.Generator().manual_seed(0)
     values = [torch.randn(B, T, H, D, generator=gen) for _ in range(3)] + [torch.rand(B, T, H, D, generator=gen) * -2]
     views = []

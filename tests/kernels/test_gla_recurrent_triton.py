@@ -100,7 +100,8 @@ def test_matches_naive_and_chunk_kernel(case):
     o_ref, ht_ref, grads_ref = grads_of(naive, tensors, reset, do.double(), dht.double(), torch.float64)
     o_chunk, ht_chunk, grads_chunk = grads_of(chunked, tensors, reset, do, dht)
     names = ["o", "ht", "dq", "dk", "dv", "dg", "dh0"]
-    for name, got, ref, link in zip(names, [o, ht, *grads], [o_ref, ht_ref, *grads_ref], [o_chunk, ht_chunk, *grads_chunk]):
+    triples = zip([o, ht, *grads], [o_ref, ht_ref, *grads_ref], [o_chunk, ht_chunk, *grads_chunk])
+    for name, (got, ref, link) in zip(names, triples):
         torch.testing.assert_close(got.double(), ref, atol=ATOL, rtol=RTOL, msg=lambda m, n=name: f"{n} vs naive: {m}")
         torch.testing.assert_close(got, link, atol=ATOL, rtol=RTOL, msg=lambda m, n=name: f"{n} vs chunk: {m}")
 

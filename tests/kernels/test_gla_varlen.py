@@ -89,7 +89,8 @@ def test_packed_kernels_agree_with_each_other_and_int64_offsets():
     cu_seqlens, several key and value blocks)."""
     chunk_triton, recurrent_triton, chunk_torch, _ = backend_fns()
     lengths = [3, 18, 4]
-    results = [packed_and_looped(fn, lengths, 1, 60, 72, torch.int64)[0] for fn in (chunk_triton, recurrent_triton, chunk_torch)]
+    fns = (chunk_triton, recurrent_triton, chunk_torch)
+    results = [packed_and_looped(fn, lengths, 1, 60, 72, torch.int64)[0] for fn in fns]
     for other in results[1:]:
         for name, got, ref in zip(["o", "ht", "dq", "dk", "dv", "dg", "dh0"], results[0], other):
             torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
