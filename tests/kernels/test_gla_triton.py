@@ -2,7 +2,8 @@
 reference: outputs, final states and every gradient, with documents packed by resets, an initial
 state, strong and weak gates, lengths that are not a multiple of the chunk, and key/value sizes
 that are not powers of two (K = V = 128, 60, 100: several key and value blocks). Fresh outputs
-are NaN-poisoned so an element the kernel forgets to write fails the comparison. Runs under TRITON_INTERPRET=1 (tests/kernels/conftest.py)."""
+are NaN-poisoned so an element the kernel forgets to write fails the comparison. Runs under
+TRITON_INTERPRET=1 (tests/kernels/conftest.py)."""
 
 from __future__ import annotations
 
