@@ -9,17 +9,20 @@ The reference is ``kernels.gla.chunk_torch.chunk_gla``. One program owns one (se
 key block, value block) and walks the chunks of ``BT`` tokens in order, keeping its ``[BK, BV]``
 tile of the state in fp32 registers, so no per-chunk states are written to memory; the backward
 recomputes them. Everything the recurrence does is a sum over key channels, so the key blocks are
-independent and their partial outputs are summed afterwards in a fixed order. ``BK <= 32`` bounds
-the pairwise ``[BT, BT, BK]`` decay tile (8K fp32 values at ``BT = 16``; with the whole of
-K = 128 in one block it would be 32K and spill on a GPU). Every exponent is <= 0: inside a chunk
-the decays are exact pairwise differences ``cum_i - cum_j`` (i >= j), and across chunks the split
-is at the chunk boundary (``q_i exp(cum_i)`` reads the entering state, ``k_j exp(cum_last -
-cum_j)`` writes the leaving one).
+independent and their partial outputs are summed afterwards in a fixed order. Register pressure
+sets the tiles: ``BK, BV <= 32`` keeps the pairwise ``[BT, BT, BK]`` decay tile at 8K fp32 values
+(32K with the whole of K = 128 in one block), and dk and dv, which each need one pairwise decay
+product, run as two launches of one kernel. Compiled offline for sm_90a at K = V = 128 (ptxas
+-v), no kernel spills; with K whole and ``BV = 64`` the forward spilled 3.8 KB per thread and the
+dk/dv backward 32 KB. Every exponent is <= 0: inside a chunk the decays are exact pairwise
+differences ``cum_i - cum_j`` (i >= j), and across chunks the split is at the chunk boundary
+(``q_i exp(cum_i)`` reads the entering state, ``k_j exp(cum_last - cum_j)`` writes the leaving
+one).
 
 Sequences: a batch row each, or with ``cu_seqlens`` (B = 1) the packed range ``[bos, eos)`` of
 each of N sequences, its chunks aligned to its own start, its own initial and final state.
 
-Backward, three kernels: dq runs forward over the chunks recomputing the state; dk, dv and the
+Backward: dq runs forward over the chunks recomputing the state; dk, dv and the
 initial-state gradient run backward carrying dS; dg uses the identity that ``g`` acts only through
 its cumulative sum ``b_t``, with ``d b_t = q_t * dq_t - k_t * dk_t`` (plus ``sum_v dS_T * S_T`` at
 the last token), so ``dg`` is the reverse cumulative sum of that inside each document.
@@ -39,8 +42,8 @@ from torch import Tensor
 
 POISON_OUTPUTS = False  # tests set True: fresh outputs start as NaN, so an unwritten element shows
 CHUNK = 16  # tokens per chunk; the pairwise decays cost CHUNK * CHUNK * BK registers
-BK_MAX = 32  # key channels per program (see the module docstring); tl.dot needs >= 16
-BV_MAX = 64
+BK_MAX = 32  # channels per program (see the module docstring); tl.dot needs >= 16
+BV_MAX = 32
 
 
 @triton.jit
@@ -165,10 +168,11 @@ def _chunk_gla_bwd_dkv_kernel(q, k, v, g, reset, cu_seqlens, do, dht, dk, dv, dh
                               s_qk, s_v, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                               HAS_RESET: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
-                              IS_VARLEN: tl.constexpr):
-    """dk (partial over value blocks, into ``dk[i_v]``), dv (partial over key blocks, into
-    ``dv[i_k]``) and dh0, walking the chunks backward with dS, the gradient of the state leaving
-    the current chunk, in registers."""
+                              IS_VARLEN: tl.constexpr, DO_DK: tl.constexpr):
+    """Walks the chunks backward with dS, the gradient of the state leaving the current chunk, in
+    registers; with DO_DK, dk (partial over value blocks, into ``dk[i_v]``) and dh0, else dv
+    (partial over key blocks, into ``dv[i_k]``). Two launches, because dk and dv each need a
+    pairwise decay product and both at once spill registers on a GPU."""
     i_v, i_k, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     i_b, bos, T_n = _seq(cu_seqlens, i_n, T, IS_VARLEN)
@@ -185,16 +189,18 @@ def _chunk_gla_bwd_dkv_kernel(q, k, v, g, reset, cu_seqlens, do, dht, dk, dv, dh
             q, k, v, g, reset, i_b, bos, T_n, i_h, i_t, i_k, i_v, T, s_qk, s_v, H, K, V, BT, BK, BV, HAS_RESET)
         b_q = b_q * scale
         b_do = tl.load(do + p_v, mask=m_tv, other=0.0).to(tl.float32)
-        scores = tl.sum(b_q[:, None, :] * b_k[None, :, :] * decay, axis=2)  # [BT, BT]
-        b_dv = tl.dot(tl.trans(scores), b_do, input_precision="ieee")
-        b_dv += tl.dot(b_k * k_out, b_dh, input_precision="ieee")
-        tl.store(dv + p_v, b_dv, mask=m_tv)
-        d_scores = tl.dot(b_do, tl.trans(b_v), input_precision="ieee")  # [BT, BT]: do_i . v_j
-        b_dk = tl.sum(d_scores[:, :, None] * b_q[:, None, :] * decay, axis=0)
-        b_dk += tl.dot(b_v, tl.trans(b_dh), input_precision="ieee") * k_out
-        tl.store(dk + p_k, b_dk, mask=m_tk)
+        if DO_DK:
+            d_scores = tl.dot(b_do, tl.trans(b_v), input_precision="ieee")  # [BT, BT]: do_i . v_j
+            b_dk = tl.sum(d_scores[:, :, None] * b_q[:, None, :] * decay, axis=0)
+            b_dk += tl.dot(b_v, tl.trans(b_dh), input_precision="ieee") * k_out
+            tl.store(dk + p_k, b_dk, mask=m_tk)
+        else:
+            scores = tl.sum(b_q[:, None, :] * b_k[None, :, :] * decay, axis=2)  # [BT, BT]
+            b_dv = tl.dot(tl.trans(scores), b_do, input_precision="ieee")
+            b_dv += tl.dot(b_k * k_out, b_dh, input_precision="ieee")
+            tl.store(dv + p_v, b_dv, mask=m_tv)
         b_dh = carry[:, None] * b_dh + tl.dot(tl.trans(b_q * q_in), b_do, input_precision="ieee")
-    if STORE_DH0:
+    if STORE_DH0 and DO_DK:
         tl.store(dh0 + p_h, b_dh, mask=m_h)
 
 
@@ -320,9 +326,10 @@ def chunk_gla_bwd(q, k, v, g, s_qk, s_v, scale, h0, reset, cu, ht, do, dht, bk=N
     dk_ = new_output((nv, b, t, h, dk), torch.float32, q.device)
     dv_ = new_output((nk, b, t, h, dv), torch.float32, v.device)
     dh0 = new_output(h0.shape, torch.float32, q.device) if h0 is not None else None
-    _chunk_gla_bwd_dkv_kernel[grid](
-        q, k, v, g, reset, cu, do, dht, dk_, dv_, dh0, scale, t, b * t, s_qk, s_v, H=h, K=dk, V=dv,
-        BT=CHUNK, BK=bk, BV=bv, HAS_DHT=dht is not None, STORE_DH0=h0 is not None, **flags)
+    for do_dk in (True, False):
+        _chunk_gla_bwd_dkv_kernel[grid](
+            q, k, v, g, reset, cu, do, dht, dk_, dv_, dh0, scale, t, b * t, s_qk, s_v, H=h, K=dk, V=dv,
+            BT=CHUNK, BK=bk, BV=bv, HAS_DHT=dht is not None, STORE_DH0=h0 is not None, DO_DK=do_dk, **flags)
     dq, dk_, dv_ = dq.sum(0), dk_.sum(0), dv_.sum(0)
     # the final state's own dependence on the gates, sum_v dS_T * S_T, enters at the last token
     d_last = (dht.float() * ht).sum(-1).contiguous() if dht is not None else None

@@ -31,7 +31,7 @@ from torch import Tensor
 from kernels.gla import chunk
 from kernels.gla.chunk import _seq
 
-BK_MAX = 64  # the state tile is BK x BV fp32 registers: 16 per thread at 64 x 64 and 8 warps
+BK_MAX = 64  # the state tile is BK x BV fp32 registers; at 64 x 64 ptxas (sm_90a) reports no spills
 BV_MAX = 64
 
 

@@ -65,10 +65,10 @@ CASES = [
     (1, 1, 1, 16, 16, -5.0, True, False),  # a single token
     (2, 37, 2, 12, 20, -5.0, True, True),  # T not a multiple of 16, odd sizes, strong gates
     (1, 33, 1, 20, 12, -0.02, False, True),  # weak gates: the state carries far
-    (1, 32, 2, 16, 72, -1.0, True, False),  # two value blocks (64 + 8), T a multiple of 16
+    (1, 32, 2, 16, 72, -1.0, True, False),  # three value blocks (32 + 32 + 8), T a multiple of 16
     (2, 19, 1, 8, 8, -5.0, False, False),  # no h0, no resets
-    (1, 20, 1, 128, 128, -1.0, True, True),  # K = V = 128: 4 key blocks of 32, 2 value blocks of 64
-    (1, 18, 1, 60, 100, -3.0, True, True),  # odd head sizes: key blocks 32 + 28, value blocks 64 + 36
+    (1, 20, 1, 128, 128, -1.0, True, True),  # K = V = 128: 4 x 4 tiles of 32 x 32
+    (1, 18, 1, 60, 100, -3.0, True, True),  # odd head sizes: key blocks 32 + 28, value blocks 32 x 3 + 4
     (1, 17, 1, 100, 60, -0.05, True, False),  # key blocks 32 x 3 + 4
 ]
 
