@@ -13,11 +13,11 @@ independent and their partial outputs are summed afterwards in a fixed order. Re
 sets the tiles: ``BK, BV <= 32`` keeps the pairwise ``[BT, BT, BK]`` decay tile at 8K fp32 values
 (32K with the whole of K = 128 in one block), and dk and dv, which each need one pairwise decay
 product, run as two launches of one kernel. Compiled offline for sm_90a at K = V = 128
-(``python -m kernels.gla.spills``), no kernel spills; with K whole and ``BV = 64`` the forward spilled 3.8 KB per thread and the
-dk/dv backward 32 KB. Every exponent is <= 0: inside a chunk the decays are exact pairwise
-differences ``cum_i - cum_j`` (i >= j), and across chunks the split is at the chunk boundary
-(``q_i exp(cum_i)`` reads the entering state, ``k_j exp(cum_last - cum_j)`` writes the leaving
-one).
+(``python -m kernels.gla.spills``), no kernel spills; with K whole and ``BV = 64`` the forward
+spilled 3.8 KB per thread and the dk/dv backward 32 KB. Every exponent is <= 0: inside a chunk
+the decays are exact pairwise differences ``cum_i - cum_j`` (i >= j), and across chunks the split
+is at the chunk boundary (``q_i exp(cum_i)`` reads the entering state, ``k_j exp(cum_last -
+cum_j)`` writes the leaving one).
 
 Sequences: a batch row each, or with ``cu_seqlens`` (B = 1) the packed range ``[bos, eos)`` of
 each of N sequences, its chunks aligned to its own start, its own initial and final state.
