@@ -21,11 +21,11 @@ from kernels.gla.naive import naive_recurrent_gla
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only contend
-# fp32 kernel vs fp64 loop: measured max abs error 7.8e-6 (dg, values up to 43), o 1.2e-6
+# fp32 kernel vs fp64 loop: measured max abs error 8.4e-6 (dg, values up to 39), o 1.9e-6
 ATOL, RTOL = 1e-4, 1e-4
 # bf16 inputs, outputs and gradients vs the fp64 loop on the same bf16-rounded inputs: the bf16
-# rounding of the results (2^-9 relative) dominates; measured max abs error 0.12 on dg (values
-# up to 43), 0.031 on o (up to 6), 3e-6 on the fp32 final state
+# rounding of the results (2^-9 relative) dominates; measured max abs error 0.21 on dg (values
+# up to 39), 0.031 on o (up to 6), 3e-6 on the fp32 final state
 BF16_ATOL, BF16_RTOL = 0.1, 0.02
 
 

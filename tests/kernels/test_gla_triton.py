@@ -143,7 +143,7 @@ def test_backward_is_bitwise_deterministic():
 def test_bf16_inputs_against_the_loop_on_rounded_inputs():
     """bf16 q, k, v, g (fp32 state): o and the gradients come back in bf16; compared with the
     fp64 loop on the same bf16 values, the bf16 rounding of the results dominates (measured max
-    abs error 0.12 on dg of size ~40, 0.03 on o of size ~6, 1e-6 on the fp32 final state)."""
+    abs error 0.21 on dg of size ~40, 0.03 on o of size ~6, 1e-6 on the fp32 final state)."""
     q, k, v, g, h0, reset = make_inputs(2, 20, 1, 20, 12, -2.0, True, True, seed=7)
     low = [z.bfloat16() for z in (q, k, v, g)]
     gen = torch.Generator().manual_seed(8)

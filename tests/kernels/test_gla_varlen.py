@@ -17,7 +17,7 @@ from kernels.gla import chunk_gla, fused_recurrent_gla
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only contend
-ATOL, RTOL = 1e-5, 1e-5  # the same fp32 arithmetic per sequence; measured differences <= 2e-6
+ATOL, RTOL = 1e-5, 1e-5  # the same fp32 arithmetic per sequence: measured bitwise equal on CPU
 
 LENGTHS = [5, 17, 1, 16, 9]  # T = 48
 
