@@ -103,3 +103,14 @@ def test_single_sequence_cu_seqlens_equals_plain_call():
         plain = run(fn, q, k, v, g, h0, do, dht, None)
         for a, b in zip(with_cu, plain):
             torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("fn", [chunk_gla, fused_recurrent_gla])
+def test_states_must_be_per_sequence(fn):
+    q, k, v, g, h0, _, _ = make_inputs([2, 3], 1, 4, 4)
+    cu = torch.tensor([0, 2, 5], device=DEVICE)
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError, match=r"initial_state .* must be \(2, 1, 4, 4\)"):
+            fn(q, k, v, g, None, h0[:1], True, cu, backend=backend)
+        o, ht = fn(q, k, v, g, None, None, True, cu, backend=backend)
+        assert o.shape == q.shape and ht.shape == (2, 1, 4, 4)
