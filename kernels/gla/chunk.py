@@ -47,7 +47,7 @@ BV_MAX = 32
 
 
 @triton.jit
-def _seq(cu_seqlens, i_n, T, IS_VARLEN: tl.constexpr):
+def sequence_bounds(cu_seqlens, i_n, T, IS_VARLEN: tl.constexpr):
     """(batch row, first token, length) of sequence ``i_n``: row i_n, or a packed range of row 0."""
     if IS_VARLEN:
         bos = tl.load(cu_seqlens + i_n).to(tl.int64)
@@ -118,7 +118,7 @@ def _chunk_gla_fwd_kernel(q, k, v, g, reset, cu_seqlens, h0, o, ht, scale, T, n_
     """o's part from key block i_k, into ``o[i_k]``."""
     i_v, i_k, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
-    i_b, bos, T_n = _seq(cu_seqlens, i_n, T, IS_VARLEN)
+    i_b, bos, T_n = sequence_bounds(cu_seqlens, i_n, T, IS_VARLEN)
     p_h, m_h = _state_ptrs(i_nh, i_k, i_v, K, V, BK, BV)
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
@@ -146,7 +146,7 @@ def _chunk_gla_bwd_dq_kernel(q, k, v, g, reset, cu_seqlens, h0, do, dq, scale, T
     """dq of key block i_k from value block i_v, into ``dq[i_v]``; the state is recomputed."""
     i_v, i_k, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
-    i_b, bos, T_n = _seq(cu_seqlens, i_n, T, IS_VARLEN)
+    i_b, bos, T_n = sequence_bounds(cu_seqlens, i_n, T, IS_VARLEN)
     p_h, m_h = _state_ptrs(i_nh, i_k, i_v, K, V, BK, BV)
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
@@ -175,7 +175,7 @@ def _chunk_gla_bwd_dkv_kernel(q, k, v, g, reset, cu_seqlens, do, dht, dk, dv, dh
     pairwise decay product and both at once spill registers on a GPU."""
     i_v, i_k, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
-    i_b, bos, T_n = _seq(cu_seqlens, i_n, T, IS_VARLEN)
+    i_b, bos, T_n = sequence_bounds(cu_seqlens, i_n, T, IS_VARLEN)
     p_h, m_h = _state_ptrs(i_nh, i_k, i_v, K, V, BK, BV)
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DHT:
@@ -213,7 +213,7 @@ def gla_bwd_dg_kernel(q, k, dq, dk, reset, cu_seqlens, d_last, dg, T, s_qk, H: t
     state). Grid (key blocks, N * H); shared with ``fused_recurrent.py``."""
     i_k, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    i_b, bos, T_n = _seq(cu_seqlens, i_n, T, IS_VARLEN)
+    i_b, bos, T_n = sequence_bounds(cu_seqlens, i_n, T, IS_VARLEN)
     o_k = i_k * BK + tl.arange(0, BK)
     o_c = tl.arange(0, BT)
     b_carry = tl.zeros([BK], dtype=tl.float32)  # sum over the later tokens of the open document

@@ -29,7 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.gla import chunk
-from kernels.gla.chunk import _seq
+from kernels.gla.chunk import sequence_bounds
 
 BK_MAX = 64  # the state tile is BK x BV fp32 registers; at 64 x 64 ptxas (sm_90a) reports no spills
 BV_MAX = 64
@@ -58,7 +58,7 @@ def _fused_recurrent_gla_fwd_kernel(q, k, v, g, reset, cu_seqlens, h0, o, ht, sc
     """o's part from key block i_k, into ``o[i_k]``."""
     i_v, i_k, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
-    i_b, bos, T_n = _seq(cu_seqlens, i_n, T, IS_VARLEN)
+    i_b, bos, T_n = sequence_bounds(cu_seqlens, i_n, T, IS_VARLEN)
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
@@ -88,7 +88,7 @@ def _fused_recurrent_gla_bwd_kernel(q, k, v, g, reset, cu_seqlens, h0, do, dht, 
     value block i_v from key block i_k (into ``dv[i_k]``), and the (i_k, i_v) tile of dh0."""
     i_v, i_k, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
-    i_b, bos, T_n = _seq(cu_seqlens, i_n, T, IS_VARLEN)
+    i_b, bos, T_n = sequence_bounds(cu_seqlens, i_n, T, IS_VARLEN)
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
