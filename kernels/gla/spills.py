@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
 
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     # the newest bundled ptxas: the PTX Triton emits can be newer than the older one accepts
-    ptxas = next((p for p in (os.path.join(bin_dir, n) for n in ("ptxas-blackwell", "ptxas")) if os.path.exists(p)), None)
+    candidates = [os.path.join(bin_dir, name) for name in ("ptxas-blackwell", "ptxas")]
+    ptxas = next((p for p in candidates if os.path.exists(p)), None)
     if ptxas is None:
         print(f"spills: no ptxas under {bin_dir}", file=sys.stderr)
         return 1
