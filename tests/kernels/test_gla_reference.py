@@ -70,6 +70,30 @@ def test_chunk_matches_naive(t, chunk_size, dk, with_h0, resets):
     _compare(tensors, reset, _chunk(chunk_size))
 
 
+def test_strong_gates_stay_finite():
+    """Log gates near -6 per token in fp32: a chunk of 64 decays by e^-380, which overflows in the
+    naive exp(cum) / exp(-cum) factorisation; the sub-chunk split keeps every exponent <= 0."""
+    (q, k, v, g, h0), _ = _inputs(1, 64, 1, 4, 4, True, False)
+    g = 8 * g - 4.0
+    q, k, v, g, h0 = (z.float().requires_grad_() for z in (q, k, v, g, h0))
+    o, h = chunk_gla(q, k, v, g, None, h0, True, chunk_size=64, backend="torch")
+    o_ref, h_ref = naive_recurrent_gla(q.double(), k.double(), v.double(), g.double(), initial_state=h0.double())
+    torch.testing.assert_close(o.double(), o_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(h.double(), h_ref, rtol=1e-4, atol=1e-4)
+    grads = torch.autograd.grad(o.sum() + h.sum(), (q, k, v, g, h0))
+    assert all(torch.isfinite(gr).all() for gr in grads)
+
+
+def test_a_document_start_forgets_everything_before():
+    (q, k, v, g, h0), _ = _inputs(1, 20, 2, 4, 3, True, False)
+    reset = torch.zeros(1, 20, dtype=torch.bool)
+    reset[0, 11] = True
+    o, h = _chunk(8)(q, k, v, g, h0, reset)
+    o_tail, h_tail = _chunk(8)(q[:, 11:], k[:, 11:], v[:, 11:], g[:, 11:], None, None)
+    torch.testing.assert_close(o[:, 11:], o_tail, **TOL)
+    torch.testing.assert_close(h, h_tail, **TOL)
+
+
 @pytest.mark.parametrize("t", [1, 7])
 @pytest.mark.parametrize("resets", [False, True])
 def test_fused_recurrent_matches_naive(t, resets):

@@ -1,5 +1,5 @@
-"""Gated Linear Attention: chunk_gla against the per-token recurrence, the mixer's cached decoding,
-packed documents and a short training run."""
+"""Gated Linear Attention: the mixer's cached decoding, packed documents, parameters and a short
+training run (the GLA op itself: tests/kernels/test_gla_*.py)."""
 
 from __future__ import annotations
 
@@ -9,96 +9,7 @@ import torch.nn.functional as F
 
 from pretrain.config import GLAConfig
 from pretrain.models import build_model
-from kernels.gla.chunk_torch import chunk_gla, recurrent_gla_step
 from tests.models.util import decode as _decode
-
-
-def naive_gla(q, k, v, g_log, h0=None, reset=None):
-    """The paper's recurrence token by token, differentiated by autograd:
-    S_t = Diag(exp(g_t)) S_{t-1} + k_t^T v_t, o_t = (q_t / sqrt(K)) S_t."""
-    b, t, h, dk = q.shape
-    s = q.new_zeros(b, h, dk, v.shape[-1]) if h0 is None else h0
-    outs = []
-    for i in range(t):
-        alpha = torch.exp(g_log[:, i])  # [B, H, K]
-        if reset is not None:
-            alpha = alpha * (~reset[:, i]).float()[:, None, None]
-        s = alpha[..., None] * s + k[:, i, ..., None] * v[:, i, :, None, :]
-        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, i] * dk**-0.5, s))
-    return torch.stack(outs, dim=1), s
-
-
-def _inputs(b, t, h, dk, dv, with_h0, with_reset, strength=1.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q, k = torch.randn(b, t, h, dk, generator=g), torch.randn(b, t, h, dk, generator=g)
-    v = torch.randn(b, t, h, dv, generator=g)
-    g_log = F.logsigmoid(strength * torch.randn(b, t, h, dk, generator=g) + 2)
-    h0 = torch.randn(b, h, dk, dv, generator=g) if with_h0 else None
-    reset = torch.rand(b, t, generator=g) < 0.1 if with_reset else None
-    if reset is not None:
-        reset[0, t // 2] = True
-        reset[-1, 0] = True  # drops h0
-    return [q, k, v, g_log, h0], reset
-
-
-def _check_against_naive(tensors, reset, chunk_size, tol=1e-4):
-    leaves = [z.clone().requires_grad_() if z is not None else None for z in tensors]
-    o, h = chunk_gla(*leaves, reset=reset, chunk_size=chunk_size)
-    o_ref, h_ref = naive_gla(*leaves, reset=reset)
-    torch.testing.assert_close(o, o_ref, rtol=tol, atol=tol)
-    torch.testing.assert_close(h, h_ref, rtol=tol, atol=tol)
-    go, gh = torch.randn_like(o), torch.randn_like(h)
-    inputs = [z for z in leaves if z is not None]
-    grads = torch.autograd.grad((o * go).sum() + (h * gh).sum(), inputs)
-    grads_ref = torch.autograd.grad((o_ref * go).sum() + (h_ref * gh).sum(), inputs)
-    for name, g, g_ref in zip("q k v g_log h0".split(), grads, grads_ref):
-        assert torch.isfinite(g).all(), name
-        torch.testing.assert_close(g, g_ref, rtol=tol, atol=tol, msg=lambda m, name=name: f"d{name}: {m}")
-
-
-@pytest.mark.parametrize(("t", "chunk_size"), [(1, 8), (19, 8), (37, 32), (40, 64)])
-@pytest.mark.parametrize("with_h0", [False, True])
-@pytest.mark.parametrize("with_reset", [False, True])
-def test_chunk_matches_naive(t, chunk_size, with_h0, with_reset, nan_poison):
-    tensors, reset = _inputs(2, t, 2, 4, 6, with_h0, with_reset)
-    _check_against_naive(tensors, reset, chunk_size)
-
-
-def test_strong_gates_stay_finite():
-    """Log gates near -6 per token: a chunk of 64 decays by e^-380, which overflows fp32 in the
-    naive exp(cum) / exp(-cum) factorisation; the sub-chunk split keeps every exponent <= 0."""
-    tensors, reset = _inputs(1, 64, 1, 4, 4, with_h0=True, with_reset=False, strength=8.0)
-    tensors[3] = tensors[3] - 4.0
-    _check_against_naive(tensors, reset, chunk_size=64)
-
-
-def test_reset_drops_the_carried_state():
-    (q, k, v, g_log, h0), _ = _inputs(1, 20, 2, 4, 3, with_h0=True, with_reset=False)
-    reset = torch.zeros(1, 20, dtype=torch.bool)
-    reset[0, 11] = True
-    o, h = chunk_gla(q, k, v, g_log, h0=h0, reset=reset, chunk_size=8)
-    o_tail, h_tail = chunk_gla(q[:, 11:], k[:, 11:], v[:, 11:], g_log[:, 11:], chunk_size=8)
-    torch.testing.assert_close(o[:, 11:], o_tail)
-    torch.testing.assert_close(h, h_tail)
-
-
-def test_step_is_one_token_of_the_recurrence():
-    (q, k, v, g_log, h0), _ = _inputs(3, 1, 2, 4, 5, with_h0=True, with_reset=False, seed=1)
-    reset = torch.tensor([[True], [False], [False]])
-    o, h = recurrent_gla_step(q[:, 0], k[:, 0], v[:, 0], g_log[:, 0], h0, reset=reset[:, 0])
-    o_ref, h_ref = naive_gla(q, k, v, g_log, h0, reset)
-    torch.testing.assert_close(o, o_ref[:, 0])
-    torch.testing.assert_close(h, h_ref)
-
-
-def test_bad_shapes_raise():
-    (q, k, v, g_log, _), _ = _inputs(2, 4, 2, 4, 3, False, False)
-    with pytest.raises(ValueError, match="g_log"):
-        chunk_gla(q, k, v, g_log[..., :3])
-    with pytest.raises(ValueError, match="h0"):
-        chunk_gla(q, k, v, g_log, h0=torch.zeros(2, 2, 4, 4))
-    with pytest.raises(ValueError, match="reset"):
-        chunk_gla(q, k, v, g_log, reset=torch.zeros(2, 3, dtype=torch.bool))
 
 
 # ------------------------------------------------------------------------------ the mixer
