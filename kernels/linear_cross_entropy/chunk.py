@@ -106,7 +106,8 @@ def loss_block_triton(
         grad_dtype: the dtype of the gradient to return, or None for no gradient.
 
     Returns:
-        ``(nll [c], lse [c], dz)``: fp32 ``lse - z_label`` and log-sum-exp per row, and ``d
+        ``(nll [c], lse [c], dz)``: fp32 ``lse - z_label`` (arbitrary on rows whose label no
+        rank owns: ignored, weighted by 0) and log-sum-exp per row, and ``d
         (sum_i w_i (nll_i + z_loss_coef lse_i^2)) / dz`` ``[c, V_local]`` in ``grad_dtype`` (``z``
         itself for fp32), or None.
 
