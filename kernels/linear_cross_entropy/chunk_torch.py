@@ -110,7 +110,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             w = keep[s : s + chunk_size].to(acc) * scale
             # the gradient in the precision autograd's linear would use
             grad_dtype = weight.dtype if (want_dh or want_dw) else None
-            nll, lse, dz = loss_block(z, labels[s : s + chunk_size], vocab_start, w, z_loss_coef, all_reduce, grad_dtype)
+            y = labels[s : s + chunk_size]
+            nll, lse, dz = loss_block(z, y, vocab_start, w, z_loss_coef, all_reduce, grad_dtype)
             loss += (w * nll).sum()
             if z_loss_coef:
                 z_loss += z_loss_coef * (w * lse.square()).sum()

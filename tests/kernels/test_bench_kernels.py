@@ -176,7 +176,8 @@ def test_script_measures_the_fused_loss_then_says_it_needs_a_gpu_and_exits_0_on_
     assert done.returncode == 0, done.stderr
     assert "needs a GPU" in done.stdout
     assert "== linear + cross-entropy  N=64 tokens, V=512, D=16, fp32, cpu" in done.stdout
-    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines() if line.split()[:1] in (["fused"], ["unfused"])}
+    lines = [line.split() for line in done.stdout.splitlines()]
+    rows = {cells[0]: cells for cells in lines if cells[:1] in (["fused"], ["unfused"])}
     assert set(rows) == {"fused", "unfused"}
     assert float(rows["fused"][-1]) == pytest.approx(float(rows["unfused"][-1]), abs=1e-5)  # the losses
     assert "goal: fused peak <= 25 % of unfused" in done.stdout  # no verdict asserted: tiny sizes are noise
@@ -257,7 +258,8 @@ def test_main_prints_a_table_and_goals_per_triton_op(monkeypatch, capsys):
     monkeypatch.setattr(bk.torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
     monkeypatch.setattr(bk, "copy_bandwidth_gbs", lambda device: 4000.0)
     impls = ("ours (triton)", "ours (torch)")
-    monkeypatch.setattr(bk, "bench_op", lambda op, ts, *a: [dict(T=t, impl=i, fwd=1.0, fb=2.0) for t in ts for i in impls])
+    monkeypatch.setattr(bk, "bench_op",
+                        lambda op, ts, *a: [dict(T=t, impl=i, fwd=1.0, fb=2.0) for t in ts for i in impls])
     monkeypatch.setattr(fk.lce_bench, "measure", _fake_lce)
     mem_rows = [dict(impl="ours (triton)", fwd=1.0, fb=2.0), dict(impl="ours (torch)", fwd=2.0, fb=4.0)]
     monkeypatch.setattr(fk, "bench_mem_op", lambda op, *a: mem_rows if op.name == "swiglu"

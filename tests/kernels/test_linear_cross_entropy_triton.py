@@ -218,3 +218,32 @@ def test_triton_backend_runs_the_kernel_and_torch_does_not(monkeypatch):
     with pytest.raises(ValueError, match="fp32 block"):
         loss_block_triton(torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, dtype=torch.long), 0,
                           torch.ones(2), 0.0, None, None)
+
+
+@pytest.mark.parametrize("tie_embeddings", [False, True])
+def test_model_loss_on_the_triton_head_equals_the_torch_path(tie_embeddings, monkeypatch):
+    """A whole attention model with model.kernels='triton' (its only kernel: the fused head,
+    untied or tied to the embedding, with the z-loss): the loss with its z-loss term and every
+    parameter gradient equal model.kernels='torch' (fp32 tolerance)."""
+    from pretrain.models import build_model
+    from tests.models.conftest import _make_cfg
+
+    calls = []
+    launch = lce_chunk._launch
+    monkeypatch.setattr(lce_chunk, "_launch", lambda *a, **kw: calls.append(1) or launch(*a, **kw))
+    ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(1))
+    labels = ids.roll(-1, dims=1)
+    labels[:, -1] = -100
+    out = {}
+    for kernels in ("torch", "triton"):
+        cfg = _make_cfg("attn", kernels=kernels, tie_embeddings=tie_embeddings, z_loss_coef=1e-2)
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        loss, aux = model(ids, labels=labels, return_aux=True)
+        (loss + aux["aux_loss"]).backward()
+        out[kernels] = loss.detach(), aux["metric/z_loss"], {k: p.grad for k, p in model.named_parameters()}
+    assert calls  # the triton model ran the kernel
+    torch.testing.assert_close(out["triton"][0], out["torch"][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["triton"][1], out["torch"][1], rtol=1e-5, atol=1e-7)
+    for k, g in out["torch"][2].items():
+        torch.testing.assert_close(out["triton"][2][k], g, rtol=1e-4, atol=1e-6, msg=k)
