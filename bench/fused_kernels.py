@@ -207,15 +207,9 @@ def lce_lines(size: dict, dtype: str, device: str, names: tuple[str, ...]) -> li
     return lines
 
 
-def cuda_timer(warmup: int, reps: int) -> Callable[[Callable], float]:
-    """``step -> median ms`` by CUDA events (bench/kernels.py's cuda_time_ms)."""
-    from bench.kernels import cuda_time_ms
-
-    return lambda step: cuda_time_ms(step, warmup, reps)
-
-
 def median_ms(step: Callable, reps: int = 3) -> float:
-    """Wall-clock median ms (CPU tests of the table's plumbing)."""
+    """Wall-clock median ms of ``step`` (the CPU tests of the table; on CUDA bench/kernels.py
+    passes its CUDA-event timer)."""
     import time
 
     times = []

@@ -499,7 +499,7 @@ def run_fused(args: argparse.Namespace, dtype: torch.dtype, device: torch.device
     if not args.no_lce:
         names = ("fused (triton)", "fused (torch)", "liger", "unfused")
         print("\n".join(fk.lce_lines(lce_size(args, fk.LCE_GPU), args.dtype, "cuda", names)), flush=True)
-    timer = fk.cuda_timer(args.warmup, args.reps)
+    timer = lambda step: cuda_time_ms(step, args.warmup, args.reps)  # noqa: E731
     for name in args.mem_ops:
         op = fk.MEM_OPS[name]
         rows = fk.bench_mem_op(op, args.mem_tokens, dtype, device, timer)
