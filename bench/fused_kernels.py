@@ -1,7 +1,8 @@
 """Issue 10's part of bench/kernels.py: the fused linear + cross-entropy (peak memory and time
 against the unfused path, and Liger-Kernel's where installed) and the memory-bound element-wise
 ops (RMSNorm, gated RMSNorm, SwiGLU, the GMU's gate, the short causal conv) against the measured
-copy bandwidth. Run through ``python bench/kernels.py`` (``--lce-only``, ``--mem-ops``).
+copy bandwidth. Run through ``python bench/kernels.py`` (``--no-lce``, ``--lce-tokens``, ``--mem-ops``,
+``--mem-tokens``).
 
 Memory-bound ops: per op, forward and forward+backward time of our Triton kernel
 (``backend='triton'``), our PyTorch path (``backend='torch'``) and ``torch.compile`` of that
