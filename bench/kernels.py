@@ -1,8 +1,16 @@
 """Triton kernels of the recurrent cores against the device's peak, our PyTorch path and the
-field's kernels (issue 9's benchmark), side by side.
+field's kernels (issue 9's benchmark), side by side; then issue 10's fused ops
+(bench/fused_kernels.py): the linear + cross-entropy's peak memory and time against the unfused
+path (and Liger-Kernel's), and the memory-bound ops' GB/s against the measured copy bandwidth.
 
     python bench/kernels.py [--quick] [--dtype bf16|fp32] [--ops chunk_gla ssd_chunked ...]
+                            [--mem-ops rms_norm swiglu ...] [--mem-tokens N] [--no-lce]
+                            [--lce-tokens N --lce-vocab V --lce-d-model D]
     python bench/kernels.py --check          # each Triton op once against the torch path (fp32, bf16)
+
+Without a GPU it measures the linear + cross-entropy's memory (at a reduced default size,
+N=4096 V=32768 D=1024 fp32: about half a minute on 2 cores), prints that the rest needs a GPU
+and exits 0.
 
 Per op with a Triton module present (``kernels.dispatch.triton_available``) and per sequence
 length T: forward and forward+backward time (CUDA events after warm-up, the median of --reps),
@@ -62,6 +70,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import fused_kernels as fk  # noqa: E402
 from kernels.dispatch import triton_available  # noqa: E402
 
 # name substring (first match wins) -> dense TFLOP/s (bf16 tensor, tf32 tensor, fp32 CUDA core)
@@ -479,12 +488,42 @@ def run_check(names: list[str], dtype: torch.dtype, device: torch.device) -> int
     return int(failed)
 
 
+def lce_size(args: argparse.Namespace, default: dict) -> dict:
+    """The linear + cross-entropy's sizes: ``default`` overridden by the --lce-* flags."""
+    given = dict(tokens=args.lce_tokens, vocab=args.lce_vocab, d_model=args.lce_d_model)
+    return {k: given[k] or v for k, v in default.items()}
+
+
+def run_fused(args: argparse.Namespace, dtype: torch.dtype, device: torch.device, copy_gbs: float) -> None:
+    """Issue 10's part on CUDA: the linear + cross-entropy, then the memory-bound ops."""
+    if not args.no_lce:
+        names = ("fused (triton)", "fused (torch)", "liger", "unfused")
+        print("\n".join(fk.lce_lines(lce_size(args, fk.LCE_GPU), args.dtype, "cuda", names)), flush=True)
+    timer = lambda step: cuda_time_ms(step, args.warmup, args.reps)  # noqa: E731
+    for name in args.mem_ops:
+        op = fk.MEM_OPS[name]
+        rows = fk.bench_mem_op(op, args.mem_tokens, dtype, device, timer)
+        if rows and rows[0]["impl"] == "all":
+            print(f"== {name} ({op.module}.{op.function}): {rows[0]['status']}", flush=True)
+            continue
+        print("\n".join(fk.format_mem_table(op, args.mem_tokens, rows, dtype.itemsize, copy_gbs)), flush=True)
+        torch.cuda.empty_cache()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark (or --check) and return the exit code: 0, or 1 when --check fails."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=f"T in {T_QUICK} instead of {T_SWEEP}")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
-    parser.add_argument("--ops", nargs="+", choices=list(OPS), default=list(OPS))
+    parser.add_argument("--ops", nargs="*", choices=list(OPS), default=list(OPS))
+    parser.add_argument("--mem-ops", nargs="*", choices=list(fk.MEM_OPS), default=list(fk.MEM_OPS),
+                        help="issue 10's memory-bound ops (GPU)")
+    parser.add_argument("--mem-tokens", type=int, default=16384, help="tokens N of the memory-bound ops")
+    parser.add_argument("--no-lce", action="store_true", help="skip the linear + cross-entropy")
+    parser.add_argument("--lce-tokens", type=int, default=None,
+                        help=f"default {fk.LCE_CPU['tokens']} on CPU, {fk.LCE_GPU['tokens']} on CUDA")
+    parser.add_argument("--lce-vocab", type=int, default=None)
+    parser.add_argument("--lce-d-model", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--check", action="store_true",
@@ -492,8 +531,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     if not torch.cuda.is_available():
-        print("bench/kernels.py needs a GPU (CUDA): the Triton kernels only run interpreted on a CPU; "
-              "tests/kernels checks them there")
+        if not (args.check or args.no_lce):  # fp32: the CPU's bf16 matmuls would time something else
+            print("\n".join(fk.lce_lines(lce_size(args, fk.LCE_CPU), "fp32", "cpu", ("fused", "unfused"))),
+                  flush=True)
+        print("the rest of bench/kernels.py needs a GPU (CUDA): the Triton kernels' time and GB/s (issue 9's "
+              "recurrent cores, issue 10's memory-bound ops); the Triton kernels only run interpreted on a CPU, "
+              "and tests/kernels checks them there")
         return 0
     device = torch.device("cuda")
     present = [n for n in args.ops if triton_available(OPS[n].module)]
@@ -516,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = bench_op(op, ts, dtype, device, args.warmup, args.reps)
         print("\n".join(format_table(op, {t: op.shape(t) for t in ts}, rows, dtype, peak, copy_gbs)))
         print("\n".join(goal_lines(op, rows)), flush=True)
+    run_fused(args, dtype, device, copy_gbs)
     return 0
 
 

@@ -7,7 +7,8 @@
 Each variant runs in a fresh process (so one's freed memory cannot hide the other's peak); the
 figure is the growth of the peak resident memory (``getrusage`` ``ru_maxrss``) during forward +
 backward, above what the inputs, the weight and their gradients (allocated and touched before)
-already hold, on CPU; on CUDA, ``torch.cuda.max_memory_allocated`` above the same baseline.
+already hold, on CPU (one call, its time included); on CUDA, ``torch.cuda.max_memory_allocated``
+above the same baseline, and the median time of 3 calls after a warm-up call.
 
 Bounds printed beside the figures: the unfused path must hold the fp32 logits ``N V 4`` bytes and
 their gradient (the same again; autograd keeps the log-softmax as well); the fused path one block
@@ -38,10 +39,36 @@ def _peak_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def _variant(name: str, tokens: int, vocab: int, d_model: int, dtype: str, device: str, out) -> None:
-    """One forward + backward of ``name`` ('fused' or 'unfused'); puts a result dict on ``out``."""
+VARIANTS = ("fused", "fused (torch)", "fused (triton)", "liger", "unfused")
+"""'fused': the public op with backend 'auto' (what the trainer runs); 'fused (torch)' / 'fused
+(triton)': its block's element-wise part forced to PyTorch / the Triton kernel; 'liger':
+Liger-Kernel's LigerFusedLinearCrossEntropyLoss (ImportError where not installed)."""
+
+
+def loss_function(name: str):
+    """``(hidden, weight, labels) -> loss`` of variant ``name`` (:data:`VARIANTS`)."""
     from kernels.linear_cross_entropy import linear_cross_entropy
     from kernels.linear_cross_entropy.naive import naive_linear_cross_entropy
+
+    if name == "unfused":
+        return naive_linear_cross_entropy
+    if name == "liger":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss()
+        return lambda hidden, weight, labels: liger(weight, hidden, labels)
+    backend = {"fused": "auto", "fused (torch)": "torch", "fused (triton)": "triton"}[name]
+    return lambda hidden, weight, labels: linear_cross_entropy(hidden, weight, labels, backend=backend)
+
+
+def _variant(name: str, tokens: int, vocab: int, d_model: int, dtype: str, device: str, out) -> None:
+    """One forward + backward of ``name`` (:data:`VARIANTS`); puts a result dict on ``out``
+    (``{"name", "error"}`` where the variant cannot run: a missing package)."""
+    try:
+        fn = loss_function(name)
+    except ImportError as exc:
+        out.put({"name": name, "error": f"not installed ({exc.name})"})
+        return
 
     dev = torch.device(device)
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -51,25 +78,29 @@ def _variant(name: str, tokens: int, vocab: int, d_model: int, dtype: str, devic
     labels = torch.randint(0, vocab, (tokens,), generator=gen, device=dev)
     # the gradients' memory belongs to the baseline: both paths must produce them
     hidden.grad, weight.grad = torch.ones_like(hidden), torch.ones_like(weight)
-    if dev.type == "cuda":
+    if dev.type == "cuda":  # a warm-up call first: Triton's compilation and cuBLAS's set-up are not timed
+        fn(hidden, weight, labels).backward()
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
     base = _peak_bytes(dev)
-    fn = linear_cross_entropy if name == "fused" else naive_linear_cross_entropy
-    start = time.perf_counter()
-    loss = fn(hidden, weight, labels)
-    loss.backward()
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    seconds = time.perf_counter() - start
+    times = []
+    for _ in range(3 if dev.type == "cuda" else 1):  # CPU: one call (ru_maxrss cannot be reset)
+        start = time.perf_counter()
+        loss = fn(hidden, weight, labels)
+        loss.backward()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        times.append(time.perf_counter() - start)
+    seconds = sorted(times)[len(times) // 2]
     out.put({"name": name, "peak": _peak_bytes(dev) - base, "seconds": seconds, "loss": loss.item()})
 
 
-def measure(tokens: int, vocab: int, d_model: int, dtype: str, device: str) -> dict[str, dict]:
-    """{'fused': {...}, 'unfused': {...}}, each measured in its own spawned process."""
+def measure(tokens: int, vocab: int, d_model: int, dtype: str, device: str,
+            names: tuple[str, ...] = ("fused", "unfused")) -> dict[str, dict]:
+    """{name: {...}} for each variant in ``names``, each measured in its own spawned process."""
     ctx = mp.get_context("spawn")
     results = {}
-    for name in ("fused", "unfused"):
+    for name in names:
         q = ctx.Queue()
         p = ctx.Process(target=_variant, args=(name, tokens, vocab, d_model, dtype, device, q))
         p.start()

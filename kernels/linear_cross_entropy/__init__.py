@@ -1,14 +1,16 @@
 """The head projection and the language-model loss in one op, without materialising the
-``[tokens, vocab]`` logits: ``chunk_torch.py`` computes them a block of tokens at a time (the
-CPU path; on GPUs too, where the two matmuls per block dominate and run on cuBLAS); ``naive.py`` is the unfused
-specification.
+``[tokens, vocab]`` logits: ``chunk_torch.py`` computes them a block of tokens at a time (two
+matmuls per block, on cuBLAS on a GPU, and the block's softmax, loss and in-place gradient in
+PyTorch: the CPU path); ``chunk.py`` does that element-wise part of each block in one Triton
+kernel (Liger-Kernel's scheme); ``naive.py`` is the unfused specification.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from kernels.dispatch import check_inputs
+from kernels.dispatch import check_inputs, select
 from kernels.linear_cross_entropy.chunk_torch import AllReduce, ChunkedLinearCrossEntropy, auto_chunk_size
 
 __all__ = ["AllReduce", "linear_cross_entropy"]
@@ -25,6 +27,7 @@ def linear_cross_entropy(
     vocab_start: int = 0,
     all_reduce: AllReduce | None = None,
     return_z_loss: bool = False,
+    backend: str = "auto",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Mean next-token cross-entropy of the logits ``hidden @ weight.T``, plus the z-loss
     ``z_loss_coef * mean(logsumexp(logits)^2)`` (PaLM), computed ``chunk_size`` tokens at a time:
@@ -42,6 +45,9 @@ def linear_cross_entropy(
             (:data:`chunk_torch.AllReduce`). The gradient of ``hidden`` is then this rank's
             partial sum.
         return_z_loss: also return the z-loss term alone (detached), for logs.
+        backend: ``model.kernels`` ('auto' | 'triton' | 'torch', see :func:`kernels.dispatch.select`):
+            the block's element-wise part in Triton (:mod:`.chunk`) or PyTorch; fp64 inputs (the
+            checks) always take PyTorch.
 
     Returns:
         The fp32 scalar loss, z-loss term included (fp64 for fp64 inputs; NaN when every label
@@ -50,7 +56,7 @@ def linear_cross_entropy(
 
     Raises:
         ValueError: mismatched shapes, non-float inputs, integer labels missing, several
-            devices, or a chunk_size <= 0.
+            devices, a chunk_size <= 0, or a backend that cannot run (:func:`kernels.dispatch.select`).
     """
     check_inputs("linear_cross_entropy", {"hidden": hidden, "weight": weight})
     hidden = hidden.reshape(-1, hidden.shape[-1])
@@ -64,7 +70,12 @@ def linear_cross_entropy(
     if chunk_size is not None and chunk_size <= 0:
         raise ValueError(f"linear_cross_entropy: chunk_size {chunk_size} must be > 0")
     chunk = chunk_size or auto_chunk_size(*hidden.shape, weight.shape[0])
+    loss_block = None
+    if select("linear_cross_entropy", backend, hidden.device, "kernels.linear_cross_entropy.chunk") == "triton":
+        if torch.promote_types(hidden.dtype, weight.dtype) != torch.float64:
+            from kernels.linear_cross_entropy.chunk import loss_block_triton as loss_block
     loss, z_loss = ChunkedLinearCrossEntropy.apply(
-        hidden, weight, labels.reshape(-1).long(), ignore_index, float(z_loss_coef), chunk, vocab_start, all_reduce
+        hidden, weight, labels.reshape(-1).long(), ignore_index, float(z_loss_coef), chunk, vocab_start, all_reduce,
+        loss_block,
     )
     return (loss, z_loss) if return_z_loss else loss

@@ -43,10 +43,43 @@ def _no_reduce(x: Tensor, op: str) -> Tensor:
     return x
 
 
+def loss_block_torch(
+    z: Tensor, labels: Tensor, vocab_start: int, w: Tensor, z_loss_coef: float, all_reduce: AllReduce | None,
+    grad_dtype: torch.dtype | None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per-row loss terms of a block of logits ``z [c, V_local]`` (fp32, or fp64; overwritten)
+    and, unless ``grad_dtype`` is None, ``d (sum_i w_i (nll_i + z_loss_coef lse_i^2)) / dz`` in
+    ``grad_dtype``. Returns ``(nll, lse, dz)`` with ``nll = lse - z_label`` per row. Arguments
+    and results as :func:`kernels.linear_cross_entropy.chunk.loss_block_triton`."""
+    reduce = all_reduce or _no_reduce
+    local = labels - vocab_start
+    mine = (local >= 0) & (local < z.shape[1])
+    rows = torch.arange(z.shape[0], device=z.device)[mine]
+    cols = local[mine]
+    m = reduce(z.max(dim=1).values, "max")
+    target = torch.zeros_like(m)
+    target[rows] = z[rows, cols] - m[rows]  # the label's logit, on the rank that owns it
+    z.sub_(m.unsqueeze(1)).exp_()  # z := exp(logits - m), in place
+    sum_exp, target = reduce(torch.stack([z.sum(dim=1), target]), "sum").unbind(0)
+    lse = m + sum_exp.log()
+    nll = lse - m - target
+    if grad_dtype is None:
+        return nll, lse, None
+    # d loss / d logits = w * (softmax * (1 + 2 z_coef lse) - onehot(label)), in place in z
+    z.mul_((w * (1 + 2 * z_loss_coef * lse) / sum_exp).unsqueeze(1))
+    z[rows, cols] -= w[rows]
+    return nll, lse, z.to(grad_dtype)
+
+
+LossBlock = Callable[..., tuple[Tensor, Tensor, "Tensor | None"]]
+"""The signature of :func:`loss_block_torch` (and of its Triton twin)."""
+
+
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Forward: the loss (fp32 scalar, z-loss term included) and the z-loss term alone (not
     differentiable, for logs); the gradients of ``hidden`` and ``weight`` are kept for the
-    backward. Arguments as :func:`kernels.linear_cross_entropy.linear_cross_entropy`."""
+    backward. Arguments as :func:`kernels.linear_cross_entropy.linear_cross_entropy`;
+    ``loss_block`` does a block's element-wise part (:func:`loss_block_torch` when None)."""
 
     @staticmethod
     def forward(
@@ -59,9 +92,10 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         chunk_size: int,
         vocab_start: int,
         all_reduce: AllReduce | None,
+        loss_block: LossBlock = None,
     ) -> Tensor:
-        reduce = all_reduce or _no_reduce
-        n, width = hidden.shape[0], weight.shape[0]
+        n = hidden.shape[0]
+        loss_block = loss_block or loss_block_torch
         acc = torch.promote_types(hidden.dtype, torch.float32)
         keep = labels != ignore_index
         scale = 1.0 / keep.sum().to(acc)  # inf when every label is ignored: a NaN loss, as F.cross_entropy
@@ -73,26 +107,16 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         for s in range(0, n, chunk_size):
             h = hidden[s : s + chunk_size]
             z = at_least_fp32(h @ weight.T)  # [c, V_local]: the only block of logits alive
-            local = labels[s : s + chunk_size] - vocab_start
-            mine = (local >= 0) & (local < width)
-            rows = torch.arange(z.shape[0], device=z.device)[mine]
-            cols = local[mine]
-            m = reduce(z.max(dim=1).values, "max")
-            target = torch.zeros_like(m)
-            target[rows] = z[rows, cols] - m[rows]  # the label's logit, on the rank that owns it
-            z.sub_(m.unsqueeze(1)).exp_()  # z := exp(logits - m), in place
-            sum_exp, target = reduce(torch.stack([z.sum(dim=1), target]), "sum").unbind(0)
-            lse = m + sum_exp.log()
             w = keep[s : s + chunk_size].to(acc) * scale
-            loss += (w * (lse - m - target)).sum()
+            # the gradient in the precision autograd's linear would use
+            grad_dtype = weight.dtype if (want_dh or want_dw) else None
+            y = labels[s : s + chunk_size]
+            nll, lse, dz = loss_block(z, y, vocab_start, w, z_loss_coef, all_reduce, grad_dtype)
+            loss += (w * nll).sum()
             if z_loss_coef:
                 z_loss += z_loss_coef * (w * lse.square()).sum()
-            if not (want_dh or want_dw):
+            if dz is None:
                 continue
-            # d loss / d logits = w * (softmax * (1 + 2 z_coef lse) - onehot(label)), in place in z
-            z.mul_((w * (1 + 2 * z_loss_coef * lse) / sum_exp).unsqueeze(1))
-            z[rows, cols] -= w[rows]
-            dz = z.to(weight.dtype)  # the precision autograd's linear would use
             if want_dh:
                 grad_h[s : s + chunk_size] = dz @ weight
             if want_dw and dz.dtype == acc:
@@ -111,4 +135,4 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_h = grad_h * grad_out.to(grad_h.dtype)
         if grad_w is not None:
             grad_w = (grad_w * grad_out).to(ctx.weight_dtype)
-        return grad_h, grad_w, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None

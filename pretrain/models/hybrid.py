@@ -86,10 +86,12 @@ class HeadOutput:
 
     ``vocab_start`` / ``all_reduce``: a vocabulary-parallel head's first id and the reduction
     over its ranks (see :func:`kernels.linear_cross_entropy.linear_cross_entropy`), set by
-    parallel/tensor; the defaults are one rank holding the whole vocabulary."""
+    parallel/tensor; the defaults are one rank holding the whole vocabulary. ``kernels``: the
+    fused loss's backend, ``model.kernels`` (set by :class:`HybridLM`)."""
 
     vocab_start: int = 0
     all_reduce: AllReduce | None = None
+    kernels: str = "auto"
 
     def output(self, h: Tensor, weight: Tensor, labels: Tensor | None, z_loss_coef: float) -> Tensor | tuple[Tensor, Tensor]:
         """``h [B, T, d_model]`` -> fp32 logits ``[B, T, V]``; with ``labels [B, T]``, ``(mean
@@ -98,7 +100,7 @@ class HeadOutput:
             return at_least_fp32(F.linear(h, weight))
         return linear_cross_entropy(
             h, weight, labels, z_loss_coef=z_loss_coef, vocab_start=self.vocab_start,
-            all_reduce=self.all_reduce, return_z_loss=True,
+            all_reduce=self.all_reduce, return_z_loss=True, backend=self.kernels,
         )
 
 
@@ -137,6 +139,7 @@ class HybridLM(nn.Module):
             self.norm: RMSNorm | None = RMSNorm(cfg.d_model, cfg.norm_eps)
             self.head: LMHead | None = None if cfg.tie_embeddings else LMHead(cfg.d_model, cfg.vocab_size)
             self.tied_head = TiedHead() if cfg.tie_embeddings else None
+            (self.head or self.tied_head).kernels = cfg.kernels
             # RMoE's GRU, shared by every 'moe_gru' block: handed to them through the carry
             # (see pretrain/models/layers/moe.py); every pipeline stage with a 'moe_gru' block's
             # FFN half holds a copy, and parallel/pipeline/stage.py sums their gradients.

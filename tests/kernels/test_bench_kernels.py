@@ -15,6 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench import fused_kernels as fk
 from bench import kernels as bk
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -166,12 +167,86 @@ def test_check_passes_the_triton_gla_and_fails_a_wrong_kernel(monkeypatch, capsy
     assert "FAIL out" in capsys.readouterr().out
 
 
-def test_script_says_it_needs_a_gpu_and_exits_0_on_cpu():
+def test_script_measures_the_fused_loss_then_says_it_needs_a_gpu_and_exits_0_on_cpu():
+    """The real CPU path, at a tiny size: the fused and unfused linear + cross-entropy each run in
+    a spawned process and print their peak memory, time and (equal) loss."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, "bench/kernels.py", "--quick"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run([sys.executable, "bench/kernels.py", "--quick", "--lce-tokens", "64", "--lce-vocab", "512",
+                           "--lce-d-model", "16"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
     assert "needs a GPU" in done.stdout
+    assert "== linear + cross-entropy  N=64 tokens, V=512, D=16, fp32, cpu" in done.stdout
+    lines = [line.split() for line in done.stdout.splitlines()]
+    rows = {cells[0]: cells for cells in lines if cells[:1] in (["fused"], ["unfused"])}
+    assert set(rows) == {"fused", "unfused"}
+    assert float(rows["fused"][-1]) == pytest.approx(float(rows["unfused"][-1]), abs=1e-5)  # the losses
+    assert "goal: fused peak <= 25 % of unfused" in done.stdout  # no verdict asserted: tiny sizes are noise
+
+
+def _fake_lce(tokens, vocab, d_model, dtype, device, names):
+    peaks = {"fused": 2**28, "fused (triton)": 2**28, "fused (torch)": 2**29, "unfused": 2**31}
+    out = {n: dict(name=n, peak=peaks[n], seconds=0.5 if n != "unfused" else 0.25, loss=10.0) for n in names
+           if n in peaks}
+    out.update({n: dict(name=n, error="not installed (liger_kernel)") for n in names if n not in peaks})
+    return out
+
+
+def test_cpu_main_measures_the_fused_loss_at_the_reduced_default_size(monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr(bk.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(fk.lce_bench, "measure", lambda *a: seen.append(a) or _fake_lce(*a))
+    assert bk.main([]) == 0
+    assert seen == [(4096, 32768, 1024, "fp32", "cpu", ("fused", "unfused"))]
+    out = capsys.readouterr().out
+    fused = next(x for x in out.splitlines() if x.split()[:1] == ["fused"]).split()
+    assert fused[1:5] == ["0.250", "0.125", "500.0", "2.00"]  # GiB, x unfused peak, ms, x unfused time
+    assert "goal: fused peak <= 25 % of unfused: 12.5%  met" in out and "needs a GPU" in out
+    assert bk.main(["--no-lce"]) == 0 and len(seen) == 1
+
+
+def test_memory_bound_ops_minimum_bytes_are_their_per_token_tensors():
+    """Inputs: the per-token tensors ``make`` builds; outputs: those of an independent PyTorch
+    statement of each op (x-shaped, two for the fused residual)."""
+    import torch.nn.functional as F
+
+    ref = {
+        "rms_norm": lambda a: [a["x"] * a["weight"]],
+        "rms_norm_residual": lambda a: [a["x"] + a["residual"], a["x"] * a["weight"]],
+        "gated_rms_norm": lambda a: [a["x"] * F.silu(a["z"])],
+        "swiglu": lambda a: [F.silu(a["gate"]) * a["up"]],
+        "gated_memory": lambda a: [F.silu(a["gate"]) * a["memory"]],
+        "causal_conv1d": lambda a: [a["x"] * a["bias"]],
+    }
+    assert set(ref) == set(fk.MEM_OPS)
+    n = 16
+    for name, op in fk.MEM_OPS.items():
+        inp = op.make(n, torch.bfloat16, CPU)
+        per_token = [z for z in inp.values() if z.dim() >= 2 and z.numel() // z.shape[-1] == n]  # not the weights
+        i = sum(z.numel() for z in per_token)
+        o = sum(y.numel() for y in ref[name]({k: v.detach() for k, v in inp.items()}))
+        assert op.min_bytes(n, 2) == (2 * (i + o), 2 * (3 * i + 2 * o)), name
+
+
+def test_memory_bound_table_rates_and_goal(monkeypatch):
+    """A fake op (silu(gate) * up through a torch function with a backend argument), timed on the
+    CPU: three rows, and the table's GB/s equal the minimum bytes over the time."""
+    import torch.nn.functional as F
+
+    op = fk.MEM_OPS["swiglu"]
+    monkeypatch.setattr(fk, "D_FFN", 64)
+    monkeypatch.setattr(fk, "load_op", lambda op: lambda g, u, backend: F.silu(g) * u)
+    monkeypatch.setattr(fk.torch, "compile", lambda f: f)  # no compiler needed for the plumbing
+    rows = fk.bench_mem_op(op, 32, torch.float32, CPU, lambda step: fk.median_ms(step, 2))
+    assert [r["impl"] for r in rows] == ["ours (triton)", "ours (torch)", "torch.compile (torch)"]
+    assert all("fwd" in r and "fb" in r for r in rows)
+    fake = [dict(impl="ours (triton)", fwd=1.0, fb=2.0), dict(impl="ours (torch)", status="error: x")]
+    lines = fk.format_mem_table(op, 1000, fake, 2, 500.0)
+    # fwd 3 N F e = 3 * 1000 * 64 * 2 bytes in 1 ms; f+b 8 N F e in 2 ms
+    fwd, fb = 3 * 1000 * 64 * 2 / 1e-3 / 1e9, 8 * 1000 * 64 * 2 / 2e-3 / 1e9
+    assert f"{fwd:>9.0f} ({fwd / 500:4.0%})" in lines[2] and f"{fb:>9.0f} ({fb / 500:4.0%})" in lines[2]
+    assert lines[-1].endswith(f"{min(fwd, fb) / 500:.0%}  {'met' if min(fwd, fb) >= 350 else 'NOT met'}")
+    monkeypatch.setattr(fk, "load_op", lambda op: None)
+    assert fk.bench_mem_op(op, 32, torch.float32, CPU, fk.median_ms) == [dict(impl="all", status="not available yet")]
 
 
 def test_main_prints_a_table_and_goals_per_triton_op(monkeypatch, capsys):
@@ -183,9 +258,18 @@ def test_main_prints_a_table_and_goals_per_triton_op(monkeypatch, capsys):
     monkeypatch.setattr(bk.torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
     monkeypatch.setattr(bk, "copy_bandwidth_gbs", lambda device: 4000.0)
     impls = ("ours (triton)", "ours (torch)")
-    monkeypatch.setattr(bk, "bench_op", lambda op, ts, *a: [dict(T=t, impl=i, fwd=1.0, fb=2.0) for t in ts for i in impls])
+    monkeypatch.setattr(bk, "bench_op",
+                        lambda op, ts, *a: [dict(T=t, impl=i, fwd=1.0, fb=2.0) for t in ts for i in impls])
+    monkeypatch.setattr(fk.lce_bench, "measure", _fake_lce)
+    mem_rows = [dict(impl="ours (triton)", fwd=1.0, fb=2.0), dict(impl="ours (torch)", fwd=2.0, fb=4.0)]
+    monkeypatch.setattr(fk, "bench_mem_op", lambda op, *a: mem_rows if op.name == "swiglu"
+                        else [dict(impl="all", status="not available yet")])
     assert bk.main(["--quick"]) == 0
     out = capsys.readouterr().out
+    assert "== linear + cross-entropy  N=16384 tokens, V=32768, D=1024, bf16, cuda" in out
+    assert "liger           not installed (liger_kernel)" in out
+    assert "goal: fused (triton) peak <= 25 % of unfused: 12.5%  met" in out
+    assert "== swiglu  N=16384 tokens" in out and "== rms_norm (kernels.rmsnorm.rms_norm): not available yet" in out
     assert "device NVIDIA H200: bf16 989" in out and "measured copy 4000 GB/s" in out
     for name, op in bk.OPS.items():
         assert (f"== {name}  bf16" in out) == triton_available(op.module), name
