@@ -186,7 +186,7 @@ def test_64bit_offsets():
     backward and update against the loop; only touched pages are ever resident."""
     b, t, c, w = 3, 5, 6, 3
     stride, start = 2**31 - 2**20, 2**21
-    buf = torch.zeros(start + 2 * stride + t * c + c * (w - 1), dtype=torch.bfloat16, device=DEVICE)
+    buf = torch.empty(start + 2 * stride + t * c + c * (w - 1), dtype=torch.bfloat16, device=DEVICE)
     x0, weight, bias, s0 = (v.detach() for v in make_inputs(b, t, c, w, seed=11, dtype=torch.bfloat16))
     x = buf.as_strided((b, t, c), (stride, c, 1), start)
     state = buf.as_strided((b, c, w - 1), (stride, 1, c), start + t * c)  # [B, W-1, C] storage, transposed
