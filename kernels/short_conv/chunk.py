@@ -5,10 +5,11 @@ the forward reads the W shifted copies of its x tile (the W-1 rows before the ti
 initial state at t < 0, from x otherwise; the overlap hits the cache) and writes y once, the SiLU
 fused. The backward recomputes the pre-activation where it needs ``du = dy * silu'(u)`` (no u is
 stored): ``dx[t] = sum_s keep(t+s, s) w[W-1-s] du[t+s]`` reads du W tokens ahead, so it costs
-W^2 cached tile loads for W <= 4, cheaper than a round trip of du through memory. The weight and
-bias gradients are per-program partial sums over the tile's tokens, written to
+W^2 cached tile loads for W <= 4, cheaper than a round trip of du through memory. Its time tiles
+are shifted back by W-1, so the first one also yields the initial state's gradient. The weight
+and bias gradients are per-program partial sums over the tile's output times, written to
 ``[B, n_t_blocks, C, W]`` / ``[B, n_t_blocks, C]`` fp32 and summed in torch: a deterministic
-reduction (no atomics). The first time block of each row also writes the initial state's gradient.
+reduction (no atomics).
 
 Launch: ``BLOCK_T = 64`` tokens x ``BLOCK_C = 64`` channels per program, 4 warps: a 16 KiB fp32
 tile, enough loads in flight per SM for a bandwidth-bound op, and B * T/64 * C/64 programs to fill
@@ -99,56 +100,40 @@ def _grad_u(x, st, w, bias, p, dy, o_t, o_c, m_c, i_b, T, s_xb, s_xt, s_sb, s_sc
 
 
 @triton.jit
-def _grad_x(x, st, w, bias, p, dy, o_t, o_c, m_c, i_b, T, s_xb, s_xt, s_sb, s_sc, s_sw, s_pb, s_pt, s_db, s_dt,
-            W: tl.constexpr, HAS_STATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
-            SILU: tl.constexpr):
-    """The gradient of the inputs at times ``o_t`` (t < 0: the initial state) -> ``[BT, BC]`` fp32."""
-    b_dx = tl.zeros([o_t.shape[0], o_c.shape[0]], dtype=tl.float32)
+def _bwd_kernel(x, st, w, bias, p, dy, dx, dst, dw, db, T, C, NT, s_xb, s_xt, s_sb, s_sc, s_sw, s_pb, s_pt,
+                s_db, s_dt, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                HAS_STATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, SILU: tl.constexpr):
+    i_t, i_c, i_b = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    # input times, shifted by W-1 so that the first tile also covers the initial state (t < 0)
+    o_t = i_t * BT - (W - 1) + tl.arange(0, BT)
+    o_c = i_c * BC + tl.arange(0, BC)
+    m_c = o_c < C
+    b_dx = tl.zeros([BT, BC], dtype=tl.float32)
     for s in tl.static_range(W):
-        o_u = o_t + s  # the output that reads this input s steps back
+        o_u = o_t + s  # the outputs that read these inputs s steps back
         b_du = _grad_u(x, st, w, bias, p, dy, o_u, o_c, m_c, i_b, T, s_xb, s_xt, s_sb, s_sc, s_sw, s_pb, s_pt,
                        s_db, s_dt, W, HAS_STATE, HAS_BIAS, HAS_POS, SILU)
         if HAS_POS:
-            m_u = (o_u >= 0) & (o_u < T)
-            b_p = tl.load(p + i_b * s_pb + o_u * s_pt, mask=m_u, other=0)
+            b_p = tl.load(p + i_b * s_pb + o_u * s_pt, mask=(o_u >= 0) & (o_u < T), other=0)
+        if s == 0:  # each output time lies in exactly one tile: its share of dweight and dbias
+            part = (i_b * NT + i_t) * C + o_c
+            if HAS_BIAS:
+                tl.store(db + part, tl.sum(b_du, axis=0), mask=m_c)
+            for r in tl.static_range(W):
+                b_x = _load_x(x, st, o_t - r, o_c, m_c, i_b, T, s_xb, s_xt, s_sb, s_sc, s_sw, W, HAS_STATE)
+                if HAS_POS:
+                    b_x = tl.where((b_p >= r)[:, None], b_x, 0.0)
+                tl.store(dw + part * W + (W - 1 - r), tl.sum(b_du * b_x, axis=0), mask=m_c)
+        if HAS_POS:
             b_du = tl.where((b_p >= s)[:, None], b_du, 0.0)
         b_w = tl.load(w + o_c * W + (W - 1 - s), mask=m_c, other=0.0).to(tl.float32)
         b_dx += b_du * b_w[None, :]
-    return b_dx
-
-
-@triton.jit
-def _bwd_kernel(x, st, w, bias, p, dy, dx, dst, dw, db, T, C, NT, s_xb, s_xt, s_sb, s_sc, s_sw, s_pb, s_pt,
-                s_db, s_dt, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BS: tl.constexpr,
-                HAS_STATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, SILU: tl.constexpr):
-    i_t, i_c, i_b = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
-    o_t = i_t * BT + tl.arange(0, BT)
-    o_c = i_c * BC + tl.arange(0, BC)
-    m_c = o_c < C
-    b_dx = _grad_x(x, st, w, bias, p, dy, o_t, o_c, m_c, i_b, T, s_xb, s_xt, s_sb, s_sc, s_sw, s_pb, s_pt,
-                   s_db, s_dt, W, HAS_STATE, HAS_BIAS, HAS_POS, SILU)
-    m = (o_t < T)[:, None] & m_c[None, :]
+    m = ((o_t >= 0) & (o_t < T))[:, None] & m_c[None, :]
     tl.store(dx + i_b * T * C + o_t[:, None] * C + o_c[None, :], b_dx.to(dx.dtype.element_ty), mask=m)
-    # this tile's share of the weight and bias gradients
-    b_du = _grad_u(x, st, w, bias, p, dy, o_t, o_c, m_c, i_b, T, s_xb, s_xt, s_sb, s_sc, s_sw, s_pb, s_pt,
-                   s_db, s_dt, W, HAS_STATE, HAS_BIAS, HAS_POS, SILU)
-    if HAS_POS:
-        b_p = tl.load(p + i_b * s_pb + o_t * s_pt, mask=o_t < T, other=0)
-    part = (i_b * NT + i_t) * C + o_c
-    for s in tl.static_range(W):
-        b_x = _load_x(x, st, o_t - s, o_c, m_c, i_b, T, s_xb, s_xt, s_sb, s_sc, s_sw, W, HAS_STATE)
-        if HAS_POS:
-            b_x = tl.where((b_p >= s)[:, None], b_x, 0.0)
-        tl.store(dw + part * W + (W - 1 - s), tl.sum(b_du * b_x, axis=0), mask=m_c)
-    if HAS_BIAS:
-        tl.store(db + part, tl.sum(b_du, axis=0), mask=m_c)
     if HAS_STATE:
-        if i_t == 0:  # the initial state: inputs at t = -(W-1) .. -1
-            o_s = tl.arange(0, BS).to(tl.int64) - (W - 1)
-            b_ds = _grad_x(x, st, w, bias, p, dy, o_s, o_c, m_c, i_b, T, s_xb, s_xt, s_sb, s_sc, s_sw, s_pb, s_pt,
-                           s_db, s_dt, W, HAS_STATE, HAS_BIAS, HAS_POS, SILU)
-            p_ds = dst + i_b * C * (W - 1) + o_c[None, :] * (W - 1) + (o_s + W - 1)[:, None]
-            tl.store(p_ds, b_ds.to(dst.dtype.element_ty), mask=(o_s < 0)[:, None] & m_c[None, :])
+        m_s = ((o_t < 0) & (o_t >= 1 - W))[:, None] & m_c[None, :]
+        p_ds = dst + i_b * C * (W - 1) + o_c[None, :] * (W - 1) + (o_t + W - 1)[:, None]
+        tl.store(p_ds, b_dx.to(dst.dtype.element_ty), mask=m_s)
 
 
 def _new(shape, dtype, device) -> Tensor:
@@ -191,7 +176,7 @@ class _CausalConv1d(torch.autograd.Function):
         b, t, c = x.shape
         k = weight.shape[1]
         dy = _channels_last_contiguous(dy)
-        n_t = triton.cdiv(t, BLOCK_T)
+        n_t = triton.cdiv(t + k - 1, BLOCK_T)
         dx = _new((b, t, c), x.dtype, x.device)
         dw = _new((b, n_t, c, k), torch.float32, x.device)
         db = _new((b, n_t, c), torch.float32, x.device) if bias is not None else None
@@ -199,7 +184,7 @@ class _CausalConv1d(torch.autograd.Function):
         _bwd_kernel[(n_t, triton.cdiv(c, BLOCK_C), b)](
             x, initial_state, weight, bias, positions, dy, dx, dst, dw, db, t, c, n_t,
             *_strides(x, initial_state, positions), dy.stride(0), dy.stride(1),
-            W=k, BT=BLOCK_T, BC=BLOCK_C, BS=max(2, triton.next_power_of_2(k - 1)),
+            W=k, BT=BLOCK_T, BC=BLOCK_C,
             HAS_STATE=initial_state is not None, HAS_BIAS=bias is not None, HAS_POS=positions is not None,
             SILU=ctx.activation == "silu", num_warps=4,
         )
