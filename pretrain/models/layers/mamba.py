@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from kernels.selective_scan import selective_scan, selective_state_update
 from kernels.selective_scan.chunk_torch import SCAN_CHUNK
-from pretrain.models.layers.conv import cached_causal_conv, init_short_conv_
+from kernels.short_conv import causal_conv1d, causal_conv1d_update, final_conv_state
 from pretrain.models.layers.norm import at_least_fp32
 from pretrain.models.registry import register_mixer
 
@@ -47,6 +47,14 @@ def normal_segments_(std: float, *linears: nn.Linear) -> None:
     fused.normal_(std=std)
     for x, part in zip(w, fused.split([x.shape[0] for x in w])):
         x.copy_(part)
+
+
+@torch.no_grad()
+def init_short_conv_(conv: nn.Conv1d) -> None:
+    """nn.Conv1d's default uniform init (fan_in = kernel width for a depthwise conv), as mamba_ssm."""
+    bound = 1 / math.sqrt(conv.kernel_size[0])
+    nn.init.uniform_(conv.weight, -bound, bound)
+    nn.init.uniform_(conv.bias, -bound, bound)
 
 
 @torch.no_grad()
@@ -98,7 +106,7 @@ class Mamba(nn.Module):
         self.kernels = cfg.kernels
         self.in_proj_x = nn.Linear(cfg.d_model, self.d_inner, bias=False)
         self.in_proj_z = nn.Linear(cfg.d_model, self.d_inner, bias=False)
-        # depthwise; only its parameters are used: forward applies the taps itself (masked_causal_conv)
+        # depthwise; only its parameters are used: forward runs them through kernels.short_conv
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, m.d_conv, groups=self.d_inner, bias=True)
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * m.d_state, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
@@ -120,7 +128,13 @@ class Mamba(nn.Module):
         if state is not None and x.shape[1] == 1:
             return self.step(x, ctx, state, gate)
         xi, z = self.in_proj_x(x), self.in_proj_z(x)  # [B, T, d_inner] each
-        xc = F.silu(cached_causal_conv(xi, state, self.conv1d.weight[:, 0, :], self.conv1d.bias, ctx.positions))
+        conv0 = None if state is None else state.conv
+        xc = causal_conv1d(
+            xi, self.conv1d.weight[:, 0, :], self.conv1d.bias, positions=ctx.positions, initial_state=conv0,
+            activation="silu", backend=self.kernels,
+        )
+        if state is not None:
+            state.conv = final_conv_state(xi, conv0, self.d_conv)
         dt, B, C = self._ssm_params(xc)
         h0 = None if state is None else state.ssm
         y, h = selective_scan(
@@ -142,11 +156,10 @@ class Mamba(nn.Module):
         """O(1) decoding of one token ``x [B, 1, d_model]`` -> y, z ``[B, 1, d_inner]`` as in
         :meth:`scan`; updates ``state`` in place."""
         xi, z = self.in_proj_x(x[:, 0]), self.in_proj_z(x[:, 0])  # [B, d_inner] each
-        window = torch.cat([state.conv, xi.unsqueeze(-1)], dim=-1)  # [B, d_inner, d_conv]
-        state.conv = window[:, :, 1:]
-        shift = torch.arange(self.d_conv - 1, -1, -1, device=x.device)  # tap j reads s = d_conv-1-j back
-        keep = (ctx.positions[:, :1] >= shift).to(window.dtype).unsqueeze(1)  # [B, 1, d_conv]
-        xc = F.silu((window * keep * self.conv1d.weight[:, 0, :]).sum(-1) + self.conv1d.bias)
+        xc, state.conv = causal_conv1d_update(
+            xi, state.conv, self.conv1d.weight[:, 0, :], self.conv1d.bias, positions=ctx.positions[:, 0],
+            activation="silu", backend=self.kernels,
+        )
         dt, B, C = self._ssm_params(xc)
         reset = None if ctx.reset is None else ctx.reset[:, 0]
         y, state.ssm = selective_state_update(

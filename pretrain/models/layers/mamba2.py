@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels.short_conv import causal_conv1d, causal_conv1d_update, final_conv_state
 from kernels.ssd import ssd_chunked, ssd_step
-from pretrain.models.layers.conv import cached_causal_conv
 from pretrain.models.layers.mamba import no_reduction, normal_segments_, sample_dt_bias, short_conv_segments_
 from pretrain.models.layers.norm import at_least_fp32
 from pretrain.models.registry import register_mixer
@@ -119,7 +119,12 @@ class Mamba2(nn.Module):
             return self._step(x, ctx, state)
         z, xbc, dt = self.in_proj_z(x), self._in_xbc(x), self.in_proj_dt(x)
         weight, bias = self._conv()
-        xbc = F.silu(cached_causal_conv(xbc, state, weight, bias, ctx.positions))
+        conv0 = None if state is None else state.conv
+        if state is not None:
+            state.conv = final_conv_state(xbc, conv0, self.d_conv)
+        xbc = causal_conv1d(
+            xbc, weight, bias, positions=ctx.positions, initial_state=conv0, activation="silu", backend=self.kernels
+        )
         xs, B, C = xbc.split(self._xbc_widths(), dim=-1)
         y, h = ssd_chunked(
             xs.unflatten(-1, (-1, self.head_dim)),  # [B, T, H, P]
@@ -141,12 +146,10 @@ class Mamba2(nn.Module):
         """O(1) decoding of one token ``x [B, 1, d_model]`` (:meth:`mix` of a single token)."""
         b, x1 = x.shape[0], x[:, 0]
         z, xbc, dt = self.in_proj_z(x1), self._in_xbc(x1), self.in_proj_dt(x1)
-        window = torch.cat([state.conv, xbc.unsqueeze(-1)], dim=-1)  # [B, conv_dim, d_conv]
-        state.conv = window[:, :, 1:]
-        shift = torch.arange(self.d_conv - 1, -1, -1, device=x.device)  # tap j reads s = d_conv-1-j back
-        keep = (ctx.positions[:, :1] >= shift).to(window.dtype).unsqueeze(1)  # [B, 1, d_conv]
         weight, bias = self._conv()
-        xbc = F.silu((window * keep * weight).sum(-1) + bias)
+        xbc, state.conv = causal_conv1d_update(
+            xbc, state.conv, weight, bias, positions=ctx.positions[:, 0], activation="silu", backend=self.kernels
+        )
         xs, B, C = xbc.split(self._xbc_widths(), dim=-1)
         y, state.ssm = ssd_step(
             state.ssm,

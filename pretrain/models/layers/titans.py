@@ -53,10 +53,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels.short_conv import causal_conv1d, final_conv_state
 from kernels.titans import MemoryState, memory_read, memory_scan
 from pretrain.models.context import attention_mask
 from pretrain.models.layers.attention import KVState, mean_visible_keys
-from pretrain.models.layers.conv import masked_causal_conv
 from pretrain.models.layers.mamba import no_reduction
 from pretrain.models.layers.norm import RMSNorm, at_least_fp32
 from pretrain.models.layers.rope import apply_rope, rope_tables
@@ -165,14 +165,14 @@ class NeuralMemory(nn.Module):
         """SiLU(short conv) of the channels ``part`` of the q/k/v projections ``z [B, T, C]``
         (channels: q, then k, then v, H * D each); ``tail``: the previous inputs of all 3HD
         channels (None: zeros) -> (output, new tail)."""
-        b, t, _ = z.shape
         w, bias = self.conv_weight.flatten(0, 1), self.conv_bias.flatten()  # [3HD, K], [3HD]
-        if tail is None:
-            tail = z.new_zeros(b, w.shape[1] - 1, w.shape[0])
-        zp = torch.cat([tail[..., part], z], dim=1)  # [B, K-1+T, C]
-        new_tail = tail.clone()
-        new_tail[..., part] = zp[:, t:]
-        return F.silu(masked_causal_conv(zp, w[part], bias[part], positions)), new_tail
+        conv0 = None if tail is None else tail[..., part].transpose(1, 2)  # [B, C, K-1]
+        new_tail = z.new_zeros(z.shape[0], w.shape[1] - 1, w.shape[0]) if tail is None else tail.clone()
+        new_tail[..., part] = final_conv_state(z, conv0, w.shape[1]).transpose(1, 2)
+        y = causal_conv1d(
+            z, w[part], bias[part], positions=positions, initial_state=conv0, activation="silu", backend=self.kernels
+        )
+        return y, new_tail
 
     def scan(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, mem: MemoryState, positions: Tensor,
              reset: Tensor | None, read: str = "chunk_start") -> tuple[Tensor, MemoryState]:
@@ -370,9 +370,12 @@ class TitansMAC(_Titans):
             return y_out
         # 4. o_t = y_t (x) M*_t(y_t): write gates and the read's query from y, and the read with
         # each token's own weights; M* is step 1's retrieval (its W_Q, conv taps and W_out)
-        zp = torch.cat([st.read_conv, mem.q_proj(y)], dim=1)  # [B, K-1+L, HD]
-        st.read_conv = zp[:, b - a :]
-        q_read = F.silu(masked_causal_conv(zp, mem.conv_weight[0], mem.conv_bias[0], pos))
+        zq, conv0 = mem.q_proj(y), st.read_conv.transpose(1, 2)  # [B, L, HD], [B, HD, K-1]
+        st.read_conv = final_conv_state(zq, conv0, mem.conv_weight.shape[-1]).transpose(1, 2)
+        q_read = causal_conv1d(
+            zq, mem.conv_weight[0], mem.conv_bias[0], positions=pos, initial_state=conv0, activation="silu",
+            backend=mem.kernels,
+        )
         read, st.memory = mem.scan(y, q_read.view(shape), k_mem, v_mem, st.memory, pos, reset, "per_token")
         return y_out * torch.sigmoid(self.gate_norm(mem.project_out(read, x.dtype)))
 
