@@ -11,7 +11,6 @@ all the parallelism there is. Forward only: decoding needs no gradients.
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor

@@ -74,11 +74,11 @@ def test_model_with_triton_conv_equals_the_torch_path(family, calls):
     # row 0: documents of 5 + 1 + 7 tokens (a one-token document), row 1 one of 13
     pos = torch.stack([torch.cat([torch.arange(5), torch.arange(1), torch.arange(7)]), torch.arange(13)])
     out = {}
-    for kernels in ("torch", "triton"):
-        model = _model(family, kernels)
+    for backend in ("torch", "triton"):
+        model = _model(family, backend)
         logits = model(ids, position_ids=pos)
         logits.square().mean().backward()
-        out[kernels] = logits.detach(), {k: p.grad for k, p in model.named_parameters()}
+        out[backend] = logits.detach(), {k: p.grad for k, p in model.named_parameters()}
     assert calls["chunk"] > 0
     torch.testing.assert_close(out["triton"][0], out["torch"][0], rtol=1e-5, atol=1e-6)
     assert out["torch"][1].keys() == out["triton"][1].keys()
