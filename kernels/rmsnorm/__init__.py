@@ -79,7 +79,8 @@ def gated_rms_norm(x: Tensor, z: Tensor, weight: Tensor, eps: float, *, group_si
     d = x.shape[-1] if x.dim() else 0
     if x.dim() == 0 or z.shape != x.shape or weight.shape != (d,):
         raise ValueError(
-            f"gated_rms_norm: x {tuple(x.shape)} and z {tuple(z.shape)} must be [..., D], weight {tuple(weight.shape)} [D]"
+            f"gated_rms_norm: x {tuple(x.shape)} and z {tuple(z.shape)} must be [..., D], "
+            f"weight {tuple(weight.shape)} [D]"
         )
     group_size = group_size or d
     if group_size <= 0 or d % group_size:

@@ -76,7 +76,9 @@ class Block(nn.Module):
             return self.mixer(self.norm1(h), ctx, state, carry)
         return self.mixer(self.norm1(h), ctx, state), carry
 
-    def _ffn(self, h: Tensor, x: Tensor, ctx: ForwardContext, carry: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    def _ffn(
+        self, h: Tensor, x: Tensor, ctx: ForwardContext, carry: dict[str, Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """``h + ffn(x)`` for ``x = norm2(h)``, and the carry."""
         if getattr(self.ffn, "uses_carry", False):
             y, carry = self.ffn(x, ctx, carry)
