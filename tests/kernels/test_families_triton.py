@@ -22,8 +22,10 @@ import pytest
 import torch
 
 import kernels.gla
+import kernels.rmsnorm
 import kernels.selective_scan
 import kernels.ssd
+import kernels.swiglu
 import kernels.titans
 from kernels import dispatch
 
@@ -34,22 +36,24 @@ STEPS = 2
 # losses measured 1.7e-7 relative apart at most (tiny, gla_tiny, sambay_tiny).
 RTOL, ATOL = 1e-4, 1e-6
 
-# config -> the recurrent ops its layers call (their dispatch names); attention and MoE
-# families call none, so 'triton' must leave their run bitwise unchanged.
+# config -> the ops its layers call (their dispatch names): every block's RMSNorm, the SwiGLU
+# FFN's gating, Mamba-2's gated norm, the GMU's gating, and the recurrent cores. A family
+# calling none would have to leave its run bitwise unchanged.
+NORMS = {"rms_norm"}
 FAMILIES = {
-    "tiny.toml": {"selective_scan"},
-    "llama_tiny.toml": set(),
-    "gla_tiny.toml": {"gla"},
-    "mamba2_tiny.toml": {"ssd"},
-    "sambay_tiny.toml": {"selective_scan"},
-    "titans_mac_tiny.toml": {"titans"},
-    "rmoe_tiny.toml": set(),
+    "tiny.toml": {"selective_scan", "swiglu", *NORMS},
+    "llama_tiny.toml": {"swiglu", *NORMS},
+    "gla_tiny.toml": {"gla", "swiglu", *NORMS},
+    "mamba2_tiny.toml": {"ssd", "gated_rms_norm", *NORMS},
+    "sambay_tiny.toml": {"selective_scan", "gated_memory", "swiglu", *NORMS},
+    "titans_mac_tiny.toml": {"titans", "swiglu", *NORMS},
+    "rmoe_tiny.toml": {*NORMS},
 }
 # The interpreter runs the selective scan as one program per (sequence, 32 channels), token by
 # token: its time grows with d_inner x Mamba layers. tiny.toml (d_inner 512, 3 Mamba layers, the
 # largest) keeps one 'mamba swa' pair at half width: 8 programs, as sambay_tiny's layers have.
 SHRINK = {"tiny.toml": ["model.n_layers=2", "model.d_model=128"]}
-OP_MODULES = (kernels.gla, kernels.selective_scan, kernels.ssd, kernels.titans)
+OP_MODULES = (kernels.gla, kernels.rmsnorm, kernels.selective_scan, kernels.ssd, kernels.swiglu, kernels.titans)
 SELECT = dispatch.select  # the real one, before any spy replaces it
 
 
