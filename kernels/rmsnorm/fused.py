@@ -11,7 +11,8 @@ up to 4096 elements, 8 above (about 16 fp32 values per thread either way). The f
 (row blocks, groups). The backward runs ``PROGRAMS`` persistent programs per group (two per SM
 on CUDA) that stride over the row blocks and accumulate the weight gradient of their rows in
 registers: each writes one fp32 partial row and torch sums them, a fixed order (deterministic,
-no atomics). Offsets are 64-bit: row index times row stride passes 2^31 for large inputs.
+no atomics). Offsets are 64-bit: row index times row stride passes 2^31 for large inputs. Under
+the interpreter (CPU tensors) the tile is ``INTERPRETER_TILE_ELEMENTS``: fewer, larger programs.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from torch import Tensor
 
 POISON_OUTPUTS = False  # tests set True: fresh outputs start as NaN, so an unwritten element shows
 TILE_ELEMENTS = 4096
+# the interpreter's cost is mostly per program and per op, not per element: larger tiles
+INTERPRETER_TILE_ELEMENTS = 2**15
 MAX_GROUP = 65536  # widest group held in one tile
 INTERPRETER_PROGRAMS = 4  # backward programs per group under the interpreter (no SMs to count)
 
@@ -121,11 +124,11 @@ def _rows(t: Tensor | None, d: int) -> Tensor | None:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _launch(gs: int) -> tuple[int, int, int]:
+def _launch(gs: int, device: torch.device) -> tuple[int, int, int]:
     if gs > MAX_GROUP:
         raise ValueError(f"rms_norm (triton): a group of {gs} channels exceeds {MAX_GROUP}; use backend='torch'")
     bn = triton.next_power_of_2(gs)
-    bm = max(1, TILE_ELEMENTS // bn)
+    bm = max(1, (TILE_ELEMENTS if device.type == "cuda" else INTERPRETER_TILE_ELEMENTS) // bn)
     return bm, bn, 4 if bm * bn <= 4096 else 8
 
 
@@ -145,7 +148,7 @@ class _FusedRMSNorm(torch.autograd.Function):
         y = _new((n_rows, d), h_dtype, x.device)
         h = _new((n_rows, d), h_dtype, x.device) if residual is not None else None
         rstd = _new((n_rows, n_groups), torch.float32, x.device)
-        bm, bn, warps = _launch(gs)
+        bm, bn, warps = _launch(gs, x.device)
         if n_rows:
             _fwd[(triton.cdiv(n_rows, bm), n_groups)](
                 x2, r2, z2, weight, y, h, rstd, n_rows, gs, x2.stride(0),
@@ -170,7 +173,7 @@ class _FusedRMSNorm(torch.autograd.Function):
         dx = _new((n_rows, d), x_dtype, u.device)
         dr = _new((n_rows, d), r_dtype, u.device) if r_dtype is not None else None
         dz = _new((n_rows, d), z_dtype, u.device) if z_dtype is not None else None
-        bm, bn, warps = _launch(gs)
+        bm, bn, warps = _launch(gs, u.device)
         programs = _programs(u.device, triton.cdiv(n_rows, bm))
         dw = _new((max(programs, 1), d), torch.float32, u.device)
         if n_rows:

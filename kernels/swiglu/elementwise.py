@@ -6,7 +6,8 @@ Launch configuration: the inputs are viewed as ``[rows, N]`` (unit column stride
 a program covers a ``[BLOCK_M, BLOCK_N]`` tile of ``TILE_ELEMENTS`` elements, ``BLOCK_N`` the
 width rounded up to a power of two up to 1024 (masked), 4 warps (8 fp32 values per thread at
 the 1024-element tile a memory-bound kernel needs to keep loads in flight, 32 at 4096). Grid:
-(row blocks, column blocks). Offsets are 64-bit (row times row stride may pass 2^31).
+(row blocks, column blocks). Offsets are 64-bit (row times row stride may pass 2^31). Under the
+interpreter (CPU tensors) the tile is ``INTERPRETER_TILE_ELEMENTS``: fewer, larger programs.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from torch import Tensor
 POISON_OUTPUTS = False  # tests set True: fresh outputs start as NaN, so an unwritten element shows
 TILE_ELEMENTS = 4096
 MAX_BLOCK_N = 1024
+# the interpreter's cost is mostly per program and per op, not per element: one large tile
+INTERPRETER_TILE_ELEMENTS = 2**15
+INTERPRETER_MAX_BLOCK_N = 2**12
 
 
 @triton.jit
@@ -56,9 +60,12 @@ def _rows(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _grid(n_rows: int, n: int) -> tuple[int, int, tuple[int, int]]:
-    bn = min(MAX_BLOCK_N, triton.next_power_of_2(max(n, 1)))
-    bm = max(1, TILE_ELEMENTS // bn)
+def _grid(n_rows: int, n: int, device: torch.device) -> tuple[int, int, tuple[int, int]]:
+    cuda = device.type == "cuda"
+    tile = TILE_ELEMENTS if cuda else INTERPRETER_TILE_ELEMENTS
+    max_n = MAX_BLOCK_N if cuda else INTERPRETER_MAX_BLOCK_N
+    bn = min(max_n, triton.next_power_of_2(max(n, 1)))
+    bm = max(1, tile // bn)
     return bm, bn, (triton.cdiv(n_rows, bm), triton.cdiv(n, bn))
 
 
@@ -68,7 +75,7 @@ class _SwiGLU(torch.autograd.Function):
         g2, u2 = _rows(gate), _rows(up)
         n_rows, n = g2.shape
         y = _new((n_rows, n), torch.promote_types(gate.dtype, up.dtype), gate.device)
-        bm, bn, grid = _grid(n_rows, n)
+        bm, bn, grid = _grid(n_rows, n, gate.device)
         if y.numel():
             _fwd[grid](g2, u2, y, n_rows, n, g2.stride(0), u2.stride(0), BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
         ctx.save_for_backward(g2, u2)
@@ -81,7 +88,7 @@ class _SwiGLU(torch.autograd.Function):
         n_rows, n = g2.shape
         dy2 = dy.reshape(n_rows, n).contiguous()
         dg, du = _new((n_rows, n), g2.dtype, g2.device), _new((n_rows, n), u2.dtype, u2.device)
-        bm, bn, grid = _grid(n_rows, n)
+        bm, bn, grid = _grid(n_rows, n, g2.device)
         if dg.numel():
             _bwd[grid](g2, u2, dy2, dg, du, n_rows, n, g2.stride(0), u2.stride(0), BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
         return dg.view(ctx.shape), du.view(ctx.shape)

@@ -29,7 +29,8 @@ def poisoned(monkeypatch):
         pytest.fail("TRITON_INTERPRET=0 needs CUDA; the kernel tests run under the interpreter on CPU")
     monkeypatch.setattr(elementwise, "POISON_OUTPUTS", True)
     monkeypatch.setattr(rms_fused, "POISON_OUTPUTS", True)
-    monkeypatch.setattr(elementwise, "TILE_ELEMENTS", 32)
+    monkeypatch.setattr(elementwise, "INTERPRETER_TILE_ELEMENTS" if INTERPRET else "TILE_ELEMENTS", 32)
+    monkeypatch.setattr(elementwise, "INTERPRETER_MAX_BLOCK_N" if INTERPRET else "MAX_BLOCK_N", 16)
 
 
 def _ref(memory, gate):

@@ -33,7 +33,8 @@ def small_tiles(monkeypatch):
     if not INTERPRET and not torch.cuda.is_available():
         pytest.fail("TRITON_INTERPRET=0 needs CUDA; the kernel tests run under the interpreter on CPU")
     monkeypatch.setattr(fused, "POISON_OUTPUTS", True)
-    monkeypatch.setattr(fused, "TILE_ELEMENTS", 64)  # D = 24 -> 2 rows per block
+    # D = 24 -> 2 rows per block
+    monkeypatch.setattr(fused, "INTERPRETER_TILE_ELEMENTS" if INTERPRET else "TILE_ELEMENTS", 64)
     monkeypatch.setattr(fused, "INTERPRETER_PROGRAMS", 2)
 
 

@@ -30,8 +30,9 @@ def small_tiles(monkeypatch):
     if not INTERPRET and not torch.cuda.is_available():
         pytest.fail("TRITON_INTERPRET=0 needs CUDA; the kernel tests run under the interpreter on CPU")
     monkeypatch.setattr(elementwise, "POISON_OUTPUTS", True)
-    monkeypatch.setattr(elementwise, "TILE_ELEMENTS", 32)
-    monkeypatch.setattr(elementwise, "MAX_BLOCK_N", 16)  # N = 37 -> 3 column blocks, 2 rows each
+    monkeypatch.setattr(elementwise, "INTERPRETER_TILE_ELEMENTS" if INTERPRET else "TILE_ELEMENTS", 32)
+    # N = 37 -> 3 column blocks of 16, 2 rows each
+    monkeypatch.setattr(elementwise, "INTERPRETER_MAX_BLOCK_N" if INTERPRET else "MAX_BLOCK_N", 16)
 
 
 def _ref(gate, up):
