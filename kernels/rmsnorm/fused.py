@@ -193,10 +193,10 @@ class _FusedRMSNorm(torch.autograd.Function):
 
 def rms_norm_triton(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None):
     """Launcher behind :func:`kernels.rmsnorm.rms_norm` (inputs already checked)."""
-    return _FusedRMSNorm.apply(x, residual, None, weight, eps, x.shape[-1], False)
+    return _FusedRMSNorm.apply(x, residual, None, weight.contiguous(), eps, x.shape[-1], False)
 
 
 def gated_rms_norm_triton(x: Tensor, z: Tensor, weight: Tensor, eps: float, group_size: int,
                           norm_before_gate: bool) -> Tensor:
     """Launcher behind :func:`kernels.rmsnorm.gated_rms_norm` (inputs already checked)."""
-    return _FusedRMSNorm.apply(x, None, z, weight, eps, group_size, norm_before_gate)
+    return _FusedRMSNorm.apply(x, None, z, weight.contiguous(), eps, group_size, norm_before_gate)
