@@ -20,11 +20,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
 EPS = 1e-5
-# fp32 kernel vs fp64 loop, values and gradients of size ~1-5: measured max abs error 1.1e-6
+# fp32 kernel vs fp64 loop, values and gradients of size ~1-10: measured max abs error 1.9e-6
+# (gated norm), 7.2e-7 (fused residual)
 FP32 = dict(atol=1e-5, rtol=1e-5)
 # bf16 inputs (outputs and gradients rounded to bf16, h too before it is normalised) vs the loop
-# on the rounded inputs: measured max abs error 0.031 at values up to ~4 (a bf16 ulp is 2^-6
-# there): atol 0.04 with rtol 2^-7 (one rounding of each stored value, and of h)
+# on the rounded inputs: measured max abs error 0.061 (gated norm, values up to ~8), 0.027 (fused
+# residual); rtol 2^-7 is one bf16 rounding of each stored value, atol for the small ones
 BF16 = dict(atol=4e-2, rtol=2**-7)
 
 

@@ -18,10 +18,10 @@ from tests.kernels.test_rmsnorm import _randn, check
 pytestmark = pytest.mark.usefixtures("one_thread")
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
-# fp32 kernel vs fp64 loop at values up to ~10: measured max abs error 9.5e-7
+# fp32 kernel vs fp64 loop at values up to ~50: measured max abs error 1.5e-6
 FP32 = dict(atol=1e-5, rtol=1e-5)
 # bf16 outputs and gradients (each rounded once from fp32) vs the loop on the rounded inputs:
-# measured max abs error 0.031 at values up to ~8 (a bf16 ulp is 2^-5 there)
+# measured max abs error 0.25 at outputs up to ~100 (half a bf16 ulp there), 0.11 for gradients
 BF16 = dict(atol=1e-2, rtol=2**-7)
 
 
