@@ -37,15 +37,20 @@ class Block(nn.Module):
             raise ValueError(f"unknown mixer {self.mixer_name!r}; known: {sorted(MIXERS)}")
         if self.ffn_name not in FFNS:
             raise ValueError(f"unknown ffn {self.ffn_name!r}; known: {sorted(FFNS)}")
-        self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.kernels)
         self.mixer = MIXERS[self.mixer_name](cfg, layer_idx)
         self.ffn = FFNS[self.ffn_name](cfg, layer_idx)
-        self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps) if self.ffn is not None else None
+        self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.kernels) if self.ffn is not None else None
 
     def forward(self, h: Tensor, ctx: ForwardContext, carry: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """``h [B, T, d_model]`` -> the block's output and the outgoing ``carry`` (tensors that
         cross layers, e.g. a shared KV). Runs the halves present: a pipeline stage cut inside
-        the block holds only one of them (the other set to None)."""
+        the block holds only one of them (the other set to None). With both, the mixer's
+        residual add is fused with ``norm2`` (one pass over the stream instead of two)."""
+        if self.mixer is not None and self.ffn is not None:
+            y, carry = self._mix(h, ctx, carry)
+            x, h = self.norm2(y, residual=h)
+            return self._ffn(h, x, ctx, carry)
         if self.mixer is not None:
             h, carry = self.forward_mixer(h, ctx, carry)
         if self.ffn is not None:
@@ -57,19 +62,28 @@ class Block(nn.Module):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The mixer half, ``h + mixer(norm1(h))``; the carry passes through the layers that do
         not use it."""
-        state = ctx.cache.states.get(self.name) if ctx.cache is not None else None
-        if getattr(self.mixer, "uses_carry", False):
-            y, carry = self.mixer(self.norm1(h), ctx, state, carry)
-        else:
-            y = self.mixer(self.norm1(h), ctx, state)
+        y, carry = self._mix(h, ctx, carry)
         return h + y, carry
 
     def forward_ffn(self, h: Tensor, ctx: ForwardContext, carry: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """The FFN half, ``h + ffn(norm2(h))`` (the block must have an FFN)."""
+        return self._ffn(h, self.norm2(h), ctx, carry)
+
+    def _mix(self, h: Tensor, ctx: ForwardContext, carry: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The mixer's output on ``norm1(h)``, before the residual add, and the carry."""
+        state = ctx.cache.states.get(self.name) if ctx.cache is not None else None
+        if getattr(self.mixer, "uses_carry", False):
+            return self.mixer(self.norm1(h), ctx, state, carry)
+        return self.mixer(self.norm1(h), ctx, state), carry
+
+    def _ffn(
+        self, h: Tensor, x: Tensor, ctx: ForwardContext, carry: dict[str, Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``h + ffn(x)`` for ``x = norm2(h)``, and the carry."""
         if getattr(self.ffn, "uses_carry", False):
-            y, carry = self.ffn(self.norm2(h), ctx, carry)
+            y, carry = self.ffn(x, ctx, carry)
         else:
-            y = self.ffn(self.norm2(h))
+            y = self.ffn(x)
         return h + y, carry
 
     def init_weights(self, init_std: float, out_std: float) -> None:
@@ -136,7 +150,7 @@ class HybridLM(nn.Module):
         with torch.device("meta"):
             self.embed: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.d_model)
             self.blocks = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
-            self.norm: RMSNorm | None = RMSNorm(cfg.d_model, cfg.norm_eps)
+            self.norm: RMSNorm | None = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.kernels)
             self.head: LMHead | None = None if cfg.tie_embeddings else LMHead(cfg.d_model, cfg.vocab_size)
             self.tied_head = TiedHead() if cfg.tie_embeddings else None
             (self.head or self.tied_head).kernels = cfg.kernels

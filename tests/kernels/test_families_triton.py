@@ -23,8 +23,11 @@ import torch
 
 import kernels.gla
 import kernels.linear_cross_entropy
+import kernels.rmsnorm
 import kernels.selective_scan
+import kernels.short_conv
 import kernels.ssd
+import kernels.swiglu
 import kernels.titans
 from kernels import dispatch
 
@@ -35,23 +38,29 @@ STEPS = 2
 # losses measured 1.7e-7 relative apart at most (tiny, gla_tiny, sambay_tiny).
 RTOL, ATOL = 1e-4, 1e-6
 
-# config -> the recurrent ops its layers call (their dispatch names); every family's loss also
-# runs through the fused head's kernel (HEAD_OPS).
+# config -> the ops its layers call (their dispatch names): every block's RMSNorm, the SwiGLU
+# FFN's gating, Mamba-2's gated norm, the GMU's gating, the short convolutions and the recurrent
+# cores; every family's loss also runs through the fused head's kernel (HEAD_OPS).
+NORMS = {"rms_norm"}
+CONV = {"causal_conv1d"}
 FAMILIES = {
-    "tiny.toml": {"selective_scan"},
-    "llama_tiny.toml": set(),
-    "gla_tiny.toml": {"gla"},
-    "mamba2_tiny.toml": {"ssd"},
-    "sambay_tiny.toml": {"selective_scan"},
-    "titans_mac_tiny.toml": {"titans"},
-    "rmoe_tiny.toml": set(),
+    "tiny.toml": {"selective_scan", "swiglu", *CONV, *NORMS},
+    "llama_tiny.toml": {"swiglu", *NORMS},
+    "gla_tiny.toml": {"gla", "swiglu", *NORMS},
+    "mamba2_tiny.toml": {"ssd", "gated_rms_norm", *CONV, *NORMS},
+    "sambay_tiny.toml": {"selective_scan", "gated_memory", "swiglu", *CONV, *NORMS},
+    "titans_mac_tiny.toml": {"titans", "swiglu", *CONV, *NORMS},
+    "rmoe_tiny.toml": {*NORMS},
 }
 HEAD_OPS = {"linear_cross_entropy"}
 # The interpreter runs the selective scan as one program per (sequence, 32 channels), token by
 # token: its time grows with d_inner x Mamba layers. tiny.toml (d_inner 512, 3 Mamba layers, the
 # largest) keeps one 'mamba swa' pair at half width: 8 programs, as sambay_tiny's layers have.
 SHRINK = {"tiny.toml": ["model.n_layers=2", "model.d_model=128"]}
-OP_MODULES = (kernels.gla, kernels.linear_cross_entropy, kernels.selective_scan, kernels.ssd, kernels.titans)
+OP_MODULES = (
+    kernels.gla, kernels.linear_cross_entropy, kernels.rmsnorm, kernels.selective_scan, kernels.short_conv,
+    kernels.ssd, kernels.swiglu, kernels.titans,
+)
 SELECT = dispatch.select  # the real one, before any spy replaces it
 
 

@@ -13,7 +13,7 @@ from pretrain.config import load_config
 from pretrain.models import build_model, count_parameters
 from pretrain.models.context import build_context
 from pretrain.models.layers.gmu import MEMORY, SHARED_K, SHARED_V, CrossAttention, GatedMemoryUnit
-from pretrain.models.layers.gmu_ops import gated_memory
+from kernels.gmu import gated_memory
 from pretrain.models.sambay import sambay_pattern
 from tests.conftest import ROOT
 from tests.models.util import assert_packed_equals_separate, decode_with_cache as _decode

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels.gmu import gated_memory
 from pretrain.models.layers.attention import Attention, KVState
 from pretrain.models.layers.diff_attention import DiffAttention
 from pretrain.models.layers.gla import GatedLinearAttention
-from pretrain.models.layers.gmu_ops import gated_memory
 from pretrain.models.layers.mamba import Mamba, MambaState
 from pretrain.models.layers.mamba2 import Mamba2, RMSNormGated
 from pretrain.models.registry import register_mixer
@@ -134,20 +134,26 @@ class DiffCrossAttention(CrossAttention, DiffAttention):
 class GatedMemoryUnit(nn.Module):
     """y = out_proj(m ⊙ SiLU(in_proj(x))) with the memory m of the carry; with ``norm_group``
     (Mamba-2 / GLA memories) the product goes through an RMSNorm over groups of that many
-    channels first (ArchScale's GMU with use_norm: RMSNormGated, gate before the norm)."""
+    channels first (ArchScale's GMU with use_norm: RMSNormGated, gate before the norm). The
+    element-wise part runs :mod:`kernels.gmu` (or the gated RMSNorm of :mod:`kernels.rmsnorm`)
+    as ``kernels`` (``model.kernels``) says."""
 
     uses_carry = True
 
-    def __init__(self, d_model: int, d_mem: int, norm_group: int | None = None, eps: float = 1e-5) -> None:
+    def __init__(
+        self, d_model: int, d_mem: int, norm_group: int | None = None, eps: float = 1e-5, kernels: str = "torch"
+    ) -> None:
         super().__init__()
+        self.kernels = kernels
         self.in_proj = nn.Linear(d_model, d_mem, bias=False)
-        self.norm = None if norm_group is None else RMSNormGated(d_mem, norm_group, eps)
+        self.norm = None if norm_group is None else RMSNormGated(d_mem, norm_group, eps, kernels)
         self.out_proj = nn.Linear(d_mem, d_model, bias=False)
 
     def forward(self, x: Tensor, ctx: ForwardContext, state: None, carry: Carry) -> tuple[Tensor, Carry]:
         m = _need(carry, MEMORY, "gmu", "memory ('mamba_mem', 'mamba2_mem', 'gla_mem')").to(x.dtype)
         z = self.in_proj(x)
-        return self.out_proj(gated_memory(m, z) if self.norm is None else self.norm(m, z)), carry
+        y = gated_memory(m, z, backend=self.kernels) if self.norm is None else self.norm(m, z)
+        return self.out_proj(y), carry
 
     def activation_elements(self) -> int:
         d_model, d_mem = self.in_proj.weight.shape[1], self.in_proj.weight.shape[0]
@@ -221,4 +227,4 @@ def _diff_xattn(cfg: ModelConfig, layer_idx: int) -> DiffCrossAttention:
 
 @register_mixer("gmu")
 def _gmu(cfg: ModelConfig, layer_idx: int) -> GatedMemoryUnit:
-    return GatedMemoryUnit(cfg.d_model, *memory_layout(cfg, layer_idx), eps=cfg.norm_eps)
+    return GatedMemoryUnit(cfg.d_model, *memory_layout(cfg, layer_idx), eps=cfg.norm_eps, kernels=cfg.kernels)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels.rmsnorm import gated_rms_norm
 from kernels.short_conv import causal_conv1d, causal_conv1d_update, final_conv_state
 from kernels.ssd import ssd_chunked, ssd_step
 from pretrain.models.layers.mamba import no_reduction, normal_segments_, sample_dt_bias, short_conv_segments_
@@ -54,20 +55,20 @@ class RMSNormGated(nn.Module):
     """Sum of squares ``[..., 1]`` of this input's part of its group -> that of the whole group
     (called only when the input is narrower than a group; protocol: parallel/tensor/plan.py)."""
 
-    def __init__(self, dim: int, group_size: int, eps: float = 1e-5) -> None:
+    def __init__(self, dim: int, group_size: int, eps: float = 1e-5, kernels: str = "torch") -> None:
         super().__init__()
         self.group_size = group_size
         self.eps = eps
+        self.kernels = kernels  # model.kernels, for kernels.rmsnorm.gated_rms_norm
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor, z: Tensor) -> Tensor:
+        if x.shape[-1] >= self.group_size:  # whole groups
+            return gated_rms_norm(x, z, self.weight, self.eps, group_size=self.group_size, backend=self.kernels)
+        # a piece of one group: the mean of squares needs the other pieces' sums
         y = at_least_fp32(x) * F.silu(at_least_fp32(z))
-        if y.shape[-1] >= self.group_size:  # whole groups
-            y = y.unflatten(-1, (-1, self.group_size))  # [..., groups, group_size]
-            y = F.rms_norm(y, (self.group_size,), eps=self.eps).flatten(-2)
-        else:  # a piece of one group: the mean of squares needs the other pieces' sums
-            sum_sq = self.reduce_partial(y.square().sum(-1, keepdim=True))
-            y = y * torch.rsqrt(sum_sq / self.group_size + self.eps)
+        sum_sq = self.reduce_partial(y.square().sum(-1, keepdim=True))
+        y = y * torch.rsqrt(sum_sq / self.group_size + self.eps)
         return (y * at_least_fp32(self.weight)).to(x.dtype)
 
     def init_weights(self) -> None:
@@ -105,7 +106,7 @@ class Mamba2(nn.Module):
         self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
         self.A_log = nn.Parameter(torch.empty(self.n_heads))
         self.D = nn.Parameter(torch.empty(self.n_heads))
-        self.norm = RMSNormGated(self.d_inner, self.d_inner // m.n_groups, cfg.norm_eps)
+        self.norm = RMSNormGated(self.d_inner, self.d_inner // m.n_groups, cfg.norm_eps, cfg.kernels)
         self.out_proj = nn.Linear(self.d_inner, cfg.d_model, bias=False)
 
     def forward(self, x: Tensor, ctx: ForwardContext, state: Mamba2State | None = None) -> Tensor:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels.swiglu import swiglu
 from pretrain.models.registry import register_ffn
 
 if TYPE_CHECKING:
@@ -19,14 +19,18 @@ def ffn_hidden(cfg: ModelConfig) -> int:
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, d_model: int, hidden: int) -> None:
+    """``kernels``: ``model.kernels`` for the gating :func:`kernels.swiglu.swiglu` (the default
+    keeps the PyTorch path for callers that do not pass it)."""
+
+    def __init__(self, d_model: int, hidden: int, kernels: str = "torch") -> None:
         super().__init__()
+        self.kernels = kernels
         self.w1 = nn.Linear(d_model, hidden, bias=False)  # gate
         self.w3 = nn.Linear(d_model, hidden, bias=False)  # up
         self.w2 = nn.Linear(hidden, d_model, bias=False)  # down (an output projection)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(swiglu(self.w1(x), self.w3(x), backend=self.kernels))
 
     def activation_elements(self) -> int:
         """Elements per token kept for backward: input, gate, silu(gate), up, their product."""
@@ -40,7 +44,7 @@ class SwiGLU(nn.Module):
 
 @register_ffn("mlp")
 def _mlp(cfg: ModelConfig, layer_idx: int) -> SwiGLU:
-    return SwiGLU(cfg.d_model, ffn_hidden(cfg))
+    return SwiGLU(cfg.d_model, ffn_hidden(cfg), cfg.kernels)
 
 
 @register_ffn("none")

@@ -1,10 +1,12 @@
-"""RMSNorm computed in at least fp32 (bf16 mean-of-squares loses too much precision)."""
+"""RMSNorm computed in at least fp32 (bf16 mean-of-squares loses too much precision), through
+:func:`kernels.rmsnorm.rms_norm` (the Triton kernel, or PyTorch, as ``model.kernels`` says)."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from kernels.rmsnorm import rms_norm
 
 
 def at_least_fp32(x: Tensor) -> Tensor:
@@ -14,15 +16,20 @@ def at_least_fp32(x: Tensor) -> Tensor:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+    """RMSNorm over the last dimension with a learned ``weight [dim]``. ``kernels``:
+    ``model.kernels`` ('auto', 'triton', 'torch'); the default keeps the PyTorch path for the
+    layers that do not pass it."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, kernels: str = "torch") -> None:
         super().__init__()
         self.eps = eps
+        self.kernels = kernels
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: Tensor) -> Tensor:
-        xf = at_least_fp32(x)
-        y = F.rms_norm(xf, (x.shape[-1],), self.weight.to(xf.dtype), self.eps)
-        return y.to(x.dtype)
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """``x [..., dim]`` -> normalised, in x's dtype. With ``residual`` the pre-norm block's
+        add is fused: returns ``(rmsnorm(h), h)`` for ``h = x + residual`` (residual's dtype)."""
+        return rms_norm(x, self.weight, self.eps, residual=residual, backend=self.kernels)
 
     def init_weights(self) -> None:
         with torch.no_grad():
