@@ -14,7 +14,9 @@ import torch
 import kernels.selective_scan
 import kernels.short_conv.chunk as conv_chunk
 import kernels.short_conv.recurrent as conv_recurrent
+import kernels.rmsnorm
 import kernels.ssd
+import kernels.swiglu
 import kernels.titans
 from kernels.dispatch import ENV_VAR
 from pretrain.config import Mamba2Config, load_config
@@ -27,10 +29,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Recurrences on PyTorch; counts of the conv's Triton calls, its outputs NaN-poisoned."""
+    """Every other op (recurrences, norms, gating) on PyTorch; counts of the conv's Triton calls,
+    its outputs NaN-poisoned."""
     monkeypatch.delenv(ENV_VAR, raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    for mod in (kernels.selective_scan, kernels.ssd, kernels.titans):
+    for mod in (kernels.selective_scan, kernels.ssd, kernels.titans, kernels.rmsnorm, kernels.swiglu):
         monkeypatch.setattr(mod, "select", lambda *a: "torch")
     monkeypatch.setattr(conv_chunk, "POISON_OUTPUTS", True)
     monkeypatch.setattr(conv_chunk, "BLOCK_T", 8)
