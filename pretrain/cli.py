@@ -195,8 +195,11 @@ def _check_generate_args(args) -> None:
 
 
 def _cmd_convert(args) -> int:
+    from transformers.utils import logging as hf_logging
+
     from pretrain.convert import export_hf, import_hf
 
+    hf_logging.disable_progress_bar()  # per-shard bars; the command prints one line when done
     if args.to:
         if args.overrides:
             raise ConfigError("--set: applies to an import (--from hf); an export keeps the checkpoint's config")

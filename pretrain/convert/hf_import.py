@@ -67,7 +67,9 @@ def import_hf(hf_dir: Path, out: Path, overrides: list[str] | None = None) -> st
     if out.exists():
         raise ConvertError(f"{out}: already exists; choose a new output folder")
     _, model_cls = hf_classes(family)
-    hf_model = model_cls.from_pretrained(hf_dir, dtype=torch.float32)
+    hf_model, info = model_cls.from_pretrained(hf_dir, dtype=torch.float32, output_loading_info=True)
+    if info["missing_keys"]:  # transformers would fill them with a fresh random init
+        raise ConvertError(f"{hf_dir}: the weights miss {sorted(info['missing_keys'])[:3]} that config.json needs")
     with torch.device("meta"):
         model = build_model(cfg.model)
     model.to_empty(device="cpu")

@@ -80,7 +80,15 @@ def test_import_refusals(capsys, tmp_path, exported):
     shutil.copytree(hf, biased)
     (biased / "config.json").write_text(json.dumps({**json.loads((hf / "config.json").read_text()), "use_bias": True}))
     _one_line_exit_2(capsys, ["convert", str(biased), "--from", "hf", str(tmp_path / "o4")], "projection biases")
-    assert not any(p.name.startswith(("o1", "o2", "o3", "o4")) for p in tmp_path.iterdir())
+    # weights missing a tensor (transformers would silently initialise it at random)
+    from safetensors.torch import load_file, save_file
+
+    partial = tmp_path / "partial"
+    shutil.copytree(hf, partial)
+    weights = load_file(partial / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if "norm_f" not in k}, partial / "model.safetensors", {"format": "pt"})
+    _one_line_exit_2(capsys, ["convert", str(partial), "--from", "hf", str(tmp_path / "o5")], "backbone.norm_f.weight")
+    assert not any(p.name.startswith(("o1", "o2", "o3", "o4", "o5")) for p in tmp_path.iterdir())
 
 
 def test_failure_mid_export_leaves_no_folder(monkeypatch, tmp_path, exported):
