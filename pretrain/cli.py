@@ -203,7 +203,7 @@ def _cmd_convert(args) -> int:
     if args.to:
         if args.overrides:
             raise ConfigError("--set: applies to an import (--from hf); an export keeps the checkpoint's config")
-        family = export_hf(Path(args.source), Path(args.out), max_shard_size=args.max_shard_size)
+        family = export_hf(Path(args.source), Path(args.out), args.max_shard_size, args.native_only)
         print(f"exported {args.source} as {family} ({_hf_class(family)}) to {args.out}")
     else:
         family = import_hf(Path(args.source), Path(args.out), args.overrides)

@@ -43,18 +43,25 @@ def build_hf_model(family: str, cfg, state: dict[str, torch.Tensor], eos_id: int
     return model.eval()
 
 
-def export_hf(checkpoint: Path, out: Path, max_shard_size: str | int = "5GB") -> str:
+def export_hf(checkpoint: Path, out: Path, max_shard_size: str | int = "5GB", native_only: bool = False) -> str:
     """Export the checkpoint at or under ``checkpoint`` (a step, checkpoints or run folder of
     any parallel layout, read in this one process) to the Hugging Face folder ``out``.
 
-    Returns the family (a key of :data:`~pretrain.convert.families.HF_CLASSES`). Raises
-    ConvertError when the model has no native class, the checkpoint has no tokenizer or ``out``
+    Returns the family (a key of :data:`~pretrain.convert.families.HF_CLASSES`). ``native_only``:
+    refuse anything but a native class (the only export so far; remote-code export of the other
+    families comes later, and only that will tell the two apart). Raises ConvertError when the
+    model has no native class, the checkpoint has no tokenizer or ``out``
     exists; CheckpointError when the folder is not a usable checkpoint. Nothing is written
     under ``out`` unless the export completes."""
     from pretrain.train.checkpoint import load_for_inference
 
     cfg, model, tok_path = load_for_inference(Path(checkpoint))
-    family = native_family(cfg.model)
+    try:
+        family = native_family(cfg.model)
+    except ConvertError as exc:
+        if native_only:
+            raise
+        raise ConvertError(f"{exc}, and remote-code export (trust_remote_code) is not available yet") from None
     if Path(out).exists():
         raise ConvertError(f"{out}: already exists; choose a new output folder")
     if not tok_path.is_file():

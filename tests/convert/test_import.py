@@ -27,7 +27,8 @@ def _hf_native(family: str, out, tokenizer_path):
     configs = {
         "llama": transformers.LlamaConfig(**tiny, **attention, rope_parameters={"rope_type": "default", "rope_theta": 300.0}),
         "mistral": transformers.MistralConfig(**tiny, **attention, sliding_window=6),
-        "mixtral": transformers.MixtralConfig(**tiny, **attention, num_local_experts=4, num_experts_per_tok=2),
+        "mixtral": transformers.MixtralConfig(**tiny, **attention, num_local_experts=4, num_experts_per_tok=2,
+                                              sliding_window=6),
         "mamba": transformers.MambaConfig(**tiny, state_size=4, expand=2, conv_kernel=4, time_step_rank=3),
         "mamba2": transformers.Mamba2Config(**tiny, state_size=8, expand=2, head_dim=16, num_heads=4, n_groups=2,
                                             chunk_size=8, tie_word_embeddings=True),
@@ -51,6 +52,8 @@ def test_import_matches_transformers(family, tokenizer_path, tmp_path):
     assert main(["convert", str(tmp_path / "hf"), "--from", "hf", str(tmp_path / "run")]) == 0
     cfg, model, tok = load_for_inference(tmp_path / "run")
     assert tok.read_bytes() == tokenizer_path.read_bytes()
+    windowed = {"mistral": "swa", "mixtral": "swa"}  # both configs have a 6-token window
+    assert cfg.model.pattern()[0][0] == windowed.get(family, cfg.model.pattern()[0][0])
     ids = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         err = relative_error(model(ids), hf(ids).logits)
@@ -58,7 +61,7 @@ def test_import_matches_transformers(family, tokenizer_path, tmp_path):
     assert err <= 1e-5, (family, err)
 
 
-@pytest.mark.parametrize("family", ("llama", "mixtral", "mamba", "mamba2"))
+@pytest.mark.parametrize("family", IMPORTABLE)
 def test_export_import_round_trip_is_exact(family, tokenizer_path, tmp_path):
     from pretrain.train.checkpoint import load_for_inference
 
