@@ -195,9 +195,12 @@ def _check_generate_args(args) -> None:
 
 
 def _cmd_convert(args) -> int:
-    from transformers.utils import logging as hf_logging
+    from pretrain.convert import ConvertError, export_hf, import_hf
 
-    from pretrain.convert import export_hf, import_hf
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        raise ConvertError("needs the transformers package: pip install 'transformers>=5'") from None
 
     hf_logging.disable_progress_bar()  # per-shard bars; the command prints one line when done
     if args.to:

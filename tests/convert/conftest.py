@@ -34,8 +34,9 @@ def model_config(family: str, vocab_size: int):
 
 
 def save_tiny_checkpoint(family: str, root: Path, tokenizer: Path | None, seed: int = 0) -> tuple[object, Path]:
-    """A randomly initialised fp32 model of ``family`` (non-trivial norm gains and lambdas, which
-    a wrong map would get wrong) saved by the trainer's checkpoint writer; (model, run folder)."""
+    """A randomly initialised fp32 model of ``family`` (with non-constant norm gains, D and
+    lambdas, which a wrong map would get wrong) saved by the trainer's checkpoint writer;
+    (model, run folder)."""
     from pretrain.models import build_model
     from pretrain.train.checkpoint import save_checkpoint
     from pretrain.train.optim import build_optimizer
@@ -43,10 +44,12 @@ def save_tiny_checkpoint(family: str, root: Path, tokenizer: Path | None, seed: 
     cfg = model_config(family, 256)
     torch.manual_seed(seed)
     model = build_model(cfg.model)
-    with torch.no_grad():
+    with torch.no_grad():  # every vector away from its constant init (norm gains 1, D 1, ...)
         for name, p in model.named_parameters():
-            if name.endswith("norm1.weight") or name.endswith("norm.weight") or "subln" in name or "lambda" in name:
-                p.uniform_(0.5, 1.5) if "lambda" not in name else p.normal_(std=0.3)
+            if "lambda" in name:
+                p.normal_(std=0.3)
+            elif p.ndim == 1:
+                p.add_(torch.rand_like(p) * 0.5)
     optimizer = build_optimizer(model, cfg.optim, torch.device("cpu"))
     save_checkpoint(root / "checkpoints", 3, model, optimizer, {"data": {"consumed_samples": 0}},
                     cfg.to_toml(), tokenizer, keep_last=1)
