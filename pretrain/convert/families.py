@@ -174,7 +174,9 @@ def hf_config_dict(family: str, cfg: ModelConfig, eos_id: int, max_positions: in
 
 
 def _get(hf: dict, name: str, default: Any = None) -> Any:
-    return hf.get(name, default) if hf.get(name) is not None else default
+    """``hf[name]``, or ``default`` when it is absent or null."""
+    value = hf.get(name)
+    return default if value is None else value
 
 
 def _require_hf(ok: bool, model_type: str, message: str) -> None:
@@ -216,9 +218,8 @@ def model_section_from_hf(hf: dict) -> tuple[str, dict[str, Any]]:
         _require_hf(not _get(hf, "mlp_bias", False), model_type, "MLP biases")
         _require_hf(_get(hf, "hidden_act", "silu") == "silu", model_type, f"activation {hf.get('hidden_act')!r}")
         heads = hf["num_attention_heads"]
+        # kept even when as long as max_position_embeddings: transformers applies it beyond that too
         window = _get(hf, "sliding_window") if model_type != "llama" else None
-        if window is not None and window >= _get(hf, "max_position_embeddings", 0) > 0:
-            window = None  # a window as long as the context changes nothing
         attention = {
             "n_heads": heads,
             "n_kv_heads": _get(hf, "num_key_value_heads", heads),
