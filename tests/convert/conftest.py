@@ -33,23 +33,31 @@ def model_config(family: str, vocab_size: int):
     return config_from_dict({"model": model, "data": {"seq_len": 32}, "run": {"dir": "unused"}})
 
 
-def save_tiny_checkpoint(family: str, root: Path, tokenizer: Path | None, seed: int = 0) -> tuple[object, Path]:
-    """A randomly initialised fp32 model of ``family`` (with non-constant norm gains, D and
-    lambdas, which a wrong map would get wrong) saved by the trainer's checkpoint writer;
-    (model, run folder)."""
+def tiny_model(family: str, seed: int = 0):
+    """A randomly initialised fp32 model of ``family`` with every vector parameter moved away
+    from its constant init (norm gains 1, D 1, ...) and random lambdas, which a wrong map would
+    get wrong."""
     from pretrain.models import build_model
-    from pretrain.train.checkpoint import save_checkpoint
-    from pretrain.train.optim import build_optimizer
 
     cfg = model_config(family, 256)
     torch.manual_seed(seed)
     model = build_model(cfg.model)
-    with torch.no_grad():  # every vector away from its constant init (norm gains 1, D 1, ...)
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if "lambda" in name:
                 p.normal_(std=0.3)
             elif p.ndim == 1:
                 p.add_(torch.rand_like(p) * 0.5)
+    return model
+
+
+def save_tiny_checkpoint(family: str, root: Path, tokenizer: Path | None, seed: int = 0) -> tuple[object, Path]:
+    """:func:`tiny_model` saved by the trainer's checkpoint writer; (model in eval mode, run folder)."""
+    from pretrain.train.checkpoint import save_checkpoint
+    from pretrain.train.optim import build_optimizer
+
+    model = tiny_model(family, seed)
+    cfg = model_config(family, 256)
     optimizer = build_optimizer(model, cfg.optim, torch.device("cpu"))
     save_checkpoint(root / "checkpoints", 3, model, optimizer, {"data": {"consumed_samples": 0}},
                     cfg.to_toml(), tokenizer, keep_last=1)
