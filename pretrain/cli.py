@@ -1,4 +1,4 @@
-"""`pretrain prepare|train|generate|eval|plan` — the command line.
+"""`pretrain prepare|train|generate|convert|eval|plan` — the command line.
 
 User errors (a bad config field, a missing file, a damaged checkpoint) print one line on
 stderr and exit with code 2; they never show a traceback.
@@ -60,6 +60,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-samples", type=int, default=1)
 
+    p = sub.add_parser(
+        "convert",
+        help="export a checkpoint as a Hugging Face folder (--to hf) or import one into a run folder (--from hf)",
+    )
+    p.add_argument("source", help="a checkpoint (run, checkpoints or step folder) with --to; a Hugging Face folder with --from")
+    p.add_argument("out", help="the folder to write (must not exist)")
+    direction = p.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--to", choices=["hf"], help="export to this format")
+    direction.add_argument("--from", dest="from_format", choices=["hf"], help="import from this format")
+    p.add_argument(
+        "--native-only", action="store_true",
+        help="export only to a native transformers class (no remote code); so far every export is native",
+    )
+    p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size of an export, e.g. 2GB")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+        help="with --from: override a field of the imported run's config (e.g. data.sources), repeatable",
+    )
+
     p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint")
     p.add_argument("--checkpoint", required=True, help="a run folder, its checkpoints folder or one step folder")
     p.add_argument("--samples", type=int, default=0, help="validation sequences (0: the config's train.eval_samples)")
@@ -76,13 +95,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from pretrain.convert.families import ConvertError
     from pretrain.data import DataError
     from pretrain.train.checkpoint import CheckpointError
     from pretrain.train.trainer import DivergenceError
 
     try:
         return _COMMANDS[args.command](args)
-    except (ConfigError, DataError, CheckpointError) as exc:
+    except (ConfigError, DataError, CheckpointError, ConvertError) as exc:
         print(f"pretrain {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except DivergenceError as exc:
@@ -174,6 +194,32 @@ def _check_generate_args(args) -> None:
         raise ConfigError(f"--{exc.param.replace('_', '-')}{str(exc)[len(exc.param):]}") from None
 
 
+def _cmd_convert(args) -> int:
+    from pretrain.convert import ConvertError, export_hf, import_hf
+
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        raise ConvertError("needs the transformers package: pip install 'transformers>=5'") from None
+
+    hf_logging.disable_progress_bar()  # per-shard bars; the command prints one line when done
+    if args.to:
+        if args.overrides:
+            raise ConfigError("--set: applies to an import (--from hf); an export keeps the checkpoint's config")
+        family = export_hf(Path(args.source), Path(args.out), args.max_shard_size, args.native_only)
+        print(f"exported {args.source} as {family} ({_hf_class(family)}) to {args.out}")
+    else:
+        family = import_hf(Path(args.source), Path(args.out), args.overrides)
+        print(f"imported {args.source} ({family}) to {args.out}; continue with: pretrain train {Path(args.out) / 'config.toml'}")
+    return 0
+
+
+def _hf_class(family: str) -> str:
+    from pretrain.convert import HF_CLASSES
+
+    return HF_CLASSES[family]
+
+
 def _cmd_eval(args) -> int:
     from pretrain.evaluate import perplexity
 
@@ -199,6 +245,7 @@ _COMMANDS = {
     "prepare": _cmd_prepare,
     "train": _cmd_train,
     "generate": _cmd_generate,
+    "convert": _cmd_convert,
     "eval": _cmd_eval,
     "plan": _cmd_plan,
 }

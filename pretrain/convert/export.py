@@ -1,0 +1,76 @@
+"""`pretrain convert CHECKPOINT --to hf OUT`: a DCP checkpoint -> a Hugging Face folder that
+loads with the native transformers class of its family (no remote code).
+
+The folder: ``config.json`` (standard names), ``generation_config.json``, ``model.safetensors``
+(or shards plus ``model.safetensors.index.json`` above ``max_shard_size``), ``tokenizer.json`` +
+``tokenizer_config.json`` (see pretrain/convert/tokenizer.py) and our ``tokenizer.model``, so
+`pretrain convert OUT --from hf` can import it back. Written atomically (pretrain/convert/folder.py).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from pretrain.convert.families import HF_CLASSES, ConvertError, hf_config_dict, native_family
+from pretrain.convert.folder import atomic_folder
+from pretrain.convert.tokenizer import hf_tokenizer
+from pretrain.convert.weights import to_hf
+
+
+def hf_classes(family: str):
+    """(config class, model class) of ``family`` in transformers."""
+    import transformers
+
+    model_cls = getattr(transformers, HF_CLASSES[family])
+    return model_cls.config_class, model_cls
+
+
+def build_hf_model(family: str, cfg, state: dict[str, torch.Tensor], eos_id: int, max_positions: int):
+    """The transformers model of ``family`` holding our ``state`` (a ``HybridLM`` state_dict of
+    ``cfg``, a ModelConfig), in eval mode, in the weights' dtype."""
+    from transformers import GenerationConfig
+
+    config_cls, model_cls = hf_classes(family)
+    config = config_cls(**hf_config_dict(family, cfg, eos_id, max_positions))
+    model = model_cls(config)
+    missing, unexpected = model.load_state_dict(to_hf(family, cfg, state), strict=False)
+    if missing or unexpected:
+        raise ConvertError(f"{HF_CLASSES[family]}: the mapped weights miss {missing[:3]} and add {unexpected[:3]}")
+    model.generation_config = GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
+    return model.eval()
+
+
+def export_hf(checkpoint: Path, out: Path, max_shard_size: str | int = "5GB", native_only: bool = False) -> str:
+    """Export the checkpoint at or under ``checkpoint`` (a step, checkpoints or run folder of
+    any parallel layout, read in this one process) to the Hugging Face folder ``out``.
+
+    Returns the family (a key of :data:`~pretrain.convert.families.HF_CLASSES`). ``native_only``:
+    refuse anything but a native class (the only export so far; remote-code export of the other
+    families comes later, and only that will tell the two apart). Raises ConvertError when the
+    model has no native class, the checkpoint has no tokenizer or ``out``
+    exists; CheckpointError when the folder is not a usable checkpoint. Nothing is written
+    under ``out`` unless the export completes."""
+    from pretrain.train.checkpoint import load_for_inference
+
+    cfg, model, tok_path = load_for_inference(Path(checkpoint))
+    try:
+        family = native_family(cfg.model)
+    except ConvertError as exc:
+        if native_only:
+            raise
+        raise ConvertError(f"{exc}, and remote-code export (trust_remote_code) is not available yet") from None
+    if Path(out).exists():
+        raise ConvertError(f"{out}: already exists; choose a new output folder")
+    if not tok_path.is_file():
+        raise ConvertError(f"checkpoint {tok_path.parent}: tokenizer.model is missing")
+    tokenizer = hf_tokenizer(tok_path)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    hf_model = build_hf_model(family, cfg.model, state, tokenizer.eos_token_id, cfg.data.seq_len)
+    with atomic_folder(Path(out)) as tmp:
+        hf_model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(tmp)
+        shutil.copyfile(tok_path, tmp / "tokenizer.model")
+    return family
