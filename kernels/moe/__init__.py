@@ -5,8 +5,8 @@ back, gated by the routing weights), :func:`grouped_mm` (one GEMM per expert ove
 number of rows), :func:`grouped_swiglu` (the SwiGLU experts on it), :func:`gru_cell`.
 
 Layout: ``naive.py`` (the specification, one expert / slot at a time), ``ops_torch.py`` (the
-PyTorch path: argsort, per-expert GEMMs, index_add), and the Triton kernels ``permute.py``,
-``grouped_mm.py`` and ``gru.py`` (forward and backward, deterministic: no atomics). Every public
+PyTorch path: argsort, per-expert GEMMs, index_add), and the Triton kernels ``permutation.py``,
+``grouped_gemm.py`` and ``gru.py`` (forward and backward, deterministic: no atomics). Every public
 function takes ``backend`` (``model.kernels``) and picks one with :func:`kernels.dispatch.select`
 under the op name 'moe'.
 
@@ -76,9 +76,9 @@ def permute(x: Tensor, expert_idx: Tensor, n_experts: int, *, backend: str = "au
         raise ValueError(f"permute: x {tuple(x.shape)} must be [N, D] and expert_idx {tuple(expert_idx.shape)} [N, k]")
     if expert_idx.dtype != torch.long or not x.is_floating_point():
         raise ValueError(f"permute: expert_idx must be int64 (got {expert_idx.dtype}), x float (got {x.dtype})")
-    if _select(x.device, backend, "kernels.moe.permute") == "torch":
+    if _select(x.device, backend, "kernels.moe.permutation") == "torch":
         return ops_torch.permute(x, expert_idx, n_experts)
-    from kernels.moe.permute import permute_triton  # noqa: PLC0415  (only where triton is installed)
+    from kernels.moe.permutation import permute_triton  # noqa: PLC0415  (only where triton is installed)
 
     order, counts = ops_torch.sort_by_expert(expert_idx, n_experts)
     return permute_triton(x, order, expert_idx.shape[1]), counts, order
@@ -110,9 +110,9 @@ def unpermute(
     if order.dtype != torch.long or not weight.is_floating_point():
         raise ValueError(f"unpermute: order must be int64 (got {order.dtype}), weight float (got {weight.dtype})")
     out_dtype = out_dtype or ys.dtype
-    if _select(ys.device, backend, "kernels.moe.permute") == "torch":
+    if _select(ys.device, backend, "kernels.moe.permutation") == "torch":
         return ops_torch.unpermute(ys, order, weight, out_dtype)
-    from kernels.moe.permute import unpermute_triton  # noqa: PLC0415
+    from kernels.moe.permutation import unpermute_triton  # noqa: PLC0415
 
     return unpermute_triton(ys, order, weight, out_dtype)
 
@@ -139,9 +139,9 @@ def grouped_mm(xs: Tensor, w: Tensor, counts: Tensor, *, backend: str = "auto") 
                          "must be [M, D], [E, D, F], [E]")
     if counts.dtype != torch.long:
         raise ValueError(f"grouped_mm: counts must be int64, got {counts.dtype}")
-    if _select(xs.device, backend, "kernels.moe.grouped_mm") == "torch":
+    if _select(xs.device, backend, "kernels.moe.grouped_gemm") == "torch":
         return ops_torch.grouped_mm(xs, w, counts.tolist())
-    from kernels.moe.grouped_mm import grouped_mm_triton  # noqa: PLC0415
+    from kernels.moe.grouped_gemm import grouped_mm_triton  # noqa: PLC0415
 
     (xs, w), ctx = _autocast(xs, w)
     if xs.dtype != w.dtype:
@@ -158,7 +158,7 @@ def grouped_swiglu(
     ``counts`` is ``[E]`` int64 or a list. The Triton path is three :func:`grouped_mm` calls.
     When M = 0 the result still depends on ``xs`` and the weights, so that a collective in
     ``xs``'s history still runs its backward and the weights get a zero gradient."""
-    if _select(xs.device, backend, "kernels.moe.grouped_mm") == "torch":
+    if _select(xs.device, backend, "kernels.moe.grouped_gemm") == "torch":
         return ops_torch.grouped_swiglu(xs, counts.tolist() if isinstance(counts, Tensor) else counts, w1, w3, w2)
     counts = torch.as_tensor(counts, dtype=torch.long, device=xs.device)
     return grouped_mm(F.silu(grouped_mm(xs, w1, counts, backend="triton")) * grouped_mm(xs, w3, counts, backend="triton"),
@@ -170,7 +170,7 @@ def local_experts(
 ) -> tuple[Tensor, Tensor]:
     """The default :data:`ExpertCompute` (bind ``backend`` with functools.partial): all E
     experts on this process."""
-    if _select(xs.device, backend, "kernels.moe.grouped_mm") == "torch":
+    if _select(xs.device, backend, "kernels.moe.grouped_gemm") == "torch":
         return ops_torch.grouped_swiglu(xs, counts.tolist(), w1, w3, w2), counts  # one host sync per layer
     return grouped_swiglu(xs, counts, w1, w3, w2, backend=backend), counts  # no host sync
 

@@ -2,7 +2,7 @@
 permutation by expert as one stable argsort and a gather, each expert's SwiGLU as one batched
 GEMM chain over its contiguous rows (a loop over EXPERTS, never over tokens), and the weighted
 un-permutation as ``index_add``. Autograd differentiates it; on CPU ``index_add`` is
-deterministic. The Triton kernels (``permute.py``, ``grouped_mm.py``, ``gru.py``) replace it on
+deterministic. The Triton kernels (``permutation.py``, ``grouped_gemm.py``, ``gru.py``) replace it on
 CUDA; ``kernels/moe/__init__.py`` picks one.
 """
 

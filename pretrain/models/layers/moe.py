@@ -59,7 +59,6 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pretrain.models.layers.mlp import SwiGLU, ffn_hidden

@@ -12,11 +12,15 @@ grid has the upper bound ``ceil(M / BM) + E`` row tiles and the unused ones are 
 The weight gradient: one program per (expert, BK x BN tile of w) loops over that expert's rows
 in order, so it is deterministic (no split-K atomics); an expert without rows writes zeros.
 
-Launch: BM = BN = 64, BK = 32, 4 warps, fp32 accumulation (``input_precision="ieee"``: no
-TF32, so fp32 results match the PyTorch path), 64-bit row offsets.
+Launch: BM = BN = 64, BK = 32, 4 warps, fp32 accumulation (fp32 tiles with
+``input_precision="ieee"``: no TF32, so fp32 results match the PyTorch path; bf16 tiles on the
+tensor cores), 64-bit row offsets. Under the interpreter the tiles are widened to fp32 before
+``tl.dot``, which misreads bf16 there.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -34,8 +38,26 @@ def _empty(*shape, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
 
 
 @triton.jit
+def _dot(x, y, acc, UPCAST: tl.constexpr):
+    """acc + x @ y in fp32: fp32 tiles without TF32, bf16/fp16 tiles on the tensor cores; UPCAST
+    (the interpreter, whose tl.dot misreads bf16 in Triton 3.9) widens them to fp32 first."""
+    if UPCAST:
+        x = x.to(tl.float32)
+        y = y.to(tl.float32)
+    if x.dtype == tl.float32:
+        acc += tl.dot(x, y, input_precision="ieee")
+    else:
+        acc += tl.dot(x, y)
+    return acc
+
+
+def _upcast() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
 def _grouped_mm_kernel(a, b, c, sched, n_tiles, K, N, s_am, s_ak, s_be, s_bk, s_bn, s_cm, s_cn,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
     """c[rows] = a[rows] @ b[e] for row tile t = (expert e, first row, end row) of ``sched``."""
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -53,14 +75,14 @@ def _grouped_mm_kernel(a, b, c, sched, n_tiles, K, N, s_am, s_ak, s_be, s_bk, s_
         x = tl.load(a + rows[:, None] * s_am + ks[None, :] * s_ak, mask=rm[:, None] & km[None, :], other=0.0)
         w = tl.load(b + e * s_be + ks[:, None] * s_bk + cols[None, :] * s_bn, mask=km[:, None] & cm[None, :],
                     other=0.0)
-        acc += tl.dot(x, w, input_precision="ieee")
+        acc = _dot(x, w, acc, UPCAST)
     tl.store(c + rows[:, None] * s_cm + cols[None, :] * s_cn, acc.to(c.dtype.element_ty),
              mask=rm[:, None] & cm[None, :])
 
 
 @triton.jit
 def _grouped_mm_dw_kernel(a, g, dw, offsets, counts, K, N, s_am, s_ak, s_gm, s_gn, s_we, s_wk, s_wn,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
     """dw[e, ks, ns] = sum over expert e's rows r, in order, of a[r, ks]^T g[r, ns]."""
     e = tl.program_id(0).to(tl.int64)
     ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -75,7 +97,7 @@ def _grouped_mm_dw_kernel(a, g, dw, offsets, counts, K, N, s_am, s_ak, s_gm, s_g
         rm = rows < end
         x = tl.load(a + rows[:, None] * s_am + ks[None, :] * s_ak, mask=rm[:, None] & km[None, :], other=0.0)
         y = tl.load(g + rows[:, None] * s_gm + ns[None, :] * s_gn, mask=rm[:, None] & nm[None, :], other=0.0)
-        acc += tl.dot(tl.trans(x), y, input_precision="ieee")
+        acc = _dot(tl.trans(x), y, acc, UPCAST)
     tl.store(dw + e * s_we + ks[:, None] * s_wk + ns[None, :] * s_wn, acc.to(dw.dtype.element_ty),
              mask=km[:, None] & nm[None, :])
 
@@ -107,7 +129,7 @@ def _mm(a: Tensor, b: Tensor, sched: Tensor, out_dtype: torch.dtype) -> Tensor:
         n_tiles = sched.shape[1]
         _grouped_mm_kernel[(n_tiles, triton.cdiv(n, BN))](
             a, b, c, sched, n_tiles, kdim, n, a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2),
-            c.stride(0), c.stride(1), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=NUM_WARPS,
+            c.stride(0), c.stride(1), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, UPCAST=_upcast(), num_warps=NUM_WARPS,
         )
     return c
 
@@ -133,7 +155,7 @@ class _GroupedMM(torch.autograd.Function):
                 _grouped_mm_dw_kernel[(e, triton.cdiv(kdim, BK), triton.cdiv(n, BN))](
                     xs, dout, dw, offsets, counts, kdim, n, xs.stride(0), xs.stride(1), dout.stride(0),
                     dout.stride(1), dw.stride(0), dw.stride(1), dw.stride(2), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
-                    num_warps=NUM_WARPS,
+                    UPCAST=_upcast(), num_warps=NUM_WARPS,
                 )
             dw = dw.to(w.dtype)
         return dx, dw, None
