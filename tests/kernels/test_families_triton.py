@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import kernels.gla
+import kernels.moe
 import kernels.selective_scan
 import kernels.ssd
 import kernels.titans
@@ -34,8 +35,8 @@ STEPS = 2
 # losses measured 1.7e-7 relative apart at most (tiny, gla_tiny, sambay_tiny).
 RTOL, ATOL = 1e-4, 1e-6
 
-# config -> the recurrent ops its layers call (their dispatch names); attention and MoE
-# families call none, so 'triton' must leave their run bitwise unchanged.
+# config -> the ops with kernels its layers call (their dispatch names); the attention family
+# calls none, so 'triton' must leave its run bitwise unchanged.
 FAMILIES = {
     "tiny.toml": {"selective_scan"},
     "llama_tiny.toml": set(),
@@ -43,13 +44,13 @@ FAMILIES = {
     "mamba2_tiny.toml": {"ssd"},
     "sambay_tiny.toml": {"selective_scan"},
     "titans_mac_tiny.toml": {"titans"},
-    "rmoe_tiny.toml": set(),
+    "rmoe_tiny.toml": {"moe"},
 }
 # The interpreter runs the selective scan as one program per (sequence, 32 channels), token by
 # token: its time grows with d_inner x Mamba layers. tiny.toml (d_inner 512, 3 Mamba layers, the
 # largest) keeps one 'mamba swa' pair at half width: 8 programs, as sambay_tiny's layers have.
 SHRINK = {"tiny.toml": ["model.n_layers=2", "model.d_model=128"]}
-OP_MODULES = (kernels.gla, kernels.selective_scan, kernels.ssd, kernels.titans)
+OP_MODULES = (kernels.gla, kernels.moe, kernels.selective_scan, kernels.ssd, kernels.titans)
 SELECT = dispatch.select  # the real one, before any spy replaces it
 
 
