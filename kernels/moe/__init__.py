@@ -161,8 +161,8 @@ def grouped_swiglu(
     if _select(xs.device, backend, "kernels.moe.grouped_gemm") == "torch":
         return ops_torch.grouped_swiglu(xs, counts.tolist() if isinstance(counts, Tensor) else counts, w1, w3, w2)
     counts = torch.as_tensor(counts, dtype=torch.long, device=xs.device)
-    return grouped_mm(F.silu(grouped_mm(xs, w1, counts, backend="triton")) * grouped_mm(xs, w3, counts, backend="triton"),
-                      w2, counts, backend="triton")
+    gate, up = (grouped_mm(xs, w, counts, backend="triton") for w in (w1, w3))
+    return grouped_mm(F.silu(gate) * up, w2, counts, backend="triton")
 
 
 def local_experts(

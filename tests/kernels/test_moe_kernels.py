@@ -194,7 +194,8 @@ def _huge_rows(tmp_path: Path, name: str, values: torch.Tensor) -> torch.Tensor:
 
 def test_offsets_past_2_31_are_64_bit(tmp_path):
     """Every kernel reads a row-strided input whose offsets pass 2^32: the gather (x), the
-    grouped GEMM and its weight gradient (xs), the combine backward and the GRU gates (h)."""
+    unpermute and its backward (ys), the grouped GEMM and its weight gradient (xs), the GRU
+    gates (h)."""
     n, d, e, k = 4, 8, 3, 2
     idx, w = routing(n, e, k, seed=10)
     x0, w0 = leaves((n, d), (e, d, 5), dtype=torch.float32, seed=10)
@@ -204,6 +205,15 @@ def test_offsets_past_2_31_are_64_bit(tmp_path):
     assert torch.equal(xs, xs_ref)
     (dx,) = torch.autograd.grad(xs, [x], xs_ref.detach())
     torch.testing.assert_close(dx, torch.autograd.grad(xs_ref, [x0], xs_ref.detach())[0])
+    w = w.requires_grad_()
+    ys = _huge_rows(tmp_path, "ys.bin", xs_ref.detach())
+    y = moe_ops.unpermute(ys, order, w, backend="triton")
+    ys64, w64 = xs_ref.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    y_ref = naive_unpermute(ys64, order, w64)
+    assert rel(y, y_ref) <= TOL[torch.float32]
+    dy = y_ref.detach()
+    for a, b in zip(torch.autograd.grad(y, [ys, w], dy.float()), torch.autograd.grad(y_ref, [ys64, w64], dy)):
+        assert rel(a, b) <= TOL[torch.float32]
     xs_big = _huge_rows(tmp_path, "xs.bin", xs_ref.detach())
     out = moe_ops.grouped_mm(xs_big, w0, counts, backend="triton")
     ref = naive_grouped_mm(xs_ref.detach().double(), w0.detach().double(), counts)
