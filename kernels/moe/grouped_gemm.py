@@ -27,6 +27,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels.moe.permutation import plain
+
 POISON_OUTPUTS = False  # tests set True: fresh outputs start as NaN, so an unwritten element shows
 BM, BN, BK = 64, 64, 32
 NUM_WARPS = 4
@@ -137,6 +139,7 @@ def _mm(a: Tensor, b: Tensor, sched: Tensor, out_dtype: torch.dtype) -> Tensor:
 class _GroupedMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xs: Tensor, w: Tensor, counts: Tensor) -> Tensor:
+        xs, w = plain(xs), plain(w)
         sched = tile_schedule(counts, xs.shape[0], BM)
         ctx.save_for_backward(xs, w, counts, sched)
         return _mm(xs, w, sched, xs.dtype)
@@ -144,6 +147,7 @@ class _GroupedMM(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: Tensor):
         xs, w, counts, sched = ctx.saved_tensors
+        dout = plain(dout)
         dx = dw = None
         if ctx.needs_input_grad[0]:
             dx = _mm(dout, w.transpose(1, 2), sched, xs.dtype)

@@ -21,6 +21,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels.moe.permutation import plain
+
 POISON_OUTPUTS = False  # tests set True: fresh outputs start as NaN, so an unwritten element shows
 BR, BH = 16, 128
 NUM_WARPS = 4
@@ -97,6 +99,7 @@ def _gru_bwd_kernel(gi, gh, h, dout, dgi, dgh, dh, R, H, s_gi, s_gh, s_h, BLOCK_
 
 def _rows(t: Tensor) -> Tensor:
     """``t`` as ``[rows, width]`` with unit column stride; a 2-D view keeps its row stride."""
+    t = plain(t)
     t = t if t.ndim == 2 else t.reshape(-1, t.shape[-1])
     return t if t.stride(1) == 1 else t.contiguous()
 
@@ -124,7 +127,7 @@ class _GRUGates(torch.autograd.Function):
     def backward(ctx, dout: Tensor):
         gi, gh, h = ctx.saved_tensors
         r, hid = h.shape
-        dout = dout.reshape(r, hid).contiguous()
+        dout = plain(dout).reshape(r, hid).contiguous()
         dgi = _empty(r, 3 * hid, like=h, dtype=gi.dtype)
         dgh = _empty(r, 3 * hid, like=h, dtype=gh.dtype)
         dh = _empty(r, hid, like=h, dtype=h.dtype)

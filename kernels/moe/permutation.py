@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
 
 POISON_OUTPUTS = False  # tests set True: fresh outputs start as NaN, so an unwritten element shows
 BLOCK_D = 1024
@@ -31,6 +32,16 @@ NUM_WARPS = 4
 def _empty(*shape, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     out = torch.empty(*shape, dtype=dtype or like.dtype, device=like.device)
     return out.fill_(float("nan")) if POISON_OUTPUTS else out
+
+
+def plain(t: Tensor) -> Tensor:
+    """The plain tensor inside a functional collective's result (expert parallelism's
+    all-to-all returns an AsyncCollectiveTensor, whose storage a kernel cannot address),
+    waited for; any other tensor as it is. Call it inside an autograd.Function (the graph is
+    the Function's)."""
+    if isinstance(t, AsyncCollectiveTensor):
+        return t.trigger_wait()
+    return t
 
 
 def _block(d: int) -> int:
@@ -114,7 +125,8 @@ def _combine(src: Tensor, row: Tensor, n: int, k: int, weight: Tensor | None, dt
 
 
 def _rows(t: Tensor) -> Tensor:
-    """``t`` with unit column stride (any row stride, which the kernels take)."""
+    """``t`` plain, with unit column stride (any row stride, which the kernels take)."""
+    t = plain(t)
     return t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous()
 
 
