@@ -5,8 +5,8 @@ and Megatron-LM's ``expert_model_parallel_size``): the E experts of every MoE la
 The ``ep`` ranks are data-parallel ranks: each runs the whole model on its own micro-batch. Rank
 r holds experts ``[r E/ep, (r+1) E/ep)`` of every MoE layer (``w1, w3, w2`` keep their names,
 sliced along dim 0) and every other parameter whole. In each MoE layer (see
-pretrain/models/layers/moe_ops.py) routing runs locally, exactly as on one process; the
-layer's :data:`~pretrain.models.layers.moe_ops.ExpertCompute` hook, which receives the tokens
+kernels/moe) routing runs locally, exactly as on one process; the
+layer's :data:`~kernels.moe.ExpertCompute` hook, which receives the tokens
 permuted by expert, is replaced by :class:`ExpertParallel`:
 
 1. all-gather the token count per expert of every rank ([ep, E]; one host sync, needed for the
@@ -75,9 +75,9 @@ from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from kernels.moe import grouped_swiglu
 from pretrain.config.errors import require
 from pretrain.models.layers.moe import MoE
-from pretrain.models.layers.moe_ops import grouped_swiglu
 
 EXPERT_PARAMS = ("w1", "w3", "w2")
 """Names (in an MoE module) of the stacked expert weights that expert parallelism shards."""
@@ -97,15 +97,19 @@ class _ScaleGrad(torch.autograd.Function):
 
 
 class ExpertParallel:
-    """The :data:`~pretrain.models.layers.moe_ops.ExpertCompute` of one MoE layer whose
+    """The :data:`~kernels.moe.ExpertCompute` of one MoE layer whose
     ``n_experts`` experts are sharded over the ranks of ``group`` (contiguous blocks of
     ``n_experts / ep``, in group-rank order). Every rank of the group must call it the same
     number of times, in the same order, in forward and backward (as a model's layers do)."""
 
-    def __init__(self, group: dist.ProcessGroup, n_experts: int, tp_rank: int = 0, tp: int = 1) -> None:
+    def __init__(
+        self, group: dist.ProcessGroup, n_experts: int, tp_rank: int = 0, tp: int = 1, backend: str = "auto"
+    ) -> None:
         """``tp_rank`` of ``tp``: inside a tensor-parallel region (module docstring), this rank
         computes only its contiguous ``1/tp`` of the rows it is given and returns zeros for the
-        others, so that the region's sum over the tp ranks is the whole output."""
+        others, so that the region's sum over the tp ranks is the whole output. ``backend``:
+        ``model.kernels`` of the local experts' grouped GEMMs."""
+        self.backend = backend
         self.group = group
         self.ep = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
@@ -147,7 +151,7 @@ class ExpertParallel:
         inverse[order] = torch.arange(order.numel(), device=order.device)
         scale = 1.0 / ep
         w1, w3, w2 = (_ScaleGrad.apply(w, scale) for w in (w1, w3, w2))
-        ys = grouped_swiglu(xr[order], per_expert, w1, w3, w2)[inverse]
+        ys = grouped_swiglu(xr[order], per_expert, w1, w3, w2, backend=self.backend)[inverse]
         ys = all_to_all_single_autograd(ys, send, recv, self.group)
         if self.tp > 1:
             ys = torch.nn.functional.pad(ys, (0, 0, first, m - last))
@@ -191,7 +195,7 @@ def apply_expert_parallel(model: nn.Module, group: dist.ProcessGroup, tp_rank: i
                 full = full.to_local()
             setattr(moe, leaf, nn.Parameter(full[rank * nl : (rank + 1) * nl].clone()))
             names.append(f"{prefix}.{leaf}" if prefix else leaf)
-        moe.expert_compute = ExpertParallel(group, moe.n_experts, tp_rank, tp)
+        moe.expert_compute = ExpertParallel(group, moe.n_experts, tp_rank, tp, moe.kernels)
     return names
 
 

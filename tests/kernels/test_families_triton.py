@@ -23,6 +23,7 @@ import torch
 
 import kernels.gla
 import kernels.linear_cross_entropy
+import kernels.moe
 import kernels.rmsnorm
 import kernels.selective_scan
 import kernels.short_conv
@@ -39,8 +40,9 @@ STEPS = 2
 RTOL, ATOL = 1e-4, 1e-6
 
 # config -> the ops its layers call (their dispatch names): every block's RMSNorm, the SwiGLU
-# FFN's gating, Mamba-2's gated norm, the GMU's gating, the short convolutions and the recurrent
-# cores; every family's loss also runs through the fused head's kernel (HEAD_OPS).
+# FFN's gating, Mamba-2's gated norm, the GMU's gating, the short convolutions, the MoE dispatch
+# and expert GEMMs, and the recurrent cores; every family's loss also runs through the fused
+# head's kernel (HEAD_OPS).
 NORMS = {"rms_norm"}
 CONV = {"causal_conv1d"}
 FAMILIES = {
@@ -50,16 +52,22 @@ FAMILIES = {
     "mamba2_tiny.toml": {"ssd", "gated_rms_norm", *CONV, *NORMS},
     "sambay_tiny.toml": {"selective_scan", "gated_memory", "swiglu", *CONV, *NORMS},
     "titans_mac_tiny.toml": {"titans", "swiglu", *CONV, *NORMS},
-    "rmoe_tiny.toml": {*NORMS},
+    "rmoe_tiny.toml": {"moe", *NORMS},
 }
 HEAD_OPS = {"linear_cross_entropy"}
 # The interpreter runs the selective scan as one program per (sequence, 32 channels), token by
 # token: its time grows with d_inner x Mamba layers. tiny.toml (d_inner 512, 3 Mamba layers, the
 # largest) keeps one 'mamba swa' pair at half width: 8 programs, as sambay_tiny's layers have.
-SHRINK = {"tiny.toml": ["model.n_layers=2", "model.d_model=128"]}
+# rmoe_tiny's grouped expert GEMMs are one interpreted program per (expert, weight tile) in the
+# backward: its 4 layers of width 128 took 78 s; two layers of width 64 keep the GRU router
+# carried from one MoE layer to the next in 13 s.
+SHRINK = {
+    "tiny.toml": ["model.n_layers=2", "model.d_model=128"],
+    "rmoe_tiny.toml": ["model.n_layers=2", "model.d_model=64"],
+}
 OP_MODULES = (
-    kernels.gla, kernels.linear_cross_entropy, kernels.rmsnorm, kernels.selective_scan, kernels.short_conv,
-    kernels.ssd, kernels.swiglu, kernels.titans,
+    kernels.gla, kernels.linear_cross_entropy, kernels.moe, kernels.rmsnorm, kernels.selective_scan,
+    kernels.short_conv, kernels.ssd, kernels.swiglu, kernels.titans,
 )
 SELECT = dispatch.select  # the real one, before any spy replaces it
 

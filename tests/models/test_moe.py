@@ -14,7 +14,7 @@ from pretrain.config import GLAConfig, MoEConfig, load_config
 from pretrain.models import build_model, count_parameters
 from pretrain.models.context import ForwardContext
 from pretrain.models.layers.moe import MoE, route
-from pretrain.models.layers.moe_ops import moe_experts
+from kernels.moe import moe_experts
 from tests.models.util import decode as _decode
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

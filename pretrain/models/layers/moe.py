@@ -54,15 +54,15 @@ document start does not change a per-token router). The router z-loss
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pretrain.models.layers.mlp import SwiGLU, ffn_hidden
-from pretrain.models.layers.moe_ops import ExpertCompute, dispatch_experts, local_experts
+from kernels.moe import ExpertCompute, dispatch_experts, gru_cell, local_experts
 from pretrain.models.registry import register_ffn
 
 if TYPE_CHECKING:
@@ -71,20 +71,6 @@ if TYPE_CHECKING:
 
 GRU_KEYS = ("router_gru.weight_ih", "router_gru.weight_hh", "router_gru.bias_ih", "router_gru.bias_hh")
 """Carry keys of the shared GRU's weights (torch.nn.GRUCell's names and layout)."""
-
-
-def gru_cell(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor) -> Tensor:
-    """One GRU step with torch.nn.GRUCell's equations and weight layout (gates r, z, n):
-    r = sig(W_ir x + b_ir + W_hr h + b_hr), z = sig(... z ...),
-    n = tanh(W_in x + b_in + r * (W_hn h + b_hn)), h' = (1 - z) * n + z * h."""
-    gi = F.linear(x, w_ih, b_ih)  # [..., 3h]
-    gh = F.linear(h, w_hh, b_hh)
-    i_r, i_z, i_n = gi.chunk(3, dim=-1)
-    h_r, h_z, h_n = gh.chunk(3, dim=-1)
-    r = torch.sigmoid(i_r + h_r)
-    z = torch.sigmoid(i_z + h_z)
-    n = torch.tanh(i_n + r * h_n)
-    return (1 - z) * n + z * h
 
 
 class RouterGRU(nn.Module):
@@ -154,8 +140,8 @@ class MoE(nn.Module):
 
     ``recurrent``: route with the layerwise GRU (RMoE) instead of one linear layer.
 
-    ``expert_compute`` (default :func:`~pretrain.models.layers.moe_ops.local_experts`) is the
-    hook that runs the experts on the permuted tokens (see moe_ops.ExpertCompute); expert
+    ``expert_compute`` (default :func:`kernels.moe.local_experts`) is the hook that runs the
+    experts on the permuted tokens (see kernels.moe.ExpertCompute); expert
     parallelism (parallel/expert.py) replaces it and shards ``w1, w3, w2`` along the experts,
     leaving routing here unchanged. The load it reports (tokens per expert over every process
     sharing the experts) gives the balance loss's f and the logged load; the mean router
@@ -166,10 +152,12 @@ class MoE(nn.Module):
     uses_carry = True
 
     def __init__(
-        self, d_model: int, hidden: int, cfg: MoEConfig, name: str, recurrent: bool, moe_layers: tuple[int, ...] = ()
+        self, d_model: int, hidden: int, cfg: MoEConfig, name: str, recurrent: bool, moe_layers: tuple[int, ...] = (),
+        kernels: str = "auto",
     ) -> None:
         """``moe_layers``: indices of the model's MoE blocks, which the 'global' balance loss
-        spans (its last one finishes the loss); empty: this layer alone."""
+        spans (its last one finishes the loss); empty: this layer alone. ``kernels``:
+        ``model.kernels``, the backend of the permutation, expert GEMMs and GRU cell."""
         super().__init__()
         self.name = name
         self.top_k = cfg.top_k
@@ -182,7 +170,8 @@ class MoE(nn.Module):
         self.recurrent = recurrent
         e = cfg.n_experts
         self.n_experts = e
-        self.expert_compute: ExpertCompute = local_experts
+        self.kernels = kernels
+        self.expert_compute: ExpertCompute = functools.partial(local_experts, backend=kernels)
         if recurrent:
             self.router_in = nn.Linear(d_model, cfg.router_hidden, bias=False)  # x -> GRU input
             self.router_out = nn.Linear(cfg.router_hidden, e, bias=False)  # GRU state -> logits
@@ -204,7 +193,7 @@ class MoE(nn.Module):
         h = carry.get("router_h")
         if h is None:
             h = torch.zeros_like(xin)  # before the first MoE layer
-        h = gru_cell(xin, h.to(xin.dtype), *(carry[k] for k in GRU_KEYS))
+        h = gru_cell(xin, h.to(xin.dtype), *(carry[k] for k in GRU_KEYS), backend=self.kernels)
         return self.router_out(h), {**carry, "router_h": h}
 
     def forward(self, x: Tensor, ctx: ForwardContext, carry: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -215,7 +204,9 @@ class MoE(nn.Module):
         logits = logits.reshape(b * t, -1)  # [N, E]
         probs, idx, weight = route(logits, self.top_k, self.renormalize)
         flat = x.reshape(b * t, d)
-        y, counts = dispatch_experts(flat, idx, weight, self.n_experts, self.expert_compute, self.w1, self.w3, self.w2)
+        y, counts = dispatch_experts(
+            flat, idx, weight, self.n_experts, self.expert_compute, self.w1, self.w3, self.w2, backend=self.kernels
+        )
         if self.shared is not None:
             y = y + self.shared(flat)
         load = counts.float() / counts.sum()  # f [E], as expert_load computes it on one process
@@ -280,7 +271,7 @@ class MoE(nn.Module):
 def _build(cfg: ModelConfig, layer_idx: int, recurrent: bool) -> MoE:
     moe_layers = tuple(i for i, (_, ffn) in enumerate(cfg.pattern()) if ffn in ("moe", "moe_gru"))
     hidden = cfg.moe.expert_hidden or ffn_hidden(cfg)
-    return MoE(cfg.d_model, hidden, cfg.moe, str(layer_idx), recurrent, moe_layers)
+    return MoE(cfg.d_model, hidden, cfg.moe, str(layer_idx), recurrent, moe_layers, cfg.kernels)
 
 
 @register_ffn("moe")
