@@ -31,7 +31,8 @@ trap 'echo USR1 >> "$STUB/srun.signals"; exit 0' USR1
 if [ -n "${STUB_WAIT:-}" ]; then touch "$STUB/srun.started"; while :; do sleep 0.05; done; fi
 exec "$@"
 """,
-    "scontrol": """if [ "$1 $2" = "show hostnames" ]; then printf 'gpu-01\\ngpu-02\\n'; else echo "$*" >> "$STUB/scontrol.log"; fi
+    "scontrol": """if [ "$1 $2" = "show hostnames" ]; then printf 'gpu-01\\ngpu-02\\n'
+else echo "$*" >> "$STUB/scontrol.log"; fi
 """,
     "torchrun": """printf '%s\\0' "$@" > "$STUB/torchrun.argv"; env > "$STUB/torchrun.env"
 """,
@@ -84,8 +85,9 @@ def test_template_and_rendered_script_pass_bash_n(capsys, tmp_path):
 
 def test_dry_run_2x8_commands(capsys, stubs, tmp_path):
     overrides = [BATCH, "train.max_steps=1000", "run.dir='runs/a b'"]
+    sets = [a for o in overrides for a in ("--set", o)]
     script, printed = _dry_run(capsys, "configs/tiny.toml", "--nodes", "2", "--gpus-per-node", "8",
-                               "--partition", "gpu", "--time", "2-00:00:00", *sum((["--set", o] for o in overrides), []))
+                               "--partition", "gpu", "--time", "2-00:00:00", *sets)
     header = [line for line in script.splitlines() if line.startswith("#SBATCH")]
     for want in ("--nodes=2", "--gpus-per-node=8", "--ntasks-per-node=1", "--partition=gpu",
                  "--time=2-00:00:00", "--requeue", "--signal=B:USR1@300", "--job-name=tiny"):
@@ -175,6 +177,14 @@ def test_missing_sbatch_is_one_line_and_exit_2(capsys, tmp_path, monkeypatch):
     assert main(["launch", "slurm", "configs/tiny.toml", "--nodes", "1", "--gpus-per-node", "8", "--set", BATCH]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and len(captured.err.splitlines()) == 1 and "sbatch" in captured.err
+
+
+def test_tensor_parallel_across_nodes_is_noted(capsys):
+    # tp=4 on 2 GPUs per node: runnable, but every layer's collectives cross the network
+    assert main(["launch", "slurm", "configs/tiny.toml", "--nodes", "2", "--gpus-per-node", "2",
+                 "--set", "parallel.tp=4", "--dry-run"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "parallel.tp=4 does not divide --gpus-per-node 2" in err[0]
 
 
 def test_torchrun_sh_prints_and_runs_its_command(stubs, tmp_path):
