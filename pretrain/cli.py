@@ -233,7 +233,7 @@ def _cmd_launch(args) -> int:
     print(script)
     for note in launch.layout_notes(cfg, job):
         print(note, file=sys.stderr)
-    print(launch.describe(job, cfg, path, submit=not args.dry_run), flush=True)
+    print(launch.describe(job, path, submit=not args.dry_run), flush=True)
     if args.dry_run:
         return 0
     path.parent.mkdir(parents=True, exist_ok=True)

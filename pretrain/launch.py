@@ -103,10 +103,10 @@ def train_args(job: SlurmJob) -> list[str]:
     return out
 
 
-def render(job: SlurmJob, cfg: Config, template: str | None = None) -> str:
-    """The sbatch script: launch/slurm.sbatch (or ``template``) with its header and knobs set.
-    Raises ValueError when the template lacks a line this fills in."""
-    text = TEMPLATE.read_text() if template is None else template
+def render(job: SlurmJob, cfg: Config) -> str:
+    """The sbatch script: launch/slurm.sbatch with its header and knobs set. Raises ValueError
+    when the template lacks a line this fills in."""
+    text = TEMPLATE.read_text()
     header = [f"#SBATCH --job-name={_slug(cfg.run.name)}"]
     header += [f"#SBATCH --{name}={value}" for name in ("partition", "time", "account")
                if (value := getattr(job, name))]
@@ -120,13 +120,14 @@ def render(job: SlurmJob, cfg: Config, template: str | None = None) -> str:
     return _sub(text, r': "\$\{MAX_RESTARTS:=\d+\}"', f': "${{MAX_RESTARTS:={job.max_restarts}}}"')
 
 
-def node_command(job: SlurmJob, head_node: str = "$head_node", job_id: str = "$SLURM_JOB_ID") -> list[str]:
-    """The torchrun command each node's srun task runs, as the rendered script builds it
-    (``head_node`` and ``job_id`` are known only inside the job)."""
+def node_command(job: SlurmJob) -> list[str]:
+    """The torchrun command each node's srun task runs, as the rendered script builds it, with
+    the values known only inside the job as shell variables: $head_node (the job's first node),
+    $SLURM_JOB_ID, $SLURM_NODEID (this node's index in the job)."""
     return [
-        "torchrun", f"--log-dir=logs/slurm-{job_id}/node-$SLURM_NODEID",
+        "torchrun", "--log-dir=logs/slurm-$SLURM_JOB_ID/node-$SLURM_NODEID",
         f"--nnodes={job.nodes}", f"--nproc-per-node={job.gpus_per_node}", "--rdzv-backend=c10d",
-        f"--rdzv-endpoint={head_node}:{job.port}", f"--rdzv-id={job_id}", f"--max-restarts={job.max_restarts}",
+        f"--rdzv-endpoint=$head_node:{job.port}", "--rdzv-id=$SLURM_JOB_ID", f"--max-restarts={job.max_restarts}",
         f"--signals-to-handle={TORCHRUN_SIGNALS}", "--shutdown-timeout=240", "--tee=3",
         "-m", "pretrain", "train", *train_args(job), "--resume", "auto",
     ]
@@ -137,7 +138,7 @@ def script_path(cfg: Config) -> Path:
     return Path(cfg.run.dir) / "slurm.sbatch"
 
 
-def describe(job: SlurmJob, cfg: Config, script: Path, submit: bool) -> str:
+def describe(job: SlurmJob, script: Path, submit: bool) -> str:
     """The commands, for the terminal: the sbatch call and what every node runs."""
     lead = "submitting:" if submit else "dry run, not submitted; without --dry-run this runs:"
     return "\n".join([
