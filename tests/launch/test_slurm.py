@@ -103,7 +103,7 @@ def test_dry_run_2x8_commands(capsys, stubs, tmp_path):
         printed = [a.replace(name, value) for a in printed]
     assert ["torchrun", *ran] == printed
     srun = (stubs / "srun.args").read_text().split()
-    assert "--kill-on-bad-exit=1" in srun and "--output=logs/slurm-4242/node-%n.out" in srun
+    assert {"--kill-on-bad-exit=1", "--output=logs/slurm-4242/node-%n.out", "--open-mode=append"} <= set(srun)
 
     args = get_args_parser().parse_args(ran)
     assert (args.nnodes, args.nproc_per_node, args.rdzv_backend) == ("2", "8", "c10d")
