@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from torch.distributed.run import get_args_parser
 
 from pretrain.cli import _parser as pretrain_parser
 from pretrain.cli import main
-from tests.conftest import ROOT
+from tests.conftest import ROOT, losses, set_args, tiny_overrides
 
 BATCH = "train.global_batch_size=128"  # 16 data-parallel ranks x 8 sequences per micro-batch
 
@@ -31,7 +33,7 @@ trap 'echo USR1 >> "$STUB/srun.signals"; exit 0' USR1
 if [ -n "${STUB_WAIT:-}" ]; then touch "$STUB/srun.started"; while :; do sleep 0.05; done; fi
 exec "$@"
 """,
-    "scontrol": """if [ "$1 $2" = "show hostnames" ]; then printf 'gpu-01\\ngpu-02\\n'
+    "scontrol": """if [ "$1 $2" = "show hostnames" ]; then printf '%s\\n' ${STUB_HOSTS:-gpu-01 gpu-02}
 else echo "$*" >> "$STUB/scontrol.log"; fi
 """,
     "torchrun": """printf '%s\\0' "$@" > "$STUB/torchrun.argv"; env > "$STUB/torchrun.env"
@@ -199,3 +201,34 @@ def test_torchrun_sh_prints_and_runs_its_command(stubs, tmp_path):
     assert (args.nnodes, args.nproc_per_node, args.rdzv_backend, args.rdzv_endpoint, args.max_restarts) == (
         "2", "4", "c10d", "node-a:29600", 2)
     assert args.training_script_args == ["train", "configs/tiny.toml", "--set", "a.b='x y'"]
+
+
+def test_rendered_script_trains_on_cpu(small_corpus, prepared_dir, stubs, tmp_path, capsys):
+    """The rendered script with the real torchrun (srun and scontrol still stand-ins): one node of
+    two CPU ranks (gloo) trains, each rank's output is in its own file, and the node's console
+    lines carry the global rank."""
+    run = tmp_path / "run"
+    overrides = tiny_overrides(small_corpus, prepared_dir, run, **{
+        "train.max_steps": 2, "optim.warmup_steps": 1, "train.eval_interval": 2, "checkpoint.interval": 2})
+    script, _ = _dry_run(capsys, str(ROOT / "configs/tiny.toml"), "--nodes", "1", "--gpus-per-node", "2",
+                         *set_args(overrides))
+    (stubs / "torchrun").write_text(f"#!/usr/bin/env bash\nexec {sys.executable} -m torch.distributed.run \"$@\"\n")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = _stub_env(stubs, STUB_HOSTS="127.0.0.1", MASTER_PORT=str(port), SLURM_NNODES="1",
+                    SLURM_GPUS_ON_NODE="2", SLURM_CPUS_PER_TASK="2", PYTHONPATH=str(ROOT), WANDB_MODE="disabled")
+    proc = _run_script(script, tmp_path, env, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out[-3000:]
+    assert [s for s, _ in losses(run)] == [1, 2]
+    assert "[rank0]: batch: 4 sequences per step" in out  # rank 0 logs; every rank has its own files
+    for rank in (0, 1):
+        logs = list((tmp_path / "logs/slurm-4242/node-0").glob(f"*/attempt_0/{rank}/stdout.log"))
+        assert len(logs) == 1, rank
+    rank0 = logs[0].parent.parent / "0/stdout.log"
+    assert "batch: 4 sequences per step = 2 data-parallel rank(s)" in rank0.read_text()
