@@ -50,6 +50,12 @@ class SlurmJob:
     def world_size(self) -> int:
         return self.nodes * self.gpus_per_node
 
+    @property
+    def shutdown_timeout(self) -> int:
+        """Seconds torchrun gives the ranks to checkpoint and exit after a signal before it kills
+        them: the signal's lead less a minute for the requeue, at least 30 (torchrun's default)."""
+        return max(self.signal_seconds - 60, 30)
+
 
 def check(job: SlurmJob) -> Config:
     """Validate ``job`` and its config; return the loaded config.
@@ -117,6 +123,7 @@ def render(job: SlurmJob, cfg: Config) -> str:
     text = _sub(text, r"gpus=\$\{SLURM_GPUS_ON_NODE:-\d+\}", f"gpus=${{SLURM_GPUS_ON_NODE:-{job.gpus_per_node}}}")
     text = _sub(text, r'train_args=\("\$@"\)', f"train_args=({shlex.join(train_args(job))})")
     text = _sub(text, r': "\$\{MASTER_PORT:=\d+\}"', f': "${{MASTER_PORT:={job.port}}}"')
+    text = _sub(text, r': "\$\{SHUTDOWN_TIMEOUT:=\d+\}"', f': "${{SHUTDOWN_TIMEOUT:={job.shutdown_timeout}}}"')
     return _sub(text, r': "\$\{MAX_RESTARTS:=\d+\}"', f': "${{MAX_RESTARTS:={job.max_restarts}}}"')
 
 
@@ -128,7 +135,7 @@ def node_command(job: SlurmJob) -> list[str]:
         "torchrun", "--log-dir=logs/slurm-$SLURM_JOB_ID/node-$SLURM_NODEID",
         f"--nnodes={job.nodes}", f"--nproc-per-node={job.gpus_per_node}", "--rdzv-backend=c10d",
         f"--rdzv-endpoint=$head_node:{job.port}", "--rdzv-id=$SLURM_JOB_ID", f"--max-restarts={job.max_restarts}",
-        f"--signals-to-handle={TORCHRUN_SIGNALS}", "--shutdown-timeout=240", "--tee=3",
+        f"--signals-to-handle={TORCHRUN_SIGNALS}", f"--shutdown-timeout={job.shutdown_timeout}", "--tee=3",
         "-m", "pretrain", "train", *train_args(job), "--resume", "auto",
     ]
 

@@ -128,6 +128,7 @@ def test_usr1_reaches_the_ranks_and_requeues(capsys, stubs, tmp_path):
     script, _ = _dry_run(capsys, "configs/tiny.toml", "--nodes", "2", "--gpus-per-node", "8", "--set", BATCH,
                          "--signal-seconds", "600")
     assert "#SBATCH --signal=B:USR1@600" in script
+    assert ': "${SHUTDOWN_TIMEOUT:=540}"' in script  # the ranks' time to checkpoint after the signal
     proc = _run_script(script, tmp_path, _stub_env(stubs, STUB_WAIT="1"))
     deadline = time.monotonic() + 20
     while not (stubs / "srun.started").exists():
