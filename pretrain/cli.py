@@ -1,7 +1,10 @@
-"""`pretrain prepare|train|generate|eval|plan|launch` — the command line.
+"""`pretrain prepare|train|generate|eval|plan` — the command line.
 
 User errors (a bad config field, a missing file, a damaged checkpoint) print one line on
 stderr and exit with code 2; they never show a traceback.
+
+`pretrain launch slurm` checks a multi-node job and renders, prints and submits its sbatch
+script (pretrain/launch.py).
 """
 
 from __future__ import annotations
