@@ -2,6 +2,9 @@
 
 User errors (a bad config field, a missing file, a damaged checkpoint) print one line on
 stderr and exit with code 2; they never show a traceback.
+
+`pretrain launch slurm` checks a multi-node job and renders, prints and submits its sbatch
+script (pretrain/launch.py).
 """
 
 from __future__ import annotations
@@ -90,6 +93,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.add_argument("--dp", type=int, default=1, help="data-parallel ranks to estimate memory and the batch for")
+
+    p = sub.add_parser("launch", help="launch a multi-node run (see launch/README.md)")
+    targets = p.add_subparsers(dest="target", required=True)
+    p = targets.add_parser(
+        "slurm",
+        help="check the config against nodes x GPUs, render launch/slurm.sbatch, print it and the commands, "
+        "and submit it with sbatch",
+    )
+    _add_config_args(p)
+    p.add_argument("--nodes", type=int, required=True, help="nodes (one torchrun agent each)")
+    p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node (one rank each)")
+    p.add_argument("--partition", default="", help="slurm partition (default: the cluster's)")
+    p.add_argument("--time", default="", help="time limit, e.g. 2-00:00:00 (default: the partition's)")
+    p.add_argument("--account", default="", help="slurm account to charge")
+    p.add_argument("--signal-seconds", type=int, default=300,
+                   help="seconds before the time limit at which SIGUSR1 makes every rank checkpoint and exit, "
+                   "and the job requeue itself")
+    p.add_argument("--max-restarts", type=int, default=3,
+                   help="torchrun restarts of all ranks after a rank fails (each resumes from the newest checkpoint)")
+    p.add_argument("--port", type=int, default=29500, help="rendezvous port on the first node")
+    p.add_argument("--dry-run", action="store_true", help="print the script and the commands; submit nothing")
     return parser
 
 
@@ -241,6 +265,31 @@ def _cmd_plan(args) -> int:
     return 0
 
 
+def _cmd_launch(args) -> int:
+    import shutil
+    import subprocess
+
+    from pretrain import launch
+
+    job = launch.SlurmJob(
+        args.config or "", args.nodes, args.gpus_per_node, args.overrides, args.partition, args.time,
+        args.account, args.signal_seconds, args.max_restarts, args.port,
+    )
+    cfg = launch.check(job)
+    if not args.dry_run and shutil.which("sbatch") is None:
+        raise ConfigError("sbatch is not on PATH (not a slurm login node?); --dry-run prints the script only")
+    script, path = launch.render(job, cfg), launch.script_path(cfg)
+    print(script)
+    for note in launch.layout_notes(cfg, job):
+        print(note, file=sys.stderr)
+    print(launch.describe(job, path, submit=not args.dry_run), flush=True)
+    if args.dry_run:
+        return 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(script)
+    return subprocess.run(["sbatch", str(path)]).returncode
+
+
 _COMMANDS = {
     "prepare": _cmd_prepare,
     "train": _cmd_train,
@@ -248,6 +297,7 @@ _COMMANDS = {
     "convert": _cmd_convert,
     "eval": _cmd_eval,
     "plan": _cmd_plan,
+    "launch": _cmd_launch,
 }
 
 
