@@ -3,7 +3,6 @@ least fp32: a bf16 mean of squares loses too much precision."""
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
