@@ -46,7 +46,7 @@ class DiffAttention(Attention):
         self.lambda_k1 = nn.Parameter(torch.empty(d))
         self.lambda_q2 = nn.Parameter(torch.empty(d))
         self.lambda_k2 = nn.Parameter(torch.empty(d))
-        self.subln = RMSNorm(2 * d, cfg.norm_eps)
+        self.subln = RMSNorm(2 * d, cfg.norm_eps, cfg.kernels)
 
     def lam(self) -> Tensor:
         """The scalar lambda (fp32)."""

@@ -50,7 +50,7 @@ class GatedLinearAttention(nn.Module):
         self.gk_proj = nn.Sequential(  # low-rank forget gate
             nn.Linear(d, g.gate_low_rank, bias=False), nn.Linear(g.gate_low_rank, self.key_dim, bias=True)
         )
-        self.g_norm = RMSNorm(self.head_v_dim, cfg.norm_eps)  # shared by the heads, as in fla
+        self.g_norm = RMSNorm(self.head_v_dim, cfg.norm_eps, cfg.kernels)  # shared by the heads, as in fla
         self.o_proj = nn.Linear(self.value_dim, d, bias=False)
 
     def forward(self, x: Tensor, ctx: ForwardContext, state: GLAState | None = None) -> Tensor:

@@ -180,7 +180,7 @@ class MoE(nn.Module):
         self.w1 = nn.Parameter(torch.empty(e, d_model, hidden))  # gate
         self.w3 = nn.Parameter(torch.empty(e, d_model, hidden))  # up
         self.w2 = nn.Parameter(torch.empty(e, hidden, d_model))  # down (into the residual stream)
-        self.shared = SwiGLU(d_model, hidden) if cfg.shared_expert else None
+        self.shared = SwiGLU(d_model, hidden, kernels) if cfg.shared_expert else None
 
     def _logits(self, x: Tensor, carry: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """Router logits of ``x [B, T, d]``; the GRU router also advances carry["router_h"]."""

@@ -143,7 +143,7 @@ class NeuralMemory(nn.Module):
         self.alpha_proj = nn.Linear(cfg.d_model, self.n_heads, bias=True)
         dims = [self.head_dim] + [c.memory_expand * self.head_dim] * (c.memory_depth - 1) + [self.head_dim]
         self.init = nn.ParameterList(nn.Parameter(torch.empty(self.n_heads, i, o)) for i, o in zip(dims, dims[1:]))
-        self.norm = RMSNorm(self.head_dim, cfg.norm_eps)
+        self.norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.kernels)
         self.out = nn.Linear(inner, d_out, bias=False)
 
     def forward(self, x: Tensor, ctx: ForwardContext, state: TitansState | None) -> Tensor:
@@ -327,7 +327,7 @@ class TitansMAC(_Titans):
         self.window = cfg.titans.segment_size
         self.per_token = cfg.titans.mac_output == "per_token"
         if self.per_token:
-            self.gate_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+            self.gate_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.kernels)
 
     def forward(self, x: Tensor, ctx: ForwardContext, state: TitansState | None = None) -> Tensor:
         st = self.new_state(x.shape[0]) if state is None else state
