@@ -360,23 +360,32 @@ def check_args(op, q, k, v, g, initial_state, reset, cu_seqlens) -> int:
     return n
 
 
-class ChunkGLAFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, g, s_qk, s_v, scale, h0, reset, cu, output_final_state):
-        o, ht = chunk_gla_fwd(q, k, v, g, s_qk, s_v, scale, h0, reset, cu, output_final_state)
-        ctx.save_for_backward(q, k, v, g, h0, reset, cu, ht)
-        ctx.strides, ctx.scale = (s_qk, s_v), scale
-        return o, ht
+def gla_function(fwd, bwd) -> type[torch.autograd.Function]:
+    """The autograd Function of a GLA kernel pair (``chunk_gla_fwd``/``_bwd`` here, the fused
+    recurrent pair in fused_recurrent.py): both take and save the same tensors."""
 
-    @staticmethod
-    def backward(ctx, do, dht):
-        q, k, v, g, h0, reset, cu, ht = ctx.saved_tensors
-        dq, dk, dv, dg, dh0 = chunk_gla_bwd(
-            q, k, v, g, *ctx.strides, ctx.scale, h0, reset, cu, ht, do.contiguous(),
-            dht.contiguous() if dht is not None and ht is not None else None)
-        if dh0 is not None:
-            dh0 = dh0.to(h0.dtype)
-        return dq, dk, dv, dg, None, None, None, dh0, None, None, None
+    class GLAFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, g, s_qk, s_v, scale, h0, reset, cu, output_final_state):
+            o, ht = fwd(q, k, v, g, s_qk, s_v, scale, h0, reset, cu, output_final_state)
+            ctx.save_for_backward(q, k, v, g, h0, reset, cu, ht)
+            ctx.strides, ctx.scale = (s_qk, s_v), scale
+            return o, ht
+
+        @staticmethod
+        def backward(ctx, do, dht):
+            q, k, v, g, h0, reset, cu, ht = ctx.saved_tensors
+            dq, dk, dv, dg, dh0 = bwd(
+                q, k, v, g, *ctx.strides, ctx.scale, h0, reset, cu, ht, do.contiguous(),
+                dht.contiguous() if dht is not None and ht is not None else None)
+            if dh0 is not None:
+                dh0 = dh0.to(h0.dtype)
+            return dq, dk, dv, dg, None, None, None, dh0, None, None, None
+
+    return GLAFunction
+
+
+ChunkGLAFunction = gla_function(chunk_gla_fwd, chunk_gla_bwd)
 
 
 def chunk_gla_triton(

@@ -162,23 +162,7 @@ def fused_recurrent_gla_bwd(q, k, v, g, s_qk, s_v, scale, h0, reset, cu, ht, do,
     return dq.to(q.dtype), dk_.to(k.dtype), dv_.to(v.dtype), dg, dh0
 
 
-class FusedRecurrentGLAFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, g, s_qk, s_v, scale, h0, reset, cu, output_final_state):
-        o, ht = fused_recurrent_gla_fwd(q, k, v, g, s_qk, s_v, scale, h0, reset, cu, output_final_state)
-        ctx.save_for_backward(q, k, v, g, h0, reset, cu, ht)
-        ctx.strides, ctx.scale = (s_qk, s_v), scale
-        return o, ht
-
-    @staticmethod
-    def backward(ctx, do, dht):
-        q, k, v, g, h0, reset, cu, ht = ctx.saved_tensors
-        dq, dk, dv, dg, dh0 = fused_recurrent_gla_bwd(
-            q, k, v, g, *ctx.strides, ctx.scale, h0, reset, cu, ht, do.contiguous(),
-            dht.contiguous() if dht is not None and ht is not None else None)
-        if dh0 is not None:
-            dh0 = dh0.to(h0.dtype)
-        return dq, dk, dv, dg, None, None, None, dh0, None, None, None
+FusedRecurrentGLAFunction = chunk.gla_function(fused_recurrent_gla_fwd, fused_recurrent_gla_bwd)
 
 
 def fused_recurrent_gla(
