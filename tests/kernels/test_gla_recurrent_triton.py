@@ -159,10 +159,11 @@ def test_bf16_inputs_against_the_loop_on_rounded_inputs():
         dict(q=(1, 0, 1, 8), k=(1, 0, 1, 8), v=(1, 0, 1, 8), g=(1, 0, 1, 8)),
     ],
 )
-def test_bad_shapes_raise(shapes):
+@pytest.mark.parametrize("fn", [fused_recurrent_gla, chunk_gla_triton], ids=["recurrent", "chunk"])
+def test_bad_shapes_raise(shapes, fn):
     args = [torch.zeros(s) for s in shapes.values()]
-    with pytest.raises(ValueError, match="fused_recurrent_gla"):
-        fused_recurrent_gla(*args)
+    with pytest.raises(ValueError, match=fn.__name__):
+        fn(*args)
 
 
 def test_bad_state_reset_and_offsets_raise():

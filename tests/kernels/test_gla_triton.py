@@ -162,20 +162,6 @@ def test_bf16_inputs_against_the_loop_on_rounded_inputs():
         torch.testing.assert_close(got.double(), ref, atol=0.1, rtol=0.02, msg=lambda m, n=name: f"{n}: {m}")
 
 
-@pytest.mark.parametrize(
-    "shapes",
-    [
-        dict(q=(1, 4, 1, 8), k=(1, 4, 1, 9), v=(1, 4, 1, 8), g=(1, 4, 1, 8)),
-        dict(q=(1, 4, 1, 8), k=(1, 4, 1, 8), v=(1, 5, 1, 8), g=(1, 4, 1, 8)),
-        dict(q=(1, 0, 1, 8), k=(1, 0, 1, 8), v=(1, 0, 1, 8), g=(1, 0, 1, 8)),
-    ],
-)
-def test_bad_shapes_raise(shapes):
-    args = [torch.zeros(s) for s in shapes.values()]
-    with pytest.raises(ValueError, match="chunk_gla_triton"):
-        chunk_gla_triton(*args)
-
-
 def test_bad_state_and_reset_shapes_raise():
     q = torch.zeros(1, 4, 1, 8)
     with pytest.raises(ValueError, match="initial_state"):
