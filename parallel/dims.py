@@ -9,6 +9,7 @@ never touch torch.distributed.
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -149,11 +150,12 @@ def _check_ep(cfg: ParallelConfig, dp_shard: int) -> None:
         )
 
 
-def init_distributed(device_type: str) -> tuple[int, int, int]:
+def init_distributed(device_type: str, timeout_s: float | None = None) -> tuple[int, int, int]:
     """Join the process group torchrun/slurm describe in the environment.
 
     Returns (rank, local_rank, world_size); (0, 0, 1) without a launcher.
-    NCCL on CUDA, gloo on CPU.
+    NCCL on CUDA, gloo on CPU. ``timeout_s``: seconds a collective may wait before it fails
+    (torch's default when None).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
@@ -163,7 +165,8 @@ def init_distributed(device_type: str) -> tuple[int, int, int]:
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timeout)
     return rank, local_rank, world
 
 
