@@ -166,7 +166,8 @@ class CheckpointConfig:
     async_save: bool = False
     """Write checkpoints with DCP's async_save: training continues while a background thread
     writes; the step folder is completed (renamed, manifest written) only once the write finished,
-    at the next checkpoint or at the end of the run."""
+    at the next checkpoint or at the end of the run. Only with several ranks (one process writes
+    synchronously)."""
 
 
 @dataclass

@@ -138,9 +138,10 @@ def _agree(phase: Callable[[], None], final: Path) -> None:
 
 class Checkpointer:
     """Writes checkpoints (:meth:`save`), synchronously or, with ``async_save``, with DCP's
-    async_save: the model and optimizer state are staged in host memory before :meth:`save`
-    returns, written in the background, and the folder completed by the next :meth:`save` or
-    :meth:`finish`. All methods are collective."""
+    async_save (under torch.distributed; one process writes synchronously, as DCP's background
+    write warns without a process group): the model and optimizer state are staged in host memory
+    before :meth:`save` returns, written in the background, and the folder completed by the next
+    :meth:`save` or :meth:`finish`. All methods are collective."""
 
     def __init__(self, async_save: bool = False) -> None:
         self.async_save = async_save
@@ -174,7 +175,7 @@ class Checkpointer:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         complete = lambda: _complete(root, final, step, train_state, config_toml, tokenizer_path, keep_last)  # noqa: E731
-        if not self.async_save:
+        if not (self.async_save and dist.is_initialized()):
             _agree(lambda: (_dcp("save", state, tmp), _save_rng(tmp)), final)
             _agree(complete, final)
             return final
@@ -183,9 +184,7 @@ class Checkpointer:
         def launch() -> None:
             nonlocal future
             _save_rng(tmp)
-            future = dcp.async_save(
-                state, checkpoint_id=str(tmp), process_group=self._async_group(), no_dist=not dist.is_initialized()
-            )
+            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._async_group())
 
         _agree(launch, final)
         self._pending = (future, complete, final)

@@ -83,7 +83,8 @@ class StepHealth:
 
     ``max_skipped``: consecutive skips that stop the run (train.max_skipped_steps).
     ``spike_factor``: a loss above this many times the running mean of the last ``window``
-    applied steps' losses is logged (train.loss_spike_factor; 0 disables)."""
+    applied steps' losses is logged (train.loss_spike_factor; 0 disables), once at least
+    min(10, window) losses were seen."""
 
     def __init__(self, max_skipped: int, spike_factor: float, log: Callable[[str], None], window: int = 100):
         self.max_skipped = max_skipped
@@ -110,7 +111,7 @@ class StepHealth:
     def applied(self, step: int, loss: float) -> None:
         """Record the loss of an applied step; logs it when it spikes above the running mean."""
         self.consecutive = 0
-        if self.spike_factor > 0 and len(self.recent) >= 10:
+        if self.spike_factor > 0 and len(self.recent) >= min(10, self.recent.maxlen):
             mean = sum(self.recent) / len(self.recent)
             if loss > self.spike_factor * mean:
                 self.log(
