@@ -238,7 +238,8 @@ class PipelineTrainer(Trainer):
                     value = sum(r[key] for r in records) / n
                     record[key.removeprefix("metric/")] = value.item() if value.ndim == 0 else value.tolist()
         record = _mean_of_last_stages(record)
-        return {"loss": record.pop("loss"), "grad_norm": stats["grad_norm"].item(), "lr": stats["lr"], **record}
+        return {"loss": record.pop("loss"), "grad_norm": stats["grad_norm"].item(), "lr": stats["lr"],
+                "skipped_steps": self.health.skipped, **record}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
