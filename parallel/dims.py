@@ -166,7 +166,19 @@ def init_distributed(device_type: str, timeout_s: float | None = None) -> tuple[
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timeout)
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun's store outlives a restart (--max-restarts): keys under a prefix of this
+            # attempt, else torch 2.13's restarted gloo ranks dial the dead ranks' addresses
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            store = dist.TCPStore(
+                os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                timeout=timeout or datetime.timedelta(minutes=10),
+            )
+            store = dist.PrefixStore(f"/pretrain/attempt_{attempt}", store)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+        else:
+            dist.init_process_group(backend, timeout=timeout)
     return rank, local_rank, world
 
 

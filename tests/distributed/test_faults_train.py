@@ -210,7 +210,7 @@ def test_preemption_and_dead_rank_resume_bitwise(small_corpus, prepared_dir, tmp
     assert _wait(proc) == 0, log.read_text()[-3000:]
     assert exit_s < 60
     tail = log.read_text().split("resumed from step")[-2]
-    assert "rank 1" in tail or "local_rank: 1" in tail or "Worker group FAILED" in tail, tail[-2000:]
+    assert "failed (exitcode: -9) local_rank: 1 " in tail, tail[-2000:]  # torchrun names the dead rank
     assert losses(killed) == reference
     print(f"preempted at step {stopped}; rank 0 gone {exit_s:.2f} s after rank 1's SIGKILL")
 
