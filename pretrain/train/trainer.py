@@ -4,8 +4,8 @@ parallel.pp > 1 the PipelineTrainer of pretrain/train/pipeline_step.py runs inst
 from __future__ import annotations
 
 import math
-import statistics
 import resource
+import statistics
 import time
 from contextlib import nullcontext
 from pathlib import Path

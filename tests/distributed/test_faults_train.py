@@ -7,7 +7,7 @@
   alone stops both ranks at the same step with a checkpoint and exit 0, and ``--resume auto``
   continues bitwise; rank 1 SIGKILLed mid-run under ``--max-restarts=1`` is restarted from the
   newest complete checkpoint with bitwise the same losses; ranks started without torchrun's agent
-  see rank 1 die and exit non-zero instead of hanging in a collective."""
+  see rank 1 die or hang and exit non-zero instead of hanging in a collective."""
 
 from __future__ import annotations
 
@@ -215,31 +215,44 @@ def test_preemption_and_dead_rank_resume_bitwise(small_corpus, prepared_dir, tmp
     print(f"preempted at step {stopped}; rank 0 gone {exit_s:.2f} s after rank 1's SIGKILL")
 
 
-def test_survivor_of_a_dead_rank_exits_without_torchrun(small_corpus, prepared_dir, tmp_path):
-    """Ranks started directly (as `srun` does, no torchrun agent to stop them): rank 0 leaves
-    the collective its dead peer never joins, non-zero, well within train.collective_timeout_s."""
-    run_dir = tmp_path / "run"
-    overrides = tiny_overrides(small_corpus, prepared_dir, run_dir, **{
-        "train.max_steps": 200, "checkpoint.interval": 0, "train.eval_interval": 0, "train.collective_timeout_s": 20})
+def _survivor_exit(corpus, prepared, tmp_path, sig: signal.Signals, timeout_s: float) -> tuple[int, float, str]:
+    """Two ranks started directly (as `srun` does: no torchrun agent to stop them); ``sig`` to
+    rank 1 after step 3. Returns rank 0's exit code, seconds from the signal to its exit, and its
+    last output line."""
+    run_dir = tmp_path / sig.name
+    overrides = tiny_overrides(corpus, prepared, run_dir, **{
+        "train.max_steps": 400, "checkpoint.interval": 0, "train.eval_interval": 0,
+        "train.collective_timeout_s": timeout_s})
     port = _free_port()
     procs = []
     for rank in range(2):
         env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
                "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(port)}
-        with open(tmp_path / f"rank{rank}.log", "w") as out:
+        with open(tmp_path / f"{sig.name}-rank{rank}.log", "w") as out:
             procs.append(subprocess.Popen([sys.executable, "-m", "pretrain", "train", *set_args(overrides)],
                                           cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT))
     try:
         _wait_for_step(run_dir, 3, procs[0])
-        procs[1].kill()
-        killed_at = time.monotonic()
-        rc = procs[0].wait(60)
-        exit_s = time.monotonic() - killed_at
+        procs[1].send_signal(sig)
+        sent_at = time.monotonic()
+        rc = procs[0].wait(timeout_s + 60)
+        exit_s = time.monotonic() - sent_at
     finally:
         for p in procs:
             p.kill()
             p.wait()
-    assert rc != 0 and exit_s < 20, (rc, exit_s)
-    print(f"without torchrun: rank 0 exited with {rc} {exit_s:.2f} s after rank 1's SIGKILL; "
-          f"its last line: {(tmp_path / 'rank0.log').read_text().strip().splitlines()[-1]}")
+    return rc, exit_s, (tmp_path / f"{sig.name}-rank0.log").read_text().strip().splitlines()[-1]
+
+
+def test_survivors_of_a_dead_or_hung_rank_exit_without_torchrun(small_corpus, prepared_dir, tmp_path):
+    """Rank 1 SIGKILLed: rank 0's collective fails at once (its peer's connection closes). Rank 1
+    SIGSTOPped (hung, connection open): rank 0 gives up after train.collective_timeout_s. Both
+    exit non-zero instead of hanging."""
+    rc, exit_s, last = _survivor_exit(small_corpus, prepared_dir, tmp_path, signal.SIGKILL, 20)
+    assert rc != 0 and exit_s < 20, (rc, exit_s, last)
+    print(f"without torchrun: rank 0 exited with {rc} {exit_s:.2f} s after rank 1's SIGKILL: {last[:160]}")
+    rc, exit_s, last = _survivor_exit(small_corpus, prepared_dir, tmp_path, signal.SIGSTOP, 6)
+    assert rc != 0 and 5 < exit_s < 6 + 20, (rc, exit_s, last)
+    print(f"without torchrun: rank 0 exited with {rc} {exit_s:.2f} s after rank 1's SIGSTOP "
+          f"(train.collective_timeout_s=6): {last[:160]}")
