@@ -9,6 +9,7 @@ never touch torch.distributed.
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -149,11 +150,12 @@ def _check_ep(cfg: ParallelConfig, dp_shard: int) -> None:
         )
 
 
-def init_distributed(device_type: str) -> tuple[int, int, int]:
+def init_distributed(device_type: str, timeout_s: float | None = None) -> tuple[int, int, int]:
     """Join the process group torchrun/slurm describe in the environment.
 
     Returns (rank, local_rank, world_size); (0, 0, 1) without a launcher.
-    NCCL on CUDA, gloo on CPU.
+    NCCL on CUDA, gloo on CPU. ``timeout_s``: seconds a collective may wait before it fails
+    (torch's default when None).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
@@ -163,7 +165,20 @@ def init_distributed(device_type: str) -> tuple[int, int, int]:
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun's store outlives a restart (--max-restarts): keys under a prefix of this
+            # attempt, else torch 2.13's restarted gloo ranks dial the dead ranks' addresses
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            store = dist.TCPStore(
+                os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                timeout=timeout or datetime.timedelta(minutes=10),
+            )
+            store = dist.PrefixStore(f"/pretrain/attempt_{attempt}", store)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+        else:
+            dist.init_process_group(backend, timeout=timeout)
     return rank, local_rank, world
 
 

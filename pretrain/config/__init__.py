@@ -110,6 +110,21 @@ class TrainConfig:
     peak_flops: float = 0.0
     """Peak FLOP/s of one device for MFU; 0 looks up the GPU's dense bf16 datasheet peak, or on a
     CPU takes the best fp32 GEMM rate measured on this machine (see pretrain.train.mfu)."""
+    max_skipped_steps: int = 5
+    """Consecutive steps with a non-finite loss or gradient norm that stop the run. Such a step is
+    skipped: its update is not applied and its gradients are dropped, but its data is consumed and
+    the step counter (so the learning-rate schedule) moves on; skips are counted in the metrics
+    ('skipped_steps'). 1 stops at the first one."""
+    loss_spike_factor: float = 3.0
+    """Log a step whose loss exceeds this many times the mean loss of the last 100 applied steps;
+    0 disables the check."""
+    collective_timeout_s: float = 600.0
+    """Seconds a rank waits in one collective before failing (init_process_group's timeout), so
+    the survivors of a dead rank exit instead of hanging."""
+    slow_rank_factor: float = 1.5
+    """Every log interval each rank's mean step time (excluding its wait for the others at the
+    step boundary) is gathered; a rank slower than this many times the median is named. 0 disables
+    the naming."""
 
 
 @dataclass
@@ -148,6 +163,11 @@ class CheckpointConfig:
     """Complete checkpoints kept; older ones are deleted."""
     dir: str = ""
     """Checkpoint folder; empty means <run.dir>/checkpoints."""
+    async_save: bool = False
+    """Write checkpoints with DCP's async_save: training continues while a background thread
+    writes; the step folder is completed (renamed, manifest written) only once the write finished,
+    at the next checkpoint or at the end of the run. Only with several ranks (one process writes
+    synchronously)."""
 
 
 @dataclass
@@ -351,6 +371,15 @@ def validate(cfg: Config) -> None:
     require_choice(t.device, "train.device", ("auto", "cpu", "cuda"))
     require_choice(t.dtype, "train.dtype", ("auto", "fp32", "bf16"))
     require(t.peak_flops >= 0 and math.isfinite(t.peak_flops), "train.peak_flops", "must be a finite number >= 0")
+    require(t.max_skipped_steps >= 1, "train.max_skipped_steps", "must be >= 1")
+    require(
+        t.loss_spike_factor == 0 or t.loss_spike_factor > 1, "train.loss_spike_factor", "must be 0 (off) or > 1"
+    )
+    require(
+        t.collective_timeout_s > 0 and math.isfinite(t.collective_timeout_s),
+        "train.collective_timeout_s", "must be a finite number > 0",
+    )
+    require(t.slow_rank_factor == 0 or t.slow_rank_factor > 1, "train.slow_rank_factor", "must be 0 (off) or > 1")
 
     o = cfg.optim
     require(o.lr > 0 and math.isfinite(o.lr), "optim.lr", "must be a positive number")

@@ -13,6 +13,11 @@ A step is first written to ``step-00000100.tmp`` and renamed when complete, so a
 without the suffix is complete unless its files were damaged later; the manifest catches
 truncation, a failing load catches the rest, and either way the step is reported and the
 next older one is tried.
+
+A write that fails (a full disk, an unwritable folder) on any rank fails on all of them alike
+(:class:`CheckpointWriteError`, one line): the partial ``.tmp`` folder is removed, the complete
+ones are left as they were. With ``checkpoint.async_save`` DCP writes in a background thread
+(its own gloo group) and the folder is completed only once that write has finished.
 """
 
 from __future__ import annotations
@@ -50,17 +55,16 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the folder and the reason."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (full disk, no permission); the older ones are intact."""
+
+
 def step_dir(root: Path, step: int) -> Path:
     return root / f"{PREFIX}{step:08d}"
 
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -106,6 +110,106 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _agree(phase: Callable[[], None], final: Path) -> None:
+    """Run ``phase`` on this rank, then raise the same CheckpointWriteError on every rank when it
+    failed on any (collective: no rank is left waiting in a later collective of the save)."""
+    error = None
+    try:
+        phase()
+    except (OSError, RuntimeError, CheckpointException) as exc:  # DCP's own is a BaseException
+        error = _one_line(exc)
+    if dist.is_initialized():
+        errors: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e), None)
+    if error is not None:
+        if _rank() == 0:
+            shutil.rmtree(final.with_name(final.name + TMP_SUFFIX), ignore_errors=True)
+        raise CheckpointWriteError(
+            f"checkpoint {final}: not written ({error}); the older checkpoints in {final.parent} are intact; "
+            "free space or fix the folder's permissions, then resume with --resume auto"
+        )
+
+
+class Checkpointer:
+    """Writes checkpoints (:meth:`save`), synchronously or, with ``async_save``, with DCP's
+    async_save (under torch.distributed; one process writes synchronously, as DCP's background
+    write warns without a process group): the model and optimizer state are staged in host memory
+    before :meth:`save` returns, written in the background, and the folder completed by the next
+    :meth:`save` or :meth:`finish`. All methods are collective."""
+
+    def __init__(self, async_save: bool = False) -> None:
+        self.async_save = async_save
+        self._pending: tuple[Any, Callable[[], None], Path] | None = None
+        self._group = None
+
+    def save(
+        self,
+        root: Path,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        train_state: dict[str, Any],
+        config_toml: str,
+        tokenizer_path: Path | None,
+        keep_last: int,
+    ) -> Path:
+        """Write step ``step`` atomically and prune all but the newest ``keep_last``; raises
+        CheckpointWriteError (on every rank) when it cannot be written."""
+        self.finish()
+        final = step_dir(root, step)
+        tmp = final.with_name(final.name + TMP_SUFFIX)
+
+        def start() -> None:
+            if _rank() == 0:
+                root.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                (tmp / "rng").mkdir(parents=True)
+
+        _agree(start, final)
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        complete = lambda: _complete(root, final, step, train_state, config_toml, tokenizer_path, keep_last)  # noqa: E731
+        if not (self.async_save and dist.is_initialized()):
+            _agree(lambda: (_dcp("save", state, tmp), _save_rng(tmp)), final)
+            _agree(complete, final)
+            return final
+        future = None
+
+        def launch() -> None:
+            nonlocal future
+            _save_rng(tmp)
+            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._async_group())
+
+        _agree(launch, final)
+        self._pending = (future, complete, final)
+        return final
+
+    def _async_group(self):
+        # the background thread's collectives must not interleave with the training's on one group
+        if self._group is None and dist.is_initialized():
+            self._group = dist.new_group(backend="gloo")
+        return self._group
+
+    def finish(self) -> None:
+        """Wait for a pending asynchronous write and complete its folder (no-op without one)."""
+        if self._pending is None:
+            return
+        future, complete, final = self._pending
+        self._pending = None
+        _agree(future.result, final)
+        _agree(complete, final)
+
+
+def _save_rng(tmp: Path) -> None:
+    torch.save(rng_state(), tmp / "rng" / f"rank{_rank()}.pt")
+
+
 def save_checkpoint(
     root: Path,
     step: int,
@@ -116,35 +220,34 @@ def save_checkpoint(
     tokenizer_path: Path | None,
     keep_last: int,
 ) -> Path:
-    """Write step ``step`` atomically and prune all but the newest ``keep_last``. Collective."""
-    final = step_dir(root, step)
+    """Write step ``step`` atomically and prune all but the newest ``keep_last``. Collective;
+    CheckpointWriteError when it cannot be written (see :class:`Checkpointer`)."""
+    return Checkpointer().save(root, step, model, optimizer, train_state, config_toml, tokenizer_path, keep_last)
+
+
+def _complete(
+    root: Path, final: Path, step: int, train_state: dict[str, Any], config_toml: str,
+    tokenizer_path: Path | None, keep_last: int,
+) -> None:
+    """Rank 0 writes the bookkeeping files and the manifest into the written ``.tmp`` folder,
+    renames it to ``final`` and prunes; the other ranks do nothing."""
+    if _rank() != 0:
+        return
     tmp = final.with_name(final.name + TMP_SUFFIX)
-    if _rank() == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "rng").mkdir(parents=True)
-    _barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    _dcp("save", {"model": model_sd, "optim": optim_sd}, tmp)
-    torch.save(rng_state(), tmp / "rng" / f"rank{_rank()}.pt")
-    _barrier()
-    if _rank() == 0:
-        _write_file(tmp / "train_state.json", json.dumps({"step": step, **train_state}, indent=1).encode())
-        _write_file(tmp / "config.toml", config_toml.encode())
-        if tokenizer_path is not None:
-            shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
-        sizes = {
-            str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()
-        }
-        _write_file(tmp / "manifest.json", json.dumps({"step": step, "files": sizes}, indent=1).encode())
-        _fsync_dir(tmp)
-        if final.exists():  # a re-run of the same step replaces the older copy
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(root)
-        prune(root, keep_last)
-    _barrier()
-    return final
+    _write_file(tmp / "train_state.json", json.dumps({"step": step, **train_state}, indent=1).encode())
+    _write_file(tmp / "config.toml", config_toml.encode())
+    if tokenizer_path is not None:
+        shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+    sizes = {
+        str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()
+    }
+    _write_file(tmp / "manifest.json", json.dumps({"step": step, "files": sizes}, indent=1).encode())
+    _fsync_dir(tmp)
+    if final.exists():  # a re-run of the same step replaces the older copy
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    prune(root, keep_last)
 
 
 def complete_steps(root: Path) -> list[Path]:

@@ -11,7 +11,8 @@ What changes against FSDP, and what does not:
 - **Step.** The same micro-batch loop and loss; backward goes through the engine, which reduces
   the gradients at the last micro-batch (stage 1) or as they are produced (stages 2 and 3), and
   the engine clips to train.grad_clip and steps our AdamW, whose lr the schedule has set. A
-  non-finite gradient norm skips the step in DeepSpeed and raises DivergenceError here.
+  non-finite gradient norm skips the step in DeepSpeed, counted as a skipped step here (a
+  non-finite step DeepSpeed applied raises DivergenceError).
 - **Checkpoints.** The same DCP step folder under the single-process parameter names: the
   whole model (ZeRO-3 gathers it) and the whole AdamW state (step, exp_avg, exp_avg_sq, the
   groups' hyperparameters), so FSDP, a pipeline or one process resume it, and this trainer
@@ -27,6 +28,7 @@ from torch import nn
 
 from parallel import deepspeed as ds
 from pretrain.models import build_model
+from pretrain.train.faults import DivergenceError
 from pretrain.train.optim import build_optimizer
 from pretrain.train.trainer import Trainer, resolve_device
 
@@ -74,8 +76,14 @@ class DeepSpeedTrainer(Trainer):
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         norm = torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32)
-        if not self.engine.was_step_applied() or not torch.isfinite(norm):
-            raise self._divergence(total)
+        finite = self._agree(total, norm)
+        if not self.engine.was_step_applied():
+            return torch.tensor(float("nan"))  # counted as skipped
+        if not finite:  # the update is in the weights: skipping is no longer possible
+            raise DivergenceError(
+                f"step {self.step + 1}: DeepSpeed applied a step with a non-finite loss or gradient; "
+                f"resume from the newest checkpoint in {self.ckpt_root}"
+            )
         return norm
 
     def save(self) -> Path:

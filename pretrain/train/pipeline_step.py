@@ -58,7 +58,7 @@ from pretrain.models import build_model
 from pretrain.train import checkpoint as ckpt
 from pretrain.train import resume_checks
 from pretrain.train.optim import lr_at, set_lr
-from pretrain.train.trainer import DivergenceError, Trainer
+from pretrain.train.trainer import Trainer
 
 _MODULES = ("embed", "norm", "head", "router_gru")
 
@@ -207,17 +207,14 @@ class PipelineTrainer(Trainer):
         clip = self.cfg.train.grad_clip
         # over every rank: each (stage, shard) counted once, replicas divided out (parallel/grad_norm.py)
         norm = clip_grad_norm_(self.stages, clip if clip > 0 else math.inf)
-        if not torch.isfinite(norm):  # the same on every rank: the norm is global
-            self._zero_grad()
-            raise DivergenceError(
-                f"step {self.step + 1}: non-finite gradient norm; the step was not applied and no checkpoint "
-                f"written; resume from the newest checkpoint in {self.ckpt_root} with a lower optim.lr or a "
-                "smaller train.grad_clip"
-            )
-        self.optimizer.step()
+        # the last stages hold the loss; a skipped step leaves every copy as it was
+        loss = sum(r["lm_loss"].detach().float() for r in records) / len(records) if records else None
+        if self._agree(loss, norm):
+            self.optimizer.step()
+            self.model.sync_copies()
         self._zero_grad()
-        self.model.sync_copies()
         self.step += 1
+        self._account(norm)
         stats: dict[str, Any] = {"grad_norm": norm, "lr": lr, "records": records}
         return stats
 
@@ -241,7 +238,8 @@ class PipelineTrainer(Trainer):
                     value = sum(r[key] for r in records) / n
                     record[key.removeprefix("metric/")] = value.item() if value.ndim == 0 else value.tolist()
         record = _mean_of_last_stages(record)
-        return {"loss": record.pop("loss"), "grad_norm": stats["grad_norm"].item(), "lr": stats["lr"], **record}
+        return {"loss": record.pop("loss"), "grad_norm": stats["grad_norm"].item(), "lr": stats["lr"],
+                "skipped_steps": self.health.skipped, **record}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import resource
+import statistics
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -27,13 +28,13 @@ from pretrain.data import PackedLoader, prepare, prepared_datasets, read_meta, v
 from pretrain.models import build_model, flops_per_token
 from pretrain.train import checkpoint as ckpt
 from pretrain.train import resume_checks
+from pretrain.train.faults import DivergenceError, Preemption, StepHealth, agree_step, rank_step_times, slow_ranks
 from pretrain.train.metrics import MetricsLogger
 from pretrain.train.mfu import MFU, peak_flops
 from pretrain.train.optim import build_optimizer, lr_at, set_lr
 
 
-class DivergenceError(RuntimeError):
-    """Training produced a non-finite gradient norm; the step was not applied."""
+__all__ = ["DivergenceError", "Trainer", "train"]
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -69,10 +70,10 @@ class Trainer:
         folder. ``init_from``: a checkpoint whose model weights start the run when it has none of
         its own to resume (see :func:`~pretrain.train.checkpoint.load_model_weights`)."""
         self.device = resolve_device(cfg)
-        self.rank, local_rank, world = init_distributed(self.device.type)
+        t = cfg.train
+        self.rank, local_rank, world = init_distributed(self.device.type, t.collective_timeout_s)
         if self.device.type == "cuda":
             self.device = torch.device("cuda", local_rank)
-        t = cfg.train
         self.dims = ParallelDims.from_config(cfg.parallel, world, t)
         self._check_layout(cfg)
         self.mesh = self.dims.build_mesh(self.device.type)
@@ -114,6 +115,12 @@ class Trainer:
         )
         self._val_batches: list[dict[str, torch.Tensor]] | None = None
         self.step = 0
+        self.health = StepHealth(t.max_skipped_steps, t.loss_spike_factor, self.log)
+        self.preemption = Preemption()
+        self._stop = False  # a rank received a preemption signal (agreed at the last step boundary)
+        self._waited = 0.0  # seconds this rank waited for the others at the last step boundary
+        self._step_loss = math.nan
+        self._checkpointer = ckpt.Checkpointer(cfg.checkpoint.async_save)
         self._resume(resume)
         if self.step == 0 and init_from is not None:
             self._init_from(Path(init_from))
@@ -209,6 +216,7 @@ class Trainer:
             self._check_resumable(Path(mode))
             state = ckpt.load_checkpoint(Path(mode), self.model, self.optimizer)
         self.step = state["step"]
+        self.health.skipped = state.get("skipped_steps", 0)
         self.loader.load_state_dict(state["data"])
         self.log(
             f"resumed from step {self.step} ({self.ckpt_root}) at sample {self.loader.consumed_samples:,} "
@@ -267,6 +275,7 @@ class Trainer:
                 aux_metrics[key] = aux_metrics.get(key, 0) + value.detach().float() / n
         norm = self._optimizer_step(total)
         self.step += 1
+        self._account(norm)
         return {"loss": total, "grad_norm": norm, "lr": lr, **aux_metrics}
 
     def _backward(self, loss: torch.Tensor, boundary: bool) -> None:
@@ -275,26 +284,33 @@ class Trainer:
         loss.backward()
 
     def _optimizer_step(self, total: torch.Tensor) -> torch.Tensor:
-        """Clip the accumulated gradients to train.grad_clip, step and zero them; returns the
-        global gradient norm before clipping. ``total``: this rank's mean loss of the step (for
-        the message). Raises DivergenceError, without stepping, when the norm is not finite."""
+        """Clip the accumulated gradients to train.grad_clip, step (unless the step is skipped,
+        see :meth:`_agree`) and zero them; returns the global gradient norm before clipping.
+        ``total``: this rank's mean loss of the step."""
         clip = self.cfg.train.grad_clip
         average_expert_grads(self.expert_params)  # FSDP2 reduced all the others
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         norm = clip_grad_norm_(grads, clip if clip > 0 else math.inf)
-        if not torch.isfinite(norm):  # the same on every rank: the norm is global
-            self.optimizer.zero_grad(set_to_none=True)
-            raise self._divergence(total)
-        self.optimizer.step()
+        if self._agree(total, norm):
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def _divergence(self, total: torch.Tensor) -> DivergenceError:
-        return DivergenceError(
-            f"step {self.step + 1}: non-finite gradient norm (loss {self._all_reduce_mean(total):.4g}); "
-            f"the step was not applied and no checkpoint written; resume from the newest "
-            f"checkpoint in {self.ckpt_root} with a lower optim.lr or a smaller train.grad_clip"
-        )
+    def _agree(self, loss: torch.Tensor | None, norm: torch.Tensor) -> bool:
+        """The step boundary every rank passes together (:func:`~pretrain.train.faults.agree_step`):
+        whether the update may be applied (every loss and the global gradient norm finite), and
+        whether a rank was asked to stop. ``loss``: this rank's mean loss (None: it holds none)."""
+        self._step_loss, loss_bad, self._stop, self._waited = agree_step(loss, self.preemption.received is not None)
+        self._skip_reason = "non-finite loss" if loss_bad else "non-finite gradient norm"
+        return not loss_bad and bool(torch.isfinite(norm))  # the norm is global: the same everywhere
+
+    def _account(self, norm: torch.Tensor) -> None:
+        """Count the step just taken (self.step) as applied or skipped; raises DivergenceError
+        at train.max_skipped_steps consecutive skips."""
+        if math.isfinite(self._step_loss) and bool(torch.isfinite(norm)):
+            self.health.applied(self.step, self._step_loss)
+        else:
+            self.health.skip(self.step, self._skip_reason, str(self.ckpt_root))
 
     def _reduce(self, stats: dict[str, Any]) -> dict[str, Any]:
         """A step's statistics as numbers, averaged over ranks. Only on logged steps: each
@@ -302,6 +318,7 @@ class Trainer:
         record: dict[str, Any] = {"loss": self._all_reduce_mean(stats["loss"])}
         record["grad_norm"] = stats["grad_norm"].item()  # already global
         record["lr"] = stats["lr"]
+        record["skipped_steps"] = self.health.skipped
         for key, value in stats.items():
             if key == "aux_loss" or key.startswith("metric/"):
                 value = self._all_reduce_mean_tensor(value)
@@ -329,7 +346,9 @@ class Trainer:
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
     def save(self) -> Path:
-        return ckpt.save_checkpoint(
+        """Checkpoint the current step (collective); CheckpointWriteError when it cannot be
+        written, the older checkpoints and the training state untouched."""
+        return self._checkpointer.save(
             self.ckpt_root,
             self.step,
             self.model,
@@ -338,11 +357,25 @@ class Trainer:
                 "data": self.loader.state_dict(),
                 "prepared_data": resume_checks.prepared_data_record(self.meta),
                 "world_size": self.dims.world_size,
+                "skipped_steps": self.health.skipped,
             },
             self.cfg.to_toml(),
             self.tokenizer_path,
             self.cfg.checkpoint.keep_last,
         )
+
+    def _rank_step_times(self, step: int, seconds: float) -> list[float]:
+        """Every rank's mean step time over the log window (collective), naming a slow one."""
+        times = rank_step_times(seconds)
+        slow = slow_ranks(times, self.cfg.train.slow_rank_factor)
+        if slow:
+            median = statistics.median(times)
+            named = ", ".join(f"rank {r} ({times[r]:.3g} s)" for r in slow)
+            self.log(
+                f"step {step}: slow rank(s): {named} per step against the median {median:.3g} s "
+                f"(train.slow_rank_factor={self.cfg.train.slow_rank_factor:g})"
+            )
+        return times
 
     def _peak_memory_gb(self) -> float:
         if self.device.type == "cuda":
@@ -363,42 +396,60 @@ class Trainer:
             f"{tokens_per_step:,} tokens per step, device {self.device}"
         )
         started = time.perf_counter()
-        window_seconds, window_steps = 0.0, 0
+        window_seconds, window_busy, window_steps = 0.0, 0.0, 0
         last_eval: dict[str, float] = {}
         try:
-            while self.step < t.max_steps:
-                step_start = time.perf_counter()
-                stats = self.train_step()
-                step = self.step
-                done = step == t.max_steps
-                log_now = step % t.log_interval == 0 or done
-                eval_now = bool(t.eval_interval and step % t.eval_interval == 0) or done
-                record = self._reduce(stats) if log_now or eval_now else {}
-                window_seconds += time.perf_counter() - step_start  # excludes eval and saving
-                window_steps += 1
-                if log_now:
-                    tps = window_steps * tokens_per_step / max(window_seconds, 1e-9)
-                    record.update(
-                        tokens_per_s=tps,
-                        mfu=self.mfu(tps),
-                        peak_mem_gb=self._peak_memory_gb(),
-                    )
-                    window_seconds, window_steps = 0.0, 0
-                if eval_now:
-                    last_eval = self.evaluate()
-                    record.update(last_eval)
-                if record:
-                    metrics.log({"step": step, **record})
-                if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or done:
-                    self.save()
+            with self.preemption:
+                while self.step < t.max_steps:
+                    step_start = time.perf_counter()
+                    stats = self.train_step()
+                    step = self.step
+                    done = step == t.max_steps
+                    log_now = step % t.log_interval == 0 or done or self._stop
+                    eval_now = bool(t.eval_interval and step % t.eval_interval == 0) or done
+                    record = self._reduce(stats) if log_now or eval_now else {}
+                    elapsed = time.perf_counter() - step_start  # excludes eval and saving
+                    window_seconds += elapsed
+                    window_busy += elapsed - self._waited
+                    window_steps += 1
+                    if log_now:
+                        tps = window_steps * tokens_per_step / max(window_seconds, 1e-9)
+                        record.update(
+                            tokens_per_s=tps,
+                            mfu=self.mfu(tps),
+                            peak_mem_gb=self._peak_memory_gb(),
+                            rank_step_s=self._rank_step_times(step, window_busy / window_steps),
+                        )
+                        window_seconds, window_busy, window_steps = 0.0, 0.0, 0
+                    if eval_now:
+                        last_eval = self.evaluate()
+                        record.update(last_eval)
+                    if record:
+                        metrics.log({"step": step, **record})
+                    if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or done or self._stop:
+                        self.save()
+                    if self._stop:
+                        break
+            self._checkpointer.finish()
+        except DivergenceError:  # raised on every rank alike: the pending write can complete
+            self._checkpointer.finish()
+            raise
         finally:
             metrics.close()
         summary = {
             "steps": self.step,
             "seconds": time.perf_counter() - started,
             "unigram_entropy": self.meta.get("unigram_entropy"),
+            "preempted": self._stop,
             **last_eval,
         }
+        if self._stop:
+            signal = self.preemption.received or "a preemption signal on another rank"
+            self.log(
+                f"preempted ({signal}) at step {self.step}: checkpoint written to "
+                f"{ckpt.step_dir(self.ckpt_root, self.step)}; requeue with --resume auto to continue"
+            )
+            return summary
         if last_eval and summary["unigram_entropy"] is not None:
             self.log(
                 f"validation loss {last_eval['val_loss']:.4f} nats/token vs unigram baseline "

@@ -88,16 +88,23 @@ def test_bad_input_exits_2_with_one_line(args, needle):
 
 
 def test_divergence_stops_before_a_bad_step_is_saved(small_corpus, prepared_dir, tmp_path):
-    """A learning rate that blows the weights up ends the run with one line and exit 1; no
-    checkpoint or metrics record ever holds a non-finite value."""
+    """A learning rate that blows the weights up: the non-finite steps are skipped and counted,
+    train.max_skipped_steps of them in a row end the run with one line and exit 1; no checkpoint
+    ever holds a non-finite value, and only the skipped steps' records a non-finite loss."""
     overrides = tiny_overrides(small_corpus, prepared_dir, tmp_path, **{
         "optim.lr": "1e30", "optim.warmup_steps": 0, "train.grad_clip": 0.0, "checkpoint.interval": 1,
+        "train.max_skipped_steps": 2,
     })
     result = run_cli(["train", *set_args(overrides)])
     assert result.returncode == 1, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "non-finite gradient norm" in lines[0]
-    assert all(math.isfinite(loss) for _, loss in losses(tmp_path))
+    assert len(lines) == 1 and "2 consecutive steps with a non-finite loss or gradient" in lines[0]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    skipped = 0
+    for r in (r for r in records if "loss" in r):
+        skipped += not math.isfinite(r["loss"])
+        assert r["skipped_steps"] == skipped
+    assert skipped == 1  # the second stops the run before its record
     from pretrain.train.checkpoint import load_for_inference
 
     steps = sorted((tmp_path / "checkpoints").iterdir())
