@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench import fused_kernels as fk
+from bench import kernel_check
 from bench import kernels as bk
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -158,12 +159,12 @@ def test_device_peaks_by_name():
 
 def test_check_passes_the_triton_gla_and_fails_a_wrong_kernel(monkeypatch, capsys):
     """--check on the interpreter: the real kernel passes; one 1 % off fails."""
-    monkeypatch.setitem(bk.CHECK_SHAPES, "chunk_gla", dict(B=1, T=20, H=1, K=16, V=16, C=16))
-    assert bk.run_check(["chunk_gla"], torch.float32, CPU) == 0
+    monkeypatch.setitem(kernel_check.CHECK_SHAPES, "chunk_gla", dict(B=1, T=20, H=1, K=16, V=16, C=16))
+    assert kernel_check.run_check(["chunk_gla"], torch.float32, CPU) == 0
     assert capsys.readouterr().out.split("\n")[0].endswith("ok")
     run = bk.run_ours
     monkeypatch.setattr(bk, "run_ours", lambda n, i, s, b: run(n, i, s, "torch") * (1.01 if b == "triton" else 1))
-    assert bk.run_check(["chunk_gla"], torch.float32, CPU) == 1
+    assert kernel_check.run_check(["chunk_gla"], torch.float32, CPU) == 1
     assert "FAIL out" in capsys.readouterr().out
 
 
