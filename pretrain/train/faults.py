@@ -54,6 +54,14 @@ class Preemption:
         self._previous.clear()
 
 
+def _collective_device() -> torch.device:
+    """Where a small tensor for a collective on the default group must live: NCCL reduces only
+    CUDA tensors, gloo CPU ones."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def agree_step(loss: torch.Tensor | None, stop_requested: bool) -> tuple[float, bool, bool, float]:
     """The ranks' common view of a step, before its update is applied. Collective when
     torch.distributed is initialised.
@@ -68,12 +76,13 @@ def agree_step(loss: torch.Tensor | None, stop_requested: bool) -> tuple[float, 
         [float(loss.item()) if loss is not None and finite else 0.0,
          float(loss is not None), float(not finite), float(stop_requested)],
         dtype=torch.float64,
+        device=_collective_device(),
     )
     started = time.perf_counter()
     if dist.is_initialized():
         dist.all_reduce(value)  # SUM; the flags are counts of ranks
+    total, holders, nonfinite, stop = value.tolist()  # waits for the reduction
     waited = time.perf_counter() - started
-    total, holders, nonfinite, stop = value.tolist()
     mean = total / holders if holders and not nonfinite else math.nan
     return mean, nonfinite > 0, stop > 0, waited
 
@@ -126,7 +135,7 @@ def rank_step_times(seconds: float) -> list[float]:
     Collective when torch.distributed is initialised."""
     if not dist.is_initialized():
         return [seconds]
-    times = torch.zeros(dist.get_world_size(), dtype=torch.float64)
+    times = torch.zeros(dist.get_world_size(), dtype=torch.float64, device=_collective_device())
     times[dist.get_rank()] = seconds
     dist.all_reduce(times)
     return times.tolist()
