@@ -111,6 +111,15 @@ def _state_ptrs(i_nh, i_k, i_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constex
 
 
 @triton.jit
+def initial_state(h0, p_h, m_h, BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr):
+    """The fp32 ``[BK, BV]`` state tile before a sequence's first token: h0's, or zeros."""
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        b_h += tl.load(h0 + p_h, mask=m_h, other=0.0).to(tl.float32)
+    return b_h
+
+
+@triton.jit
 def _chunk_gla_fwd_kernel(q, k, v, g, reset, cu_seqlens, h0, o, ht, scale, T, n_tok, s_qk, s_v,
                           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                           BK: tl.constexpr, BV: tl.constexpr, HAS_RESET: tl.constexpr,
@@ -120,9 +129,7 @@ def _chunk_gla_fwd_kernel(q, k, v, g, reset, cu_seqlens, h0, o, ht, scale, T, n_
     i_n, i_h = i_nh // H, i_nh % H
     i_b, bos, T_n = sequence_bounds(cu_seqlens, i_n, T, IS_VARLEN)
     p_h, m_h = _state_ptrs(i_nh, i_k, i_v, K, V, BK, BV)
-    b_h = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_H0:
-        b_h += tl.load(h0 + p_h, mask=m_h, other=0.0).to(tl.float32)
+    b_h = initial_state(h0, p_h, m_h, BK, BV, HAS_H0)
     o += i_k.to(tl.int64) * n_tok * H * V
     for i_t in range(0, tl.cdiv(T_n, BT)):
         b_q, b_k, b_v, p_k, p_v, m_tk, m_tv, decay, q_in, k_out, carry = _load_chunk(
@@ -148,9 +155,7 @@ def _chunk_gla_bwd_dq_kernel(q, k, v, g, reset, cu_seqlens, h0, do, dq, scale, T
     i_n, i_h = i_nh // H, i_nh % H
     i_b, bos, T_n = sequence_bounds(cu_seqlens, i_n, T, IS_VARLEN)
     p_h, m_h = _state_ptrs(i_nh, i_k, i_v, K, V, BK, BV)
-    b_h = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_H0:
-        b_h += tl.load(h0 + p_h, mask=m_h, other=0.0).to(tl.float32)
+    b_h = initial_state(h0, p_h, m_h, BK, BV, HAS_H0)
     dq += i_v.to(tl.int64) * n_tok * H * K
     for i_t in range(0, tl.cdiv(T_n, BT)):
         b_q, b_k, b_v, p_k, p_v, m_tk, m_tv, decay, q_in, k_out, carry = _load_chunk(
@@ -421,7 +426,14 @@ def chunk_gla_triton(
     Raises:
         ValueError: on mismatched shapes, bad ``cu_seqlens`` or an empty sequence.
     """
-    check_args("chunk_gla_triton", q, k, v, g, initial_state, reset, cu_seqlens)
+    return apply_gla("chunk_gla_triton", ChunkGLAFunction, q, k, v, g, scale, initial_state, output_final_state,
+                     reset, cu_seqlens)
+
+
+def apply_gla(op, function, q, k, v, g, scale, initial_state, output_final_state, reset, cu_seqlens):
+    """Check the arguments of the Triton entry point ``op`` and run its autograd ``function``
+    (:func:`gla_function`) on the kernels' layouts."""
+    check_args(op, q, k, v, g, initial_state, reset, cu_seqlens)
     b, t, h, dk = q.shape
     scale = dk**-0.5 if scale is None else float(scale)
     (q, k, g), s_qk = batch_strided(q, k, g)
@@ -429,4 +441,4 @@ def chunk_gla_triton(
     h0 = initial_state.contiguous() if initial_state is not None else None
     reset = reset.to(torch.int32).contiguous() if reset is not None else None  # int32: cumsum in-kernel
     _, cu = varlen_args(b, t, cu_seqlens)
-    return ChunkGLAFunction.apply(q, k, v, g, s_qk, s_v, scale, h0, reset, cu, output_final_state)
+    return function.apply(q, k, v, g, s_qk, s_v, scale, h0, reset, cu, output_final_state)

@@ -64,9 +64,7 @@ def _fused_recurrent_gla_fwd_kernel(q, k, v, g, reset, cu_seqlens, h0, o, ht, sc
     m_k, m_v = o_k < K, o_v < V
     p_h = i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
     m_h = m_k[:, None] & m_v[None, :]
-    b_h = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_H0:
-        b_h += tl.load(h0 + p_h, mask=m_h, other=0.0).to(tl.float32)
+    b_h = chunk.initial_state(h0, p_h, m_h, BK, BV, HAS_H0)
     o += i_k.to(tl.int64) * n_tok * H * V
     for i_t in range(0, T_n):
         b_q, b_k, b_v, b_a, p_k, p_v = _token(
@@ -97,9 +95,7 @@ def _fused_recurrent_gla_bwd_kernel(q, k, v, g, reset, cu_seqlens, h0, do, dht, 
     dq += i_v.to(tl.int64) * n_tok * H * K
     dk += i_v.to(tl.int64) * n_tok * H * K
     dv += i_k.to(tl.int64) * n_tok * H * V
-    b_h = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_H0:
-        b_h += tl.load(h0 + p_h, mask=m_h, other=0.0).to(tl.float32)
+    b_h = chunk.initial_state(h0, p_h, m_h, BK, BV, HAS_H0)
     for i_t in range(0, T_n):  # forward: recompute S_t, dq_t = scale * S_t do_t
         b_q, b_k, b_v, b_a, p_k, p_v = _token(
             q, k, v, g, reset, i_b, bos + i_t, i_h, o_k, o_v, m_k, m_v, T, s_qk, s_v, H, K, V, HAS_RESET)
@@ -176,33 +172,8 @@ def fused_recurrent_gla(
     reset: Tensor | None = None,
     cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Gated linear attention token by token in Triton (Yang et al. 2023), for decoding.
-
-    Args:
-        q, k: ``[B, T, H, K]`` queries and keys (fp32, bf16 or fp16; computed in fp32).
-        v: ``[B, T, H, V]`` values.
-        g: ``[B, T, H, K]`` log forget gates (<= 0; ``alpha_t = exp(g_t)``).
-        scale: query scale; None is ``K ** -0.5``.
-        initial_state: ``[N, H, K, V]`` state before each sequence's first token, or None (zeros).
-        output_final_state: also return the state after each sequence's last token.
-        reset: ``[B, T]`` bool, True where a document starts: the carried state is dropped
-            before that token is added.
-        cu_seqlens: ``[N + 1]`` integer offsets of N sequences packed in one row (B = 1), each
-            with its own states; None: the N = B rows are the sequences.
-
-    Returns:
-        ``o [B, T, H, V]`` in v's dtype, and the final states ``[N, H, K, V]`` fp32 (None unless
-        ``output_final_state``). Differentiable in q, k, v, g and initial_state.
-
-    Raises:
-        ValueError: on mismatched shapes, bad ``cu_seqlens`` or an empty sequence.
-    """
-    chunk.check_args("fused_recurrent_gla", q, k, v, g, initial_state, reset, cu_seqlens)
-    b, t, h, dk = q.shape
-    scale = dk**-0.5 if scale is None else float(scale)
-    (q, k, g), s_qk = chunk.batch_strided(q, k, g)
-    (v,), s_v = chunk.batch_strided(v)
-    h0 = initial_state.contiguous() if initial_state is not None else None
-    reset = reset.to(torch.int32).contiguous() if reset is not None else None
-    _, cu = chunk.varlen_args(b, t, cu_seqlens)
-    return FusedRecurrentGLAFunction.apply(q, k, v, g, s_qk, s_v, scale, h0, reset, cu, output_final_state)
+    """Gated linear attention token by token in Triton (Yang et al. 2023), for decoding: the
+    recurrence of :func:`kernels.gla.chunk.chunk_gla_triton`, with its arguments, returns (also
+    differentiable) and errors."""
+    return chunk.apply_gla("fused_recurrent_gla", FusedRecurrentGLAFunction, q, k, v, g, scale, initial_state,
+                           output_final_state, reset, cu_seqlens)
