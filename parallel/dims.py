@@ -182,6 +182,12 @@ def init_distributed(device_type: str, timeout_s: float | None = None) -> tuple[
     return rank, local_rank, world
 
 
-def destroy_distributed() -> None:
+def destroy_distributed(clean: bool = False) -> None:
+    """Leave the process group, if any. ``clean``: every rank got here normally, so first wait
+    for all of them: no rank then closes its connections while a peer still runs a collective
+    on them (a gloo peer can abort on a reset connection). Never after a failure, where a rank
+    may be gone and the barrier would wait for the collective timeout."""
     if dist.is_initialized():
+        if clean and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()

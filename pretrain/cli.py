@@ -119,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _enable_faulthandler()
     from pretrain.convert.families import ConvertError
     from pretrain.data import DataError
     from pretrain.train.checkpoint import CheckpointError
@@ -135,6 +136,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"pretrain {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _enable_faulthandler() -> None:
+    """On a fatal signal (SIGSEGV, SIGABRT, SIGBUS, ...) print every thread's Python stack to
+    stderr, so a crashed rank's log says where it died; left alone when already enabled (pytest)
+    or when stderr is not a real file."""
+    import faulthandler
+
+    if faulthandler.is_enabled():
+        return
+    try:
+        faulthandler.enable(all_threads=True)
+    except (AttributeError, ValueError, OSError):  # io.UnsupportedOperation is an OSError
+        pass
 
 
 def _cmd_prepare(args) -> int:

@@ -119,6 +119,7 @@ class Trainer:
         self.preemption = Preemption()
         self._stop = False  # a rank received a preemption signal (agreed at the last step boundary)
         self._waited = 0.0  # seconds this rank waited for the others at the last step boundary
+        self._data_seconds = 0.0  # seconds spent reading batches since the last logged step
         self._step_loss = math.nan
         self._checkpointer = ckpt.Checkpointer(cfg.checkpoint.async_save)
         self._resume(resume)
@@ -251,9 +252,17 @@ class Trainer:
     def _all_reduce_mean(self, value: torch.Tensor) -> float:
         return self._all_reduce_mean_tensor(value).item()
 
+    def _next_batches(self) -> list:
+        """This rank's micro-batches of the next step; the seconds spent reading them add to
+        ``self._data_seconds`` (logged as ``data_pct``, the share of step time spent on data)."""
+        start = time.perf_counter()
+        batches = self.loader.next_step()
+        self._data_seconds += time.perf_counter() - start
+        return batches
+
     def train_step(self) -> dict[str, Any]:
         """One optimizer step; returns its statistics as tensors (see :meth:`_reduce`)."""
-        micro_batches = self.loader.next_step()
+        micro_batches = self._next_batches()
         lr = lr_at(self.step, self.cfg.optim, self.cfg.train.max_steps)
         set_lr(self.optimizer, lr)
         n = len(micro_batches)
@@ -419,8 +428,10 @@ class Trainer:
                             mfu=self.mfu(tps),
                             peak_mem_gb=self._peak_memory_gb(),
                             rank_step_s=self._rank_step_times(step, window_busy / window_steps),
+                            data_pct=100 * self._data_seconds / max(window_seconds, 1e-9),
                         )
                         window_seconds, window_busy, window_steps = 0.0, 0.0, 0
+                        self._data_seconds = 0.0
                     if eval_now:
                         last_eval = self.evaluate()
                         record.update(last_eval)
@@ -462,6 +473,7 @@ class Trainer:
 def train(cfg: Config, resume: str = "auto", log=print, init_from: str | None = None) -> dict[str, Any]:
     """Train ``cfg`` to train.max_steps; returns a summary (steps, seconds, final val loss).
     ``resume`` and ``init_from`` as in :class:`Trainer`."""
+    clean = False
     try:
         if cfg.parallel.pp > 1:
             from pretrain.train.pipeline_step import PipelineTrainer as cls
@@ -470,6 +482,8 @@ def train(cfg: Config, resume: str = "auto", log=print, init_from: str | None = 
         else:
             cls = Trainer
         trainer = cls(cfg, resume=resume, log=log, init_from=init_from)
-        return trainer.fit()
+        summary = trainer.fit()
+        clean = True
+        return summary
     finally:
-        destroy_distributed()
+        destroy_distributed(clean)

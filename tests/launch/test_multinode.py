@@ -49,9 +49,21 @@ def _wait_all(procs: list[subprocess.Popen], logs: list, timeout: float) -> list
             if p.poll() is None:
                 kill_tree(p)
     codes = [p.returncode for p in procs]
-    assert time.monotonic() < deadline, f"not done in {timeout}s: " + " | ".join(
-        log.read_text()[-1500:] for log in logs)
+    assert time.monotonic() < deadline, f"not done in {timeout}s:\n" + _digest(logs)
     return codes
+
+
+def _digest(logs: list) -> str:
+    """Each log's lines that say why a process failed (a C++ abort, a Python fatal error, a
+    traceback's last line) and its last lines, outside torchrun's own wrapper traceback."""
+    keys = ("terminate", "Fatal", "Error", "error", "what()", "Signal", "Traceback", "exitcode")
+    out = []
+    for log in logs:
+        lines = log.read_text().splitlines()
+        out.append(f"== {log.name} ({len(lines)} lines)")
+        out += [ln for ln in lines if any(k in ln for k in keys)][:40]
+        out += ["-- last lines:", *lines[-25:]]
+    return "\n".join(out)
 
 
 def test_two_nodes_equal_one_node(small_corpus, prepared_dir, tmp_path):
@@ -83,7 +95,7 @@ def test_two_nodes_equal_one_node(small_corpus, prepared_dir, tmp_path):
                  *train, *set_args(tiny_overrides(small_corpus, prepared_dir, two, **steps))],
                 cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True))
     codes = _wait_all(procs, logs, TIMEOUT)
-    assert codes == [0, 0], " | ".join(log.read_text()[-2000:] for log in logs)
+    assert codes == [0, 0], _digest(logs)
     # one world of two ranks, not two single-process runs writing the same folder
     assert "= 2 data-parallel rank(s)" in logs[0].read_text() + logs[1].read_text()
     got = _records(two)
