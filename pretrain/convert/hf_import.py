@@ -19,6 +19,7 @@ import torch
 from pretrain.convert.export import hf_classes
 from pretrain.convert.families import ConvertError, model_section_from_hf
 from pretrain.convert.folder import atomic_folder
+from pretrain.data.blend import ORDERS
 from pretrain.convert.weights import from_hf
 
 
@@ -81,6 +82,6 @@ def import_hf(hf_dir: Path, out: Path, overrides: list[str] | None = None) -> st
     with atomic_folder(out) as tmp:
         shutil.copyfile(tok_path, tmp / "tokenizer.model")
         (tmp / "config.toml").write_text(cfg.to_toml())
-        train_state = {"data": {"consumed_samples": 0}, "imported_from": str(hf_dir.resolve())}
+        train_state = {"data": {"consumed_samples": 0, "order": ORDERS[0]}, "imported_from": str(hf_dir.resolve())}
         save_checkpoint(tmp / "checkpoints", 0, model, optimizer, train_state, cfg.to_toml(), tok_path, keep_last=1)
     return family

@@ -3,7 +3,14 @@
 Global sample ``g`` maps to (dataset ``d``, local draw ``j``) by Megatron's greedy blend: at
 every position pick the dataset whose realised share lags its weight the most (the first on
 ties); the ``j``-th draw from ``d`` then reads sample ``perm_e[j % n_d]`` of epoch
-``e = j // n_d``, where ``perm_e`` is a permutation from ``default_rng([seed, d, e])``.
+``e = j // n_d``, where ``perm_e`` is a pseudo-random permutation keyed by ``(seed, d, e)``.
+
+The permutation is stateless (:func:`feistel_permute`): a keyed Feistel network on the smallest
+even power of two >= n_d, walked until it lands inside [0, n_d). Each index costs a few integer
+operations and nothing is stored, so a trillion-token run (about 244M samples of 4096 tokens)
+starts at once and holds no per-epoch index; Megatron instead builds and caches a shuffle index
+on disk. ``order="permutation"`` keeps the earlier ``default_rng([seed, d, e]).permutation(n_d)``
+(an int64 array per dataset and epoch, rebuilt at start), for checkpoints written with it.
 
 Random access without replaying the blend: weights are quantised to integers ``q_d`` summing to
 ``PERIOD`` (a power of two, so ``q_d / PERIOD`` are exact doubles and the decisions equal
@@ -20,6 +27,51 @@ import numpy as np
 
 PERIOD = 1 << 16
 """Weights are resolved to 1/PERIOD; also the length of one precomputed stretch."""
+
+ORDERS = ("feistel", "permutation")
+"""Shuffles of one dataset's samples per epoch: the stateless Feistel permutation (the default)
+and the stored NumPy permutation of earlier checkpoints."""
+
+FEISTEL_ROUNDS = 6
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """SplitMix64's finaliser: a bijective 64-bit hash with full avalanche."""
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK64
+    return x ^ (x >> 31)
+
+
+def feistel_keys(seed: int, *stream: int) -> tuple[int, ...]:
+    """The round keys of the permutation for ``(seed, *stream)`` (e.g. dataset and epoch)."""
+    ss = np.random.SeedSequence([int(seed), *map(int, stream)])
+    return tuple(int(k) for k in ss.generate_state(FEISTEL_ROUNDS, dtype=np.uint64))
+
+
+def feistel_permute(i: int, n: int, keys: tuple[int, ...]) -> int:
+    """Position ``i`` of a pseudo-random permutation of ``range(n)`` (a bijection for fixed
+    ``n`` and ``keys``), computed without storing it.
+
+    A balanced Feistel network over ``2h`` bits, ``4**h >= n``, with ``len(keys)`` rounds of a
+    keyed SplitMix64 round function, is a permutation of ``range(4**h)``; cycle walking (apply it
+    again while the result is >= n) restricts it to ``range(n)`` (Black and Rogaway, "Ciphers with
+    arbitrary finite domains", 2002). ``4**h < 4n``, so a walk takes fewer than 4 applications on
+    average. Raises IndexError unless 0 <= i < n."""
+    if not 0 <= i < n:
+        raise IndexError(f"index {i} of a permutation of {n}")
+    if n == 1:
+        return 0
+    half = max(1, ((n - 1).bit_length() + 1) // 2)
+    mask = (1 << half) - 1
+    x = i
+    while True:
+        left, right = x >> half, x & mask
+        for k in keys:
+            left, right = right, left ^ (_mix64(right ^ k) & mask)
+        x = (left << half) | right
+        if x < n:
+            return x
 
 
 def quantize_weights(weights: list[float], total: int = PERIOD) -> np.ndarray:
@@ -72,11 +124,15 @@ class BlendedSampler:
         sizes: samples in each dataset (all > 0 where the weight is > 0).
         weights: blend weights (normalised here).
         seed: the data-order seed.
+        order: the per-epoch shuffle, one of :data:`ORDERS`.
     """
 
-    def __init__(self, sizes: list[int], weights: list[float], seed: int):
+    def __init__(self, sizes: list[int], weights: list[float], seed: int, order: str = "feistel"):
         if len(sizes) != len(weights):
             raise ValueError(f"{len(sizes)} datasets but {len(weights)} weights")
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+        self.order = order
         self.sizes = [int(s) for s in sizes]
         self.seed = int(seed)
         self.q = quantize_weights(weights)
@@ -120,12 +176,16 @@ class BlendedSampler:
         per_cycle = self._period // int(self.q.sum()) * int(self.q[d])
         return d, int(self._js[k]) + cycles * per_cycle
 
-    def _perm(self, d: int, epoch: int) -> np.ndarray:
+    def _perm(self, d: int, epoch: int):
+        """The round keys (``feistel``) or the stored permutation (``permutation``) of dataset
+        ``d``'s epoch; the last few are kept (a batch spans at most 2 epochs per dataset)."""
         key = (d, epoch)
         if key not in self._perms:
-            rng = np.random.default_rng([self.seed, d, epoch])
-            self._perms[key] = rng.permutation(self.sizes[d])
-            if len(self._perms) > 2 * len(self.sizes) + 2:  # a batch spans at most 2 epochs per dataset
+            if self.order == "feistel":
+                self._perms[key] = feistel_keys(self.seed, d, epoch)
+            else:
+                self._perms[key] = np.random.default_rng([self.seed, d, epoch]).permutation(self.sizes[d])
+            if len(self._perms) > 2 * len(self.sizes) + 2:
                 self._perms.popitem(last=False)
         else:
             self._perms.move_to_end(key)
@@ -134,4 +194,7 @@ class BlendedSampler:
     def __getitem__(self, g: int) -> tuple[int, int]:
         d, j = self.blend(g)
         epoch, i = divmod(j, self.sizes[d])
-        return d, int(self._perm(d, epoch)[i])
+        perm = self._perm(d, epoch)
+        if self.order == "feistel":
+            return d, feistel_permute(i, self.sizes[d], perm)
+        return d, int(perm[i])

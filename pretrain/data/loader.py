@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from pretrain.data import indexed
-from pretrain.data.blend import BlendedSampler
+from pretrain.data.blend import ORDERS, BlendedSampler
 from pretrain.data.errors import DataError
 from pretrain.data.meta import prepared_datasets
 
@@ -143,7 +143,8 @@ class PackedLoader:
                 f"micro_batch_size*dp_size={micro_batch_size}*{dp_size}"
             )
         self.datasets = [PackedDataset(prefix, seq_len) for prefix, _ in datasets]
-        self.sampler = BlendedSampler([len(d) for d in self.datasets], [w for _, w in datasets], seed)
+        self._weights = [w for _, w in datasets]
+        self.sampler = BlendedSampler([len(d) for d in self.datasets], self._weights, seed)
         self.seq_len = seq_len
         self.global_batch_size = global_batch_size
         self.micro_batch_size = micro_batch_size
@@ -176,10 +177,18 @@ class PackedLoader:
         return out
 
     def state_dict(self) -> dict:
-        """The data position: samples of the global order consumed so far (not steps or epochs)."""
-        return {"consumed_samples": self.consumed_samples}
+        """The data position: samples of the global order consumed so far (not steps or epochs),
+        and the per-epoch shuffle that order uses (see :data:`~pretrain.data.blend.ORDERS`)."""
+        return {"consumed_samples": self.consumed_samples, "order": self.sampler.order}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue at ``state``'s position in ``state``'s order: a checkpoint written before
+        the order was recorded used the stored NumPy permutation, so it keeps that one."""
+        order = state.get("order", "permutation")
+        if order not in ORDERS:
+            raise DataError(f"the checkpoint's data order {order!r} is unknown (known: {', '.join(ORDERS)})")
+        if order != self.sampler.order:
+            self.sampler = BlendedSampler(self.sampler.sizes, self._weights, self.sampler.seed, order)
         self.consumed_samples = int(state["consumed_samples"])
 
 

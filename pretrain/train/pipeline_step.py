@@ -194,7 +194,7 @@ class PipelineTrainer(Trainer):
         return self.loss_fn.records[-self.n_micro :] if self.is_last else []
 
     def train_step(self) -> dict[str, Any]:
-        micro_batches = self.loader.next_step()
+        micro_batches = self._next_batches()
         lr = lr_at(self.step, self.cfg.optim, self.cfg.train.max_steps)
         set_lr(self.optimizer, lr)
         records: list[dict[str, torch.Tensor]] = []
