@@ -39,6 +39,10 @@ class ForwardContext:
     masks: dict[int | None, Tensor] = field(default_factory=dict)
     """Attention window (None: full) -> bool mask [B, 1, T, S], True where a query may attend.
     Keys are the cached keys this window keeps followed by the T new ones."""
+    all_visible: bool = False
+    """One new token per row whose query sees every key its layer keeps (decoding without
+    document masks): attention then needs no mask, and a window layer may read its ring of
+    keys in slot order. The masks are still built on demand for layers that ask."""
     cu_seqlens: Tensor | None = None
     """[n_docs + 1] int32 document boundaries of the flattened batch, set only for flash-attn."""
     max_seqlen: int = 0
@@ -110,6 +114,22 @@ def build_context(
         ctx.rope = rope_tables(positions, *rope)
     if flash:
         ctx.cu_seqlens, ctx.max_seqlen = doc_boundaries(positions)  # no cache here: offset is 0
+    elif seq == 1 and not (doc_masking and position_ids is not None):
+        ctx.all_visible = True
+        ctx.masks = _MasksOnDemand(positions, offset, doc_masking)
     else:
         ctx.masks = {w: attention_mask(positions, offset, w, doc_masking) for w in mask_windows}
     return ctx
+
+
+class _MasksOnDemand(dict):
+    """``ctx.masks`` of a decoding step: a window's mask is built when a layer first asks."""
+
+    def __init__(self, positions: Tensor, offset: int, doc_masking: bool) -> None:
+        super().__init__()
+        self._args = positions, offset, doc_masking
+
+    def __missing__(self, window: int | None) -> Tensor:
+        positions, offset, doc_masking = self._args
+        self[window] = mask = attention_mask(positions, offset, window, doc_masking)
+        return mask

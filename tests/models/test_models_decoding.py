@@ -38,10 +38,16 @@ def test_decoding_parity_with_document_starts(make_cfg, rel_err):
 
 
 def test_sliding_window_cache_is_bounded(make_cfg):
-    cfg = make_cfg("swa")
+    """A window layer's cache is a ring of ``window`` slots however many tokens pass through it
+    (a prompt, then single tokens wrapping the ring several times); a full layer's grows."""
+    cfg = make_cfg("swa attn")
     model = build_model(cfg)
     cache = model.new_cache(1)
+    w = cfg.attention.window
     with torch.no_grad():
-        for chunk in (torch.randint(0, 61, (1, 7)), torch.randint(0, 61, (1, 1))):
-            model(chunk, cache=cache)
-            assert cache.states["0"].k.shape[1] == cfg.attention.window - 1
+        model(torch.randint(0, 61, (1, 7)), cache=cache)
+        for _ in range(3 * w):
+            model(torch.randint(0, 61, (1, 1)), cache=cache)
+            assert cache.states["0"].k.shape[1] == w
+    assert cache.states["0"].length == cache.states["1"].length == 7 + 3 * w
+    assert cache.states["1"].k.shape[1] >= 7 + 3 * w

@@ -43,11 +43,19 @@ def mean_visible_keys(seq_len: int, window: int | None) -> float:
 
 @dataclass
 class KVState:
-    """Cached keys/values after RoPE, ``[B, S, H_kv, head_dim]``; a window layer keeps only the
-    last window-1 tokens, which is all its next query can see."""
+    """Cached keys/values after RoPE, written in place into preallocated buffers.
+
+    A full-attention layer appends to ``k, v [B, capacity, H_kv, head_dim]`` (the capacity
+    doubles when a step would overflow it, so a token costs O(1) amortised copies and
+    :meth:`reserve` makes it static). A sliding-window layer keeps a ring of ``window`` slots:
+    token i lives in slot ``i % window``, so a one-token step overwrites the one key that just
+    left the window and its query reads the whole ring in place. ``length`` counts every token
+    written (the next token's index).
+    """
 
     k: Tensor
     v: Tensor
+    length: int = 0
 
     @classmethod
     def empty(cls, weight: Tensor, batch_size: int, head_dim: int) -> "KVState":
@@ -55,11 +63,52 @@ class KVState:
         empty = weight.new_zeros(batch_size, 0, weight.shape[0] // head_dim, head_dim)  # [B, 0, H_kv, D]
         return cls(empty, empty.clone())
 
-    def update(self, k: Tensor, v: Tensor, window: int | None) -> tuple[Tensor, Tensor]:
-        """Append the new ``k, v`` and return all keys/values the new queries attend to."""
-        k_all, v_all = torch.cat([self.k, k], dim=1), torch.cat([self.v, v], dim=1)
-        keep = k_all.shape[1] if window is None else min(k_all.shape[1], window - 1)
-        self.k, self.v = k_all[:, k_all.shape[1] - keep :], v_all[:, v_all.shape[1] - keep :]
+    def reserve(self, tokens: int, window: int | None = None) -> None:
+        """Allocate room for ``tokens`` tokens in total (a window layer: its ring), so that no
+        later step reallocates."""
+        size = tokens if window is None else window
+        if size > self.k.shape[1]:
+            self._resize(size)
+
+    def _resize(self, size: int) -> None:
+        b, n, h, d = self.k.shape
+        k, v = self.k.new_zeros(b, size, h, d), self.v.new_zeros(b, size, h, d)
+        k[:, :n], v[:, :n] = self.k, self.v
+        self.k, self.v = k, v
+
+    def update(self, k: Tensor, v: Tensor, window: int | None, ordered: bool = True) -> tuple[Tensor, Tensor]:
+        """Store the new ``k, v [B, T, H_kv, D]``; return the keys/values ``[B, S, H_kv, D]``
+        the new queries attend to: the cached ones the window keeps (``cached_keys``), then the
+        T new ones. A full layer returns views of its buffers (no copy). A window layer's
+        one-token step with ``ordered=False`` returns its ring in slot order (fine for a query
+        that sees every key: softmax attention does not depend on the keys' order); otherwise
+        the keys come in token order (a copy of at most window - 1 + T keys)."""
+        t = k.shape[1]
+        if window is None:
+            need = self.length + t
+            if need > self.k.shape[1]:
+                self._resize(max(need, 2 * self.k.shape[1]))
+            self.k[:, self.length : need], self.v[:, self.length : need] = k, v
+            self.length = need
+            return self.k[:, :need], self.v[:, :need]
+        if self.k.shape[1] < window:
+            self._resize(window)
+        start = self.length
+        if t == 1 and not ordered:
+            slot = start % window
+            self.k[:, slot : slot + 1], self.v[:, slot : slot + 1] = k, v
+            self.length += 1
+            n = min(self.length, window)
+            return self.k[:, :n], self.v[:, :n]
+        past = min(start, window - 1)
+        slots = torch.arange(start - past, start, device=k.device) % window
+        k_all = torch.cat([self.k.index_select(1, slots), k], dim=1)
+        v_all = torch.cat([self.v.index_select(1, slots), v], dim=1)
+        keep = min(t, window)  # the new tokens still inside the ring after this step
+        slots = torch.arange(start + t - keep, start + t, device=k.device) % window
+        self.k.index_copy_(1, slots, k[:, t - keep :])
+        self.v.index_copy_(1, slots, v[:, t - keep :])
+        self.length = start + t
         return k_all, v_all
 
 
@@ -102,8 +151,8 @@ class Attention(nn.Module):
         v = self.wv(x).view(b, t, -1, self.head_dim)  # [B, T, H_kv, D]
         if self.use_rope:
             k = apply_rope(k, *ctx.rope)
-        if state is not None:
-            k, v = state.update(k, v, self.window)  # [B, S, H_kv, D]
+        if state is not None:  # [B, S, H_kv, D]; a ring in slot order when every key is visible
+            k, v = state.update(k, v, self.window, ordered=not ctx.all_visible)
         return q, k, v
 
     def _mix(self, q: Tensor, k: Tensor, v: Tensor, ctx: ForwardContext) -> Tensor:
@@ -115,10 +164,11 @@ class Attention(nn.Module):
         """Per-head attention outputs ``[B, T, H, D]``."""
         if ctx.cu_seqlens is not None:  # set only without a cache
             return self._flash(q, k, v, ctx)
-        return self._sdpa(q, k, v, ctx.masks[self.window])
+        return self._sdpa(q, k, v, None if ctx.all_visible else ctx.masks[self.window])
 
-    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-        if mask.shape[-1] != k.shape[1]:
+    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """SDPA over ``k, v``; ``mask`` None: every key is visible (one decoded token)."""
+        if mask is not None and mask.shape[-1] != k.shape[1]:
             raise RuntimeError(f"Attention: mask covers {mask.shape[-1]} keys, the layer has {k.shape[1]}")
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2),  # [B, H, T, D]

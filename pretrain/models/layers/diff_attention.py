@@ -61,7 +61,7 @@ class DiffAttention(Attention):
 
     def _softmax_attend(self, ctx: ForwardContext) -> Attend:
         if ctx.cu_seqlens is None:
-            mask = ctx.masks[self.window]
+            mask = None if ctx.all_visible else ctx.masks[self.window]
             return lambda q, k, v: self._sdpa(q, k, v, mask)
 
         def flash(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
