@@ -102,7 +102,7 @@ def generate(
 ) -> list[int]:
     """Continue one prompt; returns the new token ids (ending with ``eos_id`` if it was drawn).
 
-    ``model`` needs ``new_cache(batch_size)`` and ``forward(ids, cache=...)`` (HybridLM).
+    ``model`` needs ``new_cache(batch_size, max_tokens)`` and ``forward(ids, cache=...)`` (HybridLM).
     ``greedy`` or ``temperature == 0`` takes the argmax at every step; the sampling parameters
     are those of :func:`sample_next`, checked before the model runs. ``max_new_tokens == 0``
     returns ``[]``. Raises ``ValueError`` for an empty prompt, a negative ``max_new_tokens`` or a
@@ -121,7 +121,7 @@ def generate(
     if max_new_tokens == 0:
         return []
     device = next(model.parameters()).device
-    cache = model.new_cache(1)
+    cache = model.new_cache(1, ids.numel() + max_new_tokens)  # static K/V buffers
     logits = model(ids.to(device).view(1, -1), cache=cache)[0, -1]  # [V]
     out: list[int] = []
     for _ in range(max_new_tokens):

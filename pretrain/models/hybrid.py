@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from kernels.linear_cross_entropy import AllReduce, linear_cross_entropy
 from pretrain.models.context import Cache, ForwardContext, build_context
-from pretrain.models.layers.attention import Attention, flash_available
+from pretrain.models.layers.attention import Attention, KVState, flash_available
 from pretrain.models.layers.moe import RouterGRU, uses_router_gru
 from pretrain.models.layers.norm import RMSNorm, at_least_fp32
 from pretrain.models.registry import FFNS, MIXERS
@@ -192,9 +192,17 @@ class HybridLM(nn.Module):
         else:
             module.init_weights()
 
-    def new_cache(self, batch_size: int) -> Cache:
-        """An empty decoding cache for this model's blocks."""
-        return Cache({name: block.mixer.new_state(batch_size) for name, block in self.blocks.items()})
+    def new_cache(self, batch_size: int, max_tokens: int | None = None) -> Cache:
+        """An empty decoding cache for this model's blocks; with ``max_tokens`` (prompt plus new
+        tokens) the attention layers' K/V buffers are allocated whole now (static: no step
+        reallocates them; a window layer's ring is ``window`` slots whatever ``max_tokens``)."""
+        cache = Cache({name: block.mixer.new_state(batch_size) for name, block in self.blocks.items()})
+        if max_tokens is not None:
+            for name, block in self.blocks.items():
+                state = cache.states[name]
+                if isinstance(state, KVState):
+                    state.reserve(max_tokens, block.mixer.window)
+        return cache
 
     def forward(
         self,

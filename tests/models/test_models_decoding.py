@@ -51,3 +51,19 @@ def test_sliding_window_cache_is_bounded(make_cfg):
             assert cache.states["0"].k.shape[1] == w
     assert cache.states["0"].length == cache.states["1"].length == 7 + 3 * w
     assert cache.states["1"].k.shape[1] >= 7 + 3 * w
+
+
+def test_reserved_cache_is_static(make_cfg, rel_err):
+    """``new_cache(B, max_tokens)`` allocates every K/V buffer once: decoding ``max_tokens``
+    tokens one at a time never moves them, and gives the full forward's logits."""
+    cfg = make_cfg("swa attn", init_std=0.2)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, T))
+    cache = model.new_cache(2, T)
+    before = {name: s.k.data_ptr() for name, s in cache.states.items()}
+    with torch.no_grad():
+        out = torch.cat([model(ids[:, i : i + 1], cache=cache) for i in range(T)], dim=1)
+        assert rel_err(out, model(ids)) <= 1e-4
+    assert {name: s.k.data_ptr() for name, s in cache.states.items()} == before
+    assert cache.states["1"].k.shape[1] == T and cache.states["0"].k.shape[1] == cfg.attention.window

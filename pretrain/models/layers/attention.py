@@ -168,6 +168,16 @@ class Attention(nn.Module):
 
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """SDPA over ``k, v``; ``mask`` None: every key is visible (one decoded token)."""
+        b, t, h, d = q.shape
+        h_kv = k.shape[2]
+        if mask is None and t == 1 and h != h_kv:
+            # one query per head: fold the query heads of each KV head into its query axis,
+            # [B, H_kv, H / H_kv, D], so SDPA reads each K/V head once (enable_gqa's path is
+            # about 3x slower at 16K keys on the CPU)
+            o = F.scaled_dot_product_attention(
+                q.view(b, h_kv, h // h_kv, d), k.transpose(1, 2), v.transpose(1, 2)
+            )  # [B, H_kv, H / H_kv, Dv]
+            return o.reshape(b, 1, h, -1)
         if mask is not None and mask.shape[-1] != k.shape[1]:
             raise RuntimeError(f"Attention: mask covers {mask.shape[-1]} keys, the layer has {k.shape[1]}")
         o = F.scaled_dot_product_attention(

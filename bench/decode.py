@@ -1,0 +1,218 @@
+"""Decoding speed against the memory-traffic bound: SambaY vs a Transformer vs transformers' Llama.
+
+    python bench/decode.py [--contexts 1024 4096 16384 32768] [--steps 24] [--budget-gib 4] [--quick]
+
+Models (issue 13's shapes): d_model 256, 16 layers, 4 query heads / 1 KV head of 64, window 128,
+SwiGLU 1024, vocabulary 4096, fp32 on the CPU. SambaY is configs/sambay_d16.toml's pattern at
+that width; the Transformer is 16 'attn:mlp' blocks with RoPE; HF Llama is
+``LlamaForCausalLM`` of the same shapes with its ``DynamicCache``.
+
+Each context's caches are filled with random keys/values (decoding time does not depend on their
+values), then ``--steps`` one-token steps are timed alternately over the contenders, repeated;
+medians are reported. The bound of one step is the bytes it must read divided by the read
+bandwidth measured in the same run (a ``sum`` over 512 MiB): every weight once (the tied or
+untied head included), the keys/values each attention layer reads (a full layer all of them,
+a window layer its window, each cross-attention layer the shared ones again), and each recurrent
+state read and written. ``x bound`` is measured / bound: 1.0 is the hardware's limit.
+
+Fixed memory budget: the largest batch whose caches fit ``--budget-gib`` at the context, and the
+tokens/s summed over that batch (SambaY holds one K/V instead of sixteen).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, before bench/ (bench/kernels.py)
+
+from pretrain.config import load_config  # noqa: E402
+from pretrain.models import build_model  # noqa: E402
+from pretrain.models.layers.attention import Attention, KVState  # noqa: E402
+
+SHAPES = ["model.d_model=256", "model.ffn_hidden=1024", "model.vocab_size=4096", "data.vocab_size=4096",
+          "model.attention.n_heads=4", "model.attention.n_kv_heads=1", "model.attention.head_dim=64",
+          "model.attention.window=128", "model.tie_embeddings=false"]
+
+
+def build(kind: str) -> torch.nn.Module:
+    extra = ["model.layer_pattern='attn'", "model.attention.pos_encoding='rope'"] if kind == "transformer" else []
+    cfg = load_config("configs/sambay_d16.toml", SHAPES + extra)
+    torch.manual_seed(0)
+    return build_model(cfg.model).eval()
+
+
+def build_hf_llama(model: torch.nn.Module):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    blk = model.blocks["0"].mixer
+    cfg = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=16,
+                      num_attention_heads=4, num_key_value_heads=1, head_dim=blk.head_dim,
+                      max_position_embeddings=65536, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def fill_cache(model: torch.nn.Module, batch: int, context: int, steps: int):
+    """A cache as after ``context`` tokens: random K/V in every attention state, zero recurrent
+    states, room for ``steps`` more tokens."""
+    cache = model.new_cache(batch)
+    for name, block in model.blocks.items():
+        state = cache.states[name]
+        if isinstance(state, KVState):
+            window = block.mixer.window
+            state.reserve(context + steps + 1, window)
+            n = context if window is None else window
+            state.k[:, :n].normal_()
+            state.v[:, :n].normal_()
+            state.length = context
+    cache.offset = context
+    return cache
+
+
+def fill_hf_cache(hf, batch: int, context: int):
+    from transformers import DynamicCache
+
+    c = hf.config
+    cache = DynamicCache(config=c)
+    for layer in range(c.num_hidden_layers):
+        kv = torch.randn(batch, c.num_key_value_heads, context, c.head_dim)
+        cache.update(kv, kv.clone(), layer)
+    return cache
+
+
+def traffic_bytes(model: torch.nn.Module, cache, context: int, batch: int) -> int:
+    """Bytes one decoding step must read: weights, the keys/values each layer attends to, and each
+    recurrent state (read and written)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    shared = 0
+    for name, block in model.blocks.items():
+        mixer, state = block.mixer, cache.states[name]
+        if isinstance(state, KVState):
+            keys = context if mixer.window is None else min(context, mixer.window)
+            row = state.k[0, 0].numel() * state.k.element_size()
+            total += 2 * batch * keys * row
+            if mixer.window is None:
+                shared = 2 * batch * keys * row
+        elif isinstance(mixer, Attention):  # a cross-attention layer reads the shared K/V again
+            total += shared
+        elif state is not None:
+            total += 2 * sum(t.numel() * t.element_size() for t in vars(state).values() if isinstance(t, torch.Tensor))
+    return total
+
+
+def cache_bytes(model: torch.nn.Module, context: int) -> int:
+    """Cache bytes of one sequence at ``context`` tokens."""
+    cache = fill_cache(model, 1, context, 0)
+    total = 0
+    for state in cache.states.values():
+        if isinstance(state, KVState):
+            total += 2 * state.k.numel() * state.k.element_size()
+        elif state is not None:
+            total += sum(t.numel() * t.element_size() for t in vars(state).values() if isinstance(t, torch.Tensor))
+    return total
+
+
+def read_bandwidth() -> float:
+    """Bytes/s of a sum over 512 MiB (the median of 5)."""
+    x = torch.ones(2**27)
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t)
+    return x.numel() * 4 / statistics.median(times)
+
+
+@torch.no_grad()
+def step_seconds(contenders: dict, steps: int, repeats: int) -> dict[str, float]:
+    """Median seconds per one-token step of each contender, run alternately."""
+    out: dict[str, list[float]] = {k: [] for k in contenders}
+    for _ in range(repeats):
+        for name, run in contenders.items():
+            run(2)  # warm up (and refill after the previous repeat)
+            t = time.perf_counter()
+            run(steps)
+            out[name].append((time.perf_counter() - t) / steps)
+    return {k: statistics.median(v) for k, v in out.items()}
+
+
+def ours(model, batch: int, context: int, steps: int):
+    state = {}
+
+    def run(n: int) -> None:
+        if n == 2 or "cache" not in state:  # a fresh cache per timed repeat: same context each time
+            state["cache"] = fill_cache(model, batch, context, steps + 2)
+        tok = torch.zeros(batch, 1, dtype=torch.long)
+        for _ in range(n):
+            model(tok, cache=state["cache"])
+    return run
+
+
+def hf(model, batch: int, context: int):
+    state = {}
+
+    def run(n: int) -> None:
+        if n == 2 or "cache" not in state:
+            state["cache"] = fill_hf_cache(model, batch, context)
+        tok = torch.zeros(batch, 1, dtype=torch.long)
+        for _ in range(n):
+            model(input_ids=tok, past_key_values=state["cache"], use_cache=True)
+    return run
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
+    p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--budget-gib", type=float, default=4.0)
+    p.add_argument("--no-hf", action="store_true", help="skip transformers' Llama")
+    p.add_argument("--quick", action="store_true", help="fewer steps and repeats")
+    args = p.parse_args()
+    if args.quick:
+        args.steps, args.repeats = 8, 2
+    torch.set_grad_enabled(False)
+    sambay, transformer = build("sambay"), build("transformer")
+    llama = None if args.no_hf else build_hf_llama(transformer)
+    bw = read_bandwidth()
+    print(f"read bandwidth {bw / 1e9:.1f} GB/s, {torch.get_num_threads()} threads\n")
+    print("## Batch 1: ms per token (x bound)\n")
+    print("| context | SambaY | bound | Transformer | bound | HF Llama | SambaY/Transformer | bound ratio | ours/HF |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for ctx in args.contexts:
+        runs = {"sambay": ours(sambay, 1, ctx, args.steps), "transformer": ours(transformer, 1, ctx, args.steps)}
+        if llama is not None:
+            runs["hf"] = hf(llama, 1, ctx)
+        sec = step_seconds(runs, args.steps, args.repeats)
+        b_s = traffic_bytes(sambay, fill_cache(sambay, 1, ctx, 0), ctx, 1) / bw
+        b_t = traffic_bytes(transformer, fill_cache(transformer, 1, ctx, 0), ctx, 1) / bw
+        hf_ms = f"{sec['hf'] * 1e3:.2f}" if "hf" in sec else "-"
+        vs_hf = f"{sec['hf'] / sec['transformer']:.2f}x" if "hf" in sec else "-"
+        print(f"| {ctx} | {sec['sambay'] * 1e3:.2f} ({sec['sambay'] / b_s:.1f}x) | {b_s * 1e3:.2f} "
+              f"| {sec['transformer'] * 1e3:.2f} ({sec['transformer'] / b_t:.1f}x) | {b_t * 1e3:.2f} | {hf_ms} "
+              f"| {sec['transformer'] / sec['sambay']:.2f}x | {b_t / b_s:.2f}x | {vs_hf} |")
+
+    budget = args.budget_gib * 2**30
+    print(f"\n## Fixed cache budget {args.budget_gib:g} GiB: largest batch, tokens/s summed over it\n")
+    print("| context | SambaY batch | tok/s (x bound) | Transformer batch | tok/s (x bound) | throughput ratio | bound ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for ctx in [c for c in args.contexts if c >= 16384] or args.contexts[-1:]:
+        row = []
+        for model in (sambay, transformer):
+            batch = max(1, int(budget // cache_bytes(model, ctx)))
+            sec = step_seconds({"m": ours(model, batch, ctx, args.steps)}, args.steps, args.repeats)["m"]
+            bound = traffic_bytes(model, fill_cache(model, 1, ctx, 0), ctx, batch) / bw
+            row.append((batch, batch / sec, batch / bound))
+        (bs, ts, cs), (bt, tt, ct) = row
+        print(f"| {ctx} | {bs} | {ts:.0f} ({ts / cs:.2f} of bound) | {bt} | {tt:.0f} ({tt / ct:.2f} of bound) "
+              f"| {ts / tt:.1f}x | {cs / ct:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()
