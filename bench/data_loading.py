@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the repository, before bench/ (whose kernels.py shadows the package)
 BATCH = 512
 
 

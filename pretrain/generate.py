@@ -131,3 +131,66 @@ def generate(
             break
         logits = model(token.view(1, 1), cache=cache)[0, -1]
     return out
+
+
+@torch.no_grad()
+def generate_batch(
+    model: nn.Module,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """Continue several prompts of different lengths together; returns each one's new token
+    ids (ending with ``eos_id`` if it was drawn), as :func:`generate` would one by one.
+
+    The prompts are left-padded to the longest and the padding is made its own document: each
+    prompt's first token gets position 0, so with ``model.doc_masking`` the attention layers
+    never see the padding and the recurrent layers reset their state there, exactly as at a
+    document start in training. Every step then decodes one token per row with per-row
+    positions (RoPE continues each prompt's own count). A row that drew ``eos_id`` stops
+    growing; the others go on. Raises ``ValueError`` when the prompts differ in length and the
+    model has no document masking (padding would leak into the state), and as :func:`generate`.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate_batch: every prompt needs at least one token")
+    if max_new_tokens < 0:
+        raise ValueError(f"generate_batch: max_new_tokens must be >= 0, got {max_new_tokens}")
+    lengths = [len(p) for p in prompts]
+    longest = max(lengths)
+    if len(set(lengths)) > 1 and not model.cfg.doc_masking:
+        raise ValueError("generate_batch: prompts of different lengths need model.doc_masking = true "
+                         "(left padding is cut off as its own document)")
+    temperature = 0.0 if greedy else temperature
+    check_sampling(temperature, top_k, top_p)
+    vocab = model.cfg.vocab_size
+    flat = [t for p in prompts for t in p]
+    if min(flat) < 0 or max(flat) >= vocab:
+        raise ValueError(f"generate_batch: prompt token ids must be in [0, {vocab}), got {min(flat)}..{max(flat)}")
+    if max_new_tokens == 0:
+        return [[] for _ in prompts]
+    device = next(model.parameters()).device
+    pads = torch.tensor([longest - n for n in lengths], device=device)  # [B]
+    ids = torch.tensor([[p[0]] * (longest - len(p)) + list(p) for p in prompts], device=device)  # [B, L]
+    t = torch.arange(longest, device=device)
+    positions = torch.where(t >= pads[:, None], t - pads[:, None], t)  # the padding: a document of its own
+    cache = model.new_cache(len(prompts), longest + max_new_tokens)
+    logits = model(ids, positions, cache=cache)[:, -1]  # [B, V]
+    lengths_t = torch.tensor(lengths, device=device)
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for step in range(max_new_tokens):
+        tokens = sample_next(logits, temperature, top_k, top_p, generator)  # [B]
+        for i, tok in enumerate(tokens.tolist()):
+            if not done[i]:
+                out[i].append(tok)
+                done[i] = eos_id is not None and tok == eos_id
+        if all(done) or step == max_new_tokens - 1:
+            break
+        logits = model(tokens.view(-1, 1), (lengths_t + step).view(-1, 1), cache=cache)[:, -1]
+    return out

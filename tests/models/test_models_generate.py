@@ -172,3 +172,25 @@ def test_generate_edges(make_cfg):
         for _ in range(3):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     assert out == ids[len(prompt) :]
+
+
+@pytest.mark.parametrize("pattern", ["mamba swa attn", "gla mamba2", "swa mamba_mem attn_kv gmu xattn"])
+def test_batched_generation_of_ragged_prompts_equals_one_by_one(make_cfg, pattern):
+    """Prompts of 5, 9 and 2 tokens decoded together (left-padded, the padding cut off as its own
+    document) draw exactly the greedy tokens each draws alone, and a row that hits eos stops."""
+    from pretrain.generate import generate_batch
+
+    cfg = make_cfg(pattern, init_std=0.3)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (5, 9, 2)]
+    with torch.no_grad():
+        alone = [generate(model, p, 7, greedy=True) for p in prompts]
+    assert generate_batch(model, prompts, 7, greedy=True) == alone
+    eos = alone[1][2]  # row 1 stops after its third token; the other rows may stop too
+    want = [a[: a.index(eos) + 1] if eos in a else a for a in alone]
+    assert generate_batch(model, prompts, 7, greedy=True, eos_id=eos) == want
+    cfg.doc_masking = False
+    with pytest.raises(ValueError, match="doc_masking"):
+        generate_batch(build_model(cfg), prompts, 3)
