@@ -166,6 +166,28 @@ def hf(model, batch: int, context: int):
     return run
 
 
+def plot(contexts: list[int], curves: dict[str, list[float]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = {"sambay": "SambaY", "transformer": "Transformer", "hf": "HF Llama"}
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for key, values in curves.items():
+        bound = key.endswith("bound")
+        label = f"{names[key.split()[0]]} bound" if bound else names[key]
+        ax.plot(contexts, values, "--" if bound else "o-", label=label, lw=1 if bound else 1.5)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("ms per token, batch 1")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"plot: {path}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
@@ -174,6 +196,7 @@ def main() -> None:
     p.add_argument("--budget-gib", type=float, default=4.0)
     p.add_argument("--no-hf", action="store_true", help="skip transformers' Llama")
     p.add_argument("--quick", action="store_true", help="fewer steps and repeats")
+    p.add_argument("--plot", help="write a PNG of ms per token against context (with the bounds) here")
     args = p.parse_args()
     if args.quick:
         args.steps, args.repeats = 8, 2
@@ -185,6 +208,7 @@ def main() -> None:
     print("## Batch 1: ms per token (x bound)\n")
     print("| context | SambaY | bound | Transformer | bound | HF Llama | SambaY/Transformer | bound ratio | ours/HF |")
     print("|---|---|---|---|---|---|---|---|---|")
+    curves: dict[str, list[float]] = {}
     for ctx in args.contexts:
         runs = {"sambay": ours(sambay, 1, ctx, args.steps), "transformer": ours(transformer, 1, ctx, args.steps)}
         if llama is not None:
@@ -192,12 +216,16 @@ def main() -> None:
         sec = step_seconds(runs, args.steps, args.repeats)
         b_s = traffic_bytes(sambay, fill_cache(sambay, 1, ctx, 0), ctx, 1) / bw
         b_t = traffic_bytes(transformer, fill_cache(transformer, 1, ctx, 0), ctx, 1) / bw
+        for key, value in (*sec.items(), ("sambay bound", b_s), ("transformer bound", b_t)):
+            curves.setdefault(key, []).append(value * 1e3)
         hf_ms = f"{sec['hf'] * 1e3:.2f}" if "hf" in sec else "-"
         vs_hf = f"{sec['hf'] / sec['transformer']:.2f}x" if "hf" in sec else "-"
         print(f"| {ctx} | {sec['sambay'] * 1e3:.2f} ({sec['sambay'] / b_s:.1f}x) | {b_s * 1e3:.2f} "
               f"| {sec['transformer'] * 1e3:.2f} ({sec['transformer'] / b_t:.1f}x) | {b_t * 1e3:.2f} | {hf_ms} "
               f"| {sec['transformer'] / sec['sambay']:.2f}x | {b_t / b_s:.2f}x | {vs_hf} |")
 
+    if args.plot:
+        plot(args.contexts, curves, args.plot)
     budget = args.budget_gib * 2**30
     print(f"\n## Fixed cache budget {args.budget_gib:g} GiB: largest batch, tokens/s summed over it\n")
     print("| context | SambaY batch | tok/s (x bound) | Transformer batch | tok/s (x bound) | throughput ratio | bound ratio |")

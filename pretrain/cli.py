@@ -94,6 +94,12 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--dp", type=int, default=1, help="data-parallel ranks to estimate memory and the batch for")
 
+    p = sub.add_parser("bench", help="run the benchmarks of bench/ side by side into one report "
+                       "(decoding, training vs Hugging Face, cost vs length, data, pipeline, kernels)")
+    p.add_argument("--quick", action="store_true", help="sizes that finish in under 10 minutes on a 2-core CPU")
+    p.add_argument("--out", default="runs/bench", help="folder of report.md and the plots")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="run only these (decode vs_hf seq_cost data_loading pipeline kernels)")
+
     p = sub.add_parser("launch", help="launch a multi-node run (see launch/README.md)")
     targets = p.add_subparsers(dest="target", required=True)
     p = targets.add_parser(
@@ -305,6 +311,12 @@ def _cmd_launch(args) -> int:
     return subprocess.run(["sbatch", str(path)]).returncode
 
 
+def _cmd_bench(args) -> int:
+    from pretrain.bench_suite import run_suite
+
+    return run_suite(Path(args.out), quick=args.quick, only=args.only)
+
+
 _COMMANDS = {
     "prepare": _cmd_prepare,
     "train": _cmd_train,
@@ -312,6 +324,7 @@ _COMMANDS = {
     "convert": _cmd_convert,
     "eval": _cmd_eval,
     "plan": _cmd_plan,
+    "bench": _cmd_bench,
     "launch": _cmd_launch,
 }
 
