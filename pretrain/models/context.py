@@ -36,9 +36,10 @@ class ForwardContext:
     cache: Cache | None = None
     rope: tuple[Tensor, Tensor] | None = None
     """cos, sin [B, T, head_dim // 2] shared by all rotary attention layers."""
-    masks: dict[int | None, Tensor] = field(default_factory=dict)
+    masks: dict[int | None, Tensor | BandedMask] = field(default_factory=dict)
     """Attention window (None: full) -> bool mask [B, 1, T, S], True where a query may attend.
-    Keys are the cached keys this window keeps followed by the T new ones."""
+    Keys are the cached keys this window keeps followed by the T new ones. A window over more
+    than 2 x window new tokens and no cached ones gets a :class:`BandedMask` instead."""
     all_visible: bool = False
     """One new token per row whose query sees every key its layer keeps (decoding without
     document masks): attention then needs no mask, and a window layer may read its ring of
@@ -46,6 +47,37 @@ class ForwardContext:
     cu_seqlens: Tensor | None = None
     """[n_docs + 1] int32 document boundaries of the flattened batch, set only for flash-attn."""
     max_seqlen: int = 0
+
+
+@dataclass(frozen=True)
+class BandedMask:
+    """The mask of a sliding-window layer over a long sequence with no cached keys, kept as what
+    defines it: attention (:func:`~pretrain.models.layers.attention.banded_sdpa`) then works on
+    query blocks of ``window`` tokens against their ``2 window - 1`` keys, so time and memory
+    grow as T * window instead of T^2 (a dense ``[B, 1, T, T]`` mask at T = 16K is 256 MB)."""
+
+    positions: Tensor
+    """[B, T] int64, as ForwardContext.positions."""
+    window: int
+    doc_masking: bool
+
+    def blocks(self) -> Tensor:
+        """Bool ``[B, n_blocks, window, 2 window - 1]``: query j of block i (token i w + j) may see
+        key slot l (token i w + l - (w - 1)): causal, inside the window, not before the sequence
+        and (doc masking) not before its document. Queries past T (padding) see themselves."""
+        b, t = self.positions.shape
+        w = self.window
+        nb = -(-t // w)
+        dev = self.positions.device
+        j = torch.arange(w, device=dev)[:, None]  # [w, 1] query in block
+        l = torch.arange(2 * w - 1, device=dev)[None, :]  # [1, L] key slot
+        ki = torch.arange(nb, device=dev)[:, None, None] * w + l - (w - 1)  # [nb, 1, L] key index
+        allowed = (l >= j) & (l <= j + w - 1) & (ki >= 0)  # [nb, w, L]
+        if self.doc_masking:
+            pos = torch.nn.functional.pad(self.positions, (0, nb * w - t))  # padding: its own document
+            start = (torch.arange(nb * w, device=dev) - pos).view(b, nb, w, 1)  # each query's document start
+            return allowed & (ki >= start)  # [B, nb, w, L]
+        return allowed.expand(b, nb, w, 2 * w - 1)
 
 
 def cached_keys(offset: int, window: int | None) -> int:
@@ -118,8 +150,18 @@ def build_context(
         ctx.all_visible = True
         ctx.masks = _MasksOnDemand(positions, offset, doc_masking)
     else:
-        ctx.masks = {w: attention_mask(positions, offset, w, doc_masking) for w in mask_windows}
+        ctx.masks = {
+            w: BandedMask(positions, w, doc_masking) if banded(w, seq, offset) else
+            attention_mask(positions, offset, w, doc_masking)
+            for w in mask_windows
+        }
     return ctx
+
+
+def banded(window: int | None, seq: int, offset: int) -> bool:
+    """Whether a window layer attends block by block (:class:`BandedMask`): a long sequence and
+    no cached keys (training, a first prefill)."""
+    return window is not None and offset == 0 and seq > 2 * window
 
 
 class _MasksOnDemand(dict):

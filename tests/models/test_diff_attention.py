@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.models import build_model
-from pretrain.models.context import build_context
+from pretrain.models.context import BandedMask, build_context
+from pretrain.models.layers.attention import banded_sdpa
 from pretrain.models.layers.diff_attention import DiffAttention, lambda_init
 from pretrain.models.layers.diff_ops import diff_attention
 from pretrain.models.layers.rope import apply_rope
@@ -53,6 +54,8 @@ def test_core_matches_naive_with_gradients(window, n_kv, rel_err):
     ctx = build_context(b, t, q.device, positions, None, True, {window}, None, False)
 
     def sdpa(q_, k_, v_):
+        if isinstance(ctx.masks[window], BandedMask):  # a window of 4 over 9 tokens: block by block
+            return banded_sdpa(q_, k_, v_, ctx.masks[window])
         o = F.scaled_dot_product_attention(
             q_.transpose(1, 2), k_.transpose(1, 2), v_.transpose(1, 2), attn_mask=ctx.masks[window],
             enable_gqa=q_.shape[2] != k_.shape[2],
