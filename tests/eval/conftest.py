@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 import torch
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # progress bars and notices, not warnings
@@ -34,3 +35,22 @@ def save_checkpoint_on(prepared_dir: Path, root: Path, pattern: dict, seq_len: i
 
 
 LLAMA = {"layer_pattern": "attn", "ffn": "mlp", "tie_embeddings": False, "attention": {"n_heads": 4, "n_kv_heads": 2}}
+
+
+@pytest.fixture(scope="session")
+def eval_cache(tmp_path_factory):
+    """The shipped tasks' data built into a fresh cache folder (PRETRAIN_CACHE), not the user's."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PRETRAIN_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+@pytest.fixture(scope="session")
+def lm_eval_tasks(eval_cache):
+    """One lm-eval TaskManager for the session: indexing its task YAMLs takes seconds per call."""
+    from pretrain.eval import harness
+
+    manager = harness.task_manager()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(harness, "task_manager", lambda field="--tasks": manager)
+        yield manager
