@@ -66,8 +66,9 @@ def run_lm_eval(
     ``{"acc,none": ..., "word_perplexity,none": ...}``; ``samples`` per task with
     ``log_samples``). Raises ConfigError for an unknown task, ConvertError / CheckpointError
     for a checkpoint that does not export."""
+    from pretrain.config import config_from_dict
     from pretrain.convert import export_hf
-    from pretrain.train.checkpoint import load_for_inference
+    from pretrain.train.checkpoint import read_saved_config, resolve_checkpoint
 
     manager = check_tasks(tasks, manager=manager)
     if limit is not None and limit < 1:
@@ -76,7 +77,7 @@ def run_lm_eval(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    cfg = load_for_inference(Path(checkpoint))[0]
+    seq_len = config_from_dict(read_saved_config(resolve_checkpoint(Path(checkpoint)))).data.seq_len
     with tempfile.TemporaryDirectory(prefix="pretrain-lm-eval-") as tmp:
         folder = Path(tmp) / "hf"
         export_hf(Path(checkpoint), folder)
@@ -88,7 +89,7 @@ def run_lm_eval(
                 "dtype": "float32",
                 "add_bos_token": False,
                 # rolling windows of the length the model was trained on, for every family
-                "max_length": cfg.data.seq_len,
+                "max_length": seq_len,
             },
             tasks=list(tasks),
             limit=limit,
