@@ -88,7 +88,10 @@ def _parser() -> argparse.ArgumentParser:
         "lm-evaluation-harness on its Hugging Face export; results under <run dir>/eval/",
     )
     p.add_argument("--checkpoint", required=True, help="a run folder, its checkpoints folder or one step folder")
-    p.add_argument("--samples", type=int, default=0, help="validation sequences (0: the config's train.eval_samples)")
+    p.add_argument(
+        "--samples", type=int, default=0,
+        help="without --tasks: validation sequences to score (0: the config's train.eval_samples)",
+    )
     p.add_argument(
         "--tasks", default="",
         help="comma-separated lm-eval tasks, e.g. kjv_chapter_ppl,kjv_verse_choice (shipped, offline) "

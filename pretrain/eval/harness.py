@@ -49,7 +49,8 @@ def check_tasks(tasks: list[str], field: str = "--tasks", manager=None):
     known = set(manager.all_tasks)
     for name in tasks:
         if name not in known:
-            raise ConfigError(f"{field}: unknown lm-eval task {name!r} (shipped offline tasks: {', '.join(SHIPPED_TASKS)})")
+            shipped = ", ".join(SHIPPED_TASKS)
+            raise ConfigError(f"{field}: unknown lm-eval task {name!r} (shipped offline tasks: {shipped})")
     return manager
 
 

@@ -465,7 +465,7 @@ def train(cfg: Config, resume: str = "auto", log=print, init_from: str | None = 
     runs after the ranks have finished). ``resume`` and ``init_from`` as in :class:`Trainer`."""
     from pretrain.eval import at_end
 
-    tasks = at_end.check(cfg)  # an unknown eval.tasks name fails before any training
+    manager = at_end.check(cfg)  # an unknown eval.tasks name fails before any training
     try:
         if cfg.parallel.pp > 1:
             from pretrain.train.pipeline_step import PipelineTrainer as cls
@@ -478,5 +478,5 @@ def train(cfg: Config, resume: str = "auto", log=print, init_from: str | None = 
     finally:
         destroy_distributed()
     if cfg.eval.at_end and trainer.main and not summary.get("preempted"):
-        summary["eval"] = at_end.evaluate(trainer.cfg, str(trainer.device), log, tasks)
+        summary["eval"] = at_end.evaluate(trainer.cfg, str(trainer.device), log, manager)
     return summary
