@@ -43,7 +43,9 @@ def evaluate(cfg: Config, device: str, log: Callable[[str], None] = print, manag
         from pretrain.eval import harness
 
         results = harness.without_samples(
-            harness.run_lm_eval(step_dir, list(cfg.eval.tasks), cfg.eval.limit or None, device, manager=manager)
+            harness.run_lm_eval(
+                step_dir, list(cfg.eval.tasks), cfg.eval.limit or None, device, manager=manager, field="eval.tasks"
+            )
         )
         write_json(results_path(step_dir, "lm_eval"), results)
         record.update({f"eval/{k}": v for k, v in harness.summary(results).items()})

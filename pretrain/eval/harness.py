@@ -61,17 +61,19 @@ def run_lm_eval(
     device: str = "cpu",
     log_samples: bool = False,
     manager=None,
+    field: str = "--tasks",
 ) -> dict[str, Any]:
     """Score the checkpoint at or under ``checkpoint`` on lm-eval ``tasks``, at most ``limit``
     documents per task (None: all). Returns lm-eval's results dict (``results`` per task:
     ``{"acc,none": ..., "word_perplexity,none": ...}``; ``samples`` per task with
-    ``log_samples``). Raises ConfigError for an unknown task, ConvertError / CheckpointError
-    for a checkpoint that does not export."""
+    ``log_samples``). Raises ConfigError naming ``field`` for an unknown task or one whose
+    data is neither cached nor reachable, ConvertError / CheckpointError for a checkpoint that
+    does not export."""
     from pretrain.config import config_from_dict
     from pretrain.convert import export_hf
     from pretrain.train.checkpoint import read_saved_config, resolve_checkpoint
 
-    manager = check_tasks(tasks, manager=manager)
+    manager = check_tasks(tasks, field, manager)
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit: must be >= 1, got {limit}")
     import lm_eval
@@ -82,25 +84,23 @@ def run_lm_eval(
     with tempfile.TemporaryDirectory(prefix="pretrain-lm-eval-") as tmp:
         folder = Path(tmp) / "hf"
         export_hf(Path(checkpoint), folder)
-        results = lm_eval.simple_evaluate(
-            model="hf",
-            model_args={
-                "pretrained": str(folder),
-                "trust_remote_code": True,
-                "dtype": "float32",
-                "add_bos_token": False,
-                # rolling windows of the length the model was trained on, for every family
-                "max_length": seq_len,
-            },
-            tasks=list(tasks),
-            limit=limit,
-            device=device,
-            batch_size=1,
-            task_manager=manager,
-            log_samples=log_samples,
-            verbosity="ERROR",
-        )
-    return results
+        model_args = {
+            "pretrained": str(folder),
+            "trust_remote_code": True,
+            "dtype": "float32",
+            "add_bos_token": False,
+            "max_length": seq_len,  # rolling windows of the trained length, for every family
+        }
+        try:
+            return lm_eval.simple_evaluate(
+                model="hf", model_args=model_args, tasks=list(tasks), limit=limit, device=device, batch_size=1,
+                task_manager=manager, log_samples=log_samples, verbosity="ERROR",
+            )
+        except ConnectionError as exc:  # datasets' error for a hub dataset that is not cached
+            raise ConfigError(
+                f"{field}: {exc}; run the task once where the hub is reachable to cache its data, "
+                f"or use the offline tasks {', '.join(SHIPPED_TASKS)}"
+            ) from None
 
 
 def summary(results: dict[str, Any]) -> dict[str, float]:
