@@ -1,7 +1,7 @@
 """Perplexity and bits per byte of a checkpoint on the validation split of its prepared data.
 
-Bits per byte (bpb) is the tokenizer-independent form of the same loss (The Pile, Gao et al.
-2020, eq. 3): the total cross-entropy of the predicted tokens, in bits, divided by the UTF-8
+Bits per byte (bpb) is the tokenizer-independent form of the same loss (as in The Pile, Gao et al.
+2020): the total cross-entropy of the predicted tokens, in bits, divided by the UTF-8
 bytes of the text those tokens decode to, ``sum(nats) / ln 2 / sum(bytes)``. Every predicted
 token counts in the numerator, the end-of-document tokens too (they carry where a document
 ends, and add no bytes).
