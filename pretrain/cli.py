@@ -82,9 +82,24 @@ def _parser() -> argparse.ArgumentParser:
         help="with --from: override a field of the imported run's config (e.g. data.sources), repeatable",
     )
 
-    p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint")
+    p = sub.add_parser(
+        "eval",
+        help="perplexity and bits per byte of a checkpoint on its validation split, or with --tasks "
+        "lm-evaluation-harness on its Hugging Face export; results under <run dir>/eval/",
+    )
     p.add_argument("--checkpoint", required=True, help="a run folder, its checkpoints folder or one step folder")
-    p.add_argument("--samples", type=int, default=0, help="validation sequences (0: the config's train.eval_samples)")
+    p.add_argument(
+        "--samples", type=int, default=0,
+        help="without --tasks: validation sequences to score (0: the config's train.eval_samples)",
+    )
+    p.add_argument(
+        "--tasks", default="",
+        help="comma-separated lm-eval tasks, e.g. kjv_chapter_ppl,kjv_verse_choice (shipped, offline) "
+        "or any task lm-eval has cached",
+    )
+    p.add_argument("--limit", type=int, default=0, help="with --tasks: documents per task (0: all)")
+    p.add_argument("--device", default="cpu", help="torch device to evaluate on, e.g. cpu or cuda")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of a line or table")
 
     p = sub.add_parser(
         "plan",
@@ -266,13 +281,37 @@ def _hf_class(family: str) -> str:
 
 
 def _cmd_eval(args) -> int:
-    from pretrain.evaluate import perplexity
+    import json
 
-    result = perplexity(Path(args.checkpoint), samples=args.samples or None)
-    print(
-        f"validation loss {result['val_loss']:.4f} nats/token, perplexity {result['val_ppl']:.2f} "
-        f"({result['tokens']:,} tokens); unigram baseline {result['unigram_entropy']:.4f}"
-    )
+    from pretrain.eval import checkpoint_step, results_path, write_json
+    from pretrain.train.checkpoint import resolve_checkpoint
+
+    if args.samples < 0:
+        raise ConfigError(f"--samples: must be >= 0, got {args.samples}")
+    if args.limit < 0:
+        raise ConfigError(f"--limit: must be >= 0, got {args.limit}")
+    step = resolve_checkpoint(Path(args.checkpoint))
+    if args.tasks:
+        from pretrain.eval import harness
+
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        results = harness.without_samples(harness.run_lm_eval(step, tasks, args.limit or None, args.device))
+        out = write_json(results_path(step, "lm_eval"), results)
+        print(json.dumps(results, indent=2, default=str) if args.json else harness.table(results))
+    else:
+        from pretrain.eval.perplexity import perplexity
+
+        result = {"step": checkpoint_step(step), **perplexity(step, args.samples or None, args.device)}
+        out = write_json(results_path(step, "perplexity"), result)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            print(
+                f"validation loss {result['val_loss']:.4f} nats/token, perplexity {result['val_ppl']:.2f}, "
+                f"{result['bits_per_byte']:.4f} bits/byte ({result['tokens']:,} tokens, {result['bytes']:,} bytes); "
+                f"unigram baseline {result['unigram_entropy']:.4f}"
+            )
+    print(f"results written to {out}", file=sys.stderr)
     return 0
 
 

@@ -38,7 +38,7 @@ from pretrain.config.model import (
 )
 
 __all__ = [
-    "AC_MODES", "AttentionConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "GLAConfig",
+    "AC_MODES", "AttentionConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "EvalConfig", "GLAConfig",
     "LoggingConfig", "Mamba2Config", "MambaConfig", "ModelConfig", "MoEConfig", "OptimConfig",
     "PP_SCHEDULES", "ParallelConfig", "RunConfig", "TitansConfig", "TrainConfig", "config_from_dict", "load_config",
     "split_position", "validate", "validate_parallel",
@@ -183,6 +183,20 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    at_end: bool = False
+    """At the end of `pretrain train`, rank 0 scores the final checkpoint: perplexity and bits per
+    byte on the validation split, and lm-evaluation-harness (eval.tasks) on its Hugging Face
+    export; results in metrics.jsonl ('eval/...' keys) and <run.dir>/eval/. Needs the eval extra."""
+    tasks: list = field(default_factory=lambda: ["kjv_chapter_ppl", "kjv_verse_choice"])
+    """lm-eval tasks of eval.at_end: the offline ones shipped in pretrain/eval/tasks or any task
+    lm-eval knows whose data is cached (there is no hub access); empty runs no lm-eval. Checked
+    before training starts."""
+    limit: int = 0
+    """Documents per lm-eval task (0: all)."""
+
+
+@dataclass
 class RunConfig:
     name: str = "tiny"
     """Run name (wandb, logs)."""
@@ -200,6 +214,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -418,3 +433,10 @@ def validate(cfg: Config) -> None:
     require_choice(lg.wandb, "logging.wandb", ("offline", "online", "disabled"))
     require_choice(lg.progress, "logging.progress", ("auto", "on", "off"))
     require(bool(cfg.run.dir), "run.dir", "must not be empty")
+
+    e = cfg.eval
+    require(
+        all(isinstance(t, str) and t.strip() and "," not in t for t in e.tasks),
+        "eval.tasks", "must be a list of lm-eval task names",
+    )
+    require(e.limit >= 0, "eval.limit", "must be >= 0 (0: every document)")

@@ -471,8 +471,12 @@ class Trainer:
 
 
 def train(cfg: Config, resume: str = "auto", log=print, init_from: str | None = None) -> dict[str, Any]:
-    """Train ``cfg`` to train.max_steps; returns a summary (steps, seconds, final val loss).
-    ``resume`` and ``init_from`` as in :class:`Trainer`."""
+    """Train ``cfg`` to train.max_steps; returns a summary (steps, seconds, final val loss, and
+    with eval.at_end the evaluation record of :func:`pretrain.eval.at_end.evaluate`, which rank 0
+    runs after the ranks have finished). ``resume`` and ``init_from`` as in :class:`Trainer`."""
+    from pretrain.eval import at_end
+
+    manager = at_end.check(cfg)  # an unknown eval.tasks name fails before any training
     clean = False
     try:
         if cfg.parallel.pp > 1:
@@ -484,6 +488,8 @@ def train(cfg: Config, resume: str = "auto", log=print, init_from: str | None = 
         trainer = cls(cfg, resume=resume, log=log, init_from=init_from)
         summary = trainer.fit()
         clean = True
-        return summary
     finally:
         destroy_distributed(clean)
+    if cfg.eval.at_end and trainer.main and not summary.get("preempted"):
+        summary["eval"] = at_end.evaluate(trainer.cfg, str(trainer.device), log, manager)
+    return summary
