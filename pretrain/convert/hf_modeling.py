@@ -78,7 +78,6 @@ class PretrainHybridForCausalLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = ""
     main_input_name = "input_ids"
     _is_stateful = True  # a recurrent state cannot be rolled back: no assisted decoding
-    _supports_cache_class = False
 
     def __init__(self, config: PretrainHybridConfig) -> None:
         super().__init__(config)

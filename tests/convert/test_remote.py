@@ -125,14 +125,16 @@ _LOADER = textwrap.dedent('''
         model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
         tok = AutoTokenizer.from_pretrained(folder)
         prompt = tok(job["prompt"], return_tensors="pt").input_ids
+        ids = torch.tensor(job["ids"])
         with torch.no_grad():
-            logits = model(torch.tensor(job["ids"])).logits
+            logits = model(ids).logits
+            loss = model(ids, labels=ids, use_cache=False).loss
         steps = []  # (tokens fed, id of the cache passed in) per forward of generate()
         hook = model.register_forward_pre_hook(
             lambda m, args, kw: steps.append((kw["input_ids"].shape[1], id(kw.get("cache")))), with_kwargs=True)
         new = model.generate(prompt, max_new_tokens=job["new_tokens"], do_sample=False, use_cache=True)
         hook.remove()
-        results[name] = {"logits": logits, "prompt": prompt[0].tolist(), "new": new[0, prompt.shape[1]:].tolist(),
+        results[name] = {"logits": logits, "loss": loss, "prompt": prompt[0].tolist(), "new": new[0, prompt.shape[1]:].tolist(),
                          "class": type(model).__module__ + "." + type(model).__name__,
                          "fed": [n for n, _ in steps], "caches": len({c for _, c in steps[1:]})}
     leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("pretrain", "kernels", "triton"))
@@ -148,7 +150,7 @@ def loaded(tokenizer_path, tmp_path_factory):
     for name in REMOTE_MODELS:
         model, run = _save_checkpoint(name, root / name / "run", tokenizer_path)
         out = root / name / "hf"
-        extra = ["--remote-code"] if name == "llama_remote" else []
+        extra = ["--remote-code"] if name == "llama_remote" else ["--max-shard-size", "40KB"] if name == "mix" else []
         assert main(["convert", str(run), "--to", "hf", str(out), *extra]) == 0
         models[name], folders[name] = model, str(out)
     ids = torch.randint(0, 256, (2, 19), generator=torch.Generator().manual_seed(1))
@@ -184,6 +186,30 @@ def test_logits_match(loaded, name):
     err = relative_error(got, ref)
     print(f"{name}: max relative logit error {err:.2e}")
     assert err <= 1e-5, (name, err)
+    # labels give the mean next-token cross-entropy, shifted inside as transformers' models do
+    expected = torch.nn.functional.cross_entropy(ref[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    assert torch.allclose(result["results"][name]["loss"], expected, rtol=1e-5), name
+
+
+@pytest.mark.parametrize("name", ["samba", "sambay", "mix"])
+def test_weights_keep_our_names(loaded, name):
+    """model.safetensors (sharded above --max-shard-size, with its index) holds our state_dict
+    under our names; a tied head stores no second copy."""
+    from safetensors import safe_open
+
+    models, folders, _, _ = loaded
+    folder = Path(folders[name])
+    shards = sorted(folder.glob("model*.safetensors"))
+    assert (len(shards) > 1) == (name == "mix") and (folder / "model.safetensors.index.json").is_file() == (name == "mix")
+    stored = {}
+    for shard in shards:
+        with safe_open(shard, "pt") as f:
+            stored.update({k: f.get_tensor(k) for k in f.keys()})
+    ours = models[name].state_dict()
+    assert sorted(stored) == sorted(ours)
+    assert ("head.weight" in stored) == (not models[name].cfg.tie_embeddings)
+    for k, v in ours.items():
+        assert torch.equal(stored[k], v), k
 
 
 @pytest.mark.parametrize("name", sorted(REMOTE_MODELS))
