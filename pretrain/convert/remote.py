@@ -157,13 +157,13 @@ class _Bundler:
                 return f'raise ImportError("{top} is not part of this exported folder")'
             raise _Unbundleable(module, top)
         try:
-            return self._relative(module, node, targets, indent)
+            return self._relative(module, targets, indent)
         except _Unbundleable as exc:
             if site.lazy:
                 return f'raise ImportError("{exc.module}: {exc.package} kernels are not part of this exported folder")'
             raise
 
-    def _relative(self, importer: str, node: ast.stmt, targets: list, indent: str) -> str:
+    def _relative(self, importer: str, targets: list, indent: str) -> str:
         """The relative imports of the bundled flat files that ``targets`` name."""
         out: list[str] = []
         names: list[str] = []
@@ -174,7 +174,7 @@ class _Bundler:
                 out += self._module_lines(base, asname, importer)
             elif name == "*":
                 raise BundleError(f"remote-code export: {importer}: `from {base} import *` cannot be bundled")
-            elif _source_file(f"{base}.{name}") is not None and _is_submodule(base, name):
+            elif _is_submodule(base, name):
                 out += self._module_lines(f"{base}.{name}", asname or name, importer)
             else:
                 names.append(name if asname is None else f"{name} as {asname}")
