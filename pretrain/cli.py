@@ -74,7 +74,13 @@ def _parser() -> argparse.ArgumentParser:
     direction.add_argument("--from", dest="from_format", choices=["hf"], help="import from this format")
     p.add_argument(
         "--native-only", action="store_true",
-        help="export only to a native transformers class (no remote code); so far every export is native",
+        help="export only to a native transformers class (Llama, Mistral, Mixtral, DiffLlama, Mamba, Mamba-2): "
+        "refuse the other families instead of bundling our model code (trust_remote_code)",
+    )
+    p.add_argument(
+        "--remote-code", action="store_true",
+        help="bundle our model code into the folder (load with trust_remote_code=True) even where a native "
+        "class exists; the families without one always export this way",
     )
     p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size of an export, e.g. 2GB")
     p.add_argument(
@@ -266,7 +272,7 @@ def _cmd_convert(args) -> int:
     if args.to:
         if args.overrides:
             raise ConfigError("--set: applies to an import (--from hf); an export keeps the checkpoint's config")
-        family = export_hf(Path(args.source), Path(args.out), args.max_shard_size, args.native_only)
+        family = export_hf(Path(args.source), Path(args.out), args.max_shard_size, args.native_only, args.remote_code)
         print(f"exported {args.source} as {family} ({_hf_class(family)}) to {args.out}")
     else:
         family = import_hf(Path(args.source), Path(args.out), args.overrides)
@@ -276,8 +282,9 @@ def _cmd_convert(args) -> int:
 
 def _hf_class(family: str) -> str:
     from pretrain.convert import HF_CLASSES
+    from pretrain.convert.remote import REMOTE_CLASS, REMOTE_FAMILY
 
-    return HF_CLASSES[family]
+    return f"{REMOTE_CLASS}, trust_remote_code=True" if family == REMOTE_FAMILY else HF_CLASSES[family]
 
 
 def _cmd_eval(args) -> int:

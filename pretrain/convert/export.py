@@ -1,8 +1,11 @@
 """`pretrain convert CHECKPOINT --to hf OUT`: a DCP checkpoint -> a Hugging Face folder that
-loads with the native transformers class of its family (no remote code).
+loads with the native transformers class of its family, or, for the families without one (or
+with ``remote_code``), with our own model code bundled into the folder (pretrain/convert/remote.py;
+``trust_remote_code=True``).
 
 The folder: ``config.json`` (standard names), ``generation_config.json``, ``model.safetensors``
-(or shards plus ``model.safetensors.index.json`` above ``max_shard_size``), ``tokenizer.json`` +
+(or shards plus ``model.safetensors.index.json`` above ``max_shard_size``; a remote-code
+export keeps our parameter names), the remote code's ``*.py`` files, ``tokenizer.json`` +
 ``tokenizer_config.json`` (see pretrain/convert/tokenizer.py) and our ``tokenizer.model``, so
 `pretrain convert OUT --from hf` can import it back. Written atomically (pretrain/convert/folder.py).
 """
@@ -43,34 +46,51 @@ def build_hf_model(family: str, cfg, state: dict[str, torch.Tensor], eos_id: int
     return model.eval()
 
 
-def export_hf(checkpoint: Path, out: Path, max_shard_size: str | int = "5GB", native_only: bool = False) -> str:
+def export_hf(
+    checkpoint: Path,
+    out: Path,
+    max_shard_size: str | int = "5GB",
+    native_only: bool = False,
+    remote_code: bool = False,
+) -> str:
     """Export the checkpoint at or under ``checkpoint`` (a step, checkpoints or run folder of
     any parallel layout, read in this one process) to the Hugging Face folder ``out``.
 
-    Returns the family (a key of :data:`~pretrain.convert.families.HF_CLASSES`). ``native_only``:
-    refuse anything but a native class (the only export so far; remote-code export of the other
-    families comes later, and only that will tell the two apart). Raises ConvertError when the
-    model has no native class, the checkpoint has no tokenizer or ``out``
-    exists; CheckpointError when the folder is not a usable checkpoint. Nothing is written
-    under ``out`` unless the export completes."""
+    Returns the family: a key of :data:`~pretrain.convert.families.HF_CLASSES` for a native
+    export, :data:`~pretrain.convert.remote.REMOTE_FAMILY` for a remote-code one (the model's
+    family has no native class, or ``remote_code`` asks for it). ``native_only``: refuse
+    anything but a native class. Raises ConvertError when ``native_only`` meets a model
+    without a native class (or both flags are given), the checkpoint has no tokenizer, ``out``
+    exists or the model code cannot be bundled (:class:`~pretrain.convert.remote.BundleError`);
+    CheckpointError when the folder is not a usable checkpoint. Nothing is written under
+    ``out`` unless the export completes."""
+    from pretrain.convert import remote
     from pretrain.train.checkpoint import load_for_inference
 
+    if native_only and remote_code:
+        raise ConvertError("--native-only and --remote-code: choose one")
     cfg, model, tok_path = load_for_inference(Path(checkpoint))
     try:
-        family = native_family(cfg.model)
-    except ConvertError as exc:
+        family = remote.REMOTE_FAMILY if remote_code else native_family(cfg.model)
+    except ConvertError:
         if native_only:
             raise
-        raise ConvertError(f"{exc}, and remote-code export (trust_remote_code) is not available yet") from None
+        family = remote.REMOTE_FAMILY
     if Path(out).exists():
         raise ConvertError(f"{out}: already exists; choose a new output folder")
     if not tok_path.is_file():
         raise ConvertError(f"checkpoint {tok_path.parent}: tokenizer.model is missing")
     tokenizer = hf_tokenizer(tok_path)
     state = {k: v.detach() for k, v in model.state_dict().items()}
-    hf_model = build_hf_model(family, cfg.model, state, tokenizer.eos_token_id, cfg.data.seq_len)
+    files = {}
+    if family == remote.REMOTE_FAMILY:
+        files = remote.bundle()  # before anything is written: a failure leaves no folder
+        hf_model = remote.build_remote_model(cfg.model, state, tokenizer.eos_token_id, cfg.data.seq_len)
+    else:
+        hf_model = build_hf_model(family, cfg.model, state, tokenizer.eos_token_id, cfg.data.seq_len)
     with atomic_folder(Path(out)) as tmp:
         hf_model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        remote.write_remote_files(tmp, files)
         tokenizer.save_pretrained(tmp)
         shutil.copyfile(tok_path, tmp / "tokenizer.model")
     return family

@@ -2,7 +2,7 @@
 
 A constructor takes ``(cfg: ModelConfig, layer_idx: int)``. Adding a layer type is one file
 under ``layers/`` with a ``@register_mixer("name")`` (or ``@register_ffn``) function, plus its
-module in the import list at the bottom of this file.
+module in the import list of ``_import_layers`` at the bottom of this file.
 
 A mixer is an ``nn.Module`` with
     ``forward(x [B, T, d_model], ctx: ForwardContext, state=None) -> [B, T, d_model]``
@@ -61,16 +61,12 @@ def register_ffn(name: str) -> Callable[[Factory], Factory]:
 
 
 def _import_layers() -> None:
-    """Import every module of ``pretrain.models.layers``: each registers its layers, so
-    `from pretrain.models.registry import MIXERS` is complete (config validation relies on
-    it) and a new layer file needs no edit here."""
-    import importlib
-    import pkgutil
-
-    from pretrain.models import layers
-
-    for info in sorted(pkgutil.iter_modules(layers.__path__), key=lambda i: i.name):
-        importlib.import_module(f"{layers.__name__}.{info.name}")
+    """Import every layer module that registers a mixer or an FFN, so that
+    `from pretrain.models.registry import MIXERS` is complete (config validation relies on it).
+    An explicit list, not a scan of the package: the remote-code export
+    (pretrain/convert/remote.py) bundles exactly the modules named by import statements.
+    tests/models/test_registry_list.py checks that no registering module is missing."""
+    from pretrain.models.layers import attention, diff_attention, gla, gmu, mamba, mamba2, mlp, moe, titans  # noqa: F401
 
 
 _import_layers()

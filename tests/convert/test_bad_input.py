@@ -50,8 +50,8 @@ def test_export_refusals(capsys, tokenizer_path, tmp_path, exported):
     model = build_model(cfg.model)
     save_checkpoint(tmp_path / "ffn" / "checkpoints", 1, model, build_optimizer(model, cfg.optim, torch.device("cpu")),
                     {"data": {"consumed_samples": 0}}, cfg.to_toml(), tokenizer_path, 1)
-    _one_line_exit_2(capsys, ["convert", str(tmp_path / "ffn"), "--to", "hf", str(tmp_path / "o0")],
-                     "FFNs mlp", "no native transformers class", "remote-code export")
+    _one_line_exit_2(capsys, ["convert", str(tmp_path / "ffn"), "--to", "hf", str(tmp_path / "o0"), "--native-only"],
+                     "FFNs mlp", "no native transformers class")
     # a checkpoint saved without its tokenizer
     _, bare = save_tiny_checkpoint("llama", tmp_path / "bare", None)
     _one_line_exit_2(capsys, ["convert", str(bare), "--to", "hf", str(tmp_path / "o2")], "tokenizer.model is missing")
