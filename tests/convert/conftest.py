@@ -41,7 +41,12 @@ def tiny_model(family: str, seed: int = 0):
 
     cfg = model_config(family, 256)
     torch.manual_seed(seed)
-    model = build_model(cfg.model)
+    return perturb_(build_model(cfg.model))
+
+
+def perturb_(model):
+    """``model`` with its norm gains, biases and differential-attention lambdas moved off their
+    initial values (ones, zeros), so a conversion that drops or swaps one shows in the logits."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lambda" in name:

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from pretrain.cli import main
-from tests.convert.conftest import relative_error
+from tests.convert.conftest import perturb_, relative_error
 
 PROMPT = "And God said, Let there be light"
 NEW_TOKENS = 8
@@ -64,13 +64,7 @@ def _save_checkpoint(name: str, root: Path, tokenizer: Path):
 
     cfg = _config(name)
     torch.manual_seed(0)
-    model = build_model(cfg.model)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "lambda" in pname:
-                p.normal_(std=0.3)
-            elif p.ndim == 1:
-                p.add_(torch.rand_like(p) * 0.5)
+    model = perturb_(build_model(cfg.model))
     optimizer = build_optimizer(model, cfg.optim, torch.device("cpu"))
     save_checkpoint(root / "checkpoints", 3, model, optimizer, {"data": {"consumed_samples": 0}}, cfg.to_toml(), tokenizer,
                     keep_last=1)
