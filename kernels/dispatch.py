@@ -31,7 +31,6 @@ def triton_available(module: str) -> bool:
     return _has_module("triton") and _has_module(module)
 
 
-@torch.compiler.disable  # reads the environment and the installed modules; a graph break is cheap
 def select(op: str, backend: str, device: torch.device, module: str | None) -> str:
     """'triton' or 'torch' for ``op`` on ``device``.
 
@@ -45,6 +44,18 @@ def select(op: str, backend: str, device: torch.device, module: str | None) -> s
         ValueError: an unknown backend, or 'triton' where the op has no Triton kernel, triton is
             not installed or the inputs are not on CUDA.
     """
+    if torch.compiler.is_compiling():
+        return _select_eager(op, backend, device, module)
+    return _select(op, backend, device, module)
+
+
+@torch.compiler.disable  # reads the environment and the installed modules; a graph break is cheap
+def _select_eager(op: str, backend: str, device: torch.device, module: str | None) -> str:
+    return _select(op, backend, device, module)
+
+
+def _select(op: str, backend: str, device: torch.device, module: str | None) -> str:
+    # (eager callers skip torch.compiler.disable's wrapper: a decoding step calls select ~60 times)
     env = os.environ.get(ENV_VAR, "")
     source = f"{ENV_VAR}={env!r}" if env else f"model.kernels={backend!r}"
     backend = env or backend
