@@ -7,7 +7,9 @@ The folder: ``config.json`` (standard names), ``generation_config.json``, ``mode
 (or shards plus ``model.safetensors.index.json`` above ``max_shard_size``; a remote-code
 export keeps our parameter names), the remote code's ``*.py`` files, ``tokenizer.json`` +
 ``tokenizer_config.json`` (see pretrain/convert/tokenizer.py) and our ``tokenizer.model``, so
-`pretrain convert OUT --from hf` can import it back. Written atomically (pretrain/convert/folder.py).
+`pretrain convert OUT --from hf` can import it back; a run with a Hugging Face tokenizer (one
+imported from ``tokenizer.json``) gets its ``tokenizer.json`` + ``tokenizer_config.json`` as
+they were. Written atomically (pretrain/convert/folder.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from pretrain.convert.families import HF_CLASSES, ConvertError, hf_config_dict, 
 from pretrain.convert.folder import atomic_folder
 from pretrain.convert.tokenizer import hf_tokenizer
 from pretrain.convert.weights import to_hf
+from pretrain.data import Tokenizer
+from pretrain.data.tokenizer import copy_tokenizer, is_hf_tokenizer
 
 
 def hf_classes(family: str):
@@ -80,17 +84,25 @@ def export_hf(
         raise ConvertError(f"{out}: already exists; choose a new output folder")
     if not tok_path.is_file():
         raise ConvertError(f"checkpoint {tok_path.parent}: tokenizer.model is missing")
-    tokenizer = hf_tokenizer(tok_path)
+    if is_hf_tokenizer(tok_path):
+        tokenizer = None
+        eos_id = Tokenizer(tok_path).eos_id
+    else:
+        tokenizer = hf_tokenizer(tok_path)
+        eos_id = tokenizer.eos_token_id
     state = {k: v.detach() for k, v in model.state_dict().items()}
     files = {}
     if family == remote.REMOTE_FAMILY:
         files = remote.bundle()  # before anything is written: a failure leaves no folder
-        hf_model = remote.build_remote_model(cfg.model, state, tokenizer.eos_token_id, cfg.data.seq_len)
+        hf_model = remote.build_remote_model(cfg.model, state, eos_id, cfg.data.seq_len)
     else:
-        hf_model = build_hf_model(family, cfg.model, state, tokenizer.eos_token_id, cfg.data.seq_len)
+        hf_model = build_hf_model(family, cfg.model, state, eos_id, cfg.data.seq_len)
     with atomic_folder(Path(out)) as tmp:
         hf_model.save_pretrained(tmp, max_shard_size=max_shard_size)
         remote.write_remote_files(tmp, files)
-        tokenizer.save_pretrained(tmp)
-        shutil.copyfile(tok_path, tmp / "tokenizer.model")
+        if tokenizer is None:
+            copy_tokenizer(tok_path, tmp)
+        else:
+            tokenizer.save_pretrained(tmp)
+            shutil.copyfile(tok_path, tmp / "tokenizer.model")
     return family

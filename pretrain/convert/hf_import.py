@@ -2,16 +2,16 @@
 (Llama, Mistral, Mixtral, Mamba, Mamba-2) -> a run folder to continue pretraining from.
 
 ``OUT`` holds ``config.toml`` (a config `pretrain train` accepts; ``--set`` overrides given to
-the import, e.g. the data sources, are applied to it), ``tokenizer.model`` (the HF folder's
-sentencepiece model, which data.tokenizer names) and ``checkpoints/step-00000000`` (a DCP
-checkpoint at step 0 with a fresh optimizer and data position 0), so `pretrain train
-OUT/config.toml` resumes from it. Written atomically (pretrain/convert/folder.py).
+the import, e.g. the data sources, are applied to it), the HF folder's tokenizer, which
+data.tokenizer names (its sentencepiece ``tokenizer.model`` when it has one, else its
+``tokenizer.json`` + ``tokenizer_config.json``, e.g. the byte-level BPE of Mamba or Llama-3)
+and ``checkpoints/step-00000000`` (a DCP checkpoint at step 0 with a fresh optimizer and data
+position 0), so `pretrain train OUT/config.toml` resumes from it. Written atomically (pretrain/convert/folder.py).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -36,33 +36,35 @@ def read_hf_config(hf_dir: Path) -> dict:
 
 def imported_config(hf_dir: Path, out: Path, overrides: list[str] | None = None):
     """(family, our Config) for the HF model in ``hf_dir`` written to ``out``: its model
-    section, data.tokenizer = ``out/tokenizer.model``, run.dir = ``out``, then ``overrides``."""
+    section, data.tokenizer = ``out/`` + the name of ``hf_dir``'s tokenizer file
+    (:func:`~pretrain.data.tokenizer.tokenizer_file`), run.dir = ``out``, then ``overrides``."""
     from pretrain.config import config_from_dict
+    from pretrain.data.tokenizer import tokenizer_file
 
     family, model = model_section_from_hf(read_hf_config(hf_dir))
     out = Path(out).resolve()
-    data = {"tokenizer": str(out / "tokenizer.model"), "dir": str(out / "data")}
+    data = {"tokenizer": str(out / tokenizer_file(hf_dir).name), "dir": str(out / "data")}
     return family, config_from_dict({"run": {"name": out.name, "dir": str(out)}, "model": model, "data": data}, overrides)
 
 
 def import_hf(hf_dir: Path, out: Path, overrides: list[str] | None = None) -> str:
     """Import the Hugging Face model folder ``hf_dir`` into the run folder ``out`` (see the
     module docstring); returns its family. Raises ConvertError for an unsupported model type or
-    feature, a folder without ``config.json`` or without a sentencepiece ``tokenizer.model``,
-    or an existing ``out``; ConfigError for a bad override. Writes nothing under ``out`` unless
+    feature, a folder without ``config.json`` or without a ``tokenizer.model`` or
+    ``tokenizer.json``, or an existing ``out``; DataError for an unreadable tokenizer or one
+    without an EOS; ConfigError for a bad override. Writes nothing under ``out`` unless
     the import completes."""
     from pretrain.data import Tokenizer
+    from pretrain.data.tokenizer import copy_tokenizer, tokenizer_file
     from pretrain.models import build_model
     from pretrain.train.checkpoint import save_checkpoint
     from pretrain.train.optim import build_optimizer
 
     hf_dir, out = Path(hf_dir), Path(out)
     family, cfg = imported_config(hf_dir, out, overrides)
-    tok_path = hf_dir / "tokenizer.model"
+    tok_path = tokenizer_file(hf_dir)
     if not tok_path.is_file():
-        raise ConvertError(
-            f"{hf_dir}: no sentencepiece tokenizer.model, which our data pipeline needs (tokenizer.json alone is not supported)"
-        )
+        raise ConvertError(f"{hf_dir}: no tokenizer.model or tokenizer.json, which our data pipeline needs")
     if Tokenizer(tok_path).vocab_size > cfg.model.vocab_size:
         raise ConvertError(f"{tok_path}: the tokenizer has more pieces than the model's vocab_size {cfg.model.vocab_size}")
     if out.exists():
@@ -80,7 +82,7 @@ def import_hf(hf_dir: Path, out: Path, overrides: list[str] | None = None) -> st
         raise ConvertError(f"{hf_dir}: weights do not fit config.json ({str(exc).splitlines()[0]})") from None
     optimizer = build_optimizer(model, cfg.optim, torch.device("cpu"))
     with atomic_folder(out) as tmp:
-        shutil.copyfile(tok_path, tmp / "tokenizer.model")
+        copy_tokenizer(tok_path, tmp)
         (tmp / "config.toml").write_text(cfg.to_toml())
         train_state = {"data": {"consumed_samples": 0, "order": ORDERS[0]}, "imported_from": str(hf_dir.resolve())}
         save_checkpoint(tmp / "checkpoints", 0, model, optimizer, train_state, cfg.to_toml(), tok_path, keep_last=1)

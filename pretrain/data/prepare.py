@@ -2,7 +2,8 @@
 
 Layout of ``data.dir``::
 
-    tokenizer.model            trained on the sources, or a copy of data.tokenizer
+    tokenizer.model            trained on the sources, or a copy of data.tokenizer (a
+                               tokenizer.json + tokenizer_config.json when that is one)
     NN-<slug>/train.bin|.idx   one folder per source: its documents, each ending with eos
     NN-<slug>/valid.bin|.idx   the held-out documents
     meta.json                  written last and atomically: without it the dir is not prepared
@@ -34,9 +35,17 @@ from pretrain.data import indexed
 from pretrain.data.errors import DataError
 from pretrain.data.meta import META_FILE, META_VERSION, read_meta, write_meta
 from pretrain.data.sources import SourceStats, iter_documents, parse_source, source_fingerprint, source_slug
-from pretrain.data.tokenizer import Tokenizer, encode_documents, init_worker
+from pretrain.data.tokenizer import (
+    Tokenizer,
+    copy_tokenizer,
+    encode_documents,
+    init_worker,
+    tokenizer_file,
+    tokenizer_sha256,
+)
 
 TOKENIZER_FILE = "tokenizer.model"
+"""The name of a trained (sentencepiece) tokenizer; see :func:`~pretrain.data.tokenizer.tokenizer_file`."""
 TOKENIZER_TRAIN_CHARS = 500_000_000
 """Characters read, in all, to train a tokenizer (split evenly over the sources): sentencepiece
 samples its sentences from them, and a huge hub dataset need not be streamed twice."""
@@ -69,12 +78,12 @@ def fingerprint(cfg: DataConfig) -> str:
 def _sha256(path: Path) -> str:
     if not path.is_file():
         raise DataError(f"data.tokenizer {str(path)!r}: no such file")
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return tokenizer_sha256(path)
 
 
 def _complete(root: Path, meta: dict) -> bool:
     prefixes = [root / e["prefix"][s] for e in meta["datasets"] for s in ("train", "valid")]
-    return (root / TOKENIZER_FILE).is_file() and all(indexed.exists(str(p)) for p in prefixes)
+    return tokenizer_file(root).is_file() and all(indexed.exists(str(p)) for p in prefixes)
 
 
 def prepare(cfg: DataConfig, *, force: bool = False, log: Callable[[str], None] = print) -> dict:
@@ -123,7 +132,7 @@ def prepare(cfg: DataConfig, *, force: bool = False, log: Callable[[str], None] 
         "fingerprint": fp,
         "sources": list(cfg.sources),
         "config": {k: getattr(cfg, k) for k in _FINGERPRINTED},
-        "tokenizer": TOKENIZER_FILE,
+        "tokenizer": Path(tok.path).name,
         "tokenizer_sha256": tok.sha256,
         "vocab_size": tok.vocab_size,
         "eos_id": tok.eos_id,
@@ -178,13 +187,12 @@ def _describe(e: dict) -> str:
 def _tokenizer(cfg: DataConfig, root: Path, log: Callable[[str], None]) -> Tokenizer:
     target = root / TOKENIZER_FILE
     prepared = [parse_source(s).name for s in cfg.sources if parse_source(s).kind == "prepared"]
-    given = cfg.tokenizer or (str(Path(prepared[0]) / TOKENIZER_FILE) if prepared else "")
+    given = cfg.tokenizer or (str(tokenizer_file(prepared[0])) if prepared else "")
     if given:
         Tokenizer(given)  # validates it before it is copied
-        if Path(given).resolve() != target.resolve():
-            shutil.copyfile(given, target)
+        copied = copy_tokenizer(given, root)
         log(f"tokenizer: {given}")
-        return Tokenizer(target)
+        return Tokenizer(copied)
     log(f"training a {cfg.tokenizer_type} tokenizer of {cfg.vocab_size} pieces on {', '.join(cfg.sources)}")
     t0 = time.perf_counter()
     tok = Tokenizer.train(
@@ -355,7 +363,7 @@ def _merge_prepared(spec: str, tok: Tokenizer, root: Path, name: str) -> tuple[d
     if other["tokenizer_sha256"] != tok.sha256:
         raise DataError(
             f"data source {spec!r} was tokenized with a different tokenizer: "
-            f"set data.tokenizer to {other_dir / TOKENIZER_FILE} or prepare it again"
+            f"set data.tokenizer to {tokenizer_file(other_dir)} or prepare it again"
         )
     counts = {}
     for split in ("train", "valid"):

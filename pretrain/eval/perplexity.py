@@ -16,11 +16,16 @@ document by document, to the bytes of ``Tokenizer.decode`` of its tokens:
 - control pieces (BOS, EOS): 0 bytes;
 - at a document start (the first token, and each token after an EOS) one byte less when the
   piece begins with ``▁``: that space is the dummy prefix the encoder added and the decoder drops.
+
+For a Hugging Face ``tokenizer.json`` (:func:`hf_token_bytes`) the bytes of a token come from
+decoding it: with a byte-level decoder (GPT-2, GPT-NeoX/Mamba, Llama-3) each character of the
+token string stands for one byte, which is exact even for a token holding part of a UTF-8
+character; with another decoder, the UTF-8 bytes of ``decode([id])``. Special tokens (EOS
+among them) add 0 bytes, and no token loses a byte at a document start.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 from typing import Any
@@ -31,6 +36,7 @@ import torch.nn.functional as F
 
 from pretrain.data import read_meta, validation_batches
 from pretrain.data.errors import DataError
+from pretrain.data.tokenizer import is_hf_tokenizer, tokenizer_sha256
 from pretrain.train.checkpoint import load_for_inference
 
 _SPACE = "\u2581"  # sentencepiece's whitespace mark
@@ -75,6 +81,44 @@ def piece_bytes(tokenizer_path: Path) -> tuple[np.ndarray, np.ndarray]:
     return nbytes, prefixed
 
 
+def hf_token_bytes(tokenizer_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Per token id of the Hugging Face ``tokenizer.json`` at ``tokenizer_path``: the UTF-8
+    bytes it adds to decoded text (int64 ``[V]``, see the module docstring) and whether it loses
+    one at a document start (bool ``[V]``, all False). Raises DataError for a missing or
+    unreadable file."""
+    import json
+
+    from tokenizers import Tokenizer as _Tokenizers
+
+    path = Path(tokenizer_path)
+    if not path.is_file():
+        raise DataError(f"tokenizer {path}: no such file")
+    try:
+        tok = _Tokenizers.from_file(str(path))
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except Exception as exc:  # the Rust side raises a plain Exception
+        raise DataError(f"tokenizer {path}: not a Hugging Face tokenizer.json ({exc})") from None
+    decoder = spec.get("decoder") or {}
+    byte_level = decoder.get("type") == "ByteLevel" or any(
+        d.get("type") == "ByteLevel" for d in decoder.get("decoders", []) if isinstance(d, dict)
+    )
+    specials = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+    n = tok.get_vocab_size(with_added_tokens=True)
+    nbytes = np.zeros(n, dtype=np.int64)
+    added = {t["id"] for t in spec.get("added_tokens", [])}
+    for i in range(n):
+        if i in specials:
+            continue
+        token = tok.id_to_token(i)
+        if token is None:
+            continue
+        if byte_level and i not in added:  # a byte-level token string has one character per byte
+            nbytes[i] = len(token)
+        else:
+            nbytes[i] = len(tok.decode([i], skip_special_tokens=False).encode("utf-8"))
+    return nbytes, np.zeros(n, dtype=bool)
+
+
 def label_bytes(
     input_ids: torch.Tensor, labels: torch.Tensor, nbytes: np.ndarray, prefixed: np.ndarray, eos_id: int
 ) -> int:
@@ -99,9 +143,10 @@ def perplexity(checkpoint: Path, samples: int | None = None, device: str = "cpu"
     cfg, model, tok_path = load_for_inference(checkpoint, device)
     n = samples or cfg.train.eval_samples
     meta = read_meta(cfg.data.dir)
-    if tok_path.is_file() and hashlib.sha256(tok_path.read_bytes()).hexdigest() != meta["tokenizer_sha256"]:
+    if tok_path.is_file() and tokenizer_sha256(tok_path) != meta["tokenizer_sha256"]:
         raise DataError(f"data dir {cfg.data.dir}: prepared with another tokenizer than checkpoint {tok_path.parent}")
-    nbytes, prefixed = piece_bytes(Path(cfg.data.dir) / meta["tokenizer"])
+    tok_file = Path(cfg.data.dir) / meta["tokenizer"]
+    nbytes, prefixed = hf_token_bytes(tok_file) if is_hf_tokenizer(tok_file) else piece_bytes(tok_file)
     eos_id = meta["eos_id"]
     batches = validation_batches(cfg.data.dir, cfg.data.seq_len, n, cfg.train.micro_batch_size, 0, 1)
     nats, tokens, text_bytes = 0.0, 0, 0

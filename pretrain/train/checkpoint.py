@@ -6,7 +6,8 @@ Layout of ``<checkpoint dir>/step-00000100/``::
     rng/rank<R>.pt        RNG states of each rank (torch, CUDA, numpy, python)
     train_state.json      step, data position, run bookkeeping
     config.toml           the resolved config of the run
-    tokenizer.model       the tokenizer, so the folder alone can generate text
+    tokenizer.model       the tokenizer, so the folder alone can generate text (or
+                          tokenizer.json + tokenizer_config.json, see pretrain/data/tokenizer.py)
     manifest.json         every file's size; written last
 
 A step is first written to ``step-00000100.tmp`` and renamed when complete, so a folder
@@ -22,7 +23,6 @@ ones are left as they were. With ``checkpoint.async_save`` DCP writes in a backg
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -46,6 +46,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from pretrain.config import ConfigError
+from pretrain.data.tokenizer import copy_tokenizer, tokenizer_file
+from pretrain.data.tokenizer import tokenizer_sha256 as _tokenizer_sha256
 
 PREFIX = "step-"
 TMP_SUFFIX = ".tmp"
@@ -237,7 +239,7 @@ def _complete(
     _write_file(tmp / "train_state.json", json.dumps({"step": step, **train_state}, indent=1).encode())
     _write_file(tmp / "config.toml", config_toml.encode())
     if tokenizer_path is not None:
-        shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+        copy_tokenizer(tokenizer_path, tmp)
     sizes = {
         str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()
     }
@@ -332,11 +334,12 @@ def load_model_weights(path: Path, model: nn.Module, tokenizer_sha256: str) -> d
     """
     step = resolve_checkpoint(Path(path))
     verify(step)
-    saved = hashlib.sha256((step / "tokenizer.model").read_bytes()).hexdigest()
+    saved = _tokenizer_sha256(tokenizer_file(step))
     if saved != tokenizer_sha256:
         raise ConfigError(
             f"data.tokenizer: the run's tokenizer is not the one checkpoint {step} was trained with, "
-            "so its embeddings would name other tokens; prepare the data with that checkpoint's tokenizer.model"
+            "so its embeddings would name other tokens; "
+            f"prepare the data with that checkpoint's {tokenizer_file(step).name}"
         )
     state = {"model": get_model_state_dict(model)}
     _load_state(step, state)
@@ -420,4 +423,4 @@ def load_for_inference(path: Path, device: torch.device | str = "cpu"):
     state = {"model": model.state_dict()}
     _load_state(step, state)
     model.load_state_dict(state["model"])
-    return cfg, model.to(device).eval(), step / "tokenizer.model"
+    return cfg, model.to(device).eval(), tokenizer_file(step)

@@ -25,6 +25,7 @@ from parallel.tensor.region import apply_tp
 from parallel.dims import ParallelDims, destroy_distributed, init_distributed
 from pretrain.config import Config, ConfigError
 from pretrain.data import PackedLoader, prepare, prepared_datasets, read_meta, validation_batches
+from pretrain.data.tokenizer import tokenizer_file
 from pretrain.models import build_model, flops_per_token
 from pretrain.train import checkpoint as ckpt
 from pretrain.train import resume_checks
@@ -93,7 +94,7 @@ class Trainer:
             raise ConfigError(f"--init-from: starts a new run; it cannot be combined with --resume {resume}")
         self._check_resume_config(cfg, resume)  # before prepare, which may rewrite data.dir
         self.meta = self._prepare_data(cfg)
-        self.tokenizer_path = Path(cfg.data.dir) / "tokenizer.model"
+        self.tokenizer_path = tokenizer_file(cfg.data.dir)
         if cfg.model.vocab_size and cfg.model.vocab_size < self.meta["vocab_size"]:
             raise ConfigError(
                 f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's {self.meta['vocab_size']}"

@@ -71,6 +71,7 @@ def test_import_refusals(capsys, tmp_path, exported):
     no_tok = tmp_path / "no_tok"
     shutil.copytree(hf, no_tok)
     (no_tok / "tokenizer.model").unlink()
+    (no_tok / "tokenizer.json").unlink()  # a tokenizer.json alone is imported (test_import_tokenizer_json.py)
     _one_line_exit_2(capsys, ["convert", str(no_tok), "--from", "hf", str(tmp_path / "o2")], "tokenizer.model")
     other = tmp_path / "gpt2"
     shutil.copytree(hf, other)
