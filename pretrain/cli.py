@@ -99,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
         help="without --tasks: validation sequences to score (0: the config's train.eval_samples)",
     )
     p.add_argument(
-        "--tasks", default="",
+        "--tasks", default=None,
         help="comma-separated lm-eval tasks, e.g. kjv_chapter_ppl,kjv_verse_choice (shipped, offline) "
         "or any task lm-eval has cached",
     )
@@ -297,12 +297,24 @@ def _cmd_eval(args) -> int:
         raise ConfigError(f"--samples: must be >= 0, got {args.samples}")
     if args.limit < 0:
         raise ConfigError(f"--limit: must be >= 0, got {args.limit}")
+    if args.tasks is None and args.limit:
+        raise ConfigError("--limit: counts documents of --tasks; without --tasks nothing would use it")
+    if args.tasks is not None and args.samples:
+        raise ConfigError("--samples: counts validation sequences, which --tasks does not score; drop one")
+    _check_device(args.device)
     step = resolve_checkpoint(Path(args.checkpoint))
-    if args.tasks:
+    if args.tasks is not None:
+        import contextlib
+
         from pretrain.eval import harness
 
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        results = harness.without_samples(harness.run_lm_eval(step, tasks, args.limit or None, args.device))
+        if not tasks:
+            raise ConfigError(f"--tasks: no task name in {args.tasks!r}")
+        # lm-eval and the libraries it imports (deepspeed's accelerator line) print to stdout:
+        # keep stdout for the results (--json must parse)
+        with contextlib.redirect_stdout(sys.stderr):
+            results = harness.without_samples(harness.run_lm_eval(step, tasks, args.limit or None, args.device))
         out = write_json(results_path(step, "lm_eval"), results)
         print(json.dumps(results, indent=2, default=str) if args.json else harness.table(results))
     else:
@@ -320,6 +332,20 @@ def _cmd_eval(args) -> int:
             )
     print(f"results written to {out}", file=sys.stderr)
     return 0
+
+
+def _check_device(device: str) -> None:
+    """ConfigError naming --device unless it names a device this torch can use."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device: {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device: {device!r}, but this torch sees no CUDA device")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device: {device!r}; evaluation runs on cpu or cuda")
 
 
 def _cmd_plan(args) -> int:

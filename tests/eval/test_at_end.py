@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from pretrain.cli import main
 from tests.conftest import set_args, tiny_overrides
@@ -78,3 +79,23 @@ def test_eval_bad_input(prepared_dir, tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--limit", "-1", "--tasks", "kjv_verse_choice"]) == 2
     one_line_error(capsys, "--limit")
     assert not (tmp_path / "run" / "eval").exists()
+
+
+def test_eval_refuses_options_it_would_ignore(prepared_dir, tmp_path, capsys):
+    """Each option that would be silently ignored, or a device this torch cannot use, is one
+    line and exit 2 before anything is read or written."""
+    run = tmp_path / "run"
+    save_checkpoint_on(prepared_dir, run, LLAMA)
+    cases = [
+        (["--limit", "3"], ["--limit", "--tasks"]),
+        (["--tasks", "kjv_verse_choice", "--samples", "4"], ["--samples"]),
+        (["--tasks", ""], ["--tasks"]),
+        (["--tasks", " , "], ["--tasks"]),
+        (["--device", "bogus"], ["--device", "'bogus'"]),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], ["--device", "CUDA"]))
+    for extra, names in cases:
+        assert main(["eval", "--checkpoint", str(run), *extra]) == 2, extra
+        one_line_error(capsys, *names)
+    assert not (run / "eval").exists()
