@@ -15,6 +15,7 @@ they were. Written atomically (pretrain/convert/folder.py).
 from __future__ import annotations
 
 import shutil
+import os
 from pathlib import Path
 
 import torch
@@ -50,6 +51,32 @@ def build_hf_model(family: str, cfg, state: dict[str, torch.Tensor], eos_id: int
     return model.eval()
 
 
+def check_shard_size(size: str | int) -> int:
+    """Bytes of a shard size like 5GB, 500MB or 2GiB (transformers' units); ConvertError naming
+    --max-shard-size otherwise."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        value = convert_file_size_to_int(size)
+    except (ValueError, TypeError):
+        value = 0
+    if not isinstance(value, int) or value <= 0:
+        raise ConvertError(f"--max-shard-size: {size!r} is not a size such as 5GB, 500MB or 2GiB")
+    return value
+
+
+def check_output_folder(out: Path) -> None:
+    """ConvertError when ``out`` exists or its parent cannot hold a new folder (checked before
+    the checkpoint is read)."""
+    if out.exists():
+        raise ConvertError(f"{out}: already exists; choose a new output folder")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConvertError(f"{out}: cannot create it ({parent} is not a writable folder)")
+
+
 def export_hf(
     checkpoint: Path,
     out: Path,
@@ -73,6 +100,8 @@ def export_hf(
 
     if native_only and remote_code:
         raise ConvertError("--native-only and --remote-code: choose one")
+    check_shard_size(max_shard_size)
+    check_output_folder(Path(out))
     cfg, model, tok_path = load_for_inference(Path(checkpoint))
     try:
         family = remote.REMOTE_FAMILY if remote_code else native_family(cfg.model)

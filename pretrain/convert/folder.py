@@ -23,10 +23,13 @@ def atomic_folder(out: Path) -> Iterator[Path]:
     out = Path(out)
     if out.exists():
         raise ConvertError(f"{out}: already exists; choose a new output folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise ConvertError(f"{out}: cannot create it ({exc.strerror or exc})") from None
     try:
         yield tmp
         os.rename(tmp, out)

@@ -293,12 +293,21 @@ def read_train_state(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path}: train_state.json is unreadable ({exc})") from None
 
 
+def _reraise_interrupt(exc: BaseException) -> None:
+    """DCP wraps a Ctrl-C during a read into a CheckpointException: raise it as the
+    KeyboardInterrupt it was, so the user sees 'interrupted', not a damaged checkpoint."""
+    failures = exc.failures.values() if isinstance(exc, CheckpointException) else ()
+    if any(isinstance(failure[0], KeyboardInterrupt) for failure in failures):
+        raise KeyboardInterrupt from None
+
+
 def _load_state(path: Path, state: dict) -> None:
     """dcp.load into ``state`` in place, any failure as a one-line CheckpointError."""
     verify(path)
     try:
         _dcp("load", state, path)
     except (Exception, CheckpointException) as exc:  # DCP's own exception is a BaseException
+        _reraise_interrupt(exc)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"checkpoint {path}: cannot be loaded ({first})") from None
 

@@ -61,7 +61,28 @@ def test_export_refusals(capsys, tokenizer_path, tmp_path, exported):
                      "no complete checkpoint")
     # an existing output folder is never overwritten
     _one_line_exit_2(capsys, ["convert", str(run), "--to", "hf", str(hf)], "already exists")
-    assert not any(p.name.startswith(("o0", "o1", "o2", "o3")) for p in tmp_path.iterdir())
+    # a shard size transformers cannot read, an output whose parent is a file
+    _one_line_exit_2(capsys, ["convert", str(run), "--to", "hf", str(tmp_path / "o4"), "--max-shard-size", "banana"],
+                     "--max-shard-size", "'banana'")
+    (tmp_path / "afile").write_text("")
+    _one_line_exit_2(capsys, ["convert", str(run), "--to", "hf", str(tmp_path / "afile" / "o5")], "cannot create")
+    assert not any(p.name.startswith(("o0", "o1", "o2", "o3", "o4")) for p in tmp_path.iterdir())
+
+
+def test_interrupt_while_loading_is_an_interrupt_not_a_damaged_checkpoint(monkeypatch, tmp_path, exported):
+    """DCP wraps a Ctrl-C during the read into its CheckpointException; the user must see
+    'interrupted' (exit 130), not 'cannot be loaded'."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    import pretrain.train.checkpoint as ckpt
+
+    def interrupted(*args, **kwargs):
+        raise CheckpointException("load failed", {0: (KeyboardInterrupt(), None)})
+
+    monkeypatch.setattr(ckpt, "_dcp", interrupted)
+    run, _ = exported
+    assert main(["convert", str(run), "--to", "hf", str(tmp_path / "o6")]) == 130
+    assert not (tmp_path / "o6").exists()
 
 
 def test_import_refusals(capsys, tmp_path, exported):
