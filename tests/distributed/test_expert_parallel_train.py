@@ -58,7 +58,8 @@ def _ep2(overrides, nproc=2):
 def test_ep2_train_and_resume_equal_single_process(small_corpus, prepared_dir, tmp_path):
     # FSDP2's reduce-scatter of the non-expert gradients sums in another order than one process,
     # which AdamW amplifies in tiny entries: logs to 1e-5, weights and moments after four steps
-    # elementwise to 1e-4 (measured: logs 2e-7, weights 2e-7 absolute of at most 0.08)
+    # elementwise to 1e-3, as pp2 x FSDP in test_pipeline_train (measured: logs 2e-7; weights
+    # 2.1e-6 absolute at most, 5.6e-5 of the largest; 2e-7 on the batches of the earlier order)
     single, ep2 = tmp_path / "single", tmp_path / "ep2"
     _single(_overrides(small_corpus, prepared_dir, single))
     want = _records(single)
@@ -66,7 +67,7 @@ def test_ep2_train_and_resume_equal_single_process(small_corpus, prepared_dir, t
     worst = _assert_same_log(_records(ep2), want, [1, 2, 3, 4])
     last = "checkpoints/step-00000004"
     reference = _checkpoint(single / last, tmp_path)
-    _assert_same_checkpoint(got := _checkpoint(ep2 / last, tmp_path), reference, rel=1e-4)
+    _assert_same_checkpoint(got := _checkpoint(ep2 / last, tmp_path), reference, rel=1e-3)
     print(f"ep2: worst relative difference of loss/val_loss/grad_norm {worst:.1e}; max |weight| / |moment| "
           "difference %.1e / %.1e" % _max_differences(got, reference))
 
@@ -79,7 +80,7 @@ def test_ep2_train_and_resume_equal_single_process(small_corpus, prepared_dir, t
     _resumable_copy(one, back, 2)
     _ep2(_overrides(small_corpus, prepared_dir, back))
     worst = max(worst, _assert_same_log(_records(back), want, [3, 4]))
-    _assert_same_checkpoint(got := _checkpoint(back / last, tmp_path), reference, rel=1e-4)
+    _assert_same_checkpoint(got := _checkpoint(back / last, tmp_path), reference, rel=1e-3)
     print(f"ep2 -> one -> ep2: worst relative difference of the logs {worst:.1e}; max |weight| / |moment| "
           "difference %.1e / %.1e" % _max_differences(got, reference))
 
@@ -102,7 +103,7 @@ def test_ep2_with_pp2_or_tp2_trains_as_single_process(small_corpus, prepared_dir
         _ep2(_overrides(small_corpus, prepared_dir, run, **overrides, **layout), nproc=4)
         worst = _assert_same_log(_records(run), want, [1, 2])
         got = _checkpoint(run / "checkpoints/step-00000002", tmp_path)
-        _assert_same_checkpoint(got, reference, rel=1e-4)
+        _assert_same_checkpoint(got, reference, rel=1e-3)
         print(f"{name} x ep2: worst relative difference of the logs {worst:.1e}; max |weight| / |moment| "
               "difference %.1e / %.1e" % _max_differences(got, reference))
 
