@@ -120,6 +120,7 @@ def _pipeline_rank(rank: int, world: int, store: str, out_dir: str, args: argpar
     from torch.distributed.pipelining import PipelineStage
 
     from parallel.pipeline.schedule import PipelineLoss, build_schedule, stages_of_rank
+    from parallel.pipeline.schedule import step as pipeline_step
     from parallel.pipeline.split import plan_split
     from parallel.pipeline.stage import build_stage
 
@@ -158,7 +159,7 @@ def _pipeline_rank(rank: int, world: int, store: str, out_dir: str, args: argpar
             dist.barrier()
             spans.clear()
             t0[0] = time.perf_counter()
-            sched.step(*((ids,) if ids is not None else ()), target=targets, return_outputs=False)
+            pipeline_step(sched, loss_fn, ids, targets)  # the last stage's head takes the labels
             _sync(device)
             times.append(time.perf_counter() - t0[0])
             busy.append(sum(end - start for _, _, start, end, _ in spans))
