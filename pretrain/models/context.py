@@ -51,33 +51,34 @@ class ForwardContext:
 
 @dataclass(frozen=True)
 class BandedMask:
-    """The mask of a sliding-window layer over a long sequence with no cached keys, kept as what
-    defines it: attention (:func:`~pretrain.models.layers.attention.banded_sdpa`) then works on
+    """The mask of a sliding-window layer over a long sequence with no cached keys, kept per query
+    block: attention (:func:`~pretrain.models.layers.attention.banded_sdpa`) then works on
     query blocks of ``window`` tokens against their ``2 window - 1`` keys, so time and memory
     grow as T * window instead of T^2 (a dense ``[B, 1, T, T]`` mask at T = 16K is 256 MB)."""
 
-    positions: Tensor
-    """[B, T] int64, as ForwardContext.positions."""
     window: int
-    doc_masking: bool
+    blocks: Tensor
+    """Bool ``[B, n_blocks, window, 2 window - 1]`` (:func:`band_blocks`), built once per forward
+    and shared by every layer of this window."""
 
-    def blocks(self) -> Tensor:
-        """Bool ``[B, n_blocks, window, 2 window - 1]``: query j of block i (token i w + j) may see
-        key slot l (token i w + l - (w - 1)): causal, inside the window, not before the sequence
-        and (doc masking) not before its document. Queries past T (padding) see themselves."""
-        b, t = self.positions.shape
-        w = self.window
-        nb = -(-t // w)
-        dev = self.positions.device
-        j = torch.arange(w, device=dev)[:, None]  # [w, 1] query in block
-        l = torch.arange(2 * w - 1, device=dev)[None, :]  # [1, L] key slot
-        ki = torch.arange(nb, device=dev)[:, None, None] * w + l - (w - 1)  # [nb, 1, L] key index
-        allowed = (l >= j) & (l <= j + w - 1) & (ki >= 0)  # [nb, w, L]
-        if self.doc_masking:
-            pos = torch.nn.functional.pad(self.positions, (0, nb * w - t))  # padding: its own document
-            start = (torch.arange(nb * w, device=dev) - pos).view(b, nb, w, 1)  # each query's document start
-            return allowed & (ki >= start)  # [B, nb, w, L]
-        return allowed.expand(b, nb, w, 2 * w - 1)
+
+def band_blocks(positions: Tensor, w: int, doc_masking: bool) -> Tensor:
+    """Bool ``[B, n_blocks, w, 2 w - 1]`` for ``positions [B, T]``: query j of block i (token
+    i w + j) may see key slot l (token i w + l - (w - 1)): causal, inside the window, not before
+    the sequence and (doc masking) not before its document. Queries past T (padding) see
+    themselves."""
+    b, t = positions.shape
+    nb = -(-t // w)
+    dev = positions.device
+    j = torch.arange(w, device=dev)[:, None]  # [w, 1] query in block
+    l = torch.arange(2 * w - 1, device=dev)[None, :]  # [1, L] key slot
+    ki = torch.arange(nb, device=dev)[:, None, None] * w + l - (w - 1)  # [nb, 1, L] key index
+    allowed = (l >= j) & (l <= j + w - 1) & (ki >= 0)  # [nb, w, L]
+    if doc_masking:
+        pos = torch.nn.functional.pad(positions, (0, nb * w - t))  # padding: its own document
+        start = (torch.arange(nb * w, device=dev) - pos).view(b, nb, w, 1)  # each query's document start
+        return allowed & (ki >= start)  # [B, nb, w, L]
+    return allowed.expand(b, nb, w, 2 * w - 1)
 
 
 def cached_keys(offset: int, window: int | None) -> int:
@@ -151,7 +152,7 @@ def build_context(
         ctx.masks = _MasksOnDemand(positions, offset, doc_masking)
     else:
         ctx.masks = {
-            w: BandedMask(positions, w, doc_masking) if banded(w, seq, offset) else
+            w: BandedMask(w, band_blocks(positions, w, doc_masking)) if banded(w, seq, offset) else
             attention_mask(positions, offset, w, doc_masking)
             for w in mask_windows
         }

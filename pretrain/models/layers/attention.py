@@ -47,7 +47,7 @@ def banded_sdpa(q: Tensor, k: Tensor, v: Tensor, band: BandedMask) -> Tensor:
     """Sliding-window attention of ``q [B, T, H, D]`` over ``k [B, T, H_kv, D]``, ``v [B, T, H_kv,
     Dv]`` (the same T tokens, no cache) -> ``[B, T, H, Dv]``, block by block: the queries in blocks
     of ``window``, each against the ``2 window - 1`` keys that can reach it (overlapping views,
-    copied once), one batched SDPA call with the blocks' masks (:meth:`BandedMask.blocks`).
+    copied once), one batched SDPA call with the blocks' masks (:attr:`BandedMask.blocks`).
     O(T * window) time and memory; the same result as the dense masked SDPA."""
     b, t, h, d = q.shape
     w = band.window
@@ -63,7 +63,7 @@ def banded_sdpa(q: Tensor, k: Tensor, v: Tensor, band: BandedMask) -> Tensor:
     qb = F.pad(q, (0, 0, 0, 0, 0, pad)).reshape(b * nb, w, h, d).transpose(1, 2)  # [B * nb, H, w, D]
     o = F.scaled_dot_product_attention(
         qb, windows(k), windows(v),
-        attn_mask=band.blocks().reshape(b * nb, 1, w, span),
+        attn_mask=band.blocks.reshape(b * nb, 1, w, span),
         enable_gqa=h != k.shape[2],
     )  # [B * nb, H, w, Dv]
     return o.transpose(1, 2).reshape(b, nb * w, h, -1)[:, :t]
