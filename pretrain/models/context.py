@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from pretrain.models.layers.rope import rope_tables
+from pretrain.models.sequence_split import SequenceSplit
 
 
 @dataclass
@@ -47,6 +48,11 @@ class ForwardContext:
     cu_seqlens: Tensor | None = None
     """[n_docs + 1] int32 document boundaries of the flattened batch, set only for flash-attn."""
     max_seqlen: int = 0
+    cp: SequenceSplit | None = None
+    """Context parallelism (training only, never with a cache): the rows are segments of longer
+    sequences (:mod:`pretrain.models.sequence_split`), ``positions`` are global, and the mixers
+    exchange halos, keys/values or states through it. ``masks`` is then empty: attention builds
+    its masks per segment."""
 
 
 @dataclass(frozen=True)
@@ -126,25 +132,33 @@ def build_context(
     mask_windows: set[int | None],
     rope: tuple[int, float] | None,
     flash: bool,
+    cp: SequenceSplit | None = None,
 ) -> ForwardContext:
     """Everything the blocks of one forward need.
 
     ``mask_windows``: attention windows whose masks are needed; ``rope``: (head_dim, theta) or
     None; ``flash``: the attention layers will call flash-attn (varlen) instead of SDPA.
     Without doc masking, ``position_ids`` are ignored: the sample is one causal stream.
+    ``cp``: the rows are the segments ``cp`` says (``seq`` tokens each; no cache, no flash).
     """
     offset = cache.offset if cache is not None else 0
+    if cp is not None and (cache is not None or flash):
+        raise ValueError("context parallelism is for training: no cache and no flash-attn path")
     if position_ids is not None and position_ids.shape != (batch, seq):
         raise ValueError(f"position_ids {tuple(position_ids.shape)} must be {(batch, seq)}")
     if doc_masking and position_ids is not None:
         positions = position_ids.to(device=device, dtype=torch.long)
+    elif cp is not None:
+        positions = cp.positions(batch, seq, device)
     else:
         positions = (offset + torch.arange(seq, device=device)).expand(batch, seq)
-    ctx = ForwardContext(positions=positions, offset=offset, cache=cache)
+    ctx = ForwardContext(positions=positions, offset=offset, cache=cache, cp=cp)
     if doc_masking:
         ctx.reset = positions == 0
     if rope is not None:
         ctx.rope = rope_tables(positions, *rope)
+    if cp is not None:
+        return ctx
     if flash:
         ctx.cu_seqlens, ctx.max_seqlen = doc_boundaries(positions)  # no cache here: offset is 0
     elif seq == 1 and not (doc_masking and position_ids is not None):

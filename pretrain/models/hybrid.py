@@ -20,6 +20,7 @@ from pretrain.models.layers.attention import Attention, KVState, flash_available
 from pretrain.models.layers.moe import RouterGRU, uses_router_gru
 from pretrain.models.layers.norm import RMSNorm, at_least_fp32
 from pretrain.models.registry import FFNS, MIXERS
+from pretrain.models.sequence_split import SequenceSplit
 
 if TYPE_CHECKING:
     from pretrain.config import ModelConfig
@@ -137,6 +138,11 @@ class TiedHead(HeadOutput, nn.Module):
 
 
 class HybridLM(nn.Module):
+    sequence_split: SequenceSplit | None = None
+    """Context parallelism: the rows of every forward are segments of longer sequences (set by
+    ``parallel/context.py``, or a :class:`~pretrain.models.sequence_split.LocalSplit` in tests);
+    None is the undivided layout."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         if cfg.vocab_size <= 0:
@@ -274,7 +280,8 @@ class HybridLM(nn.Module):
         a = self.cfg.attention
         backend = a.backend
         half = h.dtype in (torch.float16, torch.bfloat16) or (h.is_cuda and torch.is_autocast_enabled("cuda"))
-        flash = bool(attn) and cache is None and backend != "sdpa" and half and h.is_cuda and flash_available()
+        split = self.sequence_split if cache is None else None
+        flash = split is None and bool(attn) and cache is None and backend != "sdpa" and half and h.is_cuda and flash_available()
         if backend == "flash" and attn and cache is None and not flash:
             raise RuntimeError("model.attention.backend='flash' needs CUDA, bf16/fp16 and the flash-attn package")
         use_rope = any(m.use_rope for m in attn)
@@ -290,4 +297,5 @@ class HybridLM(nn.Module):
             mask_windows={m.window for m in attn},
             rope=(attn[0].head_dim, a.rope_theta) if use_rope else None,
             flash=flash,
+            cp=split,
         )
