@@ -158,6 +158,7 @@ def build_context(
     if rope is not None:
         ctx.rope = rope_tables(positions, *rope)
     if cp is not None:
+        cp.start_forward()
         return ctx
     if flash:
         ctx.cu_seqlens, ctx.max_seqlen = doc_boundaries(positions)  # no cache here: offset is 0

@@ -255,6 +255,8 @@ class HybridLM(nn.Module):
             carry = {**carry, **self.router_gru.carry()}
         for block in self.blocks.values():
             h, carry = block(h, ctx, carry)
+        if ctx.cp is not None:
+            h = ctx.cp.attach(h)
         if cache is not None:
             cache.offset += h.shape[1]
         if self.norm is None:

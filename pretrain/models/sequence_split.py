@@ -96,6 +96,9 @@ class SequenceSplit:
         return torch.stack(list(parts), dim=1).flatten(0, 1)
 
     # -- exchanges ----------------------------------------------------------------------
+    def start_forward(self) -> None:
+        """Called once at the start of every forward (by ``build_context``): a split that
+        orders its exchanges within one forward starts a new order here."""
     def gather_segments(self, x: Tensor) -> Tensor:
         """Local rows ``[B * slots, ...]`` -> every segment's ``[B, n_segments, ...]`` in global
         order, differentiable (gradients return to the process that holds each segment)."""
@@ -109,6 +112,12 @@ class SequenceSplit:
         through the states. Each segment waits for the previous one: no overlap across
         segments (Titans' memory update is nonlinear, so nothing cheaper is exact)."""
         raise NotImplementedError
+
+    def attach(self, h: Tensor) -> Tensor:
+        """``h`` joined to the exchanges of this forward (the model calls it on its output): a
+        split that orders its exchanges' backward through the graph needs them to reach the
+        loss. The identity here."""
+        return h
 
     def all_sum(self, x: Tensor) -> Tensor:
         """The sum of ``x`` over the processes of the split (identity in one process): for

@@ -1,0 +1,186 @@
+"""Context parallelism: every sample's sequence split over the 'cp' ranks of the mesh.
+
+The model side is :mod:`pretrain.models.sequence_split`: a rank's rows are segments of the
+sequences, and the mixers exchange only what crosses segment boundaries (halos, gathered
+keys/values, recurrent states, Titans' relayed memory). :class:`DistributedSplit` implements the
+exchanges with collectives over the cp process group:
+
+- :meth:`~DistributedSplit.gather_segments`: one all-gather of the rows (its backward sums
+  every rank's gradient of a segment on the rank that holds it);
+- :meth:`~DistributedSplit.all_sum`: an all-reduce (its backward all-reduces the gradients);
+- :meth:`~DistributedSplit.relay`: point-to-point sends of a state from the rank holding one
+  segment to the rank holding the next. The sends and receives of one forward are chained
+  through a scalar token so that the backward runs them in exactly the reverse order on every
+  rank (see :class:`DistributedSplit`).
+
+Data: every cp rank of a data-parallel rank reads the same batch and keeps its segments
+(:meth:`~pretrain.models.sequence_split.SequenceSplit.shard`); FSDP shards and averages the
+gradients over dp_shard x cp (torchtitan's 'dp_shard_cp'), so each rank's mean loss over its
+tokens averages to the mean over the whole sequences.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.autograd import Function
+
+from pretrain.models.sequence_split import SequenceSplit, State, load_balanced_segments
+
+
+class DistributedSplit(SequenceSplit):
+    """This rank's segments of a ``cp``-way split over ``group`` (ranks in group order hold
+    :func:`~pretrain.models.sequence_split.load_balanced_segments` ``(cp, rank, load_balance)``).
+
+    Every exchange of one forward takes and returns a scalar token (a chain through the autograd
+    graph, attached to the output by :meth:`attach`), so the backward runs the exchanges in
+    exactly the reverse order on every rank: ranks whose graphs differ (a relay's sender and
+    receiver) would otherwise order independent branches differently and each wait on the
+    other's collective."""
+
+    def __init__(self, group: dist.ProcessGroup, load_balance: bool) -> None:
+        self.group = group
+        self.cp = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.owned = [load_balanced_segments(self.cp, r, load_balance) for r in range(self.cp)]
+        super().__init__(self.cp * len(self.owned[0]), self.owned[self.rank])
+        self.owner = {g: r for r, segs in enumerate(self.owned) for g in segs}
+        self._token: Tensor | None = None
+
+    def start_forward(self) -> None:
+        self._token = None
+
+    def attach(self, h: Tensor) -> Tensor:
+        return h if self._token is None else h + self._token.to(h.dtype) * 0
+
+    def _take_token(self, like: Tensor) -> Tensor:
+        if self._token is None:
+            self._token = torch.zeros((), device=like.device, requires_grad=True)
+        return self._token
+
+    def gather_segments(self, x: Tensor) -> Tensor:
+        self._token, parts = _AllGather.apply(self._take_token(x), self.group, x)  # [cp, B * slots, ...]
+        by_segment: list[Tensor | None] = [None] * self.n_segments
+        for r in range(self.cp):
+            rows = parts[r].unflatten(0, (-1, self.slots))  # [B, slots, ...]
+            for j, g in enumerate(self.owned[r]):
+                by_segment[g] = rows[:, j]
+        return torch.stack(by_segment, dim=1)
+
+    def all_sum(self, x: Tensor) -> Tensor:
+        self._token, total = _AllReduce.apply(self._take_token(x), self.group, x)
+        return total
+
+    def relay(self, step: Callable[[int, State | None], tuple[Tensor, State]], like: State) -> Tensor:
+        outs: list[Tensor | None] = [None] * self.slots
+        state: State | None = None
+        for j, g in sorted(enumerate(self.local), key=lambda jg: jg[1]):
+            if g > 0 and self.owner[g - 1] != self.rank:
+                src = dist.get_global_rank(self.group, self.owner[g - 1])
+                self._token, *received = _Recv.apply(self._take_token(like[0]), src, self.group, *like)
+                state = tuple(received)
+            outs[j], state = step(j, state)
+            if g + 1 < self.n_segments and self.owner[g + 1] != self.rank:
+                dst = dist.get_global_rank(self.group, self.owner[g + 1])
+                self._token = _Send.apply(self._take_token(state[0]), dst, self.group, *state)
+        return self.from_slots(outs)
+
+
+class _AllGather(Function):
+    """``x`` of every rank stacked ``[cp, ...]``; backward: this rank's share of the summed
+    gradients (a reduce-scatter on NCCL, an all-reduce elsewhere: gloo has no reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, token: Tensor, group: dist.ProcessGroup, x: Tensor):
+        ctx.group = group
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x, group=group)
+        return token.detach().clone(), torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, g_token: Tensor | None, grad: Tensor):
+        grad = grad.contiguous()
+        if dist.get_backend(ctx.group) == dist.Backend.NCCL:
+            mine = torch.empty_like(grad[0])
+            dist.reduce_scatter_tensor(mine, grad, group=ctx.group)
+        else:
+            dist.all_reduce(grad, group=ctx.group)
+            mine = grad[dist.get_rank(ctx.group)]
+        return _zero_if_none(g_token), None, mine
+
+
+class _AllReduce(Function):
+    """The sum of ``x`` over the ranks; backward: the sum of the gradients (every rank's loss
+    depends on every rank's ``x``)."""
+
+    @staticmethod
+    def forward(ctx, token: Tensor, group: dist.ProcessGroup, x: Tensor):
+        ctx.group = group
+        total = x.detach().clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, group=group)
+        return token.detach().clone(), total
+
+    @staticmethod
+    def backward(ctx, g_token: Tensor | None, grad: Tensor):
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, group=ctx.group)
+        return _zero_if_none(g_token), None, grad
+
+
+class _Send(Function):
+    """Forward: send ``state`` to global rank ``dst``; backward: receive its gradient from there."""
+
+    @staticmethod
+    def forward(ctx, token: Tensor, dst: int, group: dist.ProcessGroup, *state: Tensor) -> Tensor:
+        ctx.dst, ctx.group = dst, group
+        ctx.like = [(s.shape, s.dtype, s.device) for s in state]
+        for s in state:
+            dist.send(s.detach().contiguous(), dst, group=group)
+        return token.detach().clone()
+
+    @staticmethod
+    def backward(ctx, g_token: Tensor | None):
+        grads = []
+        for shape, dtype, device in ctx.like:
+            buf = torch.empty(shape, dtype=dtype, device=device)
+            dist.recv(buf, ctx.dst, group=ctx.group)
+            grads.append(buf)
+        return (_zero_if_none(g_token), None, None, *grads)
+
+
+class _Recv(Function):
+    """Forward: receive a state shaped as ``like`` from global rank ``src``; backward: send its
+    gradient back there (zeros where it has none)."""
+
+    @staticmethod
+    def forward(ctx, token: Tensor, src: int, group: dist.ProcessGroup, *like: Tensor):
+        ctx.src, ctx.group = src, group
+        bufs = [torch.empty_like(t) for t in like]
+        for buf in bufs:
+            dist.recv(buf, src, group=group)
+        ctx.like = [(t.shape, t.dtype, t.device) for t in like]
+        return (token.detach().clone(), *bufs)
+
+    @staticmethod
+    def backward(ctx, g_token: Tensor | None, *grads: Tensor | None):
+        for (shape, dtype, device), g in zip(ctx.like, grads):
+            g = torch.zeros(shape, dtype=dtype, device=device) if g is None else g.contiguous()
+            dist.send(g, ctx.src, group=ctx.group)
+        return (_zero_if_none(g_token), None, None, *(None for _ in ctx.like))
+
+
+def _zero_if_none(g: Tensor | None) -> Tensor:
+    return torch.zeros(()) if g is None else g
+
+
+def apply_context_parallel(model: torch.nn.Module, group: dist.ProcessGroup, load_balance: bool) -> DistributedSplit:
+    """Make ``model`` (a HybridLM, or a pipeline stage holding one as ``.model``) run on this
+    rank's segments of every sequence; returns the split (whose :meth:`shard` cuts each batch)."""
+    split = DistributedSplit(group, load_balance)
+    inner = getattr(model, "model", model)
+    inner.sequence_split = split
+    return split
