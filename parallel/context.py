@@ -184,3 +184,71 @@ def apply_context_parallel(model: torch.nn.Module, group: dist.ProcessGroup, loa
     inner = getattr(model, "model", model)
     inner.sequence_split = split
     return split
+
+
+def cp_traffic(cfg, micro_batch: int, seq_len: int, cp: int, load_balance: bool, act_bytes: int = 4) -> list[tuple[str, str, float]]:
+    """What one rank receives per layer in one forward of a ``micro_batch x seq_len`` micro-batch
+    split over ``cp`` ranks (the backward sends as much again): ``(mixer, what is exchanged,
+    bytes)`` per mixer type of the :class:`~pretrain.config.ModelConfig` ``cfg``, and last the
+    baseline of all-gathering a layer's hidden states. Exchanges are all-gathers of per-segment
+    pieces (a rank receives the other cp - 1 ranks' ones); recurrent states and decays are fp32."""
+    slots = 2 if load_balance else 1
+    n = cp * slots
+    s = seq_len // n
+    a, d = cfg.attention, cfg.d_model
+    kv = 2 * (a.n_kv_heads or a.n_heads) * (a.head_dim or d // a.n_heads)  # keys + values per token
+    others = (cp - 1) * slots * micro_batch  # rows of the other ranks
+
+    def gathered(elements_per_row: float, nbytes: int = act_bytes) -> float:
+        return others * elements_per_row * nbytes
+
+    m, m2, g = cfg.mamba, cfg.mamba2, cfg.gla
+    d_in, d_in2 = m.expand * d, m2.expand * d
+    heads2 = d_in2 // m2.head_dim
+    conv2 = d_in2 + 2 * m2.n_groups * m2.d_state
+    gk, gv = int(g.expand_k * d), int(g.expand_v * d)
+    t = cfg.titans
+    hd = d // t.n_heads
+    dims = [hd] + [t.memory_expand * hd] * (t.memory_depth - 1) + [hd]
+    memory = t.n_heads * sum(i * o for i, o in zip(dims, dims[1:]))
+    window_halo = min(a.window - 1, s)
+    kinds = {
+        "attn": ("all-gathered keys/values", gathered(s * kv)),
+        "swa": (f"halo of {window_halo} keys/values", gathered(window_halo * kv)),
+        "mamba": ("conv halo + (decay, state) pair", gathered(min(m.d_conv - 1, s) * d_in) + gathered(2 * d_in * m.d_state, 4)),
+        "mamba2": ("conv halo + (decay, state) pair",
+                   gathered(min(m2.d_conv - 1, s) * conv2) + gathered(heads2 * (m2.head_dim * m2.d_state + 1), 4)),
+        "gla": ("(decay, state) pair", gathered(gk * (gv // g.n_heads) + gk, 4)),
+        "xattn": ("nothing (the shared keys/values were gathered once)", 0.0),
+        "gmu": ("nothing (token-local)", 0.0),
+        "titans": ("relayed memory (weights + momentum) + window halo",
+                   slots * micro_batch * 2 * memory * 4 + gathered(window_halo * kv)),
+    }
+    alias = {"attn_kv": "attn", "diff_attn": "attn", "diff_attn_kv": "attn", "diff_swa": "swa",
+             "diff_xattn": "xattn", "mamba_mem": "mamba", "mamba2_mem": "mamba2", "gla_mem": "gla",
+             "mac": "titans", "mag": "titans", "mal": "titans"}
+    out, seen = [], set()
+    for mixer, ffn in cfg.pattern():
+        if mixer not in seen:
+            seen.add(mixer)
+            what, nbytes = kinds[alias.get(mixer, mixer)]
+            out.append((mixer, what, nbytes))
+        if ffn in ("moe", "moe_gru") and ffn not in seen:
+            seen.add(ffn)
+            out.append((ffn, "summed expert statistics", float((cp - 1) * (2 * cfg.moe.n_experts + 1) * 4)))
+    out.append(("(baseline)", "all-gathering one layer's hidden states", gathered(s * d)))
+    return out
+
+
+def format_cp(cfg) -> list[str]:
+    """`pretrain plan`'s context-parallel lines: the split, then per mixer type what one rank
+    receives per layer and forward pass (:func:`cp_traffic`)."""
+    p, model = cfg.parallel, cfg.with_vocab().model
+    lb = p.load_balanced(model.pattern())
+    n = p.cp_segments(model.pattern())
+    seq, micro = cfg.data.seq_len, cfg.train.micro_batch_size
+    split = f"segments r and {2 * p.cp - 1}-r of {n}" if lb else f"segment r of {n}"
+    lines = [f"context     cp {p.cp}: each rank holds {split} ({seq // n} tokens each) of every sequence"]
+    for mixer, what, nbytes in cp_traffic(model, micro, seq, p.cp, lb):
+        lines.append(f"  {mixer:<14}{nbytes / 2**20:>12.3f} MiB per layer and forward  {what}")
+    return lines

@@ -14,11 +14,34 @@ copying the K/V every step.
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+if TYPE_CHECKING:
+    from parallel.dims import ParallelDims
+
+
+def fsdp_mesh(mesh: DeviceMesh, dims: ParallelDims) -> DeviceMesh:
+    """The ('dp_replicate', 'dp_shard') mesh FSDP2 runs over; with context parallelism
+    ('dp_replicate', 'dp_shard_cp'), dp_shard and cp flattened: the cp ranks of a batch hold
+    the same weights, so they shard them too and average their gradients (each rank's loss is
+    the mean over its tokens: the average over cp ranks is the mean over the sequences)."""
+    if dims.cp == 1:
+        return mesh["dp_replicate", "dp_shard"]
+    if dims.dp_replicate == 1:
+        return mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+    # HSDP: a mesh of the same ranks with dp_shard and cp as one dimension (adjacent in the
+    # row-major grid, so the flattened groups are the same ranks); collective over all ranks
+    from torch.distributed.device_mesh import init_device_mesh
+
+    shape = (dims.pp, dims.dp_replicate, dims.dp_shard * dims.cp, dims.tp)
+    names = ("pp", "dp_replicate", "dp_shard_cp", "tp")
+    flat = init_device_mesh(mesh.device_type, shape, mesh_dim_names=names)
+    return flat["dp_replicate", "dp_shard_cp"]
 
 
 def apply_fsdp(
@@ -32,8 +55,9 @@ def apply_fsdp(
     FSDP casts gathered parameters to, gradients are reduced in fp32. ``ignored_params``
     (expert parallelism's experts, parallel/expert.py) are neither sharded nor reduced.
     """
-    if mesh.mesh_dim_names == ("dp_replicate", "dp_shard") and mesh["dp_replicate"].size() == 1:
-        dp_mesh = mesh["dp_shard"]
+    names = mesh.mesh_dim_names
+    if len(names) == 2 and names[0] == "dp_replicate" and mesh["dp_replicate"].size() == 1:
+        dp_mesh = mesh[names[1]]
     else:
         dp_mesh = mesh
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)

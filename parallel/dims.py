@@ -1,9 +1,10 @@
 """ParallelDims: parallel degrees -> a validated DeviceMesh.
 
-The rank grid is (pp, dp_replicate, dp_shard, tp), outermost first: the pipeline's
+The rank grid is (pp, dp_replicate, dp_shard, cp, tp), outermost first: the pipeline's
 point-to-point traffic crosses the slowest links least often, FSDP's collectives stay inside a
 pipeline stage, and tensor parallelism's per-layer collectives use the fastest links (within a
-node) (torchtitan's order). The mesh has the 'pp' and 'tp' dimensions only when they are > 1. With one process every degree is 1 and no process group is created, so single-device runs
+node) (torchtitan's order); context parallelism's per-layer exchanges sit next to them. The mesh
+has the 'pp', 'cp' and 'tp' dimensions only when they are > 1. With one process every degree is 1 and no process group is created, so single-device runs
 never touch torch.distributed.
 """
 
@@ -32,17 +33,23 @@ class ParallelDims:
     sequence_parallel: bool = False
     ep: int = 1
     """Expert-parallel degree: borrowed from dp_shard (its inner ep ranks), as torchtitan does."""
+    cp: int = 1
+    """Context-parallel degree: ranks that share a batch, each holding segments of its sequences."""
 
     @classmethod
     def from_config(cls, cfg: ParallelConfig, world_size: int, train: TrainConfig | None = None) -> "ParallelDims":
-        """Resolve -1 degrees and check that pp x dp_replicate x dp_shard x tp is exactly
+        """Resolve -1 degrees and check that pp x dp_replicate x dp_shard x cp x tp is exactly
         world_size ranks; with ``train``, also that the batch divides (:meth:`grad_accum`).
         Raises a one-line ConfigError naming the field."""
         if world_size % cfg.pp:
             raise ConfigError(f"parallel.pp: {cfg.pp} does not divide the world size {world_size}")
         if world_size % (cfg.pp * cfg.tp):
             raise ConfigError(f"parallel.tp: pp={cfg.pp} x tp={cfg.tp} does not divide the world size {world_size}")
-        dp_world = world_size // (cfg.pp * cfg.tp)
+        if world_size % (cfg.pp * cfg.tp * cfg.cp):
+            raise ConfigError(
+                f"parallel.cp: pp={cfg.pp} x cp={cfg.cp} x tp={cfg.tp} does not divide the world size {world_size}"
+            )
+        dp_world = world_size // (cfg.pp * cfg.tp * cfg.cp)
         shard = cfg.dp_shard
         if shard == -1:
             if dp_world % cfg.dp_replicate:
@@ -50,11 +57,12 @@ class ParallelDims:
                     f"parallel.dp_replicate: {cfg.dp_replicate} does not divide the world size {world_size}"
                     + (f" / parallel.pp={cfg.pp}" if cfg.pp > 1 else "")
                     + (f" / parallel.tp={cfg.tp}" if cfg.tp > 1 else "")
+                    + (f" / parallel.cp={cfg.cp}" if cfg.cp > 1 else "")
                 )
             shard = dp_world // cfg.dp_replicate
-        if cfg.pp * cfg.dp_replicate * shard * cfg.tp != world_size:
+        if cfg.pp * cfg.dp_replicate * shard * cfg.cp * cfg.tp != world_size:
             pp = f"pp={cfg.pp} x " if cfg.pp > 1 else ""
-            tp = f" x tp={cfg.tp}" if cfg.tp > 1 else ""
+            tp = (f" x cp={cfg.cp}" if cfg.cp > 1 else "") + (f" x tp={cfg.tp}" if cfg.tp > 1 else "")
             raise ConfigError(
                 f"parallel.dp_shard: {pp}dp_replicate={cfg.dp_replicate} x dp_shard={shard}{tp} "
                 f"!= world size {world_size}"
@@ -62,7 +70,7 @@ class ParallelDims:
         _check_ep(cfg, shard)
         dims = cls(
             cfg.dp_replicate, shard, world_size, cfg.pp, cfg.microbatches if cfg.pp > 1 else 1, cfg.tp, cfg.sp,
-            cfg.ep,
+            cfg.ep, cfg.cp,
         )
         if train is not None:
             dims.grad_accum(train)
@@ -101,20 +109,25 @@ class ParallelDims:
         return (
             f"batch: {train.global_batch_size} sequences per step = {self.dp} data-parallel rank(s) x "
             f"{train.micro_batch_size} sequences per micro-batch{pp} x {accum} accumulation step(s)"
+            + (f"; each sequence split over {self.cp} context-parallel ranks" if self.cp > 1 else "")
         )
 
     def dp_rank(self, rank: int) -> int:
         """The data-parallel rank of global ``rank`` (which shard of each batch it reads): its
-        position in the (dp_replicate, dp_shard) grid; tensor-parallel peers share it."""
-        return (rank // self.tp) % self.dp
+        position in the (dp_replicate, dp_shard) grid; context- and tensor-parallel peers share it."""
+        return (rank // (self.tp * self.cp)) % self.dp
+
+    def cp_rank(self, rank: int) -> int:
+        """The context-parallel rank of global ``rank``: which segments of its sequences it holds."""
+        return (rank // self.tp) % self.cp
 
     def build_mesh(self, device_type: str) -> DeviceMesh | None:
-        """The ('pp', 'dp_replicate', 'dp_shard', 'tp') mesh, without 'pp' when pp = 1 and
-        without 'tp' when tp = 1; None on a single process."""
+        """The ('pp', 'dp_replicate', 'dp_shard', 'cp', 'tp') mesh, without each of 'pp', 'cp'
+        and 'tp' when it is 1; None on a single process."""
         if not self.distributed:
             return None
-        shape = (self.pp, self.dp_replicate, self.dp_shard, self.tp)
-        names = ("pp", "dp_replicate", "dp_shard", "tp")
+        shape = (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
+        names = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
         keep = [i for i, n in enumerate(names) if n in ("dp_replicate", "dp_shard") or shape[i] > 1]
         return init_device_mesh(
             device_type, tuple(shape[i] for i in keep), mesh_dim_names=tuple(names[i] for i in keep)

@@ -27,13 +27,13 @@ def _pattern_summary(pattern: list[tuple[str, str]]) -> str:
 
 def format_plan(cfg: Config, dp: int = 1) -> str:
     """The plan of ``cfg`` as text; ``dp``: data-parallel ranks to estimate memory and the
-    batch relation for (the world size is parallel.pp x dp x parallel.tp)."""
+    batch relation for (the world size is parallel.pp x dp x parallel.cp x parallel.tp)."""
     model_cfg = cfg.with_vocab().model
     pattern = model_cfg.pattern()
     params = count_parameters(model_cfg)
     flops = flops_per_token(model_cfg, cfg.data.seq_len)
     p = cfg.parallel
-    mem = memory_estimate(model_cfg, cfg.train.micro_batch_size, cfg.data.seq_len, dp=dp, tp=p.tp, sp=p.sp)
+    mem = memory_estimate(model_cfg, cfg.train.micro_batch_size, cfg.data.seq_len, dp=dp, tp=p.tp, sp=p.sp, cp=p.cp)
     counts = Counter(m for m, _ in pattern)
     lines = [
         f"model       {cfg.run.name}: {model_cfg.n_layers} blocks, d_model {model_cfg.d_model}, "
@@ -48,6 +48,7 @@ def format_plan(cfg: Config, dp: int = 1) -> str:
     for key, value in flops.items():
         lines.append(f"  {key:<22}{_human(value, 'FLOP'):>16}")
     tp = f", tp={p.tp}{' with sequence parallelism' if p.sp else ''}" if p.tp > 1 else ""
+    tp += f", cp={p.cp}" if p.cp > 1 else ""
     lines.append(f"memory per device (dp={dp}{tp}, micro-batch {cfg.train.micro_batch_size}, fp32 master weights)")
     for key, value in mem.items():
         if isinstance(value, dict):
@@ -57,6 +58,10 @@ def format_plan(cfg: Config, dp: int = 1) -> str:
             lines.append(f"  {key:<22}{value / 2**30:>13.3f} GiB")
     if p.tp > 1:
         lines += format_tp(model_cfg, p.tp, p.ep)
+    if p.cp > 1:
+        from parallel.context import format_cp
+
+        lines += format_cp(cfg)
     if cfg.parallel.pp > 1 or cfg.parallel.pp_virtual_stages > 1:
         lines += format_split(cfg)
     lines.append(_batch_line(cfg, dp))
@@ -129,7 +134,8 @@ def _batch_line(cfg: Config, dp: int) -> str:
     from parallel.dims import ParallelDims
 
     try:
-        dims = ParallelDims.from_config(cfg.parallel, cfg.parallel.pp * dp * cfg.parallel.tp, cfg.train)
+        p = cfg.parallel
+        dims = ParallelDims.from_config(p, p.pp * dp * p.cp * p.tp, cfg.train)
     except ConfigError as exc:  # plan describes what would be refused rather than refusing
         return f"batch       not runnable with dp={dp}: {exc}"
     return f"batch       {dims.describe_batch(cfg.train).removeprefix('batch: ')}"

@@ -414,6 +414,8 @@ def validate(cfg: Config) -> None:
     require_choice(o.fused, "optim.fused", ("auto", "true", "false"))
 
     validate_parallel(cfg.parallel, cfg.model.n_layers, cfg.model.pattern(), cfg.model.moe.n_experts)
+    if cfg.parallel.cp > 1:
+        _validate_cp(cfg)
     if cfg.parallel.tp > 1:
         if cfg.parallel.sp:
             require(
@@ -440,3 +442,18 @@ def validate(cfg: Config) -> None:
         "eval.tasks", "must be a list of lm-eval task names",
     )
     require(e.limit >= 0, "eval.limit", "must be >= 0 (0: every document)")
+
+
+def _validate_cp(cfg: Config) -> None:
+    """Context parallelism's checks across sections: the sequence divides into its segments
+    (and each segment over the sequence-parallel ranks), and SDPA attention (flash-attn's
+    varlen path is not split)."""
+    p, seq = cfg.parallel, cfg.data.seq_len
+    n = p.cp_segments(cfg.model.pattern())
+    lb = " (2 x parallel.cp: cp_load_balance is on)" if n == 2 * p.cp else ""
+    require(seq % n == 0, "data.seq_len", f"{seq} does not divide into {n} context-parallel segments{lb}")
+    if p.sp:
+        require((seq // n) % p.tp == 0, "data.seq_len",
+                f"its {n} context-parallel segments of {seq // n} tokens do not divide over parallel.tp={p.tp}")
+    require(cfg.model.attention.backend != "flash", "model.attention.backend",
+            "'flash' is not split by context parallelism (parallel.cp > 1); use 'auto' or 'sdpa'")

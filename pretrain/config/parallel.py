@@ -14,6 +14,10 @@ PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "zbv")
 ScheduleInterleaved1F1B, ScheduleInterleavedZeroBubble and ScheduleZBVZeroBubble."""
 
 
+FULL_ATTENTION = ("attn", "attn_kv", "xattn", "diff_attn", "diff_attn_kv", "diff_xattn")
+"""Mixers with causal attention over the whole sequence: their cost grows along it, so context
+parallelism balances it by default (parallel.cp_load_balance)."""
+
 AC_MODES = ("none", "full", "selective")
 """parallel.activation_checkpoint values (see parallel.activation_checkpoint)."""
 
@@ -62,6 +66,18 @@ class ParallelConfig:
     cuts the third one after block 12's mixer. Parameter names do not depend on the cuts.
     Empty: cut where the estimated cost is balanced, at half-block granularity (see
     parallel.pipeline.split)."""
+    cp: int = 1
+    """Context-parallel degree: ranks that split every sequence between them along its tokens
+    (parallel/context.py): activation memory / cp. Each mixer exchanges only what crosses the
+    cut: the recurrent mixers one state per layer, windows and convolutions a halo, full
+    attention the gathered keys/values, Titans its memory relayed rank to rank. The mesh
+    dimension between data and tensor parallelism; data.seq_len must divide into cp segments
+    (2 cp with cp_load_balance). The world size is pp x dp_replicate x dp_shard x cp x tp."""
+    cp_load_balance: Any = "auto"
+    """With cp > 1: cut each sequence into 2 cp segments and give rank r segments r and
+    2 cp - 1 - r (the head-tail / zig-zag split), so causal full attention costs every rank the
+    same. true, false, or 'auto': on when the pattern has causal full attention ('attn',
+    'attn_kv', 'xattn' and their differential forms)."""
     ep: int = 1
     """Expert-parallel degree: the routed experts of every MoE layer are sharded over groups of
     ep data-parallel ranks, tokens reaching them by all-to-all (parallel/expert.py). Must divide
@@ -83,6 +99,18 @@ class ParallelConfig:
     more forward of compute); 'selective' keeps the outputs of the matrix multiplies and fused
     attention and recomputes the rest (pointwise ops, norms, scans). Numerics and parameter
     names are unchanged, so checkpoints load across settings (see parallel.activation_checkpoint)."""
+
+    def load_balanced(self, pattern: list[tuple[str, str]]) -> bool:
+        """cp_load_balance resolved for the model's (mixer, ffn) ``pattern``."""
+        if self.cp_load_balance == "auto":
+            return any(mixer in FULL_ATTENTION for mixer, _ in pattern)
+        return bool(self.cp_load_balance)
+
+    def cp_segments(self, pattern: list[tuple[str, str]]) -> int:
+        """Segments each sequence is cut into: cp, or 2 cp with load balancing (1 without cp)."""
+        if self.cp == 1:
+            return 1
+        return 2 * self.cp if self.load_balanced(pattern) else self.cp
 
     @property
     def n_stages(self) -> int:
@@ -135,6 +163,13 @@ def validate_parallel(
         "parallel.pp",
         f"pp x pp_virtual_stages = {p.pp} x {v} stages exceed the model.n_layers={n_layers} layers",
     )
+    require(isinstance(p.cp, int) and p.cp >= 1, "parallel.cp", "must be an integer >= 1")
+    require(p.cp_load_balance in (True, False, "auto"), "parallel.cp_load_balance",
+            f"must be true, false or 'auto', got {p.cp_load_balance!r}")
+    if p.cp > 1:
+        require(p.dp_backend == "fsdp", "parallel.cp", "context parallelism runs with parallel.dp_backend='fsdp'")
+        require(p.ep == 1, "parallel.cp", "context parallelism does not compose with parallel.ep > 1 yet")
+        require(p.pp == 1, "parallel.cp", "context parallelism does not compose with parallel.pp > 1 yet")
     require(p.ep >= 1, "parallel.ep", "must be >= 1")
     if pattern is not None and p.ep > 1:
         has_moe = any(ffn in ("moe", "moe_gru") for _, ffn in pattern)

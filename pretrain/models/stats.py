@@ -114,7 +114,7 @@ def head_activation_elements(cfg: ModelConfig) -> int:
 
 def memory_estimate(
     cfg: ModelConfig, micro_batch_size: int, seq_len: int, dp: int = 1, *, act_bytes: int = 4,
-    tp: int = 1, sp: bool = False,
+    tp: int = 1, sp: bool = False, cp: int = 1,
 ) -> dict[str, float | dict[str, float]]:
     """Rough training memory per rank in bytes: fp32 ``params``, ``grads`` and AdamW
     ``optimizer`` states (two fp32 moments), sharded over ``dp`` ranks (FSDP/ZeRO-3; pass dp=1
@@ -122,17 +122,19 @@ def memory_estimate(
     parameters, norms and routers, neglected); ``activations`` of one micro-batch without
     activation checkpointing (``act_bytes`` per element: 4 for fp32, 2 under bf16 autocast),
     with their split ``activations_by_type``: the layers' and the head's split over tp ranks,
-    the norms' too with sequence parallelism (``sp``); and ``total``."""
+    the norms' too with sequence parallelism (``sp``); and ``total``. Context parallelism
+    (``cp`` ranks) holds seq_len / cp tokens per rank and shards the weights over dp x cp (its
+    exchanged halos and gathered keys/values, a few layers' worth, are neglected)."""
     model = _model(cfg)
     p = count_parameters(model)["total"]
-    tokens = micro_batch_size * seq_len
+    tokens = micro_batch_size * seq_len / cp
     acts: dict[str, float] = defaultdict(float)
     for block in model.blocks.values():
         for key, elements in block_activation_elements(block, cfg.d_model).items():
             acts[key] += elements
     acts["head"] = head_activation_elements(cfg)
     by_type = {k: float(v * tokens * act_bytes) / (tp if k != "norm" or sp else 1) for k, v in acts.items()}
-    shards = dp * tp
+    shards = dp * cp * tp
     out: dict[str, float | dict[str, float]] = {
         "params": 4.0 * p / shards,
         "grads": 4.0 * p / shards,

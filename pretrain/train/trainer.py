@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from parallel.activation_checkpoint import apply_activation_checkpoint
-from parallel.data import apply_fsdp
+from parallel.context import apply_context_parallel
+from parallel.data import apply_fsdp, fsdp_mesh
 from parallel.expert import average_expert_grads, parallelize_experts
 from parallel.grad_norm import clip_grad_norm_
 from parallel.meta_init import materialise_sharded
@@ -81,7 +82,8 @@ class Trainer:
         self.dp_rank = self.dims.dp_rank(self.rank)
         self.tp_mesh = self.mesh["tp"] if self.dims.tp > 1 else None
         # FSDP2 wraps the whole model here (the pipeline trainer shards its stages itself)
-        self.fsdp = self.dims.dp > 1 and cfg.parallel.dp_backend == "fsdp" and self.dims.pp == 1
+        self.fsdp = self.dims.dp * self.dims.cp > 1 and cfg.parallel.dp_backend == "fsdp" and self.dims.pp == 1
+        self.cp_split = None  # context parallelism's split of each batch (set in _build_model)
         self.main = self.rank == 0
         self.log = log if self.main else (lambda *_: None)
         dp = self.dims.dp
@@ -165,8 +167,12 @@ class Trainer:
             for name, block in model.blocks.items():
                 model.blocks[name] = torch.compile(block)
         if self.fsdp:
-            apply_fsdp(model, self.mesh["dp_replicate", "dp_shard"], ignored_params=set(self.expert_params) or None)
-        return materialise_sharded(model, self.cfg.model, self.cfg.train.seed, self.device, torch.device("cpu"))
+            apply_fsdp(model, fsdp_mesh(self.mesh, self.dims), ignored_params=set(self.expert_params) or None)
+        model = materialise_sharded(model, self.cfg.model, self.cfg.train.seed, self.device, torch.device("cpu"))
+        if self.dims.cp > 1:
+            lb = self.cfg.parallel.load_balanced(self.cfg.model.pattern())
+            self.cp_split = apply_context_parallel(model, self.mesh["cp"].get_group(), lb)
+        return model
 
     def _apply_ep(self, model: nn.Module) -> tuple[nn.Parameter, ...]:
         """With parallel.ep > 1, shard the MoE experts over the 'ep' ranks as DTensors
@@ -261,6 +267,13 @@ class Trainer:
         self._data_seconds += time.perf_counter() - start
         return batches
 
+    def _local(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A batch ``[B, T]`` on the device, cut to this rank's segments under context
+        parallelism (``[B x segments per rank, T / segments]``)."""
+        if self.cp_split is not None:
+            batch = {k: self.cp_split.shard(v) for k, v in batch.items()}
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
     def train_step(self) -> dict[str, Any]:
         """One optimizer step; returns its statistics as tensors (see :meth:`_reduce`)."""
         micro_batches = self._next_batches()
@@ -272,7 +285,7 @@ class Trainer:
         for i, batch in enumerate(micro_batches):
             if self.fsdp:
                 self.model.set_requires_gradient_sync(i == n - 1)
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            batch = self._local(batch)
             with self._autocast():
                 loss, aux = self.model(
                     batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"], return_aux=True
@@ -348,7 +361,7 @@ class Trainer:
         self.model.eval()
         total = torch.zeros((), device=self.device)
         for batch in batches:
-            batch = {k: v.to(self.device) for k, v in batch.items()}
+            batch = self._local(batch)
             with self._autocast():
                 total += self.model(batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"])
         self.model.train()

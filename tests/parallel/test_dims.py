@@ -151,3 +151,53 @@ def test_tp_must_divide_the_world():
     cfg = load_config("configs/llama_tiny.toml", ["parallel.tp=4"])
     with pytest.raises(ConfigError, match="^parallel.tp:"):
         ParallelDims.from_config(cfg.parallel, 6)
+
+
+def test_cp_sits_between_dp_and_tp():
+    """Rank grid (dp_shard, cp, tp) row-major: cp peers of a data-parallel rank read the same
+    batch; the mesh has a 'cp' dimension, and FSDP's mesh flattens dp_shard x cp."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from parallel.data import fsdp_mesh
+
+    cfg = load_config("configs/llama_tiny.toml", ["parallel.tp=2", "parallel.cp=2", "data.seq_len=64", "train.micro_batch_size=4"])
+    dims = ParallelDims.from_config(cfg.parallel, 8, cfg.train)
+    assert (dims.dp_shard, dims.cp, dims.tp) == (2, 2, 2)
+    assert [dims.dp_rank(r) for r in range(8)] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert [dims.cp_rank(r) for r in range(8)] == [0, 0, 1, 1, 0, 0, 1, 1]
+    assert "2 context-parallel ranks" in dims.describe_batch(cfg.train)
+    dist.init_process_group("fake", store=FakeStore(), rank=5, world_size=8)
+    try:
+        mesh = dims.build_mesh("cpu")
+        assert mesh.mesh_dim_names == ("dp_replicate", "dp_shard", "cp", "tp")
+        assert mesh["cp"].mesh.tolist() == [5, 7] and mesh["tp"].mesh.tolist() == [4, 5]
+        assert fsdp_mesh(mesh, dims).mesh.tolist() == [1, 3, 5, 7]
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    "config, overrides, field, match",
+    [
+        ("llama_tiny", ["parallel.cp=2", "data.seq_len=66"], "data.seq_len", "4 context-parallel segments"),
+        ("gla_tiny", ["parallel.cp=4", "data.seq_len=66"], "data.seq_len", "into 4 context"),  # no full attention
+        ("llama_tiny", ["parallel.cp=2", "parallel.cp_load_balance=false", "data.seq_len=65"], "data.seq_len", "into 2"),
+        ("llama_tiny", ["parallel.cp=2", "parallel.tp=4", "data.seq_len=72"], "data.seq_len", "parallel.tp=4"),
+        ("llama_tiny", ["parallel.cp=2", "model.attention.backend='flash'"], "model.attention.backend", "flash"),
+        ("llama_tiny", ["parallel.cp=2", "parallel.dp_backend='deepspeed'"], "parallel.cp", "fsdp"),
+        ("llama_tiny", ["parallel.cp=0"], "parallel.cp", ">= 1"),
+        ("llama_tiny", ["parallel.cp_load_balance='yes'"], "parallel.cp_load_balance", "yes"),
+    ],
+)
+def test_impossible_cp_is_one_line_naming_the_field(config, overrides, field, match):
+    with pytest.raises(ConfigError) as err:
+        load_config(f"configs/{config}.toml", overrides)
+    assert str(err.value).startswith(field + ":") and "\n" not in str(err.value)
+    assert match in str(err.value)
+
+
+def test_cp_must_divide_the_world():
+    cfg = load_config("configs/llama_tiny.toml", ["parallel.cp=4", "data.seq_len=64"])
+    with pytest.raises(ConfigError, match="^parallel.cp:"):
+        ParallelDims.from_config(cfg.parallel, 6)
