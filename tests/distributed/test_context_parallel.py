@@ -1,7 +1,7 @@
 """Context parallelism on CPU/gloo: the distributed split's exchanges against the one-process
 :class:`~pretrain.models.sequence_split.LocalSplit` (values and gradients), and every family's
-loss and gradients at cp 2 (load-balanced), cp 4 and cp 2 x tp 2 against one process on whole
-sequences (float32, rel <= 1e-5). One process group per world size."""
+loss and gradients at cp 2 (load-balanced and contiguous), cp 4 and cp 2 x tp 2 against one
+process on whole sequences (float32, rel <= 1e-5). One group of four processes for all."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 
 from pretrain.models.sequence_split import LocalSplit
 from tests.conftest import end_spawned_rank
+from tests.models.test_context_parallel_models import FAMILIES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -65,45 +66,108 @@ def _primitives(split):
     return {k: v.detach() for k, v in out.items()}, x.grad
 
 
+def _model_grads(family: str, split, tp_mesh=None, **kw) -> tuple[torch.Tensor, dict]:
+    """Loss and full gradients of ``family`` (tests/models/test_context_parallel_models.py) on
+    this rank's rows; with ``tp_mesh`` tensor-parallel (sequence parallel) as well."""
+    from tests.models.cp_reference import loss_and_grads
+    from tests.models.test_context_parallel_models import model_and_batch
+
+    model, ids, labels, pos = model_and_batch(family, **kw)
+    if tp_mesh is not None:
+        from parallel.tensor.region import apply_tp
+
+        apply_tp(model, tp_mesh, True)
+    loss, grads = loss_and_grads(model, ids, labels, pos, split)
+    return loss, {k: g.full_tensor() if hasattr(g, "full_tensor") else g for k, g in grads.items()}
+
+
+MODEL_CASES = {  # name -> (families, world of the split, load balance, model keywords, tp)
+    "cp2": (sorted(FAMILIES), 2, True, {}, 1),
+    "cp2_contiguous": (["sambay", "gla", "titans", "mamba2"], 2, False, {"doc_masking": False}, 1),
+    "cp4": (["sambay", "mamba", "titans"], 4, True, {"window": 14, "starts": (6, 20)}, 1),
+    "cp2_tp2": (["sambay", "gla", "llama"], 2, True, {}, 2),
+}
+
+
 def _rank_main(rank: int, world: int, store: str, out_dir: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
     from parallel.context import DistributedSplit
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
-    group = dist.new_group(list(range(world)))
+    everyone = dist.new_group(list(range(world)))
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    pair = pairs[rank // 2]
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("cp", "tp"))
     results = {}
     for lb in (False, True):
-        split = DistributedSplit(group, lb)
-        split.start_forward()
-        results[("primitives", lb)] = _primitives(split)
+        for name, group in (("cp4", everyone), ("cp2", pair)):
+            split = DistributedSplit(group, lb)
+            split.start_forward()
+            results[("primitives", name, lb)] = _primitives(split)
+    for case, (families, cp, lb, kw, tp) in MODEL_CASES.items():
+        group = everyone if cp == 4 else mesh["cp"].get_group() if tp > 1 else pair
+        for family in families:
+            split = DistributedSplit(group, lb)
+            results[(case, family)] = _model_grads(family, split, mesh["tp"] if tp > 1 else None, **kw)
     torch.save(results, f"{out_dir}/rank{rank}.pt")
     end_spawned_rank()
 
 
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """The results of every rank of one 4-process gloo group (the pairs 0-1 and 2-3 are cp 2
+    groups; with tensor parallelism, cp pairs 0-2 and 1-3)."""
+    tmp = tmp_path_factory.mktemp("cp")
+    mp.start_processes(_rank_main, args=(4, str(tmp / "store"), str(tmp)), nprocs=4, start_method="spawn")
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(4)]
+
+
 @pytest.mark.parametrize("world", [2, 4])
-def test_distributed_split_equals_local_split(tmp_path, world):
+def test_distributed_split_equals_local_split(ranks, world):
     """tails, gather, pass_states, all_sum and relay: each rank's outputs are its rows of the
     one-process split's, and the gradient of a loss summed over ranks equals the one-process
     gradient (all_sum's value counted once per rank: its gradient is the world's sum)."""
-    mp.start_processes(_rank_main, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world,
-                       start_method="spawn")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    name = f"cp{world}"
     for lb in (False, True):
         local = LocalSplit.like(world, lb)
         ref, _ = _primitives(local)
         slots = local.slots // world
-        grads = torch.zeros(B, T, D)
-        for r, res in enumerate(ranks):
-            out, grad = res[("primitives", lb)]
-            for key in ("tails", "s_in", "relayed"):
-                mine = ref[key].unflatten(0, (B, local.slots))[:, r * slots : (r + 1) * slots].flatten(0, 1)
-                torch.testing.assert_close(out[key], mine, msg=f"{key} rank {r} lb={lb}")
-            torch.testing.assert_close(out["gathered"], ref["gathered"])
-            torch.testing.assert_close(out["total"], ref["total"])
-            grads += grad
-        # the reference: one loss over all rows, with all_sum's term counted once per rank
-        x, a, w = _inputs()
-        x.requires_grad_(True)
-        out = _exchanges(local, local.shard(x), local.shard(a))
-        (_loss(out, w, local) + (world - 1) * out["total"] + (world - 1) * (out["gathered"] * w[0]).sum()).backward()
-        torch.testing.assert_close(grads, x.grad, msg=f"gradient lb={lb}")
+        for first in range(0, 4, world):  # each cp group of the four ranks
+            grads = torch.zeros(B, T, D)
+            for r in range(world):
+                out, grad = ranks[first + r][("primitives", name, lb)]
+                for key in ("tails", "s_in", "relayed"):
+                    mine = ref[key].unflatten(0, (B, local.slots))[:, r * slots : (r + 1) * slots].flatten(0, 1)
+                    torch.testing.assert_close(out[key], mine, msg=f"{key} rank {r} lb={lb}")
+                torch.testing.assert_close(out["gathered"], ref["gathered"])
+                torch.testing.assert_close(out["total"], ref["total"])
+                grads += grad
+            # the reference: one loss over all rows, with the replicated terms counted once per rank
+            x, a, w = _inputs()
+            x.requires_grad_(True)
+            out = _exchanges(local, local.shard(x), local.shard(a))
+            extra = (world - 1) * (out["total"] + (out["gathered"] * w[0]).sum())
+            (_loss(out, w, local) + extra).backward()
+            torch.testing.assert_close(grads, x.grad, msg=f"gradient lb={lb}")
+
+
+@pytest.mark.parametrize("case", sorted(MODEL_CASES))
+def test_every_family_equals_one_process(ranks, case):
+    """Each cp group's mean loss and mean gradients (what FSDP's averaging over the cp ranks
+    gives) equal the single process on whole sequences (rel <= 1e-5)."""
+    from tests.models.cp_reference import loss_and_grads
+    from tests.models.test_context_parallel_models import model_and_batch
+
+    families, cp, lb, kw, tp = MODEL_CASES[case]
+    groups = [[0, 1, 2, 3]] if cp == 4 else [[0, 2], [1, 3]] if tp > 1 else [[0, 1], [2, 3]]
+    for family in families:
+        ref_loss, ref = loss_and_grads(*model_and_batch(family, **kw))
+        for group in groups:
+            loss = sum(ranks[r][(case, family)][0] for r in group) / cp
+            torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0, msg=f"{case} {family} loss")
+            for name, want in ref.items():
+                got = sum(ranks[r][(case, family)][1][name] for r in group) / cp
+                err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+                assert err <= 1e-5, f"{case} {family} {name}: relative gradient error {err:.2e}"

@@ -46,12 +46,19 @@ def _cfg(pattern: str, doc_masking: bool, window: int) -> ModelConfig:
     )
 
 
-def _check(pattern, split, doc_masking=True, window=5, starts=(5, 12, 30)):
+def model_and_batch(family: str, doc_masking: bool = True, window: int = 5, starts=(5, 12, 30)):
+    """The model of ``family`` (seeded) and a batch of 2 rows of T tokens: ids, labels and the
+    position ids of packed documents starting at ``starts`` (None without doc masking)."""
     torch.manual_seed(0)
-    model = build_model(_cfg(pattern, doc_masking, window))
+    model = build_model(_cfg(FAMILIES[family], doc_masking, window))
     ids = torch.randint(0, 61, (2, T))
     labels = torch.randint(0, 61, (2, T))
     pos = packed_positions(2, T, list(starts)) if doc_masking else None
+    return model, ids, labels, pos
+
+
+def _check(family, split, **kw):
+    model, ids, labels, pos = model_and_batch(family, **kw)
     ref_loss, ref = loss_and_grads(model, ids, labels, pos)
     loss, grads = loss_and_grads(model, ids, labels, pos, split)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
@@ -65,16 +72,16 @@ def _check(pattern, split, doc_masking=True, window=5, starts=(5, 12, 30)):
 def test_cp2_load_balanced_equals_one_sequence(family):
     """cp 2 with the head-tail split (4 segments of 12, rows 0, 3, 1, 2); documents start at
     5, 12 (a segment boundary), 30 (and shifted by one in the second row)."""
-    _check(FAMILIES[family], LocalSplit.like(2, True))
+    _check(family, LocalSplit.like(2, True))
 
 
 @pytest.mark.parametrize("family", ["sambay", "gla", "titans", "mamba2"])
 def test_cp2_contiguous_without_doc_masking(family):
     """cp 2 without load balancing and one causal stream per row (global positions)."""
-    _check(FAMILIES[family], LocalSplit.like(2, False), doc_masking=False)
+    _check(family, LocalSplit.like(2, False), doc_masking=False)
 
 
 @pytest.mark.parametrize("family", ["sambay", "mamba"])
 def test_cp4_window_longer_than_a_segment(family):
     """cp 4 (8 segments of 6 tokens) with a window of 14: a halo spans three segments."""
-    _check(FAMILIES[family], LocalSplit.like(4, True), window=14, starts=(6, 20))
+    _check(family, LocalSplit.like(4, True), window=14, starts=(6, 20))
