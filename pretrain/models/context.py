@@ -37,10 +37,14 @@ class ForwardContext:
     cache: Cache | None = None
     rope: tuple[Tensor, Tensor] | None = None
     """cos, sin [B, T, head_dim // 2] shared by all rotary attention layers."""
-    masks: dict[int | None, Tensor | BandedMask] = field(default_factory=dict)
+    masks: dict[int | None, Tensor | BandedMask | SegmentMasks] = field(default_factory=dict)
     """Attention window (None: full) -> bool mask [B, 1, T, S], True where a query may attend.
     Keys are the cached keys this window keeps followed by the T new ones. A window over more
-    than 2 x window new tokens and no cached ones gets a :class:`BandedMask` instead."""
+    than 2 x window new tokens and no cached ones gets a :class:`BandedMask` instead. Under
+    context parallelism (:attr:`cp`) the keys are those the layer exchanged: full attention
+    gets :class:`SegmentMasks` over the gathered sequence, a window the mask of its ``window -
+    1`` halo keys followed by the row's own (:func:`halo_mask`, or a :class:`BandedMask` with
+    ``halo``)."""
     all_visible: bool = False
     """One new token per row whose query sees every key its layer keeps (decoding without
     document masks): attention then needs no mask, and a window layer may read its ring of
@@ -51,8 +55,8 @@ class ForwardContext:
     cp: SequenceSplit | None = None
     """Context parallelism (training only, never with a cache): the rows are segments of longer
     sequences (:mod:`pretrain.models.sequence_split`), ``positions`` are global, and the mixers
-    exchange halos, keys/values or states through it. ``masks`` is then empty: attention builds
-    its masks per segment."""
+    exchange halos, keys/values or states through it. ``masks`` then hold per-segment masks
+    (see :attr:`masks`), built here once for every layer."""
 
 
 @dataclass(frozen=True)
@@ -66,21 +70,42 @@ class BandedMask:
     blocks: Tensor
     """Bool ``[B, n_blocks, window, 2 window - 1]`` (:func:`band_blocks`), built once per forward
     and shared by every layer of this window."""
+    halo: bool = False
+    """The keys start ``window - 1`` tokens before the queries (a context-parallel halo,
+    :meth:`~pretrain.models.sequence_split.SequenceSplit.tails`) instead of with them."""
 
 
-def band_blocks(positions: Tensor, w: int, doc_masking: bool) -> Tensor:
+@dataclass(frozen=True)
+class SegmentMasks:
+    """Full causal attention of context-parallel rows (:attr:`ForwardContext.cp`) over the
+    gathered sequence: the queries of local slot j (global segment g, first token ``s_j = g *
+    seg_len``) attend only the first ``s_j + seg_len`` keys, so a segment late in the sequence
+    costs more and the head-tail split evens it out. One SDPA call per slot."""
+
+    masks: tuple[Tensor, ...]
+    """Slot j's bool ``[B, 1, seg_len, s_j + seg_len]`` (:func:`attention_mask` with offset
+    ``s_j``), shared by every full-attention layer of the forward."""
+
+
+def band_blocks(positions: Tensor, w: int, doc_masking: bool, halo: bool = False) -> Tensor:
     """Bool ``[B, n_blocks, w, 2 w - 1]`` for ``positions [B, T]``: query j of block i (token
     i w + j) may see key slot l (token i w + l - (w - 1)): causal, inside the window, not before
     the sequence and (doc masking) not before its document. Queries past T (padding) see
-    themselves."""
+    themselves.
+
+    ``halo``: the row is a context-parallel segment whose ``w - 1`` earlier tokens are keys too
+    (:attr:`BandedMask.halo`) and ``positions`` are global (in-document, or the global token
+    index without doc masking), so the document check alone keeps keys inside the sequence."""
     b, t = positions.shape
     nb = -(-t // w)
     dev = positions.device
     j = torch.arange(w, device=dev)[:, None]  # [w, 1] query in block
     l = torch.arange(2 * w - 1, device=dev)[None, :]  # [1, L] key slot
-    ki = torch.arange(nb, device=dev)[:, None, None] * w + l - (w - 1)  # [nb, 1, L] key index
-    allowed = (l >= j) & (l <= j + w - 1) & (ki >= 0)  # [nb, w, L]
-    if doc_masking:
+    ki = torch.arange(nb, device=dev)[:, None, None] * w + l - (w - 1)  # [nb, 1, L] key index in the row
+    allowed = (l >= j) & (l <= j + w - 1)  # [w, L]
+    if not halo:
+        allowed = allowed & (ki >= 0)  # [nb, w, L]
+    if doc_masking or halo:
         pos = torch.nn.functional.pad(positions, (0, nb * w - t))  # padding: its own document
         start = (torch.arange(nb * w, device=dev) - pos).view(b, nb, w, 1)  # each query's document start
         return allowed & (ki >= start)  # [B, nb, w, L]
@@ -110,6 +135,41 @@ def attention_mask(positions: Tensor, offset: int, window: int | None, doc_maski
         doc_start = q - positions  # [B, T]
         allowed = allowed & (k[None, None, :] >= doc_start.unsqueeze(-1))  # [B, T, S]
     return allowed.expand(positions.shape[0], t, k.numel()).unsqueeze(1)
+
+
+def halo_mask(positions: Tensor, window: int) -> Tensor:
+    """Bool ``[B, 1, T, window - 1 + T]`` of a sliding window over context-parallel rows: the
+    keys are the ``window - 1`` tokens before each row (its halo) followed by its ``T`` own.
+    ``positions [B, T]`` are global (in-document with doc masking, else the global token
+    index), so one check, key not before the query's document start, also drops halo keys that
+    would precede the sequence (zeros in the halo). Equals :func:`attention_mask` with the
+    row's global offset, left-padded with False where fewer than ``window - 1`` tokens precede."""
+    b, t = positions.shape
+    n = window - 1
+    dev = positions.device
+    q = n + torch.arange(t, device=dev)  # [T] query index among the keys
+    k = torch.arange(n + t, device=dev)  # [S]
+    dist = q[:, None] - k[None, :]  # [T, S]
+    doc_start = q - positions  # [B, T] in key coordinates
+    allowed = (dist >= 0) & (dist < window) & (k[None, None, :] >= doc_start.unsqueeze(-1))  # [B, T, S]
+    return allowed.unsqueeze(1)
+
+
+def segment_masks(
+    positions: Tensor, split: SequenceSplit, window: int | None, doc_masking: bool, seg_len: int
+) -> Tensor | BandedMask | SegmentMasks:
+    """The mask of ``window`` (None: full) for context-parallel rows ``positions [B * slots,
+    seg_len]`` (global): :class:`SegmentMasks` for full attention; for a window,
+    :func:`halo_mask`, or block-banded over segments longer than ``2 window``
+    (:class:`BandedMask` with ``halo``)."""
+    if window is None:
+        starts = split.starts(seg_len).tolist()
+        return SegmentMasks(tuple(
+            attention_mask(split.slot(positions, j), s, None, doc_masking) for j, s in enumerate(starts)
+        ))
+    if banded(window, seg_len, 0):
+        return BandedMask(window, band_blocks(positions, window, True, halo=True), halo=True)
+    return halo_mask(positions, window)
 
 
 def doc_boundaries(positions: Tensor) -> tuple[Tensor, int]:
@@ -159,6 +219,7 @@ def build_context(
         ctx.rope = rope_tables(positions, *rope)
     if cp is not None:
         cp.start_forward()
+        ctx.masks = {w: segment_masks(positions, cp, w, doc_masking, seq) for w in mask_windows}
         return ctx
     if flash:
         ctx.cu_seqlens, ctx.max_seqlen = doc_boundaries(positions)  # no cache here: offset is 0

@@ -3,6 +3,15 @@
 Backends: flash-attn's varlen kernel (documents as separate sequences via cu_seqlens, the
 window via window_size) on CUDA when installed; otherwise SDPA with the explicit boolean mask
 that :func:`pretrain.models.context.build_context` computed once for the whole forward.
+
+Context parallelism (``ctx.cp``, rows are segments of longer sequences; SDPA only, never
+flash-attn): a full-attention layer all-gathers its keys/values once (``[B, T, H_kv, 2 D]``
+per layer, :meth:`~pretrain.models.sequence_split.SequenceSplit.gather`) and the queries of
+each local segment attend the keys up to their segment's end (:class:`SegmentMasks`), so the
+head-tail split gives every rank the same work; a window layer exchanges only a halo of
+``window - 1`` keys/values per segment (:meth:`~pretrain.models.sequence_split.SequenceSplit.tails`),
+put before the segment's own (:func:`~pretrain.models.context.halo_mask`, or
+:func:`banded_sdpa` over long segments).
 """
 
 from __future__ import annotations
@@ -18,11 +27,12 @@ from torch import Tensor, nn
 from pretrain.models.layers.rope import apply_rope
 from pretrain.models.registry import register_mixer
 
-from pretrain.models.context import BandedMask
+from pretrain.models.context import BandedMask, SegmentMasks
 
 if TYPE_CHECKING:
     from pretrain.config import ModelConfig
     from pretrain.models.context import ForwardContext
+    from pretrain.models.sequence_split import SequenceSplit
 
 
 @functools.cache
@@ -44,19 +54,25 @@ def mean_visible_keys(seq_len: int, window: int | None) -> float:
 
 
 def banded_sdpa(q: Tensor, k: Tensor, v: Tensor, band: BandedMask) -> Tensor:
-    """Sliding-window attention of ``q [B, T, H, D]`` over ``k [B, T, H_kv, D]``, ``v [B, T, H_kv,
-    Dv]`` (the same T tokens, no cache) -> ``[B, T, H, Dv]``, block by block: the queries in blocks
-    of ``window``, each against the ``2 window - 1`` keys that can reach it (overlapping views,
-    copied once), one batched SDPA call with the blocks' masks (:attr:`BandedMask.blocks`).
-    O(T * window) time and memory; the same result as the dense masked SDPA."""
+    """Sliding-window attention of ``q [B, T, H, D]`` over ``k [B, S, H_kv, D]``, ``v [B, S, H_kv,
+    Dv]`` -> ``[B, T, H, Dv]``, block by block: the queries in blocks of ``window``, each against
+    the ``2 window - 1`` keys that can reach it (overlapping views, copied once), one batched
+    SDPA call with the blocks' masks (:attr:`BandedMask.blocks`). The keys are the same T tokens
+    (S = T, no cache), or with :attr:`BandedMask.halo` the ``window - 1`` tokens before them
+    first (S = window - 1 + T, a context-parallel halo, standing in for the zero padding of the
+    first block). O(T * window) time and memory; the same result as the dense masked SDPA.
+    Raises ValueError when S does not fit the mask."""
     b, t, h, d = q.shape
     w = band.window
     nb = -(-t // w)
     pad = nb * w - t
     span = 2 * w - 1
+    before = 0 if band.halo else w - 1  # zero keys put before the first block
+    if k.shape[1] != t + w - 1 - before:
+        raise ValueError(f"banded_sdpa: {k.shape[1]} keys for {t} queries (window {w}, halo {band.halo})")
 
-    def windows(x: Tensor) -> Tensor:  # [B, T, H_kv, E] -> [B * nb, H_kv, span, E]
-        x = F.pad(x, (0, 0, 0, 0, w - 1, pad))  # [B, w - 1 + nb * w, H_kv, E]
+    def windows(x: Tensor) -> Tensor:  # [B, S, H_kv, E] -> [B * nb, H_kv, span, E]
+        x = F.pad(x, (0, 0, 0, 0, before, pad))  # [B, w - 1 + nb * w, H_kv, E]
         x = x.unfold(1, span, w)  # [B, nb, H_kv, E, span]
         return x.permute(0, 1, 2, 4, 3).reshape(b * nb, x.shape[2], span, x.shape[3])
 
@@ -67,6 +83,43 @@ def banded_sdpa(q: Tensor, k: Tensor, v: Tensor, band: BandedMask) -> Tensor:
         enable_gqa=h != k.shape[2],
     )  # [B * nb, H, w, Dv]
     return o.transpose(1, 2).reshape(b, nb * w, h, -1)[:, :t]
+
+
+def segment_sdpa(q: Tensor, k: Tensor, v: Tensor, segments: SegmentMasks) -> Tensor:
+    """Full causal attention of context-parallel rows: ``q [B * slots, s, H, D]`` (row ``b *
+    slots + j``: slot j of sample b) over the gathered ``k [B, T, H_kv, D]``, ``v [B, T, H_kv,
+    Dv]`` -> ``[B * slots, s, H, Dv]``. Slot j's queries read only the keys before its
+    segment's end (``segments.masks[j]``'s width), one SDPA call per slot."""
+    slots = len(segments.masks)
+    qs = q.unflatten(0, (-1, slots))  # [B, slots, s, H, D]
+    out = []
+    for j, mask in enumerate(segments.masks):
+        n = mask.shape[-1]
+        o = F.scaled_dot_product_attention(
+            qs[:, j].transpose(1, 2),  # [B, H, s, D]
+            k[:, :n].transpose(1, 2),  # [B, H_kv, n, D]
+            v[:, :n].transpose(1, 2),
+            attn_mask=mask,
+            enable_gqa=q.shape[2] != k.shape[2],
+        )
+        out.append(o.transpose(1, 2))  # [B, s, H, Dv]
+    return torch.stack(out, dim=1).flatten(0, 1)
+
+
+def exchange_kv(k: Tensor, v: Tensor, split: SequenceSplit, window: int | None) -> tuple[Tensor, Tensor]:
+    """The keys/values a context-parallel layer attends to, from its rows' ``k [B * slots, s,
+    H_kv, D]``, ``v [B * slots, s, H_kv, Dv]`` (after RoPE): full attention (``window`` None)
+    all-gathers them, ``[B, T, H_kv, D]`` (every segment's, one exchange of both); a window
+    puts the ``window - 1`` tokens before each row first, ``[B * slots, window - 1 + s, H_kv,
+    D]`` (a halo: only the last ``min(window - 1, s)`` tokens of each segment are exchanged,
+    zeros before the sequence). Differentiable."""
+    d = k.shape[-1]
+    kv = torch.cat([k, v], dim=-1)  # one exchange for both
+    if window is None:
+        kv = split.gather(kv)
+    elif window > 1:
+        kv = torch.cat([split.tails(kv, window - 1), kv], dim=1)
+    return kv[..., :d], kv[..., d:]
 
 
 @dataclass
@@ -179,6 +232,8 @@ class Attention(nn.Module):
         v = self.wv(x).view(b, t, -1, self.head_dim)  # [B, T, H_kv, D]
         if self.use_rope:
             k = apply_rope(k, *ctx.rope)
+        if ctx.cp is not None:  # [B, T, H_kv, D] gathered, or [B * slots, window - 1 + s, H_kv, D]
+            return (q, *exchange_kv(k, v, ctx.cp, self.window))
         if state is not None:  # [B, S, H_kv, D]; a ring in slot order when every key is visible
             k, v = state.update(k, v, self.window, ordered=not ctx.all_visible)
         return q, k, v
@@ -194,7 +249,7 @@ class Attention(nn.Module):
             return self._flash(q, k, v, ctx)
         return self._sdpa(q, k, v, None if ctx.all_visible else ctx.masks[self.window])
 
-    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | BandedMask | None) -> Tensor:
+    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | BandedMask | SegmentMasks | None) -> Tensor:
         """SDPA over ``k, v``; ``mask`` None: every key is visible (one decoded token)."""
         b, t, h, d = q.shape
         h_kv = k.shape[2]
@@ -208,6 +263,8 @@ class Attention(nn.Module):
             return o.reshape(b, 1, h, -1)
         if isinstance(mask, BandedMask):
             return banded_sdpa(q, k, v, mask)
+        if isinstance(mask, SegmentMasks):
+            return segment_sdpa(q, k, v, mask)
         if mask is not None and mask.shape[-1] != k.shape[1]:
             raise RuntimeError(f"Attention: mask covers {mask.shape[-1]} keys, the layer has {k.shape[1]}")
         o = F.scaled_dot_product_attention(

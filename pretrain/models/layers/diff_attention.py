@@ -6,7 +6,9 @@ per-head RMSNorm: the H query heads form H/2 pairs whose two softmax maps are su
     lambda = exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init,
     lambda_init = 0.8 - 0.6 exp(-0.3 * layer_index),
 and each pair's output [B, T, 2D] is RMS-normalised and scaled by (1 - lambda_init). RoPE,
-GQA, document masking, the window, the KV cache and flash-attn work as in :class:`Attention`.
+GQA, document masking, the window, the KV cache, flash-attn and context parallelism (gathered
+keys/values or a halo, SDPA only) work as in :class:`Attention`: both maps of a pair go through
+the same masked softmax attention.
 """
 
 from __future__ import annotations

@@ -24,12 +24,13 @@ def diff_attention(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, attend: Attend)
         o_i = softmax(q_2i k_2j^T / sqrt(D)) V_j - lam * softmax(q_2i+1 k_2j+1^T / sqrt(D)) V_j.
     ``lam``: a scalar tensor; ``attend``: the softmax attention (mask, window, documents).
     """
-    b, t, h, d = q.shape
+    h, d = q.shape[2:]
     if h % 2 or k.shape[2] % 2:
         raise ValueError(f"diff_attention: heads ({h}) and KV heads ({k.shape[2]}) must be even")
     if k.shape != v.shape or k.shape[-1] != d:
         raise ValueError(f"diff_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must be [B, S, H_kv, {d}]")
-    v2 = v.reshape(b, v.shape[1], -1, 2 * d)  # [B, S, H_kv/2, 2D]: the pair's two value heads side by side
+    # v's own batch: under context parallelism the keys are gathered sequences, not q's rows
+    v2 = v.reshape(v.shape[0], v.shape[1], -1, 2 * d)  # [B, S, H_kv/2, 2D]: the pair's two value heads side by side
     o1 = attend(q[:, :, 0::2], k[:, :, 0::2], v2)  # [B, T, H/2, 2D]
     o2 = attend(q[:, :, 1::2], k[:, :, 1::2], v2)
     return o1 - lam * o2

@@ -11,6 +11,13 @@ The layers pass what they share through the block-to-block ``carry`` (never modu
 - 'xattn' / 'diff_xattn': cross-attention that computes only queries and attends to the shared
   keys/values (full causal mask). Neither these nor 'gmu' keep a decoding cache: only the
   full-attention layer and the self-decoder's windows and scans do.
+
+Under context parallelism (``ctx.cp``: the rows ``[B * slots, s]`` are segments) the
+'attn_kv' layer all-gathers its keys/values once, and ``carry["shared_k"], carry["shared_v"]``
+hold the whole sequences ``[B, T, H_kv, D]`` (token order, after RoPE; gradients flow back
+through the gather), so no cross layer exchanges anything: each attends with its local
+queries under the same per-segment causal masks (:class:`~pretrain.models.context.SegmentMasks`).
+The memory and the GMU are token-local (``[B * slots, s, d_mem]``, as the rows).
 """
 
 from __future__ import annotations
@@ -84,7 +91,8 @@ class GLAMemory(_NormInputMemory, GatedLinearAttention):
 
 
 class AttentionKV(Attention):
-    """Full causal attention whose keys/values (after RoPE, past ones included) are shared."""
+    """Full causal attention whose keys/values (after RoPE, past ones included; under context
+    parallelism the gathered sequences) are shared."""
 
     uses_carry = True
 
