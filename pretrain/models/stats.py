@@ -123,8 +123,9 @@ def memory_estimate(
     activation checkpointing (``act_bytes`` per element: 4 for fp32, 2 under bf16 autocast),
     with their split ``activations_by_type``: the layers' and the head's split over tp ranks,
     the norms' too with sequence parallelism (``sp``); and ``total``. Context parallelism
-    (``cp`` ranks) holds seq_len / cp tokens per rank and shards the weights over dp x cp (its
-    exchanged halos and gathered keys/values, a few layers' worth, are neglected)."""
+    (``cp`` ranks) holds seq_len / cp tokens per rank and shards the weights over dp x cp; each
+    layer that all-gathers keys/values keeps the other ranks' ones for its backward
+    (``cp_gathered_kv``; halos and states are neglected)."""
     model = _model(cfg)
     p = count_parameters(model)["total"]
     tokens = micro_batch_size * seq_len / cp
@@ -134,6 +135,10 @@ def memory_estimate(
             acts[key] += elements
     acts["head"] = head_activation_elements(cfg)
     by_type = {k: float(v * tokens * act_bytes) / (tp if k != "norm" or sp else 1) for k, v in acts.items()}
+    if cp > 1:
+        gathering = [b.mixer for b in model.blocks.values() if b.mixer_name in ("attn", "attn_kv", "diff_attn", "diff_attn_kv")]
+        kv = sum(m.wk.weight.shape[0] + m.wv.weight.shape[0] for m in gathering)  # K + V elements per token
+        by_type["cp_gathered_kv"] = float(kv * micro_batch_size * seq_len * (cp - 1) / cp * act_bytes) / tp
     shards = dp * cp * tp
     out: dict[str, float | dict[str, float]] = {
         "params": 4.0 * p / shards,

@@ -47,10 +47,11 @@ def _cfg(pattern: str, doc_masking: bool, window: int) -> ModelConfig:
 
 
 def model_and_batch(family: str, doc_masking: bool = True, window: int = 5, starts=(5, 12, 30)):
-    """The model of ``family`` (seeded) and a batch of 2 rows of T tokens: ids, labels and the
-    position ids of packed documents starting at ``starts`` (None without doc masking)."""
+    """The model of ``family`` (a name of :data:`FAMILIES`, or a layer pattern; seeded) and a
+    batch of 2 rows of T tokens: ids, labels and the position ids of packed documents starting
+    at ``starts`` (None without doc masking)."""
     torch.manual_seed(0)
-    model = build_model(_cfg(FAMILIES[family], doc_masking, window))
+    model = build_model(_cfg(FAMILIES.get(family, family), doc_masking, window))
     ids = torch.randint(0, 61, (2, T))
     labels = torch.randint(0, 61, (2, T))
     pos = packed_positions(2, T, list(starts)) if doc_masking else None

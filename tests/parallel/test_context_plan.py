@@ -31,7 +31,12 @@ def test_memory_per_rank_and_plan_lines(capsys):
     cfg = load_config("configs/sambay_tiny.toml").with_vocab().model
     one = memory_estimate(cfg, 4, 1024)
     two = memory_estimate(cfg, 4, 1024, cp=2)
-    assert abs(two["activations"] - one["activations"] / 2) < 1e-6 * one["activations"]
+    local = sum(v for k, v in two["activations_by_type"].items() if k != "cp_gathered_kv")
+    assert abs(local - one["activations"] / 2) < 1e-6 * one["activations"]
+    a = cfg.attention
+    n_full = sum(m == "attn_kv" for m, _ in cfg.pattern())
+    kv = 2 * (a.n_kv_heads or a.n_heads) * (a.head_dim or cfg.d_model // a.n_heads)
+    assert two["activations_by_type"]["cp_gathered_kv"] == n_full * kv * 4 * 512 * 4  # the other rank's 512 tokens
     assert abs(two["params"] - one["params"] / 2) < 1e-6 * one["params"]  # FSDP over dp x cp
     assert main(["plan", "configs/sambay_tiny.toml", "--set", "parallel.cp=2", "--set", "data.seq_len=1024"]) == 0
     out = capsys.readouterr().out
