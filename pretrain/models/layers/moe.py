@@ -50,6 +50,12 @@ document start does not change a per-token router). The router z-loss
 ``coef * mean(logsumexp(logits)^2)`` is per layer in both modes. All add into
 ``carry["aux_loss"]``, and the expert load f of block b is ``carry["metric/moe_load.b"]``
 (detached, [E]).
+
+Context parallelism (``ctx.cp``): routing is per token and the GRU's state crosses layers, not
+tokens, so nothing is exchanged but the statistics: f and P are those of the whole sequences
+(:func:`sequence_stats`), and so are the balance loss and the logged load on every rank. The
+z-loss stays a mean over the rank's tokens, like the LM loss (the trainer's mean over the cp
+ranks makes both the whole sequences' means).
 """
 
 from __future__ import annotations
@@ -142,7 +148,9 @@ def sequence_stats(counts: Tensor, probs: Tensor, cp: SequenceSplit) -> tuple[Te
     (an all-reduce sum of the ranks' identical upstream gradients) hands rank r cp x dA/dP
     times its own tokens' share; the trainer's mean over the cp ranks turns the parameter
     gradients back into the single-process dA/dtheta, as it does for the LM loss, whose
-    per-rank mean over N / cp tokens is likewise cp x the global mean's share."""
+    per-rank mean over N / cp tokens is likewise cp x the global mean's share. Under expert
+    parallelism ``counts`` are already summed over the ep group (data-parallel ranks of the
+    same cp coordinate); the sum over the cp ranks completes them."""
     e = probs.shape[-1]
     local = torch.cat([counts.to(probs.dtype), probs.sum(dim=0), probs.new_full((1,), probs.shape[0])])
     total = cp.all_sum(local)
