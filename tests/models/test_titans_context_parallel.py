@@ -21,7 +21,7 @@ T = 48  # 2 segments of 24 (cp 2), 4 of 12 (cp 2 load-balanced), 8 of 6 (cp 4 lo
 
 
 def _check(pattern, split, doc_masking, window=5, starts=(5, 12, 30), moe=None, dtype=torch.float32, tol=1e-5,
-           **titans):
+           seq=T, **titans):
     titans = dict(n_heads=2, memory_depth=2, memory_expand=2, chunk_size=3, segment_size=6, n_persistent=3) | titans
     cfg = ModelConfig(
         vocab_size=61, d_model=32, n_layers=len(pattern.split()), layer_pattern=pattern, ffn_hidden=48,
@@ -30,9 +30,9 @@ def _check(pattern, split, doc_masking, window=5, starts=(5, 12, 30), moe=None, 
     )
     torch.manual_seed(0)
     model = build_model(cfg).to(dtype)
-    ids = torch.randint(0, 61, (2, T))
-    labels = torch.randint(0, 61, (2, T))
-    pos = packed_positions(2, T, list(starts)) if doc_masking else None
+    ids = torch.randint(0, 61, (2, seq))
+    labels = torch.randint(0, 61, (2, seq))
+    pos = packed_positions(2, seq, list(starts)) if doc_masking else None
     ref_loss, ref = loss_and_grads(model, ids, labels, pos)
     loss, grads = loss_and_grads(model, ids, labels, pos, split)
     torch.testing.assert_close(loss, ref_loss, rtol=tol, atol=0)
@@ -55,6 +55,15 @@ def test_chunks_segments_and_windows_that_do_not_divide_the_split(mixer):
     """Segments of 6 tokens (cp 4) against a MAC segment of 5, memory chunks of 7 and a window
     of 14 whose halo spans three segments: nothing needs to divide anything."""
     _check(mixer, LocalSplit.like(4, True), True, window=14, starts=(6, 20), chunk_size=7, segment_size=5)
+
+
+@pytest.mark.parametrize("mixer", ["mac", "mag", "mal"])
+def test_segments_shorter_than_the_conv_history_and_the_window(mixer):
+    """cp 4 over 16 tokens: segments of 2 tokens, a conv of 5 taps and a window of 7 take their
+    halos from several segments back; a window of 1 takes none."""
+    split = LocalSplit.like(4, True)
+    _check(mixer, split, True, window=7, starts=(3, 8), seq=16, conv_size=5, chunk_size=3, segment_size=4)
+    _check(mixer, split, False, window=1, seq=16, conv_size=5, chunk_size=3, segment_size=4)
 
 
 @pytest.mark.parametrize("doc_masking", [True, False])

@@ -98,7 +98,7 @@ def relay_mac(mac: TitansMAC, x: Tensor, ctx: ForwardContext) -> Tensor:
         st = _relay_state(mac, n, flat, starts[j])
         reset = None if ctx.reset is None else cp.slot(ctx.reset, j)
         sub = ForwardContext(positions=cp.slot(ctx.positions, j), offset=starts[j], reset=reset)
-        y = mac(cp.slot(x, j), sub, st)
+        y = mac.forward(cp.slot(x, j), sub, st)  # not __call__: the module's hooks ran once already
         return y, _flat_state(mac, st, like)
 
     return cp.relay(step, like)
