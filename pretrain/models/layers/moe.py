@@ -50,6 +50,12 @@ document start does not change a per-token router). The router z-loss
 ``coef * mean(logsumexp(logits)^2)`` is per layer in both modes. All add into
 ``carry["aux_loss"]``, and the expert load f of block b is ``carry["metric/moe_load.b"]``
 (detached, [E]).
+
+Context parallelism (``ctx.cp``): routing is per token and the GRU's state crosses layers, not
+tokens, so nothing is exchanged but the statistics: f and P are those of the whole sequences
+(:func:`sequence_stats`), and so are the balance loss and the logged load on every rank. The
+z-loss stays a mean over the rank's tokens, like the LM loss (the trainer's mean over the cp
+ranks makes both the whole sequences' means).
 """
 
 from __future__ import annotations
@@ -68,6 +74,7 @@ from pretrain.models.registry import register_ffn
 if TYPE_CHECKING:
     from pretrain.config import ModelConfig, MoEConfig
     from pretrain.models.context import ForwardContext
+    from pretrain.models.sequence_split import SequenceSplit
 
 GRU_KEYS = ("router_gru.weight_ih", "router_gru.weight_hh", "router_gru.bias_ih", "router_gru.bias_hh")
 """Carry keys of the shared GRU's weights (torch.nn.GRUCell's names and layout)."""
@@ -129,6 +136,26 @@ def balance_loss(load: Tensor, mean_prob: Tensor, top_k: int = 1) -> Tensor:
     per-layer form (1 when balanced); ``top_k`` = k gives Mixtral's, whose f counts, per
     expert, the tokens that chose it among their k (k when balanced)."""
     return top_k * mean_prob.shape[-1] * (load.to(mean_prob.dtype) * mean_prob).sum()
+
+
+def sequence_stats(counts: Tensor, probs: Tensor, cp: SequenceSplit) -> tuple[Tensor, Tensor]:
+    """The balance loss's f and P over the whole sequences of a context-parallel split, from
+    this process's tokens: ``counts [E]`` token->expert assignments (int), ``probs [N, E]``
+    router probabilities. One :meth:`~SequenceSplit.all_sum` of ``2 E + 1`` floats (counts,
+    probability sums, token count) -> (f [E] fp32 detached, P [E] in probs' dtype).
+
+    Gradient scaling: every rank then computes the same loss A(P), and all_sum's backward
+    (an all-reduce sum of the ranks' identical upstream gradients) hands rank r cp x dA/dP
+    times its own tokens' share; the trainer's mean over the cp ranks turns the parameter
+    gradients back into the single-process dA/dtheta, as it does for the LM loss, whose
+    per-rank mean over N / cp tokens is likewise cp x the global mean's share. Under expert
+    parallelism ``counts`` are already summed over the ep group (data-parallel ranks of the
+    same cp coordinate); the sum over the cp ranks completes them."""
+    e = probs.shape[-1]
+    local = torch.cat([counts.to(probs.dtype), probs.sum(dim=0), probs.new_full((1,), probs.shape[0])])
+    total = cp.all_sum(local)
+    load = total[:e].detach().float()
+    return load / load.sum(), total[e : 2 * e] / total[2 * e]
 
 
 LOAD_SUM, PROB_SUM = "moe_balance.load_sum", "moe_balance.prob_sum"
@@ -209,9 +236,12 @@ class MoE(nn.Module):
         )
         if self.shared is not None:
             y = y + self.shared(flat)
-        load = counts.float() / counts.sum()  # f [E], as expert_load computes it on one process
+        if ctx.cp is None:
+            load, mean_prob = counts.float() / counts.sum(), probs.mean(dim=0)  # f [E] as expert_load, P [E]
+        else:
+            load, mean_prob = sequence_stats(counts, probs, ctx.cp)
         carry = {**carry, f"metric/moe_load.{self.name}": load}
-        aux, carry = self._balance(load, probs.mean(dim=0), carry)
+        aux, carry = self._balance(load, mean_prob, carry)
         if self.z_loss_coef > 0:
             z = self.z_loss_coef * torch.logsumexp(logits.to(probs.dtype), dim=-1).square().mean()
             aux = z if aux is None else aux + z

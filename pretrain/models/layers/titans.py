@@ -28,6 +28,10 @@ L2-normalised; per token and head the learning rate theta (sigmoid scaled to ``m
 eta and forgetting alpha (sigmoids of linear projections of the branch input); the scan is
 :func:`kernels.titans.memory_scan`; the reads go through a per-head RMSNorm and an output projection.
 
+Context parallelism (``ctx.cp``): the memory state is relayed segment to segment, so the memory
+scan (MAC: the whole layer) gets no parallel speed-up; :mod:`pretrain.models.layers.titans_cp`
+says how and what it costs.
+
 Departures from the paper, and why:
 
 * Persistent tokens only enter attention (as keys and values every query sees); in MAG and MAL
@@ -60,6 +64,7 @@ from pretrain.models.layers.attention import KVState, mean_visible_keys
 from pretrain.models.layers.mamba import no_reduction
 from pretrain.models.layers.norm import RMSNorm, at_least_fp32
 from pretrain.models.layers.rope import apply_rope, rope_tables
+from pretrain.models.layers.titans_cp import cp_window_kv, relay_mac, relay_memory_scan
 from pretrain.models.registry import register_mixer
 
 if TYPE_CHECKING:
@@ -149,12 +154,17 @@ class NeuralMemory(nn.Module):
     def forward(self, x: Tensor, ctx: ForwardContext, state: TitansState | None) -> Tensor:
         """Read (at chunk starts) and train the memory on x; returns the projected reads."""
         b, t, _ = x.shape
-        tail = None if state is None else state.conv
         qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)  # [B, T, 3 * H * D]
+        if ctx.cp is not None:  # the conv's history is the previous segment's last inputs (a halo)
+            tail = ctx.cp.tails(qkv, self.conv_weight.shape[-1] - 1)
+        else:
+            tail = None if state is None else state.conv
         zc, tail = self.conv(qkv, slice(None), tail, ctx.positions)
         if state is not None:
             state.conv = tail
         q, k, v = zc.view(b, t, 3, -1, self.head_dim).unbind(2)  # [B, T, H, D] each
+        if ctx.cp is not None:
+            return self.project_out(relay_memory_scan(self, x, q, k, v, ctx), x.dtype)
         mem = MemoryState.fresh(list(self.init), b) if state is None else state.memory
         y, mem = self.scan(x, q, k, v, mem, ctx.positions, ctx.reset)
         if state is not None:
@@ -285,8 +295,16 @@ class _Titans(nn.Module):
         self.memory = NeuralMemory(cfg, chunk_size, mem_out)
         self.attn = PersistentAttention(cfg)
 
-    def _kv(self, k: Tensor, v: Tensor, cache: KVState | None) -> tuple[Tensor, Tensor]:
-        return (k, v) if cache is None else cache.update(k, v, self.window)
+    def _window_kv(
+        self, k: Tensor, v: Tensor, ctx: ForwardContext, state: TitansState | None
+    ) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """MAG/MAL: the keys, values and mask ``q`` attends over (besides the persistent tokens):
+        the cache's and the new ones, or under context parallelism the segment's with a halo."""
+        if ctx.cp is not None:
+            return [cp_window_kv(k, v, ctx.cp, ctx.positions, self.window)]
+        if state is not None:
+            k, v = state.kv.update(k, v, self.window)
+        return [(k, v, attention_mask(ctx.positions, ctx.offset, self.window, ctx.reset is not None))]
 
     def new_state(self, batch_size: int) -> TitansState:
         conv, mem = self.memory.new_state(batch_size)
@@ -330,6 +348,8 @@ class TitansMAC(_Titans):
             self.gate_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.kernels)
 
     def forward(self, x: Tensor, ctx: ForwardContext, state: TitansState | None = None) -> Tensor:
+        if ctx.cp is not None:
+            return relay_mac(self, x, ctx)
         st = self.new_state(x.shape[0]) if state is None else state
         cut = (ctx.positions % self.window == 0).any(0)  # where any row starts a segment
         cut[0] = True
@@ -438,9 +458,7 @@ class TitansMAG(_Titans):
     def forward(self, x: Tensor, ctx: ForwardContext, state: TitansState | None = None) -> Tensor:
         m = self.scatter_partial(self.memory(x, ctx, state))  # [B, T, H_attn * D] (the rank's heads')
         q, k, v = self.attn.project(x, self.attn.rope(ctx.positions))
-        k, v = self._kv(k, v, None if state is None else state.kv)
-        mask = attention_mask(ctx.positions, ctx.offset, self.window, ctx.reset is not None)
-        o = self.attn.attend(q, [(k, v, mask)])
+        o = self.attn.attend(q, self._window_kv(k, v, ctx, state))
         return self.attn.wo(self.attn_norm(o) * torch.sigmoid(self.gate_norm(m)))
 
     def init_weights(self, init_std: float, out_std: float) -> None:
@@ -457,9 +475,7 @@ class TitansMAL(_Titans):
     def forward(self, x: Tensor, ctx: ForwardContext, state: TitansState | None = None) -> Tensor:
         m = self.memory(x, ctx, state)  # [B, T, d]
         q, k, v = self.attn.project(m, self.attn.rope(ctx.positions))
-        k, v = self._kv(k, v, None if state is None else state.kv)
-        mask = attention_mask(ctx.positions, ctx.offset, self.window, ctx.reset is not None)
-        return self.attn.wo(self.attn.attend(q, [(k, v, mask)]))
+        return self.attn.wo(self.attn.attend(q, self._window_kv(k, v, ctx, state)))
 
 
 @register_mixer("mac")
