@@ -27,8 +27,9 @@ from torch import Tensor
 
 from kernels.dispatch import check_inputs, select
 from kernels.gla import chunk_torch
+from kernels.gla.state_passing import gla_initial_state_output, gla_total_decay
 
-__all__ = ["chunk_gla", "fused_recurrent_gla"]
+__all__ = ["chunk_gla", "fused_recurrent_gla", "gla_initial_state_output", "gla_total_decay"]
 
 
 def _check(op: str, q, k, v, g, initial_state, reset, cu_seqlens) -> int:

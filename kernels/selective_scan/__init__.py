@@ -20,8 +20,11 @@ from torch import Tensor
 from kernels.dispatch import check_inputs, select
 from kernels.selective_scan import chunk_torch
 from kernels.selective_scan.chunk_torch import check_cu_seqlens
+from kernels.selective_scan.state_passing import selective_scan_initial_state_output, selective_scan_total_decay
 
-__all__ = ["selective_scan", "selective_state_update"]
+__all__ = [
+    "selective_scan", "selective_state_update", "selective_scan_initial_state_output", "selective_scan_total_decay",
+]
 
 
 def selective_scan(

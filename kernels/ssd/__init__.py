@@ -22,8 +22,9 @@ from torch import Tensor
 
 from kernels.dispatch import check_inputs, select
 from kernels.ssd import chunk_torch
+from kernels.ssd.state_passing import ssd_initial_state_output, ssd_total_decay
 
-__all__ = ["ssd_chunked", "ssd_step"]
+__all__ = ["ssd_chunked", "ssd_step", "ssd_initial_state_output", "ssd_total_decay"]
 
 
 def ssd_chunked(
