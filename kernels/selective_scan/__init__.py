@@ -9,7 +9,8 @@ Layout: ``naive.py`` (the specification), ``chunk_torch.py`` (PyTorch, chunked i
 hand-written backward: the CPU path), ``chunk.py`` (the Triton scan, forward and backward, for
 training and prefill) and ``recurrent.py`` (the Triton one-token update for decoding). 'auto' runs
 the Triton kernels on CUDA. Token-major like the rest of the models (``[B, T, D]``), unlike
-mamba_ssm's ``[B, D, T]``.
+mamba_ssm's ``[B, D, T]``. ``state_passing.py`` (PyTorch): an initial state's part of the outputs
+and the sequence's total decay, for context parallelism's state passing.
 """
 
 from __future__ import annotations

@@ -6,6 +6,11 @@ projection, ``g = logsigmoid(W2 W1 x + b) / gate_normalizer`` (log alpha); the g
 recurrence of :mod:`kernels.gla` per head; a per-head RMSNorm of the output,
 a swish output gate ``silu(W_g x)`` and the output projection. Parameter names follow fla's
 ``GatedLinearAttention`` (q_proj, k_proj, v_proj, g_proj, gk_proj.0/1, g_norm, o_proj).
+
+Under context parallelism (``ctx.cp``) each row is a segment of a longer sequence: the chunked
+kernel runs it from a zero state, ``ctx.cp.pass_states`` turns the segments' final states and
+decays into each one's incoming state, and its part of the output is added in closed form
+(:func:`kernels.gla.gla_initial_state_output`), not by a second pass.
 """
 
 from __future__ import annotations

@@ -9,6 +9,11 @@ Under tensor parallelism (parallel/tensor/plans_ssm.py) each rank holds a contig
 inner channels; ``x_proj`` then reads only that chunk, so its output (dt, B, C) is a partial sum
 over the ranks, which the layer passes through :attr:`Mamba.reduce_partial` (the identity in one
 process, a sum over the ranks when the parallel code sets it).
+
+Under context parallelism (``ctx.cp``) each row is a segment of a longer sequence: the conv reads
+the ``d_conv - 1`` inputs before its segment (:func:`conv_halo`), the scan runs from a zero state,
+and the incoming state (from ``ctx.cp.pass_states``) is added to y in closed form
+(:func:`kernels.selective_scan.selective_scan_initial_state_output`). Mamba-2 does the same.
 """
 
 from __future__ import annotations
