@@ -7,6 +7,8 @@ Hardware-Efficient Training"), with fla's API: per head, a per-key-channel forge
 Layout: ``naive.py`` (the specification, token by token), ``chunk_torch.py`` (the chunkwise
 PyTorch implementation, the CPU path), and the Triton kernels ``chunk.py`` / ``fused_recurrent.py``
 where present. :func:`chunk_gla` and :func:`fused_recurrent_gla` pick one (:mod:`kernels.dispatch`).
+``state_passing.py`` (PyTorch): an initial state's part of the outputs and the sequence's total
+decay, for context parallelism's state passing.
 
 Packed documents: fla marks them with ``cu_seqlens`` (B = 1, N sequences, each with its own
 initial and final state ``[N, H, K, V]``); the models mark them with ``reset`` ``[B, T]`` (True
@@ -27,8 +29,9 @@ from torch import Tensor
 
 from kernels.dispatch import check_inputs, select
 from kernels.gla import chunk_torch
+from kernels.gla.state_passing import gla_initial_state_output, gla_total_decay
 
-__all__ = ["chunk_gla", "fused_recurrent_gla"]
+__all__ = ["chunk_gla", "fused_recurrent_gla", "gla_initial_state_output", "gla_total_decay"]
 
 
 def _check(op: str, q, k, v, g, initial_state, reset, cu_seqlens) -> int:

@@ -9,7 +9,8 @@ Layout: ``naive.py`` (the specification), ``chunk_torch.py`` (PyTorch, chunked i
 hand-written backward: the CPU path), ``chunk.py`` (the Triton scan, forward and backward, for
 training and prefill) and ``recurrent.py`` (the Triton one-token update for decoding). 'auto' runs
 the Triton kernels on CUDA. Token-major like the rest of the models (``[B, T, D]``), unlike
-mamba_ssm's ``[B, D, T]``.
+mamba_ssm's ``[B, D, T]``. ``state_passing.py`` (PyTorch): an initial state's part of the outputs
+and the sequence's total decay, for context parallelism's state passing.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ from torch import Tensor
 from kernels.dispatch import check_inputs, select
 from kernels.selective_scan import chunk_torch
 from kernels.selective_scan.chunk_torch import check_cu_seqlens
+from kernels.selective_scan.state_passing import selective_scan_initial_state_output, selective_scan_total_decay
 
-__all__ = ["selective_scan", "selective_state_update"]
+__all__ = [
+    "selective_scan", "selective_state_update", "selective_scan_initial_state_output", "selective_scan_total_decay",
+]
 
 
 def selective_scan(

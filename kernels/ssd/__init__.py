@@ -8,7 +8,8 @@ Layout: ``naive.py`` (the specification), ``chunk_torch.py`` (the paper's chunke
 PyTorch: the CPU path), ``chunk.py`` (the chunked forward and backward in Triton) and
 ``recurrent.py`` (the one-token decoding step in Triton). :func:`ssd_chunked` and :func:`ssd_step`
 pick one (:mod:`kernels.dispatch`); tests/kernels/test_ssd_triton.py compares the Triton kernels
-with the token loop and the PyTorch path under the interpreter.
+with the token loop and the PyTorch path under the interpreter. ``state_passing.py`` (PyTorch): an
+initial state's part of the outputs and the sequence's total decay, for context parallelism.
 
 Packed documents: the models mark them with ``reset`` ``[B, T]`` (True where a document starts),
 which works for any batch size; ``cu_seqlens`` (the fla / mamba_ssm convention, B = 1) packs
@@ -22,8 +23,9 @@ from torch import Tensor
 
 from kernels.dispatch import check_inputs, select
 from kernels.ssd import chunk_torch
+from kernels.ssd.state_passing import ssd_initial_state_output, ssd_total_decay
 
-__all__ = ["ssd_chunked", "ssd_step"]
+__all__ = ["ssd_chunked", "ssd_step", "ssd_initial_state_output", "ssd_total_decay"]
 
 
 def ssd_chunked(

@@ -6,6 +6,11 @@ projection, ``g = logsigmoid(W2 W1 x + b) / gate_normalizer`` (log alpha); the g
 recurrence of :mod:`kernels.gla` per head; a per-head RMSNorm of the output,
 a swish output gate ``silu(W_g x)`` and the output projection. Parameter names follow fla's
 ``GatedLinearAttention`` (q_proj, k_proj, v_proj, g_proj, gk_proj.0/1, g_norm, o_proj).
+
+Under context parallelism (``ctx.cp``) each row is a segment of a longer sequence: the chunked
+kernel runs it from a zero state, ``ctx.cp.pass_states`` turns the segments' final states and
+decays into each one's incoming state, and its part of the output is added in closed form
+(:func:`kernels.gla.gla_initial_state_output`), not by a second pass.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels.gla import chunk_gla, fused_recurrent_gla
+from kernels.gla import chunk_gla, fused_recurrent_gla, gla_initial_state_output, gla_total_decay
 from kernels.gla.chunk_torch import SUB_CHUNK
 from pretrain.models.layers.norm import RMSNorm, at_least_fp32
 from pretrain.models.registry import register_mixer
@@ -73,11 +78,16 @@ class GatedLinearAttention(nn.Module):
             o, h = fused_recurrent_gla(q, k, v, g_log, None, h0, True, reset=ctx.reset, backend=self.kernels)
         else:
             o, h = chunk_gla(
-                q, k, v, g_log, None, h0, state is not None,
+                q, k, v, g_log, None, h0, state is not None or ctx.cp is not None,
                 reset=ctx.reset, chunk_size=self.chunk_size, backend=self.kernels,
             )
         if state is not None:
             state.h = h
+        if ctx.cp is not None:
+            # each segment ran from a zero state: pass the final states [B * slots, H, K, V] with
+            # the segments' decays (one exchange) and add the incoming state's part in closed form
+            s_in = ctx.cp.pass_states(gla_total_decay(g_log, ctx.reset)[..., None], h)
+            o = (at_least_fp32(o) + gla_initial_state_output(q, g_log, s_in, None, ctx.reset)).to(o.dtype)
         return o
 
     def flops_per_token(self, seq_len: int) -> float:

@@ -9,6 +9,11 @@ Under tensor parallelism (parallel/tensor/plans_ssm.py) each rank holds a contig
 inner channels; ``x_proj`` then reads only that chunk, so its output (dt, B, C) is a partial sum
 over the ranks, which the layer passes through :attr:`Mamba.reduce_partial` (the identity in one
 process, a sum over the ranks when the parallel code sets it).
+
+Under context parallelism (``ctx.cp``) each row is a segment of a longer sequence: the conv reads
+the ``d_conv - 1`` inputs before its segment (:func:`conv_halo`), the scan runs from a zero state,
+and the incoming state (from ``ctx.cp.pass_states``) is added to y in closed form
+(:func:`kernels.selective_scan.selective_scan_initial_state_output`). Mamba-2 does the same.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels.selective_scan import selective_scan, selective_state_update
+from kernels.selective_scan import (
+    selective_scan, selective_scan_initial_state_output, selective_scan_total_decay, selective_state_update,
+)
 from kernels.selective_scan.chunk_torch import SCAN_CHUNK
 from kernels.short_conv import causal_conv1d, causal_conv1d_update, final_conv_state
 from pretrain.models.layers.norm import at_least_fp32
@@ -31,6 +38,7 @@ from pretrain.models.registry import register_mixer
 if TYPE_CHECKING:
     from pretrain.config import ModelConfig
     from pretrain.models.context import ForwardContext
+    from pretrain.models.sequence_split import SequenceSplit
 
 
 def no_reduction(t: Tensor) -> Tensor:
@@ -67,6 +75,17 @@ def short_conv_segments_(convs: Sequence[nn.Conv1d]) -> None:
         fused = torch.cat([p.detach() for p in parts]).uniform_(-bound, bound)
         for p, part in zip(parts, fused.split([p.shape[0] for p in parts])):
             p.copy_(part)
+
+
+def conv_halo(x: Tensor, cp: SequenceSplit, width: int) -> Tensor | None:
+    """Context parallelism: the ``width - 1`` inputs of a causal conv before each local segment,
+    as its ``initial_state [B * slots, C, width - 1]`` (zeros before the sequence), from
+    ``x [B * slots, s, C]``; exchanges those last tokens of each segment, never the sequence.
+    The conv's position mask keeps a document that starts inside the halo (or at the
+    segment's first token) from reading it, exactly as it does inside a segment."""
+    if width < 2:
+        return None
+    return cp.tails(x, width - 1).transpose(1, 2)
 
 
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4  # mamba_ssm's initial step-size range
@@ -129,6 +148,8 @@ class Mamba(nn.Module):
             return self.step(x, ctx, state, gate)
         xi, z = self.in_proj_x(x), self.in_proj_z(x)  # [B, T, d_inner] each
         conv0 = None if state is None else state.conv
+        if ctx.cp is not None:
+            conv0 = conv_halo(xi, ctx.cp, self.d_conv)
         xc = causal_conv1d(
             xi, self.conv1d.weight[:, 0, :], self.conv1d.bias, positions=ctx.positions, initial_state=conv0,
             activation="silu", backend=self.kernels,
@@ -137,12 +158,28 @@ class Mamba(nn.Module):
             state.conv = final_conv_state(xi, conv0, self.d_conv)
         dt, B, C = self._ssm_params(xc)
         h0 = None if state is None else state.ssm
+        A = self._A()
         y, h = selective_scan(
-            xc, dt, self._A(), B, C, self.D, h0, z=z if gate else None, reset=ctx.reset, backend=self.kernels
+            xc, dt, A, B, C, self.D, h0, z=z if gate else None, reset=ctx.reset, backend=self.kernels
         )
         if state is not None:
             state.ssm = h
+        if ctx.cp is not None:
+            y = self._add_incoming_state(y, h, dt, A, C, z if gate else None, ctx)
         return y, z
+
+    def _add_incoming_state(
+        self, y: Tensor, h: Tensor, dt: Tensor, A: Tensor, C: Tensor, z: Tensor | None, ctx: ForwardContext
+    ) -> Tensor:
+        """Context parallelism: each segment was scanned from a zero state; pass the final states
+        ``h [B * slots, d_inner, N]`` with the segments' decays along the sequence (one exchange
+        of two such tensors) and add the incoming state's part of y in closed form, gated
+        by silu(z) when ``z`` is given (the scan fused the gate)."""
+        h_in = ctx.cp.pass_states(selective_scan_total_decay(dt, A, ctx.reset), h)
+        extra = selective_scan_initial_state_output(dt, A, C, h_in, ctx.reset)  # [B, T, d_inner]
+        if z is not None:
+            extra = extra * F.silu(at_least_fp32(z))
+        return (at_least_fp32(y) + extra).to(y.dtype)
 
     def _ssm_params(self, xc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         dbc = self.reduce_partial(self.x_proj(xc))

@@ -22,8 +22,10 @@ from torch import Tensor, nn
 
 from kernels.rmsnorm import gated_rms_norm
 from kernels.short_conv import causal_conv1d, causal_conv1d_update, final_conv_state
-from kernels.ssd import ssd_chunked, ssd_step
-from pretrain.models.layers.mamba import no_reduction, normal_segments_, sample_dt_bias, short_conv_segments_
+from kernels.ssd import ssd_chunked, ssd_initial_state_output, ssd_step, ssd_total_decay
+from pretrain.models.layers.mamba import (
+    conv_halo, no_reduction, normal_segments_, sample_dt_bias, short_conv_segments_,
+)
 from pretrain.models.layers.norm import at_least_fp32
 from pretrain.models.registry import register_mixer
 
@@ -123,16 +125,19 @@ class Mamba2(nn.Module):
         conv0 = None if state is None else state.conv
         if state is not None:
             state.conv = final_conv_state(xbc, conv0, self.d_conv)
+        if ctx.cp is not None:
+            conv0 = conv_halo(xbc, ctx.cp, self.d_conv)
         xbc = causal_conv1d(
             xbc, weight, bias, positions=ctx.positions, initial_state=conv0, activation="silu", backend=self.kernels
         )
         xs, B, C = xbc.split(self._xbc_widths(), dim=-1)
+        dt, A, C = self._dt(dt), self._A(), C.unflatten(-1, (-1, self.d_state))  # C [B, T, G, N]
         y, h = ssd_chunked(
             xs.unflatten(-1, (-1, self.head_dim)),  # [B, T, H, P]
-            self._dt(dt),
-            self._A(),
+            dt,
+            A,
             B.unflatten(-1, (-1, self.d_state)),  # [B, T, G, N]
-            C.unflatten(-1, (-1, self.d_state)),
+            C,
             self.D,
             None if state is None else state.ssm,
             reset=ctx.reset,
@@ -141,6 +146,11 @@ class Mamba2(nn.Module):
         )
         if state is not None:
             state.ssm = h
+        if ctx.cp is not None:
+            # each segment ran from a zero state: pass the final states [B * slots, H, P, N] with
+            # the segments' decays (one exchange) and add the incoming state's part in closed form
+            h_in = ctx.cp.pass_states(ssd_total_decay(dt, A, ctx.reset)[..., None, None], h)
+            y = (at_least_fp32(y) + ssd_initial_state_output(dt, A, C, h_in, ctx.reset)).to(y.dtype)
         return y.flatten(-2), z
 
     def _step(self, x: Tensor, ctx: ForwardContext, state: Mamba2State) -> tuple[Tensor, Tensor]:
