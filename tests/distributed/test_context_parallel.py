@@ -158,16 +158,17 @@ def test_every_family_equals_one_process(ranks, case):
     """Each cp group's mean loss and mean gradients (what FSDP's averaging over the cp ranks
     gives) equal the single process on whole sequences (rel <= 1e-5)."""
     from tests.models.cp_reference import loss_and_grads
-    from tests.models.test_context_parallel_models import model_and_batch
+    from tests.models.test_context_parallel_models import assert_grads_match, model_and_batch
 
     families, cp, lb, kw, tp = MODEL_CASES[case]
     groups = [[0, 1, 2, 3]] if cp == 4 else [[0, 2], [1, 3]] if tp > 1 else [[0, 1], [2, 3]]
     for family in families:
-        ref_loss, ref = loss_and_grads(*model_and_batch(family, **kw))
+        model, *batch = model_and_batch(family, **kw)
+        ref_loss, ref = loss_and_grads(model, *batch)
+        _, exact = loss_and_grads(model.double(), *batch)
+        _, exact_split = loss_and_grads(model, *batch, LocalSplit.like(cp, lb))  # float64 too
         for group in groups:
             loss = sum(ranks[r][(case, family)][0] for r in group) / cp
             torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0, msg=f"{case} {family} loss")
-            for name, want in ref.items():
-                got = sum(ranks[r][(case, family)][1][name] for r in group) / cp
-                err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
-                assert err <= 1e-5, f"{case} {family} {name}: relative gradient error {err:.2e}"
+            grads = {name: sum(ranks[r][(case, family)][1][name] for r in group) / cp for name in ref}
+            assert_grads_match(grads, ref, exact, exact_split, f"{case} {family} ")

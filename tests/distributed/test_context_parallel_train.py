@@ -1,7 +1,7 @@
 """`pretrain train` with context parallelism from the command line (torchrun, gloo) against one
 process, on hybrid_mix shrunk (Mamba, GLA, sliding-window and full attention, GRU-routed MoE):
 cp 2 (load-balanced: 4 segments of 8 tokens) logs the single-process losses, validation losses
-and gradient norms; cp 2 x dp 2 on four ranks too. The cp checkpoint continues in one process
+and gradient norms; cp 2 x dp 2 on four ranks (with activation checkpointing) too. The cp checkpoint continues in one process
 (the data position and weights carry over), scores and generates there: CP is a
 training-time layout."""
 
@@ -41,7 +41,9 @@ def test_context_parallel_train_resume_and_generate(small_corpus, prepared_dir, 
     print(f"cp2: worst relative difference of loss/val_loss/grad_norm vs one process {worst:.2e}")
 
     cp2_dp2 = tmp_path / "cp2_dp2"
-    result = _torchrun(_overrides(small_corpus, prepared_dir, cp2_dp2, **{"parallel.cp": 2}), nproc=4, config=CONFIG)
+    # with activation checkpointing: the recomputed forward repeats the exchanges in the backward
+    result = _torchrun(_overrides(small_corpus, prepared_dir, cp2_dp2, **{
+        "parallel.cp": 2, "parallel.activation_checkpoint": "'full'"}), nproc=4, config=CONFIG)
     assert result.returncode == 0, result.stderr[-3000:]
     worst = _assert_same_log(_records(cp2_dp2), want, [1, 2, 3, 4], rel=1e-4)  # FSDP's reduction order
     print(f"cp2 x dp2: worst relative difference vs one process {worst:.2e}")

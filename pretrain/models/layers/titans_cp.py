@@ -76,6 +76,7 @@ def relay_memory_scan(memory: NeuralMemory, x: Tensor, q: Tensor, k: Tensor, v: 
     like = tuple(w.new_zeros(w.shape) for w in (*fresh.w0, *fresh.m, *fresh.s))
 
     def step(j: int, flat: tuple[Tensor, ...] | None) -> tuple[Tensor, tuple[Tensor, ...]]:
+        flat = _touching(flat, memory.init)
         mem = fresh if flat is None else MemoryState(*(list(flat[i * depth : (i + 1) * depth]) for i in range(3)))
         reset = None if ctx.reset is None else cp.slot(ctx.reset, j)
         xs, qs, ks, vs, pos = (cp.slot(z, j) for z in (x, q, k, v, ctx.positions))
@@ -95,13 +96,23 @@ def relay_mac(mac: TitansMAC, x: Tensor, ctx: ForwardContext) -> Tensor:
     starts = cp.starts(s).tolist()
 
     def step(j: int, flat: tuple[Tensor, ...] | None) -> tuple[Tensor, tuple[Tensor, ...]]:
-        st = _relay_state(mac, n, flat, starts[j])
+        st = _relay_state(mac, n, _touching(flat, mac.memory.init), starts[j])
         reset = None if ctx.reset is None else cp.slot(ctx.reset, j)
         sub = ForwardContext(positions=cp.slot(ctx.positions, j), offset=starts[j], reset=reset)
         y = mac.forward(cp.slot(x, j), sub, st)  # not __call__: the module's hooks ran once already
         return y, _flat_state(mac, st, like)
 
     return cp.relay(step, like)
+
+
+def _touching(flat: tuple[Tensor, ...] | None, init) -> tuple[Tensor, ...] | None:
+    """A received state joined to the initial memory ``init`` with weight zero: a rank whose
+    segments all continue a received memory then still gives ``init`` a (zero) gradient, so
+    every rank reduces the same parameters' gradients (FSDP2 reduces those that have one)."""
+    if flat is None:
+        return None
+    anchor = sum(p.sum() for p in init) * 0
+    return (flat[0] + anchor.to(flat[0].dtype), *flat[1:])
 
 
 def _relay_state(mac: TitansMAC, n: int, flat: tuple[Tensor, ...] | None, start: int) -> TitansState:
