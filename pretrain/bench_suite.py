@@ -43,6 +43,8 @@ SUITE = (
     Bench("data_loading", "Data loading at scale", "data_loading.py", (), ("--steps", "6")),
     Bench("pipeline", "Pipeline schedules against one process", "pipeline.py",
           (), ("--steps", "2", "--microbatches", "4")),
+    Bench("context_parallel", "Context parallelism: memory, exchanges and speed at cp 2", "context_parallel.py",
+          (), ("--quick",)),
     Bench("kernels", "Kernels (GPU; on CPU the fused loss memory)", "kernels.py", (), ("--quick",)),
 )
 
