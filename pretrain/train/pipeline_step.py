@@ -23,6 +23,9 @@ What changes against one process, and why the numbers stay the same:
   ('dp_replicate', 'dp_shard') submesh), the stage module the root (torch's PipelineStage then
   reduces the gradients once per schedule step); shared copies are summed shard by shard, and
   the clipping norm sums every shard once (over one replica's ranks).
+- **Context parallelism** (parallel.cp): every stage of a rank runs on its segments of each
+  sequence (the micro-batches are cut before the schedule splits them), and FSDP2 shards and
+  averages over dp_shard x cp, as in the :class:`Trainer`.
 - **Expert parallelism** (parallel.ep): each stage's MoE experts are sharded over the stage's
   ep group (inner ep ranks of its 'dp_shard'), FSDP2 ignores them and their gradients are
   averaged over the ranks holding the same experts before clipping, as in the
@@ -45,7 +48,8 @@ from torch import nn
 
 
 from parallel.activation_checkpoint import apply_activation_checkpoint_to_stage
-from parallel.data import apply_fsdp
+from parallel.context import apply_context_parallel
+from parallel.data import apply_fsdp, fsdp_mesh
 from parallel.expert import average_expert_grads, parallelize_experts
 from parallel.pipeline.schedule import (
     PipelineLoss, build_schedule, evaluate, pipeline_stage, stage_ranks, stages_of_rank, step,
@@ -118,7 +122,7 @@ class PipelineTrainer(Trainer):
         cfg, p = self.cfg, self.cfg.parallel
         split = plan_split(cfg.model, p, cfg.data.seq_len, cfg.train.micro_batch_size)
         self.cuts = [0, *split.cuts]
-        self.pp_rank = self.rank // (self.dims.dp * self.dims.tp)
+        self.pp_rank = self.rank // (self.dims.dp * self.dims.cp * self.dims.tp)
         n_stages = p.n_stages
         ranks = stage_ranks(p.pp_schedule, p.pp, p.pp_virtual_stages)
         self.stages = [
@@ -133,15 +137,21 @@ class PipelineTrainer(Trainer):
             self.expert_params = tuple(p for m in self.stages for p in parallelize_experts(m.model, ep_mesh))
         for m in self.stages:  # after TP, before FSDP, as in one process
             apply_activation_checkpoint_to_stage(m, p.activation_checkpoint)
-        # rank = (pp_rank x dp + dp_rank) x tp + tp_rank (pp outermost): column j of the grid is
-        # pipeline j
+        # rank = ((pp_rank x dp + dp_rank) x cp + cp_rank) x tp + tp_rank (pp outermost): column j
+        # of the grid is pipeline j
         pipelines = self.mesh.mesh.reshape(p.pp, -1).T.tolist()
         pp_group = self.mesh["pp"].get_group()
-        if self.dims.dp > 1:
-            # HSDP: the 2-D (dp_replicate, dp_shard) submesh shards within and replicates across
-            dp_mesh = self.mesh["dp_replicate", "dp_shard"] if self.dims.dp_replicate > 1 else self.mesh["dp_shard"]
+        if self.dims.dp * self.dims.cp > 1:
+            # HSDP: the 2-D (dp_replicate, dp_shard) submesh shards within and replicates across;
+            # context-parallel ranks shard too (dp_shard x cp)
+            dp_mesh = fsdp_mesh(self.mesh, self.dims)
             for m in self.stages:  # each block its own FSDP unit, the rest with the stage (root)
                 apply_fsdp(m, dp_mesh, ignored_params=set(self.expert_params) or None)
+        if self.dims.cp > 1:  # one split for the rank's stages: each forward orders its own exchanges
+            lb = cfg.parallel.load_balanced(cfg.model.pattern())
+            self.cp_split = apply_context_parallel(self.stages[0], self.mesh["cp"].get_group(), lb)
+            for m in self.stages[1:]:
+                m.model.sequence_split = self.cp_split
         self.is_first = any(m.is_first for m in self.stages)
         self.is_last = any(m.is_last for m in self.stages)
         last = next((m for m in self.stages if m.is_last), None)
@@ -182,8 +192,10 @@ class PipelineTrainer(Trainer):
     # -------------------------------------------------------------- running
 
     def _round(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """One pipeline round's inputs: ``n_micro`` micro-batches concatenated along the batch."""
-        return {k: torch.cat([b[k] for b in batches]).to(self.device, non_blocking=True) for k in batches[0]}
+        """One pipeline round's inputs: ``n_micro`` micro-batches (each cut to this rank's
+        segments under context parallelism) concatenated along the batch."""
+        batches = [self._local(b) for b in batches]
+        return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
 
     def _run(self, fn, batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         ids = batch["input_ids"] if self.is_first else None
