@@ -153,8 +153,11 @@ class SequenceSplit:
         ``S_in[g] = decay[g - 1] * S_in[g - 1] + state[g - 1]``, ``S_in[0] = 0``. Shapes ``[B *
         slots, ...]``; one exchange of the pairs, never of the sequence (Yang et al.'s chunkwise
         form applied across devices, as in fla's and prime-rl's state-passing CP)."""
-        a = self.gather_segments(decay)  # [B, n_seg, ...]
-        u = self.gather_segments(state)
+        rows = state.shape[0]
+        pair = torch.cat([decay.reshape(rows, -1).to(state.dtype), state.reshape(rows, -1)], dim=1)
+        pair = self.gather_segments(pair)  # [B, n_seg, |decay| + |state|]: one exchange for both
+        a = pair[..., : decay[0].numel()].unflatten(-1, decay.shape[1:])  # [B, n_seg, ...]
+        u = pair[..., decay[0].numel() :].unflatten(-1, state.shape[1:])
         s_in = [torch.zeros_like(u[:, 0])]
         for g in range(1, self.n_segments):
             s_in.append(a[:, g - 1] * s_in[-1] + u[:, g - 1])
