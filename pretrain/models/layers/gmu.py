@@ -17,11 +17,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kernels.gmu import gated_memory
 from pretrain.models.layers.attention import Attention, KVState
+from pretrain.models.layers.decode_weights import decode_linear
 from pretrain.models.layers.diff_attention import DiffAttention
 from pretrain.models.layers.gla import GatedLinearAttention
 from pretrain.models.layers.mamba import Mamba, MambaState
@@ -151,7 +153,8 @@ class GatedMemoryUnit(nn.Module):
 
     def forward(self, x: Tensor, ctx: ForwardContext, state: None, carry: Carry) -> tuple[Tensor, Carry]:
         m = _need(carry, MEMORY, "gmu", "memory ('mamba_mem', 'mamba2_mem', 'gla_mem')").to(x.dtype)
-        z = self.in_proj(x)
+        step = x.shape[1] == 1 and not torch.is_grad_enabled()  # a decoded token: the input-major copy
+        z = decode_linear(x, self, "in_proj", self.in_proj) if step else self.in_proj(x)
         y = gated_memory(m, z, backend=self.kernels) if self.norm is None else self.norm(m, z)
         return self.out_proj(y), carry
 

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from kernels.selective_scan import selective_scan, selective_state_update
 from kernels.selective_scan.chunk_torch import SCAN_CHUNK
 from kernels.short_conv import causal_conv1d, causal_conv1d_update, final_conv_state
+from pretrain.models.layers.decode_weights import decode_linear
 from pretrain.models.layers.norm import at_least_fp32
 from pretrain.models.registry import register_mixer
 
@@ -155,7 +156,10 @@ class Mamba(nn.Module):
     def step(self, x: Tensor, ctx: ForwardContext, state: MambaState, gate: bool = False) -> tuple[Tensor, Tensor]:
         """O(1) decoding of one token ``x [B, 1, d_model]`` -> y, z ``[B, 1, d_inner]`` as in
         :meth:`scan`; updates ``state`` in place."""
-        xi, z = self.in_proj_x(x[:, 0]), self.in_proj_z(x[:, 0])  # [B, d_inner] each
+        if torch.is_grad_enabled():
+            xi, z = self.in_proj_x(x[:, 0]), self.in_proj_z(x[:, 0])  # [B, d_inner] each
+        else:  # one product (pretrain.models.layers.decode_weights)
+            xi, z = decode_linear(x[:, 0], self, "in_proj", self.in_proj_x, self.in_proj_z).chunk(2, dim=-1)
         xc, state.conv = causal_conv1d_update(
             xi, state.conv, self.conv1d.weight[:, 0, :], self.conv1d.bias, positions=ctx.positions[:, 0],
             activation="silu", backend=self.kernels,
