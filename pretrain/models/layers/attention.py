@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pretrain.models.layers.decode_weights import decode_linear
+from pretrain.models.layers.decode_weights import decode_linear, decoding
 from pretrain.models.layers.rope import apply_rope
 from pretrain.models.registry import register_mixer
 
@@ -231,7 +231,7 @@ class Attention(nn.Module):
         """Queries ``[B, T, H, D]`` (after RoPE)."""
         b, t, _ = x.shape
         # head counts come from the shapes so that tensor parallelism can shard the heads
-        q = self.wq(x).view(b, t, -1, self.head_dim)  # [B, T, H, D]
+        q = (decode_linear(x, self, "wq", self.wq) if decoding(x) else self.wq(x)).view(b, t, -1, self.head_dim)  # [B, T, H, D]
         if self.use_rope:
             if ctx.rope is None:
                 raise RuntimeError("Attention: the forward context has no RoPE tables")
@@ -242,7 +242,7 @@ class Attention(nn.Module):
         """Queries ``[B, T, H, D]`` and the keys/values ``[B, S, H_kv, D]`` they attend to (after
         RoPE; with a cache, its past keys first and the cache updated)."""
         b, t, _ = x.shape
-        if state is not None and t == 1 and not torch.is_grad_enabled() and x.dtype == torch.float32:
+        if state is not None and decoding(x) and x.dtype == torch.float32:
             return self._project_step(x, ctx, state)
         q = self._query(x, ctx)
         k = self.wk(x).view(b, t, -1, self.head_dim)  # [B, T, H_kv, D]
@@ -271,7 +271,8 @@ class Attention(nn.Module):
     def _mix(self, q: Tensor, k: Tensor, v: Tensor, ctx: ForwardContext) -> Tensor:
         """Output projection of the attention of ``q`` over ``k, v`` -> ``[B, T, d_model]``."""
         b, t = q.shape[:2]
-        return self.wo(self._attend(q, k, v, ctx).reshape(b, t, -1))  # [B, T, H * D]
+        o = self._attend(q, k, v, ctx).reshape(b, t, -1)  # [B, T, H * D]
+        return decode_linear(o, self, "wo", self.wo) if decoding(o) else self.wo(o)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: ForwardContext) -> Tensor:
         """Per-head attention outputs ``[B, T, H, D]``."""
