@@ -115,6 +115,10 @@ def use_decode_attention(batch: int, kv_heads: int, keys: int) -> bool:
     return keys >= DECODE_MIN_KEYS and batch * kv_heads < max(2, torch.get_num_threads())
 
 
+def _cpu_decode_attention(q: Tensor, k: Tensor) -> bool:
+    return q.device.type == "cpu" and use_decode_attention(q.shape[0], k.shape[2], k.shape[1])
+
+
 _rope_step_memo: list = [None]  # (cos, sin, full cos, signed sin) of the last decoding step
 
 
@@ -284,7 +288,7 @@ class Attention(nn.Module):
         """SDPA over ``k, v``; ``mask`` None: every key is visible (one decoded token)."""
         b, t, h, d = q.shape
         h_kv = k.shape[2]
-        if mask is None and t == 1 and use_decode_attention(b, h_kv, k.shape[1]):
+        if mask is None and t == 1 and _cpu_decode_attention(q, k):  # (a GPU: SDPA's flash-decoding)
             return decode_attention(q, k, v)
         if mask is None and t == 1 and h != h_kv:
             # one query per head: fold the query heads of each KV head into its query axis,

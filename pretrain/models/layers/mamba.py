@@ -157,7 +157,7 @@ class Mamba(nn.Module):
     def step(self, x: Tensor, ctx: ForwardContext, state: MambaState, gate: bool = False) -> tuple[Tensor, Tensor]:
         """O(1) decoding of one token ``x [B, 1, d_model]`` -> y, z ``[B, 1, d_inner]`` as in
         :meth:`scan`; updates ``state`` in place."""
-        fast = not torch.is_grad_enabled()  # one product for x and z (pretrain.models.layers.decode_weights)
+        fast = decoding(x)  # one product for x and z (pretrain.models.layers.decode_weights)
         if fast:
             xi, z = decode_linear(x[:, 0], self, "in_proj", self.in_proj_x, self.in_proj_z).chunk(2, dim=-1)
         else:
