@@ -162,8 +162,11 @@ class Mamba(nn.Module):
             xi, z = decode_linear(x[:, 0], self, "in_proj", self.in_proj_x, self.in_proj_z).chunk(2, dim=-1)
         else:
             xi, z = self.in_proj_x(x[:, 0]), self.in_proj_z(x[:, 0])  # [B, d_inner] each
+        # without document starts every tap of a token past the first d_conv - 1 is inside its
+        # sequence: no position mask to build (the host knows it from the offset)
+        whole = ctx.reset is None and ctx.offset >= self.d_conv - 1
         xc, state.conv = causal_conv1d_update(
-            xi, state.conv, self.conv1d.weight[:, 0, :], self.conv1d.bias, positions=ctx.positions[:, 0],
+            xi, state.conv, self.conv1d.weight[:, 0, :], self.conv1d.bias, positions=None if whole else ctx.positions[:, 0],
             activation="silu", backend=self.kernels,
         )
         dt, B, C = self._ssm_params(xc, fast)
