@@ -15,6 +15,11 @@ untied head included), the keys/values each attention layer reads (a full layer 
 a window layer its window, each cross-attention layer the shared ones again), and each recurrent
 state read and written. ``x bound`` is measured / bound: 1.0 is the hardware's limit.
 
+Our models decode through their one-token paths (batch 1 on the CPU: the fused, thread-split
+projections of pretrain/models/layers/decode_weights.py and, from 4K keys, the blocked attention
+of ``attention.decode_attention``). ``--bandwidth-mib`` sizes the bandwidth probe (the smoke
+test in tests/bench uses a small one).
+
 Fixed memory budget: the largest batch whose caches fit ``--budget-gib`` at the context, and the
 tokens/s summed over that batch (SambaY holds one K/V instead of sixteen).
 """
