@@ -63,8 +63,10 @@ def decode_linear(x: Tensor, owner: nn.Module, name: str, *linears: nn.Linear) -
     key = _key(weights, parts)
     hit = cache.get(name)
     if hit is None or hit[0] != key:
-        hit = cache[name] = (key, *_layout(weights, parts))
-    _, w, input_major = hit
+        # the entry holds the weights it was built from: their storage cannot be freed and
+        # reused at the same address by a replacing tensor while the key still names it
+        hit = cache[name] = (key, *_layout(weights, parts), [w.detach() for w in weights])
+    _, w, input_major, _ = hit
     rows = x.reshape(-1, inp)  # [N, in]
     y = torch.bmm(rows.expand(parts, *rows.shape), w if input_major else w.transpose(1, 2))  # [P, N, out / P]
     return y.transpose(0, 1).reshape(*x.shape[:-1], out)
