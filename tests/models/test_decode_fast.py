@@ -54,6 +54,10 @@ def test_decode_linear_equals_the_layers_and_follows_updates():
         assert torch.allclose(decode_linear(x, owner, "ab", a, b), torch.cat([a(x), b(x)], -1), atol=1e-6)
         b.load_state_dict({"weight": torch.randn(4, 8)})
         assert torch.allclose(decode_linear(x, owner, "ab", a, b), torch.cat([a(x), b(x)], -1), atol=1e-6)
+        a.weight = torch.nn.Parameter(torch.randn(16, 8))  # a replaced parameter
+        assert torch.allclose(decode_linear(x, owner, "ab", a, b), torch.cat([a(x), b(x)], -1), atol=1e-6)
+        rows = torch.randn(3, 1, 8)  # several rows (batched decoding)
+        assert torch.allclose(decode_linear(rows, owner, "ab", a, b), torch.cat([a(rows), b(rows)], -1), atol=1e-6)
     drop_decode_weights(owner)
     assert "_decode_weights" not in owner.__dict__
     with pytest.raises(ValueError, match="bias-free"):
