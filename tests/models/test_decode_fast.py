@@ -69,7 +69,8 @@ def test_rope_step_equals_the_rotation_formula():
     x = torch.randn(3, 1, 5, 8, generator=g, dtype=torch.float64)
     cos, sin = rope_tables(torch.tensor([[0], [7], [40000]]), 8, 10000.0)
     half = 4
-    angle = torch.tensor([0, 7, 40000], dtype=torch.float64)[:, None] * 10000.0 ** (-torch.arange(half, dtype=torch.float64) / half)
+    inv_freq = 10000.0 ** (-torch.arange(half, dtype=torch.float64) / half)
+    angle = torch.tensor([0, 7, 40000], dtype=torch.float64)[:, None] * inv_freq
     c, s = angle.cos()[:, None, None, :], angle.sin()[:, None, None, :]
     x1, x2 = x[..., :half], x[..., half:]
     expected = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)

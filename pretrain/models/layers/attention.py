@@ -235,7 +235,8 @@ class Attention(nn.Module):
         """Queries ``[B, T, H, D]`` (after RoPE)."""
         b, t, _ = x.shape
         # head counts come from the shapes so that tensor parallelism can shard the heads
-        q = (decode_linear(x, self, "wq", self.wq) if decoding(x) else self.wq(x)).view(b, t, -1, self.head_dim)  # [B, T, H, D]
+        q = decode_linear(x, self, "wq", self.wq) if decoding(x) else self.wq(x)
+        q = q.view(b, t, -1, self.head_dim)  # [B, T, H, D]
         if self.use_rope:
             if ctx.rope is None:
                 raise RuntimeError("Attention: the forward context has no RoPE tables")

@@ -51,7 +51,8 @@ class MambaMemory(Mamba):
     def forward(self, x: Tensor, ctx: ForwardContext, state: MambaState | None, carry: Carry) -> tuple[Tensor, Carry]:
         y, z = self.scan(x, ctx, state)  # [B, T, d_inner] each
         g = y * F.silu(z)
-        return decode_linear(g, self, "out_proj", self.out_proj) if decoding(g) else self.out_proj(g), {**carry, MEMORY: y}
+        out = decode_linear(g, self, "out_proj", self.out_proj) if decoding(g) else self.out_proj(g)
+        return out, {**carry, MEMORY: y}
 
 
 class _NormInputMemory:

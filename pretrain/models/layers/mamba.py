@@ -165,8 +165,9 @@ class Mamba(nn.Module):
         # without document starts every tap of a token past the first d_conv - 1 is inside its
         # sequence: no position mask to build (the host knows it from the offset)
         whole = ctx.reset is None and ctx.offset >= self.d_conv - 1
+        positions = None if whole else ctx.positions[:, 0]
         xc, state.conv = causal_conv1d_update(
-            xi, state.conv, self.conv1d.weight[:, 0, :], self.conv1d.bias, positions=None if whole else ctx.positions[:, 0],
+            xi, state.conv, self.conv1d.weight[:, 0, :], self.conv1d.bias, positions=positions,
             activation="silu", backend=self.kernels,
         )
         dt, B, C = self._ssm_params(xc, fast)
