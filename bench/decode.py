@@ -15,6 +15,11 @@ untied head included), the keys/values each attention layer reads (a full layer 
 a window layer its window, each cross-attention layer the shared ones again), and each recurrent
 state read and written. ``x bound`` is measured / bound: 1.0 is the hardware's limit.
 
+Our models decode through their one-token paths (batch 1 on the CPU: the fused, thread-split
+projections of pretrain/models/layers/decode_weights.py and, from 4K keys, the blocked attention
+of ``attention.decode_attention``). ``--bandwidth-mib`` sizes the bandwidth probe (the smoke
+test in tests/bench uses a small one).
+
 Fixed memory budget: the largest batch whose caches fit ``--budget-gib`` at the context, and the
 tokens/s summed over that batch (SambaY holds one K/V instead of sixteen).
 """
@@ -118,9 +123,9 @@ def cache_bytes(model: torch.nn.Module, context: int) -> int:
     return total
 
 
-def read_bandwidth() -> float:
-    """Bytes/s of a sum over 512 MiB (the median of 5)."""
-    x = torch.ones(2**27)
+def read_bandwidth(mib: int = 512) -> float:
+    """Bytes/s of a sum over ``mib`` MiB (the median of 5)."""
+    x = torch.ones(mib * 2**18)
     times = []
     for _ in range(5):
         t = time.perf_counter()
@@ -196,6 +201,7 @@ def main() -> None:
     p.add_argument("--budget-gib", type=float, default=4.0)
     p.add_argument("--no-hf", action="store_true", help="skip transformers' Llama")
     p.add_argument("--quick", action="store_true", help="fewer steps and repeats")
+    p.add_argument("--bandwidth-mib", type=int, default=512, help="size of the read-bandwidth probe")
     p.add_argument("--plot", help="write a PNG of ms per token against context (with the bounds) here")
     args = p.parse_args()
     if args.quick:
@@ -203,7 +209,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     sambay, transformer = build("sambay"), build("transformer")
     llama = None if args.no_hf else build_hf_llama(transformer)
-    bw = read_bandwidth()
+    bw = read_bandwidth(args.bandwidth_mib)
     print(f"read bandwidth {bw / 1e9:.1f} GB/s, {torch.get_num_threads()} threads\n")
     print("## Batch 1: ms per token (x bound)\n")
     print("| context | SambaY | bound | Transformer | bound | HF Llama | SambaY/Transformer | bound ratio | ours/HF |")

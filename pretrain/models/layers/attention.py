@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pretrain.models.layers.decode_weights import decode_linear, decoding
 from pretrain.models.layers.rope import apply_rope
 from pretrain.models.registry import register_mixer
 
@@ -122,6 +123,77 @@ def exchange_kv(k: Tensor, v: Tensor, split: SequenceSplit, window: int | None) 
     return kv[..., :d], kv[..., d:]
 
 
+DECODE_BLOCK = 1024
+"""Keys per block of :func:`decode_attention`'s value product."""
+DECODE_MIN_KEYS = 4096
+"""From this many keys on, one query per head attends through :func:`decode_attention` (below
+it SDPA's single call costs less than the extra operators)."""
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Softmax attention of one query per head over every key: ``q [B, 1, H, D]``, ``k [B, S,
+    H_kv, D]``, ``v [B, S, H_kv, Dv]`` (any row strides, e.g. views of a KV cache) -> ``[B, 1,
+    H, Dv]``, scale ``D ** -0.5``; query head i reads KV head ``i // (H / H_kv)`` (GQA). The same
+    result as SDPA up to the summation order.
+
+    Why: with one query, SDPA on the CPU runs one thread per (row, KV head) over all S keys, at
+    about a quarter of the read bandwidth; as matrix products the scores ``K q^T`` are one GEMM
+    over the keys and ``P V`` is split into blocks of :data:`DECODE_BLOCK` keys summed
+    afterwards (flash-decoding's split of the keys, Dao et al. 2023), so every thread streams
+    K and V at the bandwidth (about 2.5x faster than SDPA at 16K-32K keys). Loops over the B x
+    H_kv (row, KV head) pairs: meant for few of them (batch-1 decoding)."""
+    b, _, h, d = q.shape
+    s, h_kv, dv = k.shape[1], k.shape[2], v.shape[-1]
+    g = h // h_kv
+    qs = (q * d**-0.5).view(b, h_kv, g, d)
+    n = s // DECODE_BLOCK
+    main = n * DECODE_BLOCK
+    out = []
+    for i in range(b):
+        for j in range(h_kv):
+            kj, vj = k[i, :, j], v[i, :, j]  # [S, D], [S, Dv]: rows H_kv * D apart, no copy
+            p = torch.softmax(torch.mm(kj, qs[i, j].t()).t().contiguous(), dim=-1)  # [g, S]
+            o = torch.bmm(p[:, :main].view(g, n, DECODE_BLOCK).transpose(0, 1), vj[:main].view(n, DECODE_BLOCK, dv))
+            o = o.sum(0)  # [g, Dv]
+            if main < s:
+                o = o.addmm_(p[:, main:], vj[main:])
+            out.append(o)
+    return (out[0] if len(out) == 1 else torch.stack(out)).view(b, 1, h, dv)
+
+
+def use_decode_attention(batch: int, kv_heads: int, keys: int) -> bool:
+    """Whether one query per head over ``keys`` keys goes through :func:`decode_attention`: a
+    long cache and fewer (row, KV head) pairs than threads (SDPA's parallel axis; with more
+    pairs it keeps every thread busy itself)."""
+    return keys >= DECODE_MIN_KEYS and batch * kv_heads < max(2, torch.get_num_threads())
+
+
+def _cpu_decode_attention(q: Tensor, k: Tensor) -> bool:
+    return q.device.type == "cpu" and use_decode_attention(q.shape[0], k.shape[2], k.shape[1])
+
+
+_rope_step_memo: list = [None]  # (cos, sin, full cos, signed sin) of the last decoding step
+
+
+def _rope_step_tables(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """``cat(cos, cos)`` and ``cat(-sin, sin)`` ``[B, 1, 1, head_dim]`` for tables ``[B, 1,
+    head_dim // 2]``, built once per forward (kept for the last tables seen; holding them also
+    keeps their identity from being reused)."""
+    memo = _rope_step_memo[0]
+    if memo is None or memo[0] is not cos or memo[1] is not sin:
+        c, s = cos.unsqueeze(2), sin.unsqueeze(2)
+        memo = _rope_step_memo[0] = (cos, sin, torch.cat([c, c], dim=-1), torch.cat([-s, s], dim=-1))
+    return memo[2], memo[3]
+
+
+def rope_step(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """:func:`~pretrain.models.layers.rope.apply_rope` of one token ``x [B, 1, H, head_dim]`` (fp32)
+    in three operators: ``x * [c, c] + roll(x) * [-s, s]`` with ``roll(x) = [x2, x1]`` is the
+    half-split rotation ``[x1 c - x2 s, x2 c + x1 s]``."""
+    c, s = _rope_step_tables(cos, sin)
+    return torch.addcmul(x * c, x.roll(x.shape[-1] // 2, dims=-1), s)
+
+
 @dataclass
 class KVState:
     """Cached keys/values after RoPE, written in place into preallocated buffers.
@@ -216,7 +288,8 @@ class Attention(nn.Module):
         """Queries ``[B, T, H, D]`` (after RoPE)."""
         b, t, _ = x.shape
         # head counts come from the shapes so that tensor parallelism can shard the heads
-        q = self.wq(x).view(b, t, -1, self.head_dim)  # [B, T, H, D]
+        q = decode_linear(x, self, "wq", self.wq) if decoding(x) else self.wq(x)
+        q = q.view(b, t, -1, self.head_dim)  # [B, T, H, D]
         if self.use_rope:
             if ctx.rope is None:
                 raise RuntimeError("Attention: the forward context has no RoPE tables")
@@ -227,6 +300,8 @@ class Attention(nn.Module):
         """Queries ``[B, T, H, D]`` and the keys/values ``[B, S, H_kv, D]`` they attend to (after
         RoPE; with a cache, its past keys first and the cache updated)."""
         b, t, _ = x.shape
+        if state is not None and decoding(x) and x.dtype == torch.float32:
+            return self._project_step(x, ctx, state)
         q = self._query(x, ctx)
         k = self.wk(x).view(b, t, -1, self.head_dim)  # [B, T, H_kv, D]
         v = self.wv(x).view(b, t, -1, self.head_dim)  # [B, T, H_kv, D]
@@ -238,10 +313,26 @@ class Attention(nn.Module):
             k, v = state.update(k, v, self.window, ordered=not ctx.all_visible)
         return q, k, v
 
+    def _project_step(self, x: Tensor, ctx: ForwardContext, state: KVState) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`_project` of one decoded token (fp32, no autograd) with fewer operators: q, k
+        and v from one product (:func:`decode_linear`), RoPE on q and k together."""
+        b = x.shape[0]
+        nq, nk = self.wq.weight.shape[0], self.wk.weight.shape[0]
+        qkv = decode_linear(x, self, "qkv", self.wq, self.wk, self.wv)  # [B, 1, nq + nk + nv]
+        qk = qkv[..., : nq + nk].view(b, 1, -1, self.head_dim)  # [B, 1, H + H_kv, D]
+        if self.use_rope:
+            if ctx.rope is None:
+                raise RuntimeError("Attention: the forward context has no RoPE tables")
+            qk = rope_step(qk, *ctx.rope)
+        q, k = qk.split([nq // self.head_dim, nk // self.head_dim], dim=2)
+        v = qkv[..., nq + nk :].view(b, 1, -1, self.head_dim)
+        return q, *state.update(k, v, self.window, ordered=not ctx.all_visible)
+
     def _mix(self, q: Tensor, k: Tensor, v: Tensor, ctx: ForwardContext) -> Tensor:
         """Output projection of the attention of ``q`` over ``k, v`` -> ``[B, T, d_model]``."""
         b, t = q.shape[:2]
-        return self.wo(self._attend(q, k, v, ctx).reshape(b, t, -1))  # [B, T, H * D]
+        o = self._attend(q, k, v, ctx).reshape(b, t, -1)  # [B, T, H * D]
+        return decode_linear(o, self, "wo", self.wo) if decoding(o) else self.wo(o)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: ForwardContext) -> Tensor:
         """Per-head attention outputs ``[B, T, H, D]``."""
@@ -253,6 +344,8 @@ class Attention(nn.Module):
         """SDPA over ``k, v``; ``mask`` None: every key is visible (one decoded token)."""
         b, t, h, d = q.shape
         h_kv = k.shape[2]
+        if mask is None and t == 1 and _cpu_decode_attention(q, k):  # (a GPU: SDPA's flash-decoding)
+            return decode_attention(q, k, v)
         if mask is None and t == 1 and h != h_kv:
             # one query per head: fold the query heads of each KV head into its query axis,
             # [B, H_kv, H / H_kv, D], so SDPA reads each K/V head once (enable_gqa's path is

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from kernels.gmu import gated_memory
 from pretrain.models.layers.attention import Attention, KVState
+from pretrain.models.layers.decode_weights import decode_linear, decoding
 from pretrain.models.layers.diff_attention import DiffAttention
 from pretrain.models.layers.gla import GatedLinearAttention
 from pretrain.models.layers.mamba import Mamba, MambaState
@@ -56,7 +57,9 @@ class MambaMemory(Mamba):
 
     def forward(self, x: Tensor, ctx: ForwardContext, state: MambaState | None, carry: Carry) -> tuple[Tensor, Carry]:
         y, z = self.scan(x, ctx, state)  # [B, T, d_inner] each
-        return self.out_proj(y * F.silu(z)), {**carry, MEMORY: y}
+        g = y * F.silu(z)
+        out = decode_linear(g, self, "out_proj", self.out_proj) if decoding(g) else self.out_proj(g)
+        return out, {**carry, MEMORY: y}
 
 
 class _NormInputMemory:
@@ -159,9 +162,10 @@ class GatedMemoryUnit(nn.Module):
 
     def forward(self, x: Tensor, ctx: ForwardContext, state: None, carry: Carry) -> tuple[Tensor, Carry]:
         m = _need(carry, MEMORY, "gmu", "memory ('mamba_mem', 'mamba2_mem', 'gla_mem')").to(x.dtype)
-        z = self.in_proj(x)
+        step = decoding(x)  # pretrain.models.layers.decode_weights
+        z = decode_linear(x, self, "in_proj", self.in_proj) if step else self.in_proj(x)
         y = gated_memory(m, z, backend=self.kernels) if self.norm is None else self.norm(m, z)
-        return self.out_proj(y), carry
+        return decode_linear(y, self, "out_proj", self.out_proj) if step else self.out_proj(y), carry
 
     def activation_elements(self) -> int:
         d_model, d_mem = self.in_proj.weight.shape[1], self.in_proj.weight.shape[0]

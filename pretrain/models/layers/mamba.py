@@ -32,6 +32,7 @@ from kernels.selective_scan import (
 )
 from kernels.selective_scan.chunk_torch import SCAN_CHUNK
 from kernels.short_conv import causal_conv1d, causal_conv1d_update, final_conv_state
+from pretrain.models.layers.decode_weights import decode_linear, decoding
 from pretrain.models.layers.norm import at_least_fp32
 from pretrain.models.registry import register_mixer
 
@@ -135,7 +136,7 @@ class Mamba(nn.Module):
 
     def forward(self, x: Tensor, ctx: ForwardContext, state: MambaState | None = None) -> Tensor:
         y, _ = self.scan(x, ctx, state, gate=True)
-        return self.out_proj(y)
+        return decode_linear(y, self, "out_proj", self.out_proj) if decoding(y) else self.out_proj(y)
 
     def scan(
         self, x: Tensor, ctx: ForwardContext, state: MambaState | None = None, gate: bool = False
@@ -181,8 +182,9 @@ class Mamba(nn.Module):
             extra = extra * F.silu(at_least_fp32(z))
         return (at_least_fp32(y) + extra).to(y.dtype)
 
-    def _ssm_params(self, xc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        dbc = self.reduce_partial(self.x_proj(xc))
+    def _ssm_params(self, xc: Tensor, fast: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """dt, B, C of ``xc``; ``fast``: a decoding step's product (decode_linear)."""
+        dbc = self.reduce_partial(decode_linear(xc, self, "x_proj", self.x_proj) if fast else self.x_proj(xc))
         dt, B, C = dbc.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         return F.softplus(self.dt_proj(dt)), B, C  # dt bias inside softplus, as in Mamba
 
@@ -192,12 +194,20 @@ class Mamba(nn.Module):
     def step(self, x: Tensor, ctx: ForwardContext, state: MambaState, gate: bool = False) -> tuple[Tensor, Tensor]:
         """O(1) decoding of one token ``x [B, 1, d_model]`` -> y, z ``[B, 1, d_inner]`` as in
         :meth:`scan`; updates ``state`` in place."""
-        xi, z = self.in_proj_x(x[:, 0]), self.in_proj_z(x[:, 0])  # [B, d_inner] each
+        fast = decoding(x)  # one product for x and z (pretrain.models.layers.decode_weights)
+        if fast:
+            xi, z = decode_linear(x[:, 0], self, "in_proj", self.in_proj_x, self.in_proj_z).chunk(2, dim=-1)
+        else:
+            xi, z = self.in_proj_x(x[:, 0]), self.in_proj_z(x[:, 0])  # [B, d_inner] each
+        # without document starts every tap of a token past the first d_conv - 1 is inside its
+        # sequence: no position mask to build (the host knows it from the offset)
+        whole = ctx.reset is None and ctx.offset >= self.d_conv - 1
+        positions = None if whole else ctx.positions[:, 0]
         xc, state.conv = causal_conv1d_update(
-            xi, state.conv, self.conv1d.weight[:, 0, :], self.conv1d.bias, positions=ctx.positions[:, 0],
+            xi, state.conv, self.conv1d.weight[:, 0, :], self.conv1d.bias, positions=positions,
             activation="silu", backend=self.kernels,
         )
-        dt, B, C = self._ssm_params(xc)
+        dt, B, C = self._ssm_params(xc, fast)
         reset = None if ctx.reset is None else ctx.reset[:, 0]
         y, state.ssm = selective_state_update(
             state.ssm, xc, dt, self._A(), B, C, self.D, z=z if gate else None, reset=reset, backend=self.kernels

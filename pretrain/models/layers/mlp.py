@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor, nn
 
 from kernels.swiglu import swiglu
+from pretrain.models.layers.decode_weights import decode_linear, decoding
 from pretrain.models.registry import register_ffn
 
 if TYPE_CHECKING:
@@ -30,6 +31,9 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(hidden, d_model, bias=False)  # down (an output projection)
 
     def forward(self, x: Tensor) -> Tensor:
+        if decoding(x):  # gate and up from one product (pretrain.models.layers.decode_weights)
+            gate, up = decode_linear(x, self, "w13", self.w1, self.w3).chunk(2, dim=-1)
+            return decode_linear(swiglu(gate, up, backend=self.kernels), self, "w2", self.w2)
         return self.w2(swiglu(self.w1(x), self.w3(x), backend=self.kernels))
 
     def activation_elements(self) -> int:

@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kernels.rmsnorm import rms_norm
+from pretrain.models.layers.decode_weights import decoding
 
 
 def at_least_fp32(x: Tensor) -> Tensor:
@@ -29,6 +31,13 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """``x [..., dim]`` -> normalised, in x's dtype. With ``residual`` the pre-norm block's
         add is fused: returns ``(rmsnorm(h), h)`` for ``h = x + residual`` (residual's dtype)."""
+        if decoding(x) and not x.is_cuda and x.dtype == self.weight.dtype == torch.float32 and self.kernels != "triton":
+            # a decoding step on the CPU: the PyTorch path's one fused op, without the dispatch
+            # checks that cost more than the op itself on one token
+            if residual is None:
+                return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
+            h = residual + x
+            return F.rms_norm(h, h.shape[-1:], self.weight, self.eps), h
         return rms_norm(x, self.weight, self.eps, residual=residual, backend=self.kernels)
 
     def init_weights(self) -> None:
