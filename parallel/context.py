@@ -319,12 +319,19 @@ def apply_context_parallel(
     return split
 
 
-def cp_traffic(cfg, micro_batch: int, seq_len: int, cp: int, load_balance: bool, act_bytes: int = 4) -> list[tuple[str, str, float]]:
+def cp_traffic(
+    cfg, micro_batch: int, seq_len: int, cp: int, load_balance: bool, act_bytes: int = 4, attention: str = "allgather"
+) -> list[tuple[str, str, float]]:
     """What one rank receives per layer in one forward of a ``micro_batch x seq_len`` micro-batch
-    split over ``cp`` ranks (the backward sends as much again): ``(mixer, what is exchanged,
-    bytes)`` per mixer type of the :class:`~pretrain.config.ModelConfig` ``cfg``, and last the
-    baseline of all-gathering a layer's hidden states. Exchanges are all-gathers of per-segment
-    pieces (a rank receives the other cp - 1 ranks' ones); recurrent states and decays are fp32."""
+    split over ``cp`` ranks (the backward sends as much again, but for ring attention):
+    ``(mixer, what is exchanged, bytes)`` per mixer type of the
+    :class:`~pretrain.config.ModelConfig` ``cfg``, and last the baseline of all-gathering a
+    layer's hidden states. Exchanges are all-gathers of per-segment pieces (a rank receives the
+    other cp - 1 ranks' ones); recurrent states and decays are fp32. ``attention``
+    (parallel.cp_attention): with 'ring' every full-attention layer, cross-attention included,
+    receives the other ranks' keys/values as cp - 1 blocks in the forward and, in the
+    backward, those blocks again plus cp blocks of their fp32 gradients (in the text);
+    differential attention rings its two maps' keys with the shared values twice (1.5x)."""
     slots = 2 if load_balance else 1
     n = cp * slots
     s = seq_len // n
@@ -345,6 +352,7 @@ def cp_traffic(cfg, micro_batch: int, seq_len: int, cp: int, load_balance: bool,
     dims = [hd] + [t.memory_expand * hd] * (t.memory_depth - 1) + [hd]
     memory = t.n_heads * sum(i * o for i, o in zip(dims, dims[1:]))
     window_halo = min(a.window - 1, s)
+    ring = ring_traffic(gathered(s * kv), cp, act_bytes)
     kinds = {
         "attn": ("all-gathered keys/values", gathered(s * kv)),
         "swa": (f"halo of {window_halo} keys/values", gathered(window_halo * kv)),
@@ -364,13 +372,30 @@ def cp_traffic(cfg, micro_batch: int, seq_len: int, cp: int, load_balance: bool,
     for mixer, ffn in cfg.pattern():
         if mixer not in seen:
             seen.add(mixer)
-            what, nbytes = kinds[alias.get(mixer, mixer)]
-            out.append((mixer, what, nbytes))
+            kind = alias.get(mixer, mixer)
+            if attention == "ring" and kind in ("attn", "xattn"):
+                out.append((mixer, *ring(1.5 if mixer.startswith("diff_") else 1.0)))
+            else:
+                out.append((mixer, *kinds[kind]))
         if ffn in ("moe", "moe_gru") and ffn not in seen:
             seen.add(ffn)
             out.append((ffn, "summed expert statistics", float((cp - 1) * (2 * cfg.moe.n_experts + 1) * 4)))
     out.append(("(baseline)", "all-gathering one layer's hidden states", gathered(s * d)))
     return out
+
+
+def ring_traffic(kv_bytes: float, cp: int, act_bytes: int):
+    """``factor -> (text, forward bytes)`` of a ring-attention layer whose other ranks' keys
+    and values are ``kv_bytes`` (what an all-gather would receive) times ``factor``: the
+    forward receives them as cp - 1 blocks; the backward receives them again plus cp blocks
+    of their fp32 gradients."""
+
+    def of(factor: float) -> tuple[str, float]:
+        fwd = factor * kv_bytes
+        bwd = fwd + fwd * cp / (cp - 1) * 4 / act_bytes
+        return f"ring: {cp - 1} K/V blocks; backward {bwd / 2**20:.3f} MiB (K/V again + {cp} fp32 dK/dV blocks)", fwd
+
+    return of
 
 
 def format_cp(cfg) -> list[str]:
@@ -381,7 +406,8 @@ def format_cp(cfg) -> list[str]:
     n = p.cp_segments(model.pattern())
     seq, micro = cfg.data.seq_len, cfg.train.micro_batch_size
     split = f"segments r and {2 * p.cp - 1}-r of {n}" if lb else f"segment r of {n}"
-    lines = [f"context     cp {p.cp}: each rank holds {split} ({seq // n} tokens each) of every sequence"]
-    for mixer, what, nbytes in cp_traffic(model, micro, seq, p.cp, lb):
+    lines = [f"context     cp {p.cp}: each rank holds {split} ({seq // n} tokens each) of every sequence; "
+             f"full attention: {p.cp_attention}"]
+    for mixer, what, nbytes in cp_traffic(model, micro, seq, p.cp, lb, attention=p.cp_attention):
         lines.append(f"  {mixer:<14}{nbytes / 2**20:>12.3f} MiB per layer and forward  {what}")
     return lines

@@ -17,8 +17,11 @@ every rank attends over the same number of keys.
 
 :class:`LocalSplit` holds every segment in one process (in any order): the executable spec of
 the exchanges, and what the tests compare the distributed split (``parallel/context.py``,
-which only replaces :meth:`SequenceSplit.gather_segments` and :meth:`SequenceSplit.relay`)
-against; its outputs equal the unsplit model's.
+which only replaces :meth:`SequenceSplit.gather_segments`, :meth:`SequenceSplit.relay`,
+:meth:`SequenceSplit.all_sum` and :meth:`SequenceSplit.ring_attention`) against; its outputs
+equal the unsplit model's. Ring attention (:meth:`SequenceSplit.ring_attention`, with
+``ring`` set) is the same blockwise math in both: a loop over segments here, a ring of
+point-to-point exchanges there.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """Context parallelism on CPU/gloo: the distributed split's exchanges against the one-process
 :class:`~pretrain.models.sequence_split.LocalSplit` (values and gradients), and every family's
 loss and gradients at cp 2 (load-balanced and contiguous), cp 4 and cp 2 x tp 2 against one
-process on whole sequences (float32, rel <= 1e-5). One group of four processes for all."""
+process on whole sequences (float32, rel <= 1e-5), with full attention all-gathered or as a
+ring (whose saved tensors and visiting blocks are counted too). One group of four processes
+for all."""
 
 from __future__ import annotations
 
@@ -88,7 +90,7 @@ MODEL_CASES = {  # name -> (families, world of the split, load balance, model ke
     "cp2_tp2": (["sambay", "gla", "llama"], 2, True, {}, 2, False),
     "cp2_ring": (["llama", "sambay"], 2, True, {}, 1, True),
     "cp2_ring_contiguous": (["llama"], 2, False, {"doc_masking": False}, 1, True),
-    "cp4_ring": (["llama", "sambay"], 4, True, {"window": 14, "starts": (6, 20)}, 1, True),
+    "cp4_ring": (["llama", "sambay", "diff"], 4, True, {"window": 14, "starts": (6, 20)}, 1, True),
 }
 
 

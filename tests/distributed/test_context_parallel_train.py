@@ -1,7 +1,8 @@
 """`pretrain train` with context parallelism from the command line (torchrun, gloo) against one
 process, on hybrid_mix shrunk (Mamba, GLA, sliding-window and full attention, GRU-routed MoE):
 cp 2 (load-balanced: 4 segments of 8 tokens) logs the single-process losses, validation losses
-and gradient norms; cp 2 x dp 2 on four ranks (with activation checkpointing) too. The cp checkpoint continues in one process
+and gradient norms; so do cp 2 with ring attention and cp 2 x dp 2 on four ranks (both with
+activation checkpointing). The cp checkpoint continues in one process
 (the data position and weights carry over), scores and generates there: CP is a
 training-time layout."""
 
@@ -39,6 +40,15 @@ def test_context_parallel_train_resume_and_generate(small_corpus, prepared_dir, 
     assert "each sequence split over 2 context-parallel ranks" in result.stdout
     worst = _assert_same_log(_records(cp2), want, [1, 2, 3, 4])
     print(f"cp2: worst relative difference of loss/val_loss/grad_norm vs one process {worst:.2e}")
+
+    # ring attention (the trainer hands parallel.cp_attention to the split), with activation
+    # checkpointing: the recomputed forward runs the ring again inside the backward
+    ring = tmp_path / "cp2_ring"
+    result = _torchrun(_overrides(small_corpus, prepared_dir, ring, **{
+        "parallel.cp": 2, "parallel.cp_attention": "'ring'", "parallel.activation_checkpoint": "'full'"}), config=CONFIG)
+    assert result.returncode == 0, result.stderr[-3000:]
+    worst = _assert_same_log(_records(ring), want, [1, 2, 3, 4])
+    print(f"cp2 ring: worst relative difference vs one process {worst:.2e}")
 
     cp2_dp2 = tmp_path / "cp2_dp2"
     # with activation checkpointing: the recomputed forward repeats the exchanges in the backward

@@ -239,7 +239,8 @@ class Attention(nn.Module):
         v = self.wv(x).view(b, t, -1, self.head_dim)  # [B, T, H_kv, D]
         if self.use_rope:
             k = apply_rope(k, *ctx.rope)
-        if ctx.cp is not None:  # [B, T, H_kv, D] gathered, or [B * slots, window - 1 + s, H_kv, D]
+        if ctx.cp is not None:  # [B, T, H_kv, D] gathered (ring: the rows' own), or with a halo
+            # [B * slots, window - 1 + s, H_kv, D]
             return (q, *exchange_kv(k, v, ctx.cp, self.window))
         if state is not None:  # [B, S, H_kv, D]; a ring in slot order when every key is visible
             k, v = state.update(k, v, self.window, ordered=not ctx.all_visible)
