@@ -68,10 +68,11 @@ def block_forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple
     H_kv, G, s, Dv]`` (float64 for float64 inputs) normalised over this block and its log-sum-exp ``[B, H_kv, G, s]``.
     Differentiable (the one-process reference's autograd); ValueError on head counts that do
     not divide."""
-    qh, kh, vh = _heads(q, k, v)
-    scores = _scores(qh, kh, mask)
-    lse = torch.logsumexp(scores, dim=-1)
-    return torch.exp(scores - lse[..., None]) @ vh, lse
+    with torch.autocast(q.device.type, enabled=False):  # the scores and lse stay float32 under autocast
+        qh, kh, vh = _heads(q, k, v)
+        scores = _scores(qh, kh, mask)
+        lse = torch.logsumexp(scores, dim=-1)
+        return torch.exp(scores - lse[..., None]) @ vh, lse
 
 
 def merge(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> tuple[Tensor, Tensor]:
@@ -97,11 +98,12 @@ def block_backward(
     output and ``delta = (grad_out * out).sum(-1)`` ``[B, H_kv, G, s]``. With ``P = exp(S -
     lse)``: dV = P^T dO, dS = P (dO V^T - delta), dQ = dS K / sqrt(D), dK = dS^T Q / sqrt(D).
     Returns in the accumulation dtype ``dq [B, s, H, D]``, ``dk [B, s, H_kv, D]``, ``dv [B, s, H_kv, Dv]``."""
-    qh, kh, vh = _heads(q, k, v)
-    scale = qh.shape[-1] ** -0.5
-    p = torch.exp(_scores(qh, kh, mask) - lse[..., None])  # [B, H_kv, G, s, s]
-    dv = (p.transpose(-1, -2) @ grad_out).sum(2)  # [B, H_kv, s, Dv]: the G query heads of a KV head
-    ds = p * (grad_out @ vh.transpose(-1, -2) - delta[..., None])
-    dq = ds @ kh * scale  # [B, H_kv, G, s, D]
-    dk = (ds.transpose(-1, -2) @ qh).sum(2) * scale  # [B, H_kv, s, D]
-    return to_heads_last(dq, dq.dtype), dk.transpose(1, 2), dv.transpose(1, 2)
+    with torch.autocast(q.device.type, enabled=False):
+        qh, kh, vh = _heads(q, k, v)
+        scale = qh.shape[-1] ** -0.5
+        p = torch.exp(_scores(qh, kh, mask) - lse[..., None])  # [B, H_kv, G, s, s]
+        dv = (p.transpose(-1, -2) @ grad_out).sum(2)  # [B, H_kv, s, Dv]: the G query heads of a KV head
+        ds = p * (grad_out @ vh.transpose(-1, -2) - delta[..., None])
+        dq = ds @ kh * scale  # [B, H_kv, G, s, D]
+        dk = (ds.transpose(-1, -2) @ qh).sum(2) * scale  # [B, H_kv, s, D]
+        return to_heads_last(dq, dq.dtype), dk.transpose(1, 2), dv.transpose(1, 2)

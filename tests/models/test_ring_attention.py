@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.models.context import attention_mask
-from pretrain.models.ring_attention import block_forward, merge
+from pretrain.models.ring_attention import block_backward, block_forward, block_mask, merge
 from pretrain.models.sequence_split import LocalSplit
 from tests.models.cp_reference import loss_and_grads, packed_positions
 from tests.models.test_context_parallel_models import assert_grads_match, model_and_batch
@@ -66,6 +66,25 @@ def test_block_of_unseen_keys_adds_nothing():
     want = torch.autograd.grad(block_forward(q, k, v, None)[0].sum(), q)[0]
     assert torch.isfinite(q.grad).all()
     torch.testing.assert_close(q.grad, want)
+
+
+def test_block_math_stays_float32_under_autocast():
+    """Under bfloat16 autocast (the trainer's on CUDA; the CPU's here) the block's scores,
+    output and log-sum-exp are computed in float32 from the bfloat16 inputs: the same as
+    without autocast, where a bfloat16 matmul would round them to 8 bits."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 16, n, 32, generator=g).bfloat16() for n in (4, 2, 2))
+    mask = block_mask(0, 0, 16, None, q.device)
+    want = block_forward(q, k, v, mask)
+    lse = want[1]
+    grad_out, delta = torch.randn(want[0].shape, generator=g), torch.randn(lse.shape, generator=g)
+    want_grads = block_backward(q, k, v, mask, lse, grad_out, delta)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = block_forward(q, k, v, mask)
+        got_grads = block_backward(q, k, v, mask, lse, grad_out, delta)
+    for a, b in zip((*got, *got_grads), (*want, *want_grads)):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 RING_CASES = {  # name -> (cp, load balance, model keywords)
