@@ -33,7 +33,8 @@ def format_plan(cfg: Config, dp: int = 1) -> str:
     params = count_parameters(model_cfg)
     flops = flops_per_token(model_cfg, cfg.data.seq_len)
     p = cfg.parallel
-    mem = memory_estimate(model_cfg, cfg.train.micro_batch_size, cfg.data.seq_len, dp=dp, tp=p.tp, sp=p.sp, cp=p.cp)
+    mem = memory_estimate(model_cfg, cfg.train.micro_batch_size, cfg.data.seq_len, dp=dp, tp=p.tp, sp=p.sp, cp=p.cp,
+                         cp_attention=p.cp_attention)
     counts = Counter(m for m, _ in pattern)
     lines = [
         f"model       {cfg.run.name}: {model_cfg.n_layers} blocks, d_model {model_cfg.d_model}, "

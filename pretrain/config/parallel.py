@@ -18,6 +18,9 @@ FULL_ATTENTION = ("attn", "attn_kv", "xattn", "diff_attn", "diff_attn_kv", "diff
 """Mixers with causal attention over the whole sequence: their cost grows along it, so context
 parallelism balances it by default (parallel.cp_load_balance)."""
 
+CP_ATTENTION = ("allgather", "ring")
+"""parallel.cp_attention values (see parallel.cp_attention)."""
+
 AC_MODES = ("none", "full", "selective")
 """parallel.activation_checkpoint values (see parallel.activation_checkpoint)."""
 
@@ -78,6 +81,15 @@ class ParallelConfig:
     2 cp - 1 - r (the head-tail / zig-zag split), so causal full attention costs every rank the
     same. true, false, or 'auto': on when the pattern has causal full attention ('attn',
     'attn_kv', 'xattn' and their differential forms)."""
+    cp_attention: str = "allgather"
+    """How full attention ('attn', 'attn_kv', 'xattn' and their differential forms) runs with
+    cp > 1. 'allgather': each layer all-gathers the keys/values once and keeps the whole
+    sequence's for its backward (memory grows with T, not T / cp). 'ring': ring attention (Liu
+    et al. 2023): each rank keeps only its own keys/values, which travel around the cp ranks
+    block by block (cp - 1 hops per forward; the backward circulates them again with their
+    gradients), so every full-attention layer holds O(T / cp); a SambaY cross-attention layer
+    then rings the shared local keys/values itself (its traffic per layer, instead of once for
+    all cross layers). Differential attention rings twice per layer (its two softmax maps)."""
     ep: int = 1
     """Expert-parallel degree: the routed experts of every MoE layer are sharded over groups of
     ep data-parallel ranks, tokens reaching them by all-to-all (parallel/expert.py). Must divide
@@ -166,6 +178,7 @@ def validate_parallel(
     require(isinstance(p.cp, int) and p.cp >= 1, "parallel.cp", "must be an integer >= 1")
     require(p.cp_load_balance in (True, False, "auto"), "parallel.cp_load_balance",
             f"must be true, false or 'auto', got {p.cp_load_balance!r}")
+    require_choice(p.cp_attention, "parallel.cp_attention", CP_ATTENTION)
     if p.cp > 1:
         require(p.dp_backend == "fsdp", "parallel.cp", "context parallelism runs with parallel.dp_backend='fsdp'")
         require(p.ep == 1, "parallel.cp", "context parallelism does not compose with parallel.ep > 1 yet")

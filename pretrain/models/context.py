@@ -37,14 +37,14 @@ class ForwardContext:
     cache: Cache | None = None
     rope: tuple[Tensor, Tensor] | None = None
     """cos, sin [B, T, head_dim // 2] shared by all rotary attention layers."""
-    masks: dict[int | None, Tensor | BandedMask | SegmentMasks] = field(default_factory=dict)
+    masks: dict[int | None, Tensor | BandedMask | SegmentMasks | RingMasks] = field(default_factory=dict)
     """Attention window (None: full) -> bool mask [B, 1, T, S], True where a query may attend.
     Keys are the cached keys this window keeps followed by the T new ones. A window over more
     than 2 x window new tokens and no cached ones gets a :class:`BandedMask` instead. Under
     context parallelism (:attr:`cp`) the keys are those the layer exchanged: full attention
-    gets :class:`SegmentMasks` over the gathered sequence, a window the mask of its ``window -
-    1`` halo keys followed by the row's own (:func:`halo_mask`, or a :class:`BandedMask` with
-    ``halo``)."""
+    gets :class:`SegmentMasks` over the gathered sequence (:class:`RingMasks` under ring
+    attention), a window the mask of its ``window - 1`` halo keys followed by the row's own
+    (:func:`halo_mask`, or a :class:`BandedMask` with ``halo``)."""
     all_visible: bool = False
     """One new token per row whose query sees every key its layer keeps (decoding without
     document masks): attention then needs no mask, and a window layer may read its ring of
@@ -85,6 +85,19 @@ class SegmentMasks:
     masks: tuple[Tensor, ...]
     """Slot j's bool ``[B, 1, seg_len, s_j + seg_len]`` (:func:`attention_mask` with offset
     ``s_j``), shared by every full-attention layer of the forward."""
+
+
+@dataclass(frozen=True)
+class RingMasks:
+    """Full causal attention of context-parallel rows under ring attention (``split.ring``):
+    the keys/values stay with their segments and the masks are built per (query segment,
+    key segment) block inside :meth:`~pretrain.models.sequence_split.SequenceSplit.ring_attention`
+    from the global token indices and ``doc_start``, so no ``s x T`` mask is kept."""
+
+    split: SequenceSplit
+    doc_start: Tensor | None
+    """``[B * slots, seg_len]`` int64 global index of each query's document start (None
+    without document masking: one causal stream per row)."""
 
 
 def band_blocks(positions: Tensor, w: int, doc_masking: bool, halo: bool = False) -> Tensor:
@@ -157,11 +170,14 @@ def halo_mask(positions: Tensor, window: int) -> Tensor:
 
 def segment_masks(
     positions: Tensor, split: SequenceSplit, window: int | None, doc_masking: bool, seg_len: int
-) -> Tensor | BandedMask | SegmentMasks:
+) -> Tensor | BandedMask | SegmentMasks | RingMasks:
     """The mask of ``window`` (None: full) for context-parallel rows ``positions [B * slots,
-    seg_len]`` (global): :class:`SegmentMasks` for full attention; for a window,
-    :func:`halo_mask`, or block-banded over segments longer than ``2 window``
-    (:class:`BandedMask` with ``halo``)."""
+    seg_len]`` (global): :class:`SegmentMasks` for full attention (:class:`RingMasks` when
+    ``split.ring``); for a window, :func:`halo_mask`, or block-banded over segments longer
+    than ``2 window`` (:class:`BandedMask` with ``halo``)."""
+    if window is None and split.ring:
+        index = split.positions(positions.shape[0], seg_len, positions.device)  # global token indices
+        return RingMasks(split, index - positions if doc_masking else None)
     if window is None:
         starts = split.starts(seg_len).tolist()
         return SegmentMasks(tuple(

@@ -17,8 +17,11 @@ every rank attends over the same number of keys.
 
 :class:`LocalSplit` holds every segment in one process (in any order): the executable spec of
 the exchanges, and what the tests compare the distributed split (``parallel/context.py``,
-which only replaces :meth:`SequenceSplit.gather_segments` and :meth:`SequenceSplit.relay`)
-against; its outputs equal the unsplit model's.
+which only replaces :meth:`SequenceSplit.gather_segments`, :meth:`SequenceSplit.relay`,
+:meth:`SequenceSplit.all_sum` and :meth:`SequenceSplit.ring_attention`) against; its outputs
+equal the unsplit model's. Ring attention (:meth:`SequenceSplit.ring_attention`, with
+``ring`` set) is the same blockwise math in both: a loop over segments here, a ring of
+point-to-point exchanges there.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+
+from pretrain.models.ring_attention import block_forward, block_mask, merge, to_heads_last
 
 State = tuple[Tensor, ...]
 
@@ -45,6 +50,10 @@ class SequenceSplit:
     Subclasses implement :meth:`gather_segments` (every segment's rows, in global order) and
     :meth:`relay`; everything else is built on them, identically for one process and many.
     """
+
+    ring: bool = False
+    """Full attention circulates the keys/values around the processes (:meth:`ring_attention`,
+    parallel.cp_attention = 'ring') instead of gathering them; set by whoever builds the split."""
 
     def __init__(self, n_segments: int, local: Sequence[int]) -> None:
         if not local or len(set(local)) != len(local) or not all(0 <= g < n_segments for g in local):
@@ -111,6 +120,18 @@ class SequenceSplit:
         receive buffers). Returns the outputs as rows ``[B * slots, ...]``. Differentiable
         through the states. Each segment waits for the previous one: no overlap across
         segments (Titans' memory update is nonlinear, so nothing cheaper is exact)."""
+        raise NotImplementedError
+
+    def ring_attention(self, q: Tensor, k: Tensor, v: Tensor, doc_start: Tensor | None) -> Tensor:
+        """Causal full attention of the local rows without gathering the keys/values (ring
+        attention, Liu et al. 2023): ``q [B * slots, s, H, D]``, ``k [B * slots, s, H_kv, D]``,
+        ``v [B * slots, s, H_kv, Dv]`` (this process's segments, after RoPE), ``doc_start [B *
+        slots, s]`` int64 global index of each query's document start (None without document
+        masking) -> ``[B * slots, s, H, Dv]`` in q's dtype (scale 1/sqrt(D), GQA as SDPA's).
+        Each local segment's queries attend every segment not after it, one block at a time
+        (:mod:`pretrain.models.ring_attention`); the distributed split sends each process's
+        blocks around the ring of processes (cp - 1 hops forward; backward again, with the
+        keys'/values' gradients), never holding more than two visiting blocks. Differentiable."""
         raise NotImplementedError
 
     def attach(self, h: Tensor) -> Tensor:
@@ -192,4 +213,18 @@ class LocalSplit(SequenceSplit):
         for g in range(self.n_segments):
             j = self.local.index(g)
             outs[j], state = step(j, state)
+        return self.from_slots(outs)
+
+    def ring_attention(self, q: Tensor, k: Tensor, v: Tensor, doc_start: Tensor | None) -> Tensor:
+        s = q.shape[1]
+        outs = []
+        for j, g in enumerate(self.local):
+            d = None if doc_start is None else self.slot(doc_start, j)
+            out = lse = None
+            for prev in range(g + 1):  # the segments not after g: the ring's blocks, in one process
+                i = self.local.index(prev)
+                mask = block_mask(g * s, prev * s, s, d, q.device)
+                o, l = block_forward(self.slot(q, j), self.slot(k, i), self.slot(v, i), mask)
+                out, lse = (o, l) if out is None else merge(out, lse, o, l)
+            outs.append(to_heads_last(out, q.dtype))
         return self.from_slots(outs)

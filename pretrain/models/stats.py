@@ -114,7 +114,7 @@ def head_activation_elements(cfg: ModelConfig) -> int:
 
 def memory_estimate(
     cfg: ModelConfig, micro_batch_size: int, seq_len: int, dp: int = 1, *, act_bytes: int = 4,
-    tp: int = 1, sp: bool = False, cp: int = 1,
+    tp: int = 1, sp: bool = False, cp: int = 1, cp_attention: str = "allgather",
 ) -> dict[str, float | dict[str, float]]:
     """Rough training memory per rank in bytes: fp32 ``params``, ``grads`` and AdamW
     ``optimizer`` states (two fp32 moments), sharded over ``dp`` ranks (FSDP/ZeRO-3; pass dp=1
@@ -125,7 +125,8 @@ def memory_estimate(
     the norms' too with sequence parallelism (``sp``); and ``total``. Context parallelism
     (``cp`` ranks) holds seq_len / cp tokens per rank and shards the weights over dp x cp; each
     layer that all-gathers keys/values keeps the other ranks' ones for its backward
-    (``cp_gathered_kv``; halos and states are neglected)."""
+    (``cp_gathered_kv``; halos and states are neglected), none under ring attention
+    (``cp_attention`` 'ring': a layer keeps only its own keys/values)."""
     model = _model(cfg)
     p = count_parameters(model)["total"]
     tokens = micro_batch_size * seq_len / cp
@@ -138,7 +139,8 @@ def memory_estimate(
     if cp > 1:
         gathering = [b.mixer for b in model.blocks.values() if b.mixer_name in ("attn", "attn_kv", "diff_attn", "diff_attn_kv")]
         kv = sum(m.wk.weight.shape[0] + m.wv.weight.shape[0] for m in gathering)  # K + V elements per token
-        by_type["cp_gathered_kv"] = float(kv * micro_batch_size * seq_len * (cp - 1) / cp * act_bytes) / tp
+        kept = 0 if cp_attention == "ring" else kv * micro_batch_size * seq_len * (cp - 1) / cp
+        by_type["cp_gathered_kv"] = float(kept * act_bytes) / tp
     shards = dp * cp * tp
     out: dict[str, float | dict[str, float]] = {
         "params": 4.0 * p / shards,

@@ -171,7 +171,8 @@ class Trainer:
         model = materialise_sharded(model, self.cfg.model, self.cfg.train.seed, self.device, torch.device("cpu"))
         if self.dims.cp > 1:
             lb = self.cfg.parallel.load_balanced(self.cfg.model.pattern())
-            self.cp_split = apply_context_parallel(model, self.mesh["cp"].get_group(), lb)
+            attention = self.cfg.parallel.cp_attention
+            self.cp_split = apply_context_parallel(model, self.mesh["cp"].get_group(), lb, attention)
         return model
 
     def _apply_ep(self, model: nn.Module) -> tuple[nn.Parameter, ...]:

@@ -1,7 +1,9 @@
 """Context parallelism on CPU/gloo: the distributed split's exchanges against the one-process
 :class:`~pretrain.models.sequence_split.LocalSplit` (values and gradients), and every family's
 loss and gradients at cp 2 (load-balanced and contiguous), cp 4 and cp 2 x tp 2 against one
-process on whole sequences (float32, rel <= 1e-5). One group of four processes for all."""
+process on whole sequences (float32, rel <= 1e-5), with full attention all-gathered or as a
+ring (whose saved tensors and visiting blocks are counted too). One group of four processes
+for all."""
 
 from __future__ import annotations
 
@@ -81,12 +83,77 @@ def _model_grads(family: str, split, tp_mesh=None, **kw) -> tuple[torch.Tensor, 
     return loss, {k: g.full_tensor() if hasattr(g, "full_tensor") else g for k, g in grads.items()}
 
 
-MODEL_CASES = {  # name -> (families, world of the split, load balance, model keywords, tp)
-    "cp2": (sorted(FAMILIES), 2, True, {}, 1),
-    "cp2_contiguous": (["sambay", "gla", "titans", "mamba2"], 2, False, {"doc_masking": False}, 1),
-    "cp4": (["sambay", "mamba", "titans"], 4, True, {"window": 14, "starts": (6, 20)}, 1),
-    "cp2_tp2": (["sambay", "gla", "llama"], 2, True, {}, 2),
+MODEL_CASES = {  # name -> (families, world of the split, load balance, model keywords, tp, ring attention)
+    "cp2": (sorted(FAMILIES), 2, True, {}, 1, False),
+    "cp2_contiguous": (["sambay", "gla", "titans", "mamba2"], 2, False, {"doc_masking": False}, 1, False),
+    "cp4": (["sambay", "mamba", "titans"], 4, True, {"window": 14, "starts": (6, 20)}, 1, False),
+    "cp2_tp2": (["sambay", "gla", "llama"], 2, True, {}, 2, False),
+    "cp2_ring": (["llama", "sambay"], 2, True, {}, 1, True),
+    "cp2_ring_contiguous": (["llama"], 2, False, {"doc_masking": False}, 1, True),
+    "cp4_ring": (["llama", "sambay", "diff"], 4, True, {"window": 14, "starts": (6, 20)}, 1, True),
 }
+
+
+def _ring_memory(group) -> dict[str, int]:
+    """One ring attention forward and backward of bfloat16 rows (2 samples, 4 query / 2 KV heads
+    of 8) on this rank: the bytes of the storages it saves for the backward
+    (``saved_tensors_hooks``) beside those of its local q, k, v, output and float32
+    log-sum-exp; the most received key/value blocks (bfloat16) and gradient accumulators
+    (float32) alive at any hop; for contrast, what the all-gather path saves and the size of
+    the gathered keys/values."""
+    import weakref
+
+    from parallel.context import DistributedSplit
+    from pretrain.models.context import SegmentMasks, attention_mask
+    from pretrain.models.layers.attention import exchange_kv, segment_sdpa
+
+    class Watched(DistributedSplit):
+        def __init__(self, *args) -> None:
+            super().__init__(*args)
+            self.received: list = []
+            self.peak: dict[torch.dtype, int] = {}
+
+        def ring_exchange(self, send):
+            alive = sum(1 for r in self.received if r() is not None and r().dtype == send.dtype)
+            self.peak[send.dtype] = max(self.peak.get(send.dtype, 0), alive + 1)  # + the one arriving
+            arrived = super().ring_exchange(send)
+
+            def watched():
+                recv = arrived()
+                self.received.append(weakref.ref(recv))
+                return recv
+
+            return watched
+
+    def saved(fn):
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fn()
+        return sum(seen.values()), out
+
+    split = Watched(group, True)
+    split.start_forward()
+    rows, s, h, h_kv, d = B * split.slots, 6, 4, 2, 8
+    g = torch.Generator().manual_seed(dist.get_rank())
+    q, k, v = (torch.randn(rows, s, n, d, generator=g).bfloat16().requires_grad_() for n in (h, h_kv, h_kv))
+    doc_start = torch.zeros(rows, s, dtype=torch.long)
+    nbytes, out = saved(lambda: split.ring_attention(q, k, v, doc_start))
+    split.attach(out).float().square().sum().backward()
+    local = sum(t.numel() * t.element_size() for t in (q, k, v, out, doc_start)) + rows * s * h * 4
+    ag = DistributedSplit(group, True)
+    ag.start_forward()
+    positions = ag.positions(rows, s, torch.device("cpu"))
+    masks = SegmentMasks(tuple(attention_mask(ag.slot(positions, j), start, None, False)
+                               for j, start in enumerate(ag.starts(s).tolist())))
+    ag_bytes, _ = saved(lambda: segment_sdpa(q, *exchange_kv(k, v, ag, None), masks))
+    return {"saved": nbytes, "local": local, "allgather_saved": ag_bytes,
+            "gathered": B * ag.n_segments * s * h_kv * 2 * d * 2,
+            "peak_kv": split.peak[torch.bfloat16], "peak_dkv": split.peak[torch.float32]}
 
 
 def _rank_main(rank: int, world: int, store: str, out_dir: str) -> None:
@@ -106,10 +173,13 @@ def _rank_main(rank: int, world: int, store: str, out_dir: str) -> None:
             split = DistributedSplit(group, lb)
             split.start_forward()
             results[("primitives", name, lb)] = _primitives(split)
-    for case, (families, cp, lb, kw, tp) in MODEL_CASES.items():
+    for name, group in (("cp4", everyone), ("cp2", pair)):
+        results[("ring_memory", name)] = _ring_memory(group)
+    for case, (families, cp, lb, kw, tp, ring) in MODEL_CASES.items():
         group = everyone if cp == 4 else mesh["cp"].get_group() if tp > 1 else pair
         for family in families:
             split = DistributedSplit(group, lb)
+            split.ring = ring
             results[(case, family)] = _model_grads(family, split, mesh["tp"] if tp > 1 else None, **kw)
     torch.save(results, f"{out_dir}/rank{rank}.pt")
     end_spawned_rank()
@@ -153,6 +223,19 @@ def test_distributed_split_equals_local_split(ranks, world):
             torch.testing.assert_close(grads, x.grad, msg=f"gradient lb={lb}")
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_attention_keeps_only_local_blocks(ranks, world):
+    """Ring attention saves for its backward exactly its rank's q, k, v, output and log-sum-exp
+    (the all-gather path, measured the same way, saves the gathered keys/values: the
+    measurement sees them), and no rank ever holds more than two visiting key/value blocks or
+    two gradient accumulators."""
+    for r in range(4):
+        m = ranks[r][("ring_memory", f"cp{world}")]
+        assert m["saved"] == m["local"], f"rank {r}: saved {m['saved']} bytes, its own blocks are {m['local']}"
+        assert m["allgather_saved"] >= m["gathered"] > 0
+        assert m["peak_kv"] <= 2 and m["peak_dkv"] <= 2, f"rank {r}: {m}"
+
+
 @pytest.mark.parametrize("case", sorted(MODEL_CASES))
 def test_every_family_equals_one_process(ranks, case):
     """Each cp group's mean loss and mean gradients (what FSDP's averaging over the cp ranks
@@ -160,13 +243,15 @@ def test_every_family_equals_one_process(ranks, case):
     from tests.models.cp_reference import loss_and_grads
     from tests.models.test_context_parallel_models import assert_grads_match, model_and_batch
 
-    families, cp, lb, kw, tp = MODEL_CASES[case]
+    families, cp, lb, kw, tp, ring = MODEL_CASES[case]
     groups = [[0, 1, 2, 3]] if cp == 4 else [[0, 2], [1, 3]] if tp > 1 else [[0, 1], [2, 3]]
     for family in families:
         model, *batch = model_and_batch(family, **kw)
         ref_loss, ref = loss_and_grads(model, *batch)
         _, exact = loss_and_grads(model.double(), *batch)
-        _, exact_split = loss_and_grads(model, *batch, LocalSplit.like(cp, lb))  # float64 too
+        local = LocalSplit.like(cp, lb)
+        local.ring = ring
+        _, exact_split = loss_and_grads(model, *batch, local)  # float64 too
         for group in groups:
             loss = sum(ranks[r][(case, family)][0] for r in group) / cp
             torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0, msg=f"{case} {family} loss")

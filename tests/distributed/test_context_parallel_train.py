@@ -1,8 +1,9 @@
 """`pretrain train` with context parallelism from the command line (torchrun, gloo) against one
 process, on hybrid_mix shrunk (Mamba, GLA, sliding-window and full attention, GRU-routed MoE),
 cp 2 load-balanced (4 segments of 8 tokens): cp 2 x dp 2 (FSDP2 over dp_shard x cp, with
-activation checkpointing) and pp 2 x cp 2 on four ranks log the single-process losses,
-validation losses and gradient norms. Their checkpoints continue in one process (the data
+activation checkpointing) and pp 2 x cp 2 on four ranks, and cp 2 with ring attention (with
+activation checkpointing) on two, log the single-process losses, validation losses and
+gradient norms. Their checkpoints continue in one process (the data
 position and weights carry over), score and generate there: CP is a training-time layout."""
 
 from __future__ import annotations
@@ -41,6 +42,15 @@ def test_context_parallel_train_resume_and_generate(small_corpus, prepared_dir, 
     assert "each sequence split over 2 context-parallel ranks" in result.stdout
     worst = _assert_same_log(_records(cp_dp), want, [1, 2, 3, 4], rel=1e-4)  # FSDP's reduction order
     print(f"cp2 x dp2: worst relative difference of loss/val_loss/grad_norm vs one process {worst:.2e}")
+
+    # ring attention (the trainer hands parallel.cp_attention to the split), with activation
+    # checkpointing: the recomputed forward runs the ring again inside the backward
+    ring = tmp_path / "cp2_ring"
+    result = _torchrun(_overrides(small_corpus, prepared_dir, ring, **{
+        "parallel.cp": 2, "parallel.cp_attention": "'ring'", "parallel.activation_checkpoint": "'full'"}), config=CONFIG)
+    assert result.returncode == 0, result.stderr[-3000:]
+    worst = _assert_same_log(_records(ring), want, [1, 2, 3, 4])
+    print(f"cp2 ring: worst relative difference vs one process {worst:.2e}")
 
     # pp2 x cp2: each pipeline stage on its segments
     pp_cp = tmp_path / "pp2_cp2"

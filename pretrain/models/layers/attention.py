@@ -11,7 +11,10 @@ each local segment attend the keys up to their segment's end (:class:`SegmentMas
 head-tail split gives every rank the same work; a window layer exchanges only a halo of
 ``window - 1`` keys/values per segment (:meth:`~pretrain.models.sequence_split.SequenceSplit.tails`),
 put before the segment's own (:func:`~pretrain.models.context.halo_mask`, or
-:func:`banded_sdpa` over long segments).
+:func:`banded_sdpa` over long segments). With parallel.cp_attention = 'ring' full attention
+keeps only its rows' keys/values and calls the split's ring attention instead
+(:class:`~pretrain.models.context.RingMasks`): memory O(T / cp) per layer, every other rank's
+keys/values received once in the forward and once in the backward.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from pretrain.models.layers.decode_weights import decode_linear, decoding
 from pretrain.models.layers.rope import apply_rope
 from pretrain.models.registry import register_mixer
 
-from pretrain.models.context import BandedMask, SegmentMasks
+from pretrain.models.context import BandedMask, RingMasks, SegmentMasks
 
 if TYPE_CHECKING:
     from pretrain.config import ModelConfig
@@ -113,7 +116,11 @@ def exchange_kv(k: Tensor, v: Tensor, split: SequenceSplit, window: int | None) 
     all-gathers them, ``[B, T, H_kv, D]`` (every segment's, one exchange of both); a window
     puts the ``window - 1`` tokens before each row first, ``[B * slots, window - 1 + s, H_kv,
     D]`` (a halo: only the last ``min(window - 1, s)`` tokens of each segment are exchanged,
-    zeros before the sequence). Differentiable."""
+    zeros before the sequence). Under ring attention (``split.ring``) full attention exchanges
+    nothing here: the rows' own ``k, v`` are returned and travel inside
+    :meth:`~pretrain.models.sequence_split.SequenceSplit.ring_attention`. Differentiable."""
+    if window is None and split.ring:
+        return k, v
     d = k.shape[-1]
     kv = torch.cat([k, v], dim=-1)  # one exchange for both
     if window is None:
@@ -307,7 +314,8 @@ class Attention(nn.Module):
         v = self.wv(x).view(b, t, -1, self.head_dim)  # [B, T, H_kv, D]
         if self.use_rope:
             k = apply_rope(k, *ctx.rope)
-        if ctx.cp is not None:  # [B, T, H_kv, D] gathered, or [B * slots, window - 1 + s, H_kv, D]
+        if ctx.cp is not None:  # [B, T, H_kv, D] gathered (ring: the rows' own), or with a halo
+            # [B * slots, window - 1 + s, H_kv, D]
             return (q, *exchange_kv(k, v, ctx.cp, self.window))
         if state is not None:  # [B, S, H_kv, D]; a ring in slot order when every key is visible
             k, v = state.update(k, v, self.window, ordered=not ctx.all_visible)
@@ -340,7 +348,9 @@ class Attention(nn.Module):
             return self._flash(q, k, v, ctx)
         return self._sdpa(q, k, v, None if ctx.all_visible else ctx.masks[self.window])
 
-    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | BandedMask | SegmentMasks | None) -> Tensor:
+    def _sdpa(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | BandedMask | SegmentMasks | RingMasks | None
+    ) -> Tensor:
         """SDPA over ``k, v``; ``mask`` None: every key is visible (one decoded token)."""
         b, t, h, d = q.shape
         h_kv = k.shape[2]
@@ -358,6 +368,8 @@ class Attention(nn.Module):
             return banded_sdpa(q, k, v, mask)
         if isinstance(mask, SegmentMasks):
             return segment_sdpa(q, k, v, mask)
+        if isinstance(mask, RingMasks):
+            return mask.split.ring_attention(q, k, v, mask.doc_start)
         if mask is not None and mask.shape[-1] != k.shape[1]:
             raise RuntimeError(f"Attention: mask covers {mask.shape[-1]} keys, the layer has {k.shape[1]}")
         o = F.scaled_dot_product_attention(

@@ -7,8 +7,9 @@ per-head RMSNorm: the H query heads form H/2 pairs whose two softmax maps are su
     lambda_init = 0.8 - 0.6 exp(-0.3 * layer_index),
 and each pair's output [B, T, 2D] is RMS-normalised and scaled by (1 - lambda_init). RoPE,
 GQA, document masking, the window, the KV cache, flash-attn and context parallelism (gathered
-keys/values or a halo, SDPA only) work as in :class:`Attention`: both maps of a pair go through
-the same masked softmax attention.
+keys/values, a halo or ring attention, SDPA only) work as in :class:`Attention`: both maps of a
+pair go through the same masked softmax attention (under ring attention: one ring each, whose
+blocks carry the pair's keys and its 2D-wide values).
 """
 
 from __future__ import annotations

@@ -17,6 +17,10 @@ Under context parallelism (``ctx.cp``: the rows ``[B * slots, s]`` are segments)
 hold the whole sequences ``[B, T, H_kv, D]`` (token order, after RoPE; gradients flow back
 through the gather), so no cross layer exchanges anything: each attends with its local
 queries under the same per-segment causal masks (:class:`~pretrain.models.context.SegmentMasks`).
+Under ring attention (parallel.cp_attention = 'ring') the carry holds only the rows' own
+keys/values ``[B * slots, s, H_kv, D]`` and every cross layer rings them itself: each keeps
+O(T / cp) instead of the gathered T, at the price of its own cp - 1 hops forward and backward
+per layer (the all-gather exchanges once for all of them).
 The memory and the GMU are token-local (``[B * slots, s, d_mem]``, as the rows).
 """
 
@@ -95,7 +99,7 @@ class GLAMemory(_NormInputMemory, GatedLinearAttention):
 
 class AttentionKV(Attention):
     """Full causal attention whose keys/values (after RoPE, past ones included; under context
-    parallelism the gathered sequences) are shared."""
+    parallelism the gathered sequences, or the rows' own under ring attention) are shared."""
 
     uses_carry = True
 
