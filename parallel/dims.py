@@ -140,10 +140,12 @@ class ParallelDims:
         r % ep; the ranks along the other dimensions hold the same experts. An ep group is made
         of ranks with the same pipeline stage and tp coordinate. Collective over all ranks (one
         process group per dimension, for every stage); with pp > 1 the mesh returned is this
-        rank's stage's slice (its 'pp' coordinate fixed)."""
-        shape = (self.pp, self.dp_replicate, self.dp_shard // self.ep, self.ep, self.tp)
-        names = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "tp")
-        keep = [i for i, n in enumerate(names) if n not in ("pp", "tp") or shape[i] > 1]
+        rank's stage's slice (its 'pp' coordinate fixed). With context parallelism the mesh has a
+        'cp' dimension after 'ep': an ep group holds one cp coordinate (its ranks' tokens are the
+        same segments of different sequences), and the experts are replicated over 'cp'."""
+        shape = (self.pp, self.dp_replicate, self.dp_shard // self.ep, self.ep, self.cp, self.tp)
+        names = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "cp", "tp")
+        keep = [i for i, n in enumerate(names) if n not in ("pp", "cp", "tp") or shape[i] > 1]
         mesh = init_device_mesh(
             device_type, tuple(shape[i] for i in keep), mesh_dim_names=tuple(names[i] for i in keep)
         )

@@ -181,7 +181,6 @@ def validate_parallel(
     require_choice(p.cp_attention, "parallel.cp_attention", CP_ATTENTION)
     if p.cp > 1:
         require(p.dp_backend == "fsdp", "parallel.cp", "context parallelism runs with parallel.dp_backend='fsdp'")
-        require(p.ep == 1, "parallel.cp", "context parallelism does not compose with parallel.ep > 1 yet")
     require(p.ep >= 1, "parallel.ep", "must be >= 1")
     if pattern is not None and p.ep > 1:
         has_moe = any(ffn in ("moe", "moe_gru") for _, ffn in pattern)

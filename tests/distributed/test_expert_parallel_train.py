@@ -87,8 +87,8 @@ def test_ep2_train_and_resume_equal_single_process(small_corpus, prepared_dir, t
 
 def test_ep2_with_pp2_or_tp2_trains_as_single_process(small_corpus, prepared_dir, tmp_path):
     """pp2 x ep2 (GPipe, one micro-batch per round, so that each ep group's balance loss sees
-    the same 4 sequences as one process's micro-batch) and tp2 x ep2 (sequence parallel), four
-    ranks each: the logs of two steps and the weights and AdamW moments after them."""
+    the same 4 sequences as one process's micro-batch), tp2 x ep2 (sequence parallel) and cp2 x
+    ep2, four ranks each: the logs of two steps and the weights and AdamW moments after them."""
     overrides = {"train.max_steps": 2, "checkpoint.interval": 2, "train.eval_interval": 2, "optim.warmup_steps": 1}
     single = tmp_path / "single"
     _single(_overrides(small_corpus, prepared_dir, single, **overrides))
@@ -97,6 +97,9 @@ def test_ep2_with_pp2_or_tp2_trains_as_single_process(small_corpus, prepared_dir
     layouts = {
         "pp2": {"parallel.pp": 2, "parallel.pp_schedule": "'gpipe'", "parallel.pp_microbatches": 1},
         "tp2": {"parallel.tp": 2},
+        # each ep group's ranks hold the same segments of their sequences; the balance loss
+        # sums its statistics over the cp ranks too
+        "cp2": {"parallel.cp": 2},
     }
     for name, layout in layouts.items():
         run = tmp_path / name
@@ -117,6 +120,7 @@ def test_ep2_with_pp2_or_tp2_trains_as_single_process(small_corpus, prepared_dir
         (["parallel.tp=2"], 4, (1, 1, 2)),  # an ep group per tp coordinate
         (["parallel.pp=2"], 4, (1, 1, 2)),  # an ep group per pipeline stage
         (["parallel.pp=2", "parallel.tp=2"], 16, (1, 2, 2)),  # per stage and tp coordinate
+        (["parallel.cp=2"], 8, (1, 2, 2)),  # an ep group per cp coordinate
     ],
 )
 def test_ep_borrows_dp_shard_ranks(overrides, world, grid):
