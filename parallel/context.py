@@ -35,6 +35,7 @@ from torch.autograd import Function
 from pretrain.models.ring_attention import (
     accumulation_dtype, block_backward, block_forward, block_mask, merge, to_heads_last,
 )
+from pretrain.config.parallel import FULL_ATTENTION
 from pretrain.models.sequence_split import SequenceSplit, State, load_balanced_segments
 
 
@@ -406,8 +407,10 @@ def format_cp(cfg) -> list[str]:
     n = p.cp_segments(model.pattern())
     seq, micro = cfg.data.seq_len, cfg.train.micro_batch_size
     split = f"segments r and {2 * p.cp - 1}-r of {n}" if lb else f"segment r of {n}"
-    lines = [f"context     cp {p.cp}: each rank holds {split} ({seq // n} tokens each) of every sequence; "
-             f"full attention: {p.cp_attention}"]
+    tokens = f"{seq // n} token{'s' if seq // n != 1 else ''} each"
+    full = any(m in FULL_ATTENTION for m, _ in model.pattern())
+    lines = [f"context     cp {p.cp}: each rank holds {split} ({tokens}) of every sequence"
+             + (f"; full attention: {p.cp_attention}" if full else "")]
     for mixer, what, nbytes in cp_traffic(model, micro, seq, p.cp, lb, attention=p.cp_attention):
         lines.append(f"  {mixer:<14}{nbytes / 2**20:>12.3f} MiB per layer and forward  {what}")
     return lines

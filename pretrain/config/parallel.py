@@ -176,7 +176,7 @@ def validate_parallel(
         f"pp x pp_virtual_stages = {p.pp} x {v} stages exceed the model.n_layers={n_layers} layers",
     )
     require(isinstance(p.cp, int) and p.cp >= 1, "parallel.cp", "must be an integer >= 1")
-    require(p.cp_load_balance in (True, False, "auto"), "parallel.cp_load_balance",
+    require(isinstance(p.cp_load_balance, bool) or p.cp_load_balance == "auto", "parallel.cp_load_balance",
             f"must be true, false or 'auto', got {p.cp_load_balance!r}")
     require_choice(p.cp_attention, "parallel.cp_attention", CP_ATTENTION)
     if p.cp > 1:

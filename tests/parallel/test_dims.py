@@ -188,6 +188,7 @@ def test_cp_sits_between_dp_and_tp():
         ("llama_tiny", ["parallel.cp=2", "parallel.dp_backend='deepspeed'"], "parallel.cp", "fsdp"),
         ("llama_tiny", ["parallel.cp=0"], "parallel.cp", ">= 1"),
         ("llama_tiny", ["parallel.cp_load_balance='yes'"], "parallel.cp_load_balance", "yes"),
+        ("llama_tiny", ["parallel.cp_load_balance=1"], "parallel.cp_load_balance", "got 1"),  # 1 == True
     ],
 )
 def test_impossible_cp_is_one_line_naming_the_field(config, overrides, field, match):
