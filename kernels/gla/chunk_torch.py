@@ -50,7 +50,7 @@ class _DiagScores(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, cum: Tensor) -> Tensor:  # noqa: ANN001
+    def forward(ctx, q: Tensor, k: Tensor, cum: Tensor) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(q, k, cum)
         out = q.new_empty(q.shape[0], q.shape[1], q.shape[1])
         for rows in _row_blocks(q):
@@ -60,7 +60,7 @@ class _DiagScores(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, d_out: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # noqa: ANN001
+    def backward(ctx, d_out: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
         q, k, cum = ctx.saved_tensors
         dq, dk = torch.empty_like(q), torch.empty_like(k)
         for rows in _row_blocks(q):

@@ -50,7 +50,7 @@ class _CountElements(TorchDispatchMode):
         super().__init__()
         self.elements = 0
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for z in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(z, torch.Tensor):
