@@ -14,7 +14,9 @@ Every exponent is kept <= 0, so nothing overflows however strong the gates: the 
 decays are exact pairwise differences inside sub-chunks of ``SUB_CHUNK`` tokens, and between
 sub-chunks the difference is split at the sub-chunk boundary r between key and query,
 ``exp(cum_i - cum_r) * exp(cum_r - cum_j)`` (fla's secondary chunking). A Python loop runs
-only over chunks (the inter-chunk state passing); autograd differentiates the whole thing.
+over chunks (the inter-chunk state passing); autograd differentiates the whole thing except the
+pairwise decays, whose own backward recomputes them a cache-sized block at a time
+(:class:`_DiagScores`): time and memory per token stay flat in T.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from kernels.dispatch import at_least_fp32
 
@@ -36,18 +39,68 @@ def _to_chunks(z: Tensor, n: int, c: int) -> Tensor:
     return z.unflatten(1, (n, c)).permute(0, 3, 1, 2, 4)
 
 
+class _DiagScores(torch.autograd.Function):
+    """Decayed causal scores inside each sub-chunk, ``A[m, i, j] = sum_d q_id k_jd exp(cum_id - cum_jd)``
+    for ``j <= i`` else 0: q, k, cum ``[M, S, K]`` -> ``[M, S, S]``.
+
+    The pairwise decays ``[M, S, S, K]`` are S x the keys' memory: they are formed a block of
+    :data:`_PAIR_BLOCK` elements at a time, in forward and again in backward, so that they stay in
+    cache and are never saved (materialised whole, their traffic grew the time per token with T).
+    Backward uses ``d cum = q * dq - k * dk`` (each exponent is ``cum_i - cum_j``). The sums
+    over K (forward) and over the tokens (backward) are vector-matrix products: faster than
+    multiply-and-sum, and what a FLOP counter sees as the tile's multiply-adds.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, cum: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(q, k, cum)
+        out = q.new_empty(q.shape[0], q.shape[1], q.shape[1])
+        for rows in _row_blocks(q):
+            k_decayed = _pair_decays(cum[rows]).mul_(k[rows].unsqueeze(-3))  # [m, i, j, K]
+            out[rows] = (q[rows].unsqueeze(-2) @ k_decayed.mT).squeeze(-2)  # q_i . (decayed k_j)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
+        q, k, cum = ctx.saved_tensors
+        dq, dk = torch.empty_like(q), torch.empty_like(k)
+        for rows in _row_blocks(q):
+            decay, d_a = _pair_decays(cum[rows]), d_out[rows]  # [m, i, j, K], [m, i, j]
+            dq[rows] = (d_a.unsqueeze(-2) @ (decay * k[rows].unsqueeze(-3))).squeeze(-2)
+            q_decayed = decay.mul_(q[rows].unsqueeze(-2)).transpose(1, 2)  # [m, j, i, K]
+            dk[rows] = (d_a.mT.unsqueeze(-2) @ q_decayed).squeeze(-2)
+        return dq, dk, q * dq - k * dk
+
+
+_PAIR_BLOCK = 1 << 18  # elements of one block of pairwise decays (1 MiB in fp32): cache-sized
+
+
+def _row_blocks(z: Tensor) -> list[slice]:
+    """Slices of z's first dimension holding about :data:`_PAIR_BLOCK` pairwise decays each."""
+    m, s, d = z.shape
+    step = max(1, _PAIR_BLOCK // (s * s * d))
+    return [slice(i, min(i + step, m)) for i in range(0, m, step)]
+
+
+def _pair_decays(cum: Tensor) -> Tensor:
+    """``exp(cum_i - cum_j)`` for ``j <= i`` else 0: ``[m, S, K]`` -> ``[m, S, S, K]``, every exponent <= 0."""
+    s = cum.shape[1]
+    above = torch.ones(s, s, dtype=torch.bool, device=cum.device).triu(1)
+    return (cum.unsqueeze(-2) - cum.unsqueeze(-3)).masked_fill_(above[:, :, None], float("-inf")).exp_()
+
+
 def _intra_scores(q: Tensor, k: Tensor, cum: Tensor, sub: int) -> Tensor:
     """Decayed causal scores inside each chunk, ``A[i, j] = sum_d q_id k_jd exp(cum_id - cum_jd)``
     for ``j <= i``, else 0. q, k, cum ``[B, H, N, C, K]`` -> ``[B, H, N, C, C]``."""
     c = q.shape[-2]
     s = c // sub
     qs, ks, cs = (z.unflatten(-2, (s, sub)) for z in (q, k, cum))  # [B, H, N, s, sub, K]
-    # diagonal sub-chunks: exact pairwise decays, exponent masked to -inf above the diagonal
-    causal = torch.ones(sub, sub, dtype=torch.bool, device=q.device).tril()
-    diff = (cs.unsqueeze(-2) - cs.unsqueeze(-3)).masked_fill(~causal[:, :, None], float("-inf"))
-    diag = torch.einsum("...ik,...jk,...ijk->...ij", qs, ks, diff.exp())  # [B, H, N, s, sub, sub]
+    # diagonal sub-chunks: exact pairwise decays
+    diag = _DiagScores.apply(*(z.reshape(-1, sub, z.shape[-1]) for z in (qs, ks, cs)))
+    diag = diag.view(*qs.shape[:-1], sub)  # [B, H, N, s, sub, sub]
     eye = torch.eye(s, dtype=q.dtype, device=q.device)
-    scores = torch.einsum("...uij,uw->...uiwj", diag, eye).flatten(-2)  # [B, H, N, s, sub, C]
+    scores = (diag.unsqueeze(-2) * eye[:, None, :, None]).flatten(-2)  # [B, H, N, s, sub, C]
     if s > 1:
         # query sub-chunk u >= 1 against keys of sub-chunks < u, split at r = end of sub-chunk u-1
         ref = cs[..., :-1, -1:, :]  # [B, H, N, s-1, 1, K]
@@ -124,9 +177,11 @@ def chunk_gla(
         chunk_states = k_out.transpose(-1, -2) @ vc  # [B, H, N, K, V]
         state = qc.new_zeros(b, h, dk, vc.shape[-1]) if h0 is None else h0.to(qc.dtype)
         inter = []
-        for i in range(n):
-            inter.append(q_in[:, :, i] @ state)  # [B, H, C, V]
-            state = decay[:, :, i, :, None] * state + chunk_states[:, :, i]
+        # unbind: one backward node for all chunks (indexing chunk i in the loop made each of the
+        # N backward steps write a whole [B, H, N, ...] gradient: O(N^2) time)
+        for q_i, decay_i, states_i in zip(q_in.unbind(2), decay.unbind(2), chunk_states.unbind(2)):
+            inter.append(q_i @ state)  # [B, H, C, V]
+            state = decay_i[..., None] * state + states_i
         o = o + torch.stack(inter, dim=2)
     o = o.permute(0, 2, 3, 1, 4).flatten(1, 2)[:, :t]  # [B, T, H, V]
     return o.to(v.dtype), state
