@@ -102,12 +102,13 @@ class GatedLinearAttention(nn.Module):
 
     def activation_elements(self) -> int:
         """Rough elements per token kept for backward: projections, gates, the decayed q/k copies,
-        the pairwise decays of a sub-chunk, scores of a chunk row, and one state per chunk."""
+        scores of a chunk row, and one state per chunk (the pairwise decays of a sub-chunk are
+        recomputed in the backward, not kept)."""
         d_model = self.q_proj.weight.shape[1]
         n_heads = self.key_dim // self.head_k_dim
         return (
             d_model
-            + (6 + SUB_CHUNK) * self.key_dim
+            + 6 * self.key_dim
             + 5 * self.value_dim
             + self.gk_proj[0].weight.shape[0]
             + n_heads * self.chunk_size
