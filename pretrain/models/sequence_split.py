@@ -81,11 +81,6 @@ class SequenceSplit:
         segs = x.reshape(b, self.n_segments, s, *x.shape[2:])[:, list(self.local)]
         return segs.reshape(b * self.slots, s, *x.shape[2:])
 
-    def unshard(self, rows: Tensor) -> Tensor:
-        """The inverse of :meth:`shard` for a split that holds every segment: ``[B * slots, s,
-        ...]`` -> ``[B, T, ...]`` in token order (differentiable)."""
-        return self.gather(rows)
-
     def starts(self, seg_len: int, device: torch.device | None = None) -> Tensor:
         """int64 ``[slots]``: the global index of each local segment's first token."""
         return torch.tensor(self.local, device=device) * seg_len

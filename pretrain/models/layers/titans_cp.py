@@ -30,11 +30,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
 from torch import Tensor
 
 from kernels.titans import MemoryState
-from pretrain.models.context import ForwardContext
+from pretrain.models.context import ForwardContext, halo_mask
+from pretrain.models.layers.attention import exchange_kv
 from pretrain.models.sequence_split import SequenceSplit
 
 if TYPE_CHECKING:
@@ -50,18 +50,11 @@ def cp_window_kv(
     per row exchanged) followed by the segment's, ``[B * slots, window - 1 + s, H, D]``, and the
     bool mask ``[B * slots, 1, s, window - 1 + s]``: causal, inside the window, not before the
     query's document (``positions`` as ``ctx.positions`` under CP: in the document, or the
-    global index without doc masking), hence never before the sequence (where the halo is zeros)."""
-    s, h = k.shape[1], window - 1
-    if h:
-        halo = cp.tails(torch.cat([k, v], dim=-1), h)
-        hk, hv = halo.split([k.shape[-1], v.shape[-1]], dim=-1)
-        k, v = torch.cat([hk, k], dim=1), torch.cat([hv, v], dim=1)
-    start = cp.starts(s, k.device).repeat(k.shape[0] // cp.slots)[:, None]  # [R, 1] global index of token 0
-    q_idx = start + torch.arange(s, device=k.device)  # [R, s]
-    k_idx = start - h + torch.arange(h + s, device=k.device)  # [R, h + s]
-    dist = q_idx[:, :, None] - k_idx[:, None, :]
-    doc_start = (q_idx - positions)[:, :, None]  # 0 without doc masking: positions are global
-    return k, v, ((dist >= 0) & (dist < window) & (k_idx[:, None, :] >= doc_start)).unsqueeze(1)
+    global index without doc masking), hence never before the sequence (where the halo is zeros):
+    the attention layers' :func:`~pretrain.models.layers.attention.exchange_kv` and
+    :func:`~pretrain.models.context.halo_mask`."""
+    k, v = exchange_kv(k, v, cp, window)
+    return k, v, halo_mask(positions, window)
 
 
 def relay_memory_scan(memory: NeuralMemory, x: Tensor, q: Tensor, k: Tensor, v: Tensor, ctx: ForwardContext) -> Tensor:
