@@ -49,6 +49,11 @@ class ForwardContext:
     """One new token per row whose query sees every key its layer keeps (decoding without
     document masks): attention then needs no mask, and a window layer may read its ring of
     keys in slot order. The masks are still built on demand for layers that ask."""
+    continuing: bool = False
+    """Every row continues the one document of its cache: positions are ``offset + t`` with
+    ``offset > 0`` (no position ids given), so there is no document start among the new tokens
+    even where :attr:`reset` is set. A recurrent mixer's decoding step then needs neither resets
+    nor position masks."""
     cu_seqlens: Tensor | None = None
     """[n_docs + 1] int32 document boundaries of the flattened batch, set only for flash-attn."""
     max_seqlen: int = 0
@@ -229,6 +234,7 @@ def build_context(
     else:
         positions = (offset + torch.arange(seq, device=device)).expand(batch, seq)
     ctx = ForwardContext(positions=positions, offset=offset, cache=cache, cp=cp)
+    ctx.continuing = cache is not None and offset > 0 and not (doc_masking and position_ids is not None)
     if doc_masking:
         ctx.reset = positions == 0
     if rope is not None:

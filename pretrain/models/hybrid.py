@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from kernels.linear_cross_entropy import AllReduce, linear_cross_entropy
 from pretrain.models.context import Cache, ForwardContext, build_context
 from pretrain.models.layers.attention import Attention, KVState, flash_available
+from pretrain.models.layers.decode_weights import decode_matmul, decoding
 from pretrain.models.layers.moe import RouterGRU, uses_router_gru
 from pretrain.models.layers.norm import RMSNorm, at_least_fp32
 from pretrain.models.registry import FFNS, MIXERS
@@ -112,6 +113,8 @@ class HeadOutput:
         """``h [B, T, d_model]`` -> fp32 logits ``[B, T, V]``; with ``labels [B, T]``, ``(mean
         cross-entropy + z-loss term, the z-loss term detached)``, both fp32 scalars."""
         if labels is None:
+            if decoding(h) and h.device.type == "cpu":  # one token per row: the weight-read bound GEMV
+                return at_least_fp32(decode_matmul(h, self, "head", weight))
             return at_least_fp32(F.linear(h, weight))
         return linear_cross_entropy(
             h, weight, labels, z_loss_coef=z_loss_coef, vocab_start=self.vocab_start,

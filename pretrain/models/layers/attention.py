@@ -131,8 +131,8 @@ def exchange_kv(k: Tensor, v: Tensor, split: SequenceSplit, window: int | None) 
 
 
 DECODE_BLOCK = 1024
-"""Keys per block of :func:`decode_attention`'s value product."""
-DECODE_MIN_KEYS = 4096
+"""Keys per block of :func:`decode_attention`."""
+DECODE_MIN_KEYS = 2048
 """From this many keys on, one query per head attends through :func:`decode_attention` (below
 it SDPA's single call costs less than the extra operators)."""
 
@@ -144,11 +144,15 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     result as SDPA up to the summation order.
 
     Why: with one query, SDPA on the CPU runs one thread per (row, KV head) over all S keys, at
-    about a quarter of the read bandwidth; as matrix products the scores ``K q^T`` are one GEMM
-    over the keys and ``P V`` is split into blocks of :data:`DECODE_BLOCK` keys summed
-    afterwards (flash-decoding's split of the keys, Dao et al. 2023), so every thread streams
-    K and V at the bandwidth (about 2.5x faster than SDPA at 16K-32K keys). Loops over the B x
-    H_kv (row, KV head) pairs: meant for few of them (batch-1 decoding)."""
+    about a quarter of the read bandwidth. Here the scores ``K q^T`` are one GEMM over the keys
+    (``[S, g]`` for the g query heads of a KV head), then the keys go in blocks of
+    :data:`DECODE_BLOCK` (flash-decoding's split of the keys, Dao et al. 2023): each block's
+    scores are turned to ``[g, block]`` (a small transpose per block, several times cheaper
+    than one of the whole ``[S, g]``), exponentiated against the block's own maximum and
+    multiplied by the block's values in one batched product; the blocks' partial outputs are
+    then rescaled to the global maximum and summed (the log-sum-exp merge), so every thread
+    streams K and V near the bandwidth (about 2.5x faster than SDPA at 16K-32K keys). Loops
+    over the B x H_kv (row, KV head) pairs: meant for few of them (batch-1 decoding)."""
     b, _, h, d = q.shape
     s, h_kv, dv = k.shape[1], k.shape[2], v.shape[-1]
     g = h // h_kv
@@ -159,12 +163,24 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     for i in range(b):
         for j in range(h_kv):
             kj, vj = k[i, :, j], v[i, :, j]  # [S, D], [S, Dv]: rows H_kv * D apart, no copy
-            p = torch.softmax(torch.mm(kj, qs[i, j].t()).t().contiguous(), dim=-1)  # [g, S]
-            o = torch.bmm(p[:, :main].view(g, n, DECODE_BLOCK).transpose(0, 1), vj[:main].view(n, DECODE_BLOCK, dv))
-            o = o.sum(0)  # [g, Dv]
-            if main < s:
-                o = o.addmm_(p[:, main:], vj[main:])
-            out.append(o)
+            scores = torch.mm(kj, qs[i, j].t())  # [S, g]
+            if n == 0:
+                out.append(torch.mm(torch.softmax(scores.t(), dim=-1), vj))  # [g, Dv]
+                continue
+            blocks = scores[:main].view(n, DECODE_BLOCK, g).transpose(1, 2).contiguous()  # [n, g, block]
+            m = blocks.amax(-1, keepdim=True)  # [n, g, 1]: each block's maximum
+            p = blocks.sub_(m).exp_()
+            norm = p.sum(-1, keepdim=True)  # [n, g, 1]
+            o = torch.bmm(p, vj[:main].view(n, DECODE_BLOCK, dv))  # [n, g, Dv]
+            if main < s:  # the last, partial block
+                rest = scores[main:].t()  # [g, r]
+                m_r = rest.amax(-1, keepdim=True)
+                p_r = (rest - m_r).exp_()
+                m = torch.cat([m, m_r[None]])
+                norm = torch.cat([norm, p_r.sum(-1, keepdim=True)[None]])
+                o = torch.cat([o, torch.mm(p_r, vj[main:])[None]])
+            scale = (m - m.amax(0)).exp_()  # [n, g, 1]: each block's weight at the global maximum
+            out.append((o * scale).sum(0) / (norm * scale).sum(0))
     return (out[0] if len(out) == 1 else torch.stack(out)).view(b, 1, h, dv)
 
 

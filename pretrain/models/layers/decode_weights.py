@@ -27,17 +27,74 @@ flow through it: the callers use it only with autograd off.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
 _ATTR = "_decode_weights"
 
 
-def _key(weights: list[Tensor], parts: int) -> tuple:
-    return parts, tuple((w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape)) for w in weights)
+class _Sources:
+    """What a cached decode-time tensor was built from: the tensors themselves (held, so their
+    storage cannot be freed and reused at the same address while the entry names them), their
+    data pointers and version counters, and the thread count."""
+
+    __slots__ = ("weights", "ptrs", "versions", "threads")
+
+    def __init__(self, weights: tuple[Tensor, ...], threads: int) -> None:
+        self.weights = weights
+        self.ptrs = tuple(w.data_ptr() for w in weights)
+        self.versions = tuple(w._version for w in weights)
+        self.threads = threads
+
+    def valid(self, weights: tuple[Tensor, ...], threads: int) -> bool:
+        """Built from these very tensors (identity: a replaced parameter is another tensor;
+        dtype, device and shape come with it), their current data (``.data = ...`` moves the
+        pointer, an in-place update bumps the version) and this thread count."""
+        if threads != self.threads or len(weights) != len(self.weights):
+            return False
+        for w, old, ptr, version in zip(weights, self.weights, self.ptrs, self.versions):
+            if w is not old or w._version != version or w.data_ptr() != ptr:
+                return False
+        return True
 
 
-def _layout(weights: list[Tensor], parts: int) -> tuple[Tensor, bool]:
+class _Entry(_Sources):
+    """A cached layout of projection weights (see the module docstring)."""
+
+    __slots__ = ("parts", "layout", "input_major")
+
+    def __init__(self, weights: tuple[Tensor, ...], threads: int) -> None:
+        super().__init__(weights, threads)
+        out = sum(w.shape[0] for w in weights)
+        self.parts = threads if out % threads == 0 else 1
+        self.layout, self.input_major = _layout(weights, self.parts)
+
+
+class _Derived(_Sources):
+    """A cached tensor computed from parameters (:func:`decode_constant`)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, weights: tuple[Tensor, ...], value: Tensor) -> None:
+        super().__init__(weights, 1)
+        self.value = value
+
+
+def decode_constant(owner: nn.Module, name: str, fn: Callable[..., Tensor], *params: Tensor) -> Tensor:
+    """``fn(*params)`` (detached), computed on first use and kept on ``owner`` under ``name``
+    until one of ``params`` changes (as the layouts of :func:`decode_linear`): a decoding step's
+    function of the weights alone, e.g. Mamba's ``A = -exp(A_log)``, costs its operators once
+    instead of at every token. Use only without autograd."""
+    cache = owner.__dict__.setdefault(_ATTR, {})
+    entry = cache.get(name)
+    if entry is None or not entry.valid(params, 1):
+        entry = cache[name] = _Derived(params, fn(*(p.detach() for p in params)))
+    return entry.value
+
+
+def _layout(weights: tuple[Tensor, ...], parts: int) -> tuple[Tensor, bool]:
     """``[P, in, out / P]`` (input-major copy, True) or ``[P, out / P, in]`` (False)."""
     w = torch.cat([w.detach() for w in weights]) if len(weights) > 1 else weights[0].detach()
     out, inp = w.shape
@@ -53,23 +110,27 @@ def decode_linear(x: Tensor, owner: nn.Module, name: str, *linears: nn.Linear) -
     on ``owner`` (see the module docstring). Equal to ``torch.cat([m(x) for m in linears], -1)``
     up to the summation order. Raises ValueError for a linear with a bias or another input
     width. Use only without autograd (the layout is detached)."""
-    weights = [m.weight for m in linears]
-    if any(m.bias is not None for m in linears) or len({w.shape[1] for w in weights}) != 1:
-        raise ValueError(f"decode_linear({name}): the projections must be bias-free and read the same input")
-    out, inp = sum(w.shape[0] for w in weights), weights[0].shape[1]
-    parts = torch.get_num_threads() if x.device.type == "cpu" else 1  # a GPU's GEMV fills it already
-    parts = parts if out % parts == 0 else 1
+    if any(m.bias is not None for m in linears):
+        raise ValueError(f"decode_linear({name}): the projections must be bias-free")
+    return decode_matmul(x, owner, name, *(m.weight for m in linears))
+
+
+def decode_matmul(x: Tensor, owner: nn.Module, name: str, *weights: Tensor) -> Tensor:
+    """``x [..., in]`` times the transposed ``weights`` (each ``[out_i, in]``, ``nn.Linear``'s
+    layout), concatenated -> ``[..., sum of out_i]``: :func:`decode_linear` for weights that are
+    not a linear's own (a tied output head). Raises ValueError for weights of another input
+    width than each other. Use only without autograd."""
+    threads = torch.get_num_threads() if x.device.type == "cpu" else 1  # a GPU's GEMV fills it already
     cache = owner.__dict__.setdefault(_ATTR, {})
-    key = _key(weights, parts)
-    hit = cache.get(name)
-    if hit is None or hit[0] != key:
-        # the entry holds the weights it was built from: their storage cannot be freed and
-        # reused at the same address by a replacing tensor while the key still names it
-        hit = cache[name] = (key, *_layout(weights, parts), [w.detach() for w in weights])
-    _, w, input_major, _ = hit
+    entry = cache.get(name)
+    if entry is None or not entry.valid(weights, threads):
+        if len({w.shape[1] for w in weights}) != 1:
+            raise ValueError(f"decode_linear({name}): the projections must read the same input")
+        entry = cache[name] = _Entry(weights, threads)
+    w, inp = entry.layout, weights[0].shape[1]
     rows = x.reshape(-1, inp)  # [N, in]
-    y = torch.bmm(rows.expand(parts, *rows.shape), w if input_major else w.transpose(1, 2))  # [P, N, out / P]
-    return y.transpose(0, 1).reshape(*x.shape[:-1], out)
+    y = torch.bmm(rows.expand(entry.parts, *rows.shape), w if entry.input_major else w.transpose(1, 2))  # [P, N, out / P]
+    return y.transpose(0, 1).reshape(*x.shape[:-1], -1)
 
 
 def decoding(x: Tensor) -> bool:

@@ -32,7 +32,7 @@ from kernels.selective_scan import (
 )
 from kernels.selective_scan.chunk_torch import SCAN_CHUNK
 from kernels.short_conv import causal_conv1d, causal_conv1d_update, final_conv_state
-from pretrain.models.layers.decode_weights import decode_linear, decoding
+from pretrain.models.layers.decode_weights import decode_constant, decode_linear, decoding
 from pretrain.models.layers.norm import at_least_fp32
 from pretrain.models.registry import register_mixer
 
@@ -99,6 +99,11 @@ def sample_dt_bias(n: int, device: torch.device) -> Tensor:
     u = torch.rand(n, device=device)
     dt = torch.exp(u * (math.log(DT_MAX) - math.log(DT_MIN)) + math.log(DT_MIN)).clamp(min=DT_FLOOR)
     return dt + torch.log(-torch.expm1(-dt))
+
+
+def _neg_exp(a_log: Tensor) -> Tensor:
+    """``A = -exp(A_log)`` in at least fp32: strictly negative, a stable decay."""
+    return -torch.exp(at_least_fp32(a_log))
 
 
 @dataclass
@@ -189,12 +194,14 @@ class Mamba(nn.Module):
         return F.softplus(self.dt_proj(dt)), B, C  # dt bias inside softplus, as in Mamba
 
     def _A(self) -> Tensor:
-        return -torch.exp(at_least_fp32(self.A_log))  # [d_inner, N], strictly negative: a stable decay
+        return _neg_exp(self.A_log)
 
     def step(self, x: Tensor, ctx: ForwardContext, state: MambaState, gate: bool = False) -> tuple[Tensor, Tensor]:
         """O(1) decoding of one token ``x [B, 1, d_model]`` -> y, z ``[B, 1, d_inner]`` as in
         :meth:`scan`; updates ``state`` in place."""
         fast = decoding(x)  # one product for x and z (pretrain.models.layers.decode_weights)
+        if fast and ctx.continuing and ctx.offset >= self.d_conv - 1 and self._plain_cpu_step(x, state):
+            return self._step_cpu(x, state, gate)
         if fast:
             xi, z = decode_linear(x[:, 0], self, "in_proj", self.in_proj_x, self.in_proj_z).chunk(2, dim=-1)
         else:
@@ -213,6 +220,37 @@ class Mamba(nn.Module):
             state.ssm, xc, dt, self._A(), B, C, self.D, z=z if gate else None, reset=reset, backend=self.kernels
         )
         return y.unsqueeze(1), z.unsqueeze(1)  # [B, 1, d_inner] each
+
+    def _plain_cpu_step(self, x: Tensor, state: MambaState) -> bool:
+        """A decoding step :meth:`_step_cpu` takes: fp32 on the CPU (the kernels' PyTorch path)."""
+        return (
+            x.device.type == "cpu" and x.dtype == state.conv.dtype == state.ssm.dtype == torch.float32
+            and self.kernels != "triton"
+        )
+
+    def _step_cpu(self, x: Tensor, state: MambaState, gate: bool) -> tuple[Tensor, Tensor]:
+        """:meth:`step` for one token ``x [B, 1, d_model]`` of a sequence past its first ``d_conv
+        - 1`` tokens, fp32 on the CPU, in about twenty operators instead of a hundred (at one token
+        the operators' fixed cost, not the bytes, is the time): the conv window as one product
+        with the taps, the state update as one ``addcmul`` (h <- exp(dt A) h + dt x B^T), the
+        readout as one batched product. The same arithmetic as
+        :func:`kernels.short_conv.causal_conv1d_update` and
+        :func:`kernels.selective_scan.selective_state_update` (which the general path calls, and
+        tests compare with); the state tensors are replaced, not written in place."""
+        xi, z = decode_linear(x[:, 0], self, "in_proj", self.in_proj_x, self.in_proj_z).chunk(2, dim=-1)  # [B, C]
+        window = torch.cat([state.conv, xi.unsqueeze(-1)], dim=-1)  # [B, C, W], oldest tap first
+        state.conv = window[..., 1:]
+        xc = F.silu((window * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)  # [B, C]
+        dbc = self.reduce_partial(decode_linear(xc, self, "x_proj", self.x_proj))
+        dt, B, C = dbc.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.softplus(F.linear(dt, self.dt_proj.weight, self.dt_proj.bias))  # [B, C]
+        A = decode_constant(self, "A", _neg_exp, self.A_log)  # [C, N]
+        h = torch.addcmul(state.ssm * torch.exp(dt.unsqueeze(-1) * A), (dt * xc).unsqueeze(-1), B.unsqueeze(1))
+        state.ssm = h  # [B, C, N]
+        y = torch.addcmul(torch.bmm(h, C.unsqueeze(-1)).squeeze(-1), self.D, xc)  # [B, C]
+        if gate:
+            y = y * F.silu(z)
+        return y.unsqueeze(1), z.unsqueeze(1)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token beyond 6 x the weights: the scan's ~7 elementwise operations
