@@ -1,6 +1,7 @@
 """The decoding step's fast paths against independent references: attention of one query over
 a long cache (a naive fp64 softmax), the fused decode-time projections (the separate layers),
-one-token RoPE (the table formula), and whole models decoded through them (the full forward)."""
+one-token RoPE (the table formula), and whole models decoded through them, Mamba's short CPU
+step included (the full forward, whose chunked scan shares none of the step's code)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from pretrain.models import build_model
 from pretrain.models.layers import attention
 from pretrain.models.layers.decode_weights import decode_linear, drop_decode_weights
+from pretrain.models.layers.mamba import Mamba
 from pretrain.models.layers.rope import rope_tables
 from tests.models.util import decode as _decode
 
@@ -92,6 +94,9 @@ def test_decoding_through_the_fast_paths_equals_the_full_forward(make_cfg, monke
     monkeypatch.setattr(attention, "DECODE_BLOCK", 3)
     monkeypatch.setattr(attention, "use_decode_attention", lambda b, h_kv, keys: True)
     monkeypatch.setattr(attention, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    steps = []
+    real_step = Mamba._step_cpu
+    monkeypatch.setattr(Mamba, "_step_cpu", lambda *a: steps.append(1) or real_step(*a))
     cfg = make_cfg(pattern, init_std=0.2, tie_embeddings=tied)
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -100,5 +105,6 @@ def test_decoding_through_the_fast_paths_equals_the_full_forward(make_cfg, monke
         full = model(ids)
         assert rel_err(_decode(model, ids, [4] + [1] * 7), full) <= 1e-4
     assert calls  # the blocked attention really ran
+    assert bool(steps) == ("mamba" in pattern)  # and the short Mamba step (SambaY's memory layer too)
     assert any("_decode_weights" in m.__dict__ for m in model.modules())  # and the fused projections
     assert "_decode_weights" in (model.head or model.tied_head).__dict__  # and the head's

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels.dispatch import cpu_torch_path
 from kernels.gmu import gated_memory
 from pretrain.models.layers.attention import Attention, KVState
 from pretrain.models.layers.decode_weights import decode_linear, decoding
@@ -168,7 +169,12 @@ class GatedMemoryUnit(nn.Module):
         m = _need(carry, MEMORY, "gmu", "memory ('mamba_mem', 'mamba2_mem', 'gla_mem')").to(x.dtype)
         step = decoding(x)  # pretrain.models.layers.decode_weights
         z = decode_linear(x, self, "in_proj", self.in_proj) if step else self.in_proj(x)
-        y = gated_memory(m, z, backend=self.kernels) if self.norm is None else self.norm(m, z)
+        if self.norm is not None:
+            y = self.norm(m, z)
+        elif step and cpu_torch_path(self.kernels, x):
+            y = m * F.silu(z)  # kernels.gmu's PyTorch path without the dispatch checks (one token)
+        else:
+            y = gated_memory(m, z, backend=self.kernels)
         return decode_linear(y, self, "out_proj", self.out_proj) if step else self.out_proj(y), carry
 
     def activation_elements(self) -> int:

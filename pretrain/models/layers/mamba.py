@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels.dispatch import cpu_torch_path
 from kernels.selective_scan import (
     selective_scan, selective_scan_initial_state_output, selective_scan_total_decay, selective_state_update,
 )
@@ -224,8 +225,7 @@ class Mamba(nn.Module):
     def _plain_cpu_step(self, x: Tensor, state: MambaState) -> bool:
         """A decoding step :meth:`_step_cpu` takes: fp32 on the CPU (the kernels' PyTorch path)."""
         return (
-            x.device.type == "cpu" and x.dtype == state.conv.dtype == state.ssm.dtype == torch.float32
-            and self.kernels != "triton"
+            x.dtype == state.conv.dtype == state.ssm.dtype == torch.float32 and cpu_torch_path(self.kernels, x)
         )
 
     def _step_cpu(self, x: Tensor, state: MambaState, gate: bool) -> tuple[Tensor, Tensor]:

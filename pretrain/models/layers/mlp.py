@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels.dispatch import cpu_torch_path
 from kernels.swiglu import swiglu
 from pretrain.models.layers.decode_weights import decode_linear, decoding
 from pretrain.models.registry import register_ffn
@@ -33,7 +35,11 @@ class SwiGLU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if decoding(x):  # gate and up from one product (pretrain.models.layers.decode_weights)
             gate, up = decode_linear(x, self, "w13", self.w1, self.w3).chunk(2, dim=-1)
-            return decode_linear(swiglu(gate, up, backend=self.kernels), self, "w2", self.w2)
+            if cpu_torch_path(self.kernels, x):  # the PyTorch path without the dispatch checks
+                h = F.silu(gate) * up
+            else:
+                h = swiglu(gate, up, backend=self.kernels)
+            return decode_linear(h, self, "w2", self.w2)
         return self.w2(swiglu(self.w1(x), self.w3(x), backend=self.kernels))
 
     def activation_elements(self) -> int:

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels.dispatch import cpu_torch_path
 from kernels.rmsnorm import rms_norm
 from pretrain.models.layers.decode_weights import decoding
 
@@ -31,7 +32,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """``x [..., dim]`` -> normalised, in x's dtype. With ``residual`` the pre-norm block's
         add is fused: returns ``(rmsnorm(h), h)`` for ``h = x + residual`` (residual's dtype)."""
-        if decoding(x) and not x.is_cuda and x.dtype == self.weight.dtype == torch.float32 and self.kernels != "triton":
+        if decoding(x) and x.dtype == self.weight.dtype == torch.float32 and cpu_torch_path(self.kernels, x):
             # a decoding step on the CPU: the PyTorch path's one fused op, without the dispatch
             # checks that cost more than the op itself on one token
             if residual is None:
