@@ -306,7 +306,7 @@ def _hf_class(family: str) -> str:
 def _cmd_eval(args) -> int:
     import json
 
-    from pretrain.eval import checkpoint_step, results_path, write_json
+    from pretrain.eval import checkpoint_step, write_results
     from pretrain.train.checkpoint import resolve_checkpoint
 
     if args.samples < 0:
@@ -331,13 +331,13 @@ def _cmd_eval(args) -> int:
         # keep stdout for the results (--json must parse)
         with contextlib.redirect_stdout(sys.stderr):
             results = harness.without_samples(harness.run_lm_eval(step, tasks, args.limit or None, args.device))
-        out = write_json(results_path(step, "lm_eval"), results)
+        out = write_results(step, "lm_eval", results)
         print(json.dumps(results, indent=2, default=str) if args.json else harness.table(results))
     else:
         from pretrain.eval.perplexity import perplexity
 
         result = {"step": checkpoint_step(step), **perplexity(step, args.samples or None, args.device)}
-        out = write_json(results_path(step, "perplexity"), result)
+        out = write_results(step, "perplexity", result)
         if args.json:
             print(json.dumps(result, indent=2))
         else:
