@@ -22,7 +22,8 @@ def test_config_error_printed_once_every_rank_exits_2():
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1",  # never dialled: the config fails first
         }
         cmd = [sys.executable, "-m", "pretrain", "train", "--set", "train.max_steps=-3"]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
     stderr = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [2, 2], stderr
     errors = [[line for line in err.splitlines() if line.strip()] for err in stderr]

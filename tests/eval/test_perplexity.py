@@ -96,7 +96,8 @@ def test_cli_prints_and_writes_both(prepared_dir, tmp_path, capsys):
     assert f"validation loss {fewer['val_loss']:.4f} nats/token" in out
     assert f"{fewer['bits_per_byte']:.4f} bits/byte" in out
     # evaluating the checkpoint again kept the first results: one file per evaluation, in order
-    first, second = (json.loads(p.read_text()) for p in results_files(resolve_checkpoint(tmp_path / "run"), "perplexity"))
+    files = results_files(resolve_checkpoint(tmp_path / "run"), "perplexity")
+    first, second = (json.loads(p.read_text()) for p in files)
     assert first == saved
     assert second["tokens"] == fewer["tokens"] and second["val_loss"] == pytest.approx(fewer["val_loss"], rel=1e-6)
     assert not list((tmp_path / "run" / "eval").glob(".*"))  # no temporary file left behind
