@@ -1,7 +1,8 @@
 """`pretrain prepare|train|generate|convert|eval|plan` — the command line.
 
 User errors (a bad config field, a missing file, a damaged checkpoint) print one line on
-stderr and exit with code 2; they never show a traceback.
+stderr and exit with code 2; they never show a traceback. Under torchrun every rank exits with 2,
+and a config error (the same on every rank) is printed by the first rank of each node only.
 
 `pretrain launch slurm` checks a multi-node job and renders, prints and submits its sbatch
 script (pretrain/launch.py).
@@ -10,6 +11,7 @@ script (pretrain/launch.py).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -154,7 +156,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _COMMANDS[args.command](args)
-    except (ConfigError, DataError, CheckpointError, ConvertError) as exc:
+    except ConfigError as exc:
+        # every rank checks the same config against the same world size and fails alike: one
+        # line per node, not one per rank; every rank still exits with 2
+        if _lead_local_rank():
+            print(f"pretrain {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (DataError, CheckpointError, ConvertError) as exc:
+        # may concern one rank's files only (its checkpoint shard, its node's data): every rank says
         print(f"pretrain {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except DivergenceError as exc:
@@ -163,6 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"pretrain {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _lead_local_rank() -> bool:
+    """Whether this process is the first rank on its node: LOCAL_RANK 0 as torchrun (or a
+    launcher that sets it) numbers them, RANK 0 when only RANK is set, True without a launcher.
+    Each node's log then holds the error once, even where nodes do not share one."""
+    return os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) == "0"
 
 
 def _enable_faulthandler() -> None:
@@ -290,7 +306,7 @@ def _hf_class(family: str) -> str:
 def _cmd_eval(args) -> int:
     import json
 
-    from pretrain.eval import checkpoint_step, results_path, write_json
+    from pretrain.eval import checkpoint_step, write_results
     from pretrain.train.checkpoint import resolve_checkpoint
 
     if args.samples < 0:
@@ -315,13 +331,13 @@ def _cmd_eval(args) -> int:
         # keep stdout for the results (--json must parse)
         with contextlib.redirect_stdout(sys.stderr):
             results = harness.without_samples(harness.run_lm_eval(step, tasks, args.limit or None, args.device))
-        out = write_json(results_path(step, "lm_eval"), results)
+        out = write_results(step, "lm_eval", results)
         print(json.dumps(results, indent=2, default=str) if args.json else harness.table(results))
     else:
         from pretrain.eval.perplexity import perplexity
 
         result = {"step": checkpoint_step(step), **perplexity(step, args.samples or None, args.device)}
-        out = write_json(results_path(step, "perplexity"), result)
+        out = write_results(step, "perplexity", result)
         if args.json:
             print(json.dumps(result, indent=2))
         else:

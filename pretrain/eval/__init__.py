@@ -3,14 +3,18 @@
 (:mod:`pretrain.eval.harness`, with offline tasks built from the built-in corpus:
 :mod:`pretrain.eval.local_data`, pretrain/eval/tasks).
 
-Results go to ``<run dir>/eval/`` (the folder above the checkpoints folder):
-``perplexity_<step>.json`` and ``lm_eval_<step>.json``. ``import pretrain.eval`` stays light:
-torch, transformers and lm_eval load with the submodules that need them.
+Results go to ``<run dir>/eval/`` (the folder above the checkpoints folder), one file per
+evaluation as lm-eval's ``results_<date>.json``: ``perplexity_<step>_<date>.json`` and
+``lm_eval_<step>_<date>.json``, never overwritten, so that evaluating a checkpoint again (other
+``--tasks``, ``--limit`` or ``--samples``) keeps the earlier results. ``import pretrain.eval``
+stays light: torch, transformers and lm_eval load with the submodules that need them.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +26,44 @@ def checkpoint_step(step_dir: Path) -> int:
     return int(read_train_state(step_dir)["step"])
 
 
-def results_path(step_dir: Path, kind: str) -> Path:
-    """``<run dir>/eval/<kind>_<step>.json`` for the checkpoint step folder ``step_dir``
-    (``<run dir>/checkpoints/step-<N>``)."""
-    return step_dir.resolve().parent.parent / "eval" / f"{kind}_{checkpoint_step(step_dir)}.json"
+def results_files(step_dir: Path, kind: str) -> list[Path]:
+    """The ``kind`` results ("perplexity", "lm_eval") of the checkpoint step folder ``step_dir``
+    (``<run dir>/checkpoints/step-<N>``) under ``<run dir>/eval/``, oldest first (the newest is
+    the last)."""
+    folder = _eval_dir(step_dir)
+    return sorted(folder.glob(f"{kind}_{checkpoint_step(step_dir)}_*.json")) if folder.is_dir() else []
 
 
-def write_json(path: Path, record: dict[str, Any]) -> Path:
-    """``record`` as indented JSON at ``path`` (folders created); non-JSON values as strings."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+def write_results(step_dir: Path, kind: str, record: dict[str, Any]) -> Path:
+    """Write ``record`` as indented JSON (non-JSON values as strings) to a new file
+    ``<run dir>/eval/<kind>_<step>_<date>.json`` for the checkpoint step folder ``step_dir``
+    and return its path. ``<date>`` is the UTC time to the microsecond (``2025-01-31T12-00-00.000000``,
+    lm-eval's ``results_<date>.json`` form; names sort in time order); an existing file is never
+    replaced. The file appears whole or not at all: written beside it under a temporary name,
+    then renamed."""
+    folder = _eval_dir(step_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    step = checkpoint_step(step_dir)
+    tmp = folder / f".{kind}_{step}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(record, indent=2, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        path = _new_name(folder, kind, step)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+def _new_name(folder: Path, kind: str, step: int) -> Path:
+    while True:  # another evaluation wrote one in this microsecond: take the next microsecond
+        path = folder / f"{kind}_{step}_{datetime.now(timezone.utc):%Y-%m-%dT%H-%M-%S.%f}.json"
+        if not path.exists():
+            return path
+
+
+def _eval_dir(step_dir: Path) -> Path:
+    return step_dir.resolve().parent.parent / "eval"

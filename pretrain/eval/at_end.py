@@ -28,14 +28,14 @@ def evaluate(cfg: Config, device: str, log: Callable[[str], None] = print, manag
     """Score the newest complete checkpoint under cfg.checkpoint_dir on ``device``; returns and
     appends to ``<run.dir>/metrics.jsonl`` the record ``{"step", "eval/val_loss",
     "eval/val_ppl", "eval/bits_per_byte", "eval/<task>/<metric>": ...}``."""
-    from pretrain.eval import checkpoint_step, results_path, write_json
+    from pretrain.eval import checkpoint_step, write_results
     from pretrain.eval.perplexity import perplexity
     from pretrain.train.checkpoint import resolve_checkpoint
 
     step_dir = resolve_checkpoint(cfg.checkpoint_dir)
     step = checkpoint_step(step_dir)
     scores = perplexity(step_dir, device=device)
-    write_json(results_path(step_dir, "perplexity"), {"step": step, **scores})
+    write_results(step_dir, "perplexity", {"step": step, **scores})
     record: dict[str, Any] = {"step": step}
     record.update({f"eval/{k}": scores[k] for k in ("val_loss", "val_ppl", "bits_per_byte")})
     log(f"eval at step {step}: {scores['bits_per_byte']:.4f} bits/byte, perplexity {scores['val_ppl']:.2f}")
@@ -47,7 +47,7 @@ def evaluate(cfg: Config, device: str, log: Callable[[str], None] = print, manag
                 step_dir, list(cfg.eval.tasks), cfg.eval.limit or None, device, manager=manager, field="eval.tasks"
             )
         )
-        write_json(results_path(step_dir, "lm_eval"), results)
+        write_results(step_dir, "lm_eval", results)
         record.update({f"eval/{k}": v for k, v in harness.summary(results).items()})
         log(harness.table(results))
     with open(Path(cfg.run.dir) / "metrics.jsonl", "a") as f:

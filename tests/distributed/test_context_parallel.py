@@ -2,8 +2,9 @@
 :class:`~pretrain.models.sequence_split.LocalSplit` (values and gradients), and every family's
 loss and gradients at cp 2 (load-balanced and contiguous), cp 4 and cp 2 x tp 2 against one
 process on whole sequences (float32, rel <= 1e-5), with full attention all-gathered or as a
-ring (whose saved tensors and visiting blocks are counted too). One group of four processes
-for all."""
+ring (cp 2 x tp 2 too: each tensor-parallel rank rings its own heads' keys/values with its cp
+peer; the ring's saved tensors and visiting blocks are counted too). One group of four
+processes for all."""
 
 from __future__ import annotations
 
@@ -89,6 +90,7 @@ MODEL_CASES = {  # name -> (families, world of the split, load balance, model ke
     "cp4": (["sambay", "mamba", "titans"], 4, True, {"window": 14, "starts": (6, 20)}, 1, False),
     "cp2_tp2": (["sambay", "gla", "llama"], 2, True, {}, 2, False),
     "cp2_ring": (["llama", "sambay"], 2, True, {}, 1, True),
+    "cp2_tp2_ring": (["llama", "sambay", "diff"], 2, True, {}, 2, True),
     "cp2_ring_contiguous": (["llama"], 2, False, {"doc_masking": False}, 1, True),
     "cp4_ring": (["llama", "sambay", "diff"], 4, True, {"window": 14, "starts": (6, 20)}, 1, True),
 }

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from pretrain.cli import main
+from pretrain.eval import results_files
+from pretrain.train.checkpoint import resolve_checkpoint
 from tests.conftest import set_args, tiny_overrides
 from tests.eval.conftest import LLAMA, save_checkpoint_on
 
@@ -32,9 +34,12 @@ def test_at_end_logs_the_evaluation(small_corpus, prepared_dir, tmp_path, capsys
     assert evaluated["step"] == final["step"] == 4
     # the validation split scored again from the checkpoint: the trainer's own last validation
     assert evaluated["eval/val_loss"] == pytest.approx(final["val_loss"], rel=1e-5)
-    saved = json.loads((run / "eval" / "perplexity_4.json").read_text())
+    step = resolve_checkpoint(run)
+    (path,) = results_files(step, "perplexity")
+    saved = json.loads(path.read_text())
     assert evaluated["eval/bits_per_byte"] == saved["bits_per_byte"] > 0
-    lm_eval = json.loads((run / "eval" / "lm_eval_4.json").read_text())["results"]
+    (path,) = results_files(step, "lm_eval")
+    lm_eval = json.loads(path.read_text())["results"]
     assert evaluated["eval/kjv_chapter_ppl/bits_per_byte"] == lm_eval["kjv_chapter_ppl"]["bits_per_byte,none"]
     assert 0 <= evaluated["eval/kjv_verse_choice/acc"] <= 1
     assert all(math.isfinite(v) for k, v in evaluated.items() if k.startswith("eval/"))

@@ -15,8 +15,9 @@ import torch
 
 from pretrain.cli import main
 from pretrain.data import Tokenizer
-from pretrain.eval import harness
+from pretrain.eval import harness, results_files
 from pretrain.eval.local_data import load_task
+from pretrain.train.checkpoint import resolve_checkpoint
 from tests.eval.conftest import LLAMA, save_checkpoint_on
 
 pytestmark = pytest.mark.usefixtures("one_thread", "eval_cache")
@@ -40,7 +41,8 @@ def cli_results(run, lm_eval_tasks):
         code = main(["eval", "--checkpoint", str(root), "--tasks", "kjv_chapter_ppl,kjv_verse_choice",
                      "--limit", str(LIMIT)])
     assert code == 0
-    return json.loads((root / "eval" / "lm_eval_3.json").read_text()), out.getvalue()
+    (path,) = results_files(resolve_checkpoint(root), "lm_eval")
+    return json.loads(path.read_text()), out.getvalue()
 
 
 @torch.no_grad()
@@ -118,4 +120,8 @@ def test_cli_table_and_json(run, cli_results, capsys):
     assert any("kjv_verse_choice" in r and "acc" in r for r in rows)
 
     assert main(["eval", "--checkpoint", str(run[0]), "--tasks", "kjv_verse_choice", "--limit", "1", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["n-samples"]["kjv_verse_choice"]["effective"] == 1
+    again = json.loads(capsys.readouterr().out)
+    assert again["n-samples"]["kjv_verse_choice"]["effective"] == 1
+    # the second evaluation of the checkpoint went to a file of its own; the first one's is intact
+    first, second = (json.loads(p.read_text()) for p in results_files(resolve_checkpoint(run[0]), "lm_eval"))
+    assert first == results and second == again

@@ -12,7 +12,9 @@ import torch
 
 from pretrain.cli import main
 from pretrain.data import Tokenizer, validation_batches
+from pretrain.eval import results_files
 from pretrain.eval.perplexity import label_bytes, perplexity, piece_bytes
+from pretrain.train.checkpoint import resolve_checkpoint
 from tests.eval.conftest import LLAMA, save_checkpoint_on
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -82,10 +84,54 @@ def test_cli_prints_and_writes_both(prepared_dir, tmp_path, capsys):
     ref = perplexity(tmp_path / "run")
     assert printed["bits_per_byte"] == pytest.approx(ref["bits_per_byte"], rel=1e-6)
     assert printed["val_ppl"] == pytest.approx(ref["val_ppl"], rel=1e-6)
-    saved = json.loads((tmp_path / "run" / "eval" / "perplexity_3.json").read_text())
+    (path,) = results_files(resolve_checkpoint(tmp_path / "run"), "perplexity")
+    assert path.name.startswith("perplexity_3_")
+    saved = json.loads(path.read_text())
     assert saved["bits_per_byte"] == printed["bits_per_byte"] and saved["step"] == 3
 
-    assert main(["eval", "--checkpoint", str(tmp_path / "run")]) == 0
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--samples", "4"]) == 0
     out = capsys.readouterr().out
-    assert f"validation loss {ref['val_loss']:.4f} nats/token" in out
-    assert f"{ref['bits_per_byte']:.4f} bits/byte" in out
+    fewer = perplexity(tmp_path / "run", samples=4)
+    assert fewer["tokens"] < ref["tokens"]
+    assert f"validation loss {fewer['val_loss']:.4f} nats/token" in out
+    assert f"{fewer['bits_per_byte']:.4f} bits/byte" in out
+    # evaluating the checkpoint again kept the first results: one file per evaluation, in order
+    files = results_files(resolve_checkpoint(tmp_path / "run"), "perplexity")
+    first, second = (json.loads(p.read_text()) for p in files)
+    assert first == saved
+    assert second["tokens"] == fewer["tokens"] and second["val_loss"] == pytest.approx(fewer["val_loss"], rel=1e-6)
+    assert not list((tmp_path / "run" / "eval").glob(".*"))  # no temporary file left behind
+
+
+def test_results_written_whole_or_not_at_all(prepared_dir, tmp_path, monkeypatch):
+    """An existing results file is never replaced, even by a write in the same microsecond; a
+    write that fails (here: the rename) leaves neither a partial file nor its temporary file."""
+    import os
+    from datetime import datetime, timedelta, timezone
+
+    import pretrain.eval
+
+    save_checkpoint_on(prepared_dir, tmp_path / "run", LLAMA)
+    step = resolve_checkpoint(tmp_path / "run")
+    t0 = datetime(2025, 1, 31, 12, tzinfo=timezone.utc)
+    ticks = iter([t0, t0, t0 + timedelta(microseconds=1), t0 + timedelta(seconds=1)])
+
+    class Clock(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return next(ticks)
+
+    monkeypatch.setattr(pretrain.eval, "datetime", Clock)
+    first = pretrain.eval.write_results(step, "perplexity", {"val_loss": 1.0})
+    second = pretrain.eval.write_results(step, "perplexity", {"val_loss": 2.0})
+    assert (first.name, second.name) == ("perplexity_3_2025-01-31T12-00-00.000000.json",
+                                         "perplexity_3_2025-01-31T12-00-00.000001.json")
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        pretrain.eval.write_results(step, "perplexity", {"val_loss": 3.0})
+    assert sorted((tmp_path / "run" / "eval").iterdir()) == [first, second]
+    assert [json.loads(p.read_text())["val_loss"] for p in results_files(step, "perplexity")] == [1.0, 2.0]
