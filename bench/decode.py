@@ -181,15 +181,26 @@ def ours(model, batch: int, context: int, steps: int):
     return run
 
 
+def _hf_cache_argument() -> str:
+    """The name of the cache argument of ``LlamaForCausalLM.forward``: ``cache`` from the
+    transformers versions that deprecate ``past_key_values`` on."""
+    import inspect
+
+    from transformers import LlamaForCausalLM
+
+    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
 def hf(model, batch: int, context: int):
     state = {}
+    cache_arg = _hf_cache_argument()
 
     def run(n: int) -> None:
         if n == 2 or "cache" not in state:
             state["cache"] = fill_hf_cache(model, batch, context)
         tok = torch.zeros(batch, 1, dtype=torch.long)
         for _ in range(n):
-            model(input_ids=tok, past_key_values=state["cache"], use_cache=True)
+            model(input_ids=tok, **{cache_arg: state["cache"]}, use_cache=True)
     return run
 
 
@@ -259,19 +270,21 @@ def main() -> None:
         plot(args.contexts, curves, args.plot)
     budget = args.budget_gib * 2**30
     print(f"\n## Fixed cache budget {args.budget_gib:g} GiB: largest batch, tokens/s summed over it\n")
-    print("| context | SambaY batch | tok/s (x bound) | Transformer batch | tok/s (x bound) | throughput ratio | bound ratio |")
-    print("|---|---|---|---|---|---|---|")
+    print("| context | SambaY batch | tok/s (x bound) | Transformer batch | tok/s (x bound) | throughput ratio | bound ratio | GB/s |")
+    print("|---|---|---|---|---|---|---|---|")
     for ctx in [c for c in args.contexts if c >= 16384] or args.contexts[-1:]:
-        row = []
+        # one bandwidth for both models (the median of the row's probes): the bound ratio is then
+        # the bytes' ratio alone, whatever the probes of each model's runs gave
+        first, row = len(probes.samples), []
         for model in (sambay, transformer):
             batch = max(1, int(budget // cache_bytes(model, ctx)))
-            first = len(probes.samples)
             sec = step_seconds({"m": ours(model, batch, ctx, args.steps)}, args.steps, args.repeats, probes)["m"]
-            bound = traffic_bytes(model, fill_cache(model, 1, ctx, 0), ctx, batch) / probes.since(first)
-            row.append((batch, batch / sec, batch / bound))
-        (bs, ts, cs), (bt, tt, ct) = row
+            row.append((batch, batch / sec, traffic_bytes(model, fill_cache(model, 1, ctx, 0), ctx, batch)))
+        bw = probes.since(first)
+        (bs, ts, bytes_s), (bt, tt, bytes_t) = row
+        cs, ct = bs * bw / bytes_s, bt * bw / bytes_t  # tokens/s at the bound
         print(f"| {ctx} | {bs} | {ts:.0f} ({ts / cs:.2f} of bound) | {bt} | {tt:.0f} ({tt / ct:.2f} of bound) "
-              f"| {ts / tt:.1f}x | {cs / ct:.1f}x |")
+              f"| {ts / tt:.1f}x | {cs / ct:.1f}x | {bw / 1e9:.0f} |")
     print("\nThe SambaY paper reports up to 10x the Transformer's decoding throughput at 32K tokens (vLLM, "
           "large batches, GPU); the ratios above are the same comparison at these shapes on this machine, "
           "and the bound ratio is the most these cache sizes allow.")
