@@ -5,7 +5,9 @@
 Models (issue 13's shapes): d_model 256, 16 layers, 4 query heads / 1 KV head of 64, window 128,
 SwiGLU 1024, vocabulary 4096, fp32 on the CPU. SambaY is configs/sambay_d16.toml's pattern at
 that width; the Transformer is 16 'attn:mlp' blocks with RoPE; HF Llama is
-``LlamaForCausalLM`` of the same shapes with its ``DynamicCache``.
+``LlamaForCausalLM`` of the same shapes with its ``DynamicCache``. ``--d-model`` widens both
+(heads of 64, 4:1 GQA, SwiGLU 4 x d_model): at 256 a layer's weights are 3.8 MB, read in about
+50 us, so the ~25 operators of a layer cost more than its bytes; at 1024 the bytes dominate.
 
 Each context's caches are filled with random keys/values (decoding time does not depend on their
 values), then ``--steps`` one-token steps are timed alternately over the contenders, repeated;
@@ -41,14 +43,20 @@ from pretrain.config import load_config  # noqa: E402
 from pretrain.models import build_model  # noqa: E402
 from pretrain.models.layers.attention import Attention, KVState  # noqa: E402
 
-SHAPES = ["model.d_model=256", "model.ffn_hidden=1024", "model.vocab_size=4096", "data.vocab_size=4096",
-          "model.attention.n_heads=4", "model.attention.n_kv_heads=1", "model.attention.head_dim=64",
-          "model.attention.window=128", "model.tie_embeddings=false"]
+def shapes(d_model: int = 256) -> list[str]:
+    """Issue 13's shapes at ``d_model`` 256: 4 query heads / 1 KV head of 64, SwiGLU 4 x d_model,
+    window 128, vocabulary 4096, untied. Another width keeps the head size and the 4:1 GQA
+    (``d_model / 64`` query heads)."""
+    heads = d_model // 64
+    return [f"model.d_model={d_model}", f"model.ffn_hidden={4 * d_model}", "model.vocab_size=4096",
+            "data.vocab_size=4096", f"model.attention.n_heads={heads}",
+            f"model.attention.n_kv_heads={max(1, heads // 4)}", "model.attention.head_dim=64",
+            "model.attention.window=128", "model.tie_embeddings=false"]
 
 
-def build(kind: str) -> torch.nn.Module:
+def build(kind: str, d_model: int = 256) -> torch.nn.Module:
     extra = ["model.layer_pattern='attn'", "model.attention.pos_encoding='rope'"] if kind == "transformer" else []
-    cfg = load_config("configs/sambay_d16.toml", SHAPES + extra)
+    cfg = load_config("configs/sambay_d16.toml", shapes(d_model) + extra)
     torch.manual_seed(0)
     return build_model(cfg.model).eval()
 
@@ -57,8 +65,10 @@ def build_hf_llama(model: torch.nn.Module):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     blk = model.blocks["0"].mixer
-    cfg = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=16,
-                      num_attention_heads=4, num_key_value_heads=1, head_dim=blk.head_dim,
+    d_model, heads = model.cfg.d_model, model.cfg.attention.n_heads
+    cfg = LlamaConfig(vocab_size=model.cfg.vocab_size, hidden_size=d_model, intermediate_size=4 * d_model,
+                      num_hidden_layers=len(model.blocks), num_attention_heads=heads,
+                      num_key_value_heads=model.cfg.attention.n_kv_heads, head_dim=blk.head_dim,
                       max_position_embeddings=65536, attn_implementation="sdpa")
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg).eval()
@@ -235,12 +245,14 @@ def main() -> None:
     p.add_argument("--no-hf", action="store_true", help="skip transformers' Llama")
     p.add_argument("--quick", action="store_true", help="fewer steps and repeats")
     p.add_argument("--bandwidth-mib", type=int, default=512, help="size of the read-bandwidth probe")
+    p.add_argument("--d-model", type=int, default=256,
+                   help="model width (issue 13's is 256; wider models read more bytes per operator)")
     p.add_argument("--plot", help="write a PNG of ms per token against context (with the bounds) here")
     args = p.parse_args()
     if args.quick:
         args.steps, args.repeats = 8, 2
     torch.set_grad_enabled(False)
-    sambay, transformer = build("sambay"), build("transformer")
+    sambay, transformer = build("sambay", args.d_model), build("transformer", args.d_model)
     llama = None if args.no_hf else build_hf_llama(transformer)
     probes = Bandwidth(args.bandwidth_mib)
     print(f"{torch.get_num_threads()} threads; the bound of each row divides by the median read bandwidth "
