@@ -205,19 +205,42 @@ def validation_batches(
     dp_size: int = 1,
     weights: list[float] | None = None,
 ) -> list[Batch]:
-    """A fixed list of this rank's validation micro-batches (the same on every call).
+    """This rank's validation micro-batches (the same on every call), each as
+    :meth:`PackedLoader.batch` (input_ids, labels, position_ids, int64 ``[micro_batch_size, T]``).
 
-    ``n_samples`` is capped at the validation split's distinct samples, then rounded up to a
-    multiple of ``micro_batch_size * dp_size`` so that every rank runs the same number of
-    equally shaped forwards (collectives must match). Weights default to token shares.
+    The validation set is the first ``N = min(n_samples, available)`` samples of the split's
+    blended order under the fixed :data:`VALID_SEED`, whatever ``dp_size`` and
+    ``micro_batch_size``: rank r scores samples ``r, r + dp_size, ...`` (Megatron's strided
+    split), then rows of padding (a sample's inputs with every label -100, so they count no
+    token) up to ``ceil(ceil(N / dp_size) / micro_batch_size)`` micro-batches, so that every rank
+    runs the same number of equally shaped forwards (collectives must match). The loss over the
+    set is ``sum(token losses) / counted tokens`` summed over ranks (see
+    :meth:`pretrain.train.trainer.Trainer.evaluate`). Weights default to token shares.
+
+    Raises ValueError for ``n_samples``, ``micro_batch_size`` or ``dp_size`` <= 0 or ``dp_rank``
+    outside ``[0, dp_size)``; DataError for a data directory without a validation split.
     """
     if n_samples <= 0:
         raise ValueError(f"n_samples must be > 0, got {n_samples}")
+    if micro_batch_size <= 0:
+        raise ValueError(f"micro_batch_size must be > 0, got {micro_batch_size}")
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank={dp_rank} is not in [0, dp_size={dp_size})")
     valid = prepared_datasets(data_dir, "valid", weights)
     valid = [(p, w) for p, w in valid if w > 0]
-    unit = micro_batch_size * dp_size
-    available = sum(len(PackedDataset(p, seq_len)) for p, _ in valid)
-    total = -(-min(n_samples, available) // unit) * unit
-    loader = PackedLoader(valid, seq_len, VALID_SEED, total, micro_batch_size, dp_rank, dp_size)
-    return loader.next_step()
+    # only .batch() is used: the global/micro batch arguments do not matter
+    loader = PackedLoader(valid, seq_len, VALID_SEED, micro_batch_size, micro_batch_size)
+    n = min(n_samples, sum(len(d) for d in loader.datasets))
+    own = list(range(dp_rank, n, dp_size))
+    per_rank = -(-(-(-n // dp_size)) // micro_batch_size) * micro_batch_size
+    rows = own + [None] * (per_rank - len(own))  # None: a padding row
+    return [_masked_batch(loader, rows[i : i + micro_batch_size]) for i in range(0, per_rank, micro_batch_size)]
 
+
+def _masked_batch(loader: PackedLoader, rows: list[int | None]) -> Batch:
+    """:meth:`PackedLoader.batch` of ``rows`` where each None row is global sample 0 with every
+    label -100: shaped like the others, it counts no token in the loss."""
+    batch = loader.batch([0 if g is None else g for g in rows])
+    pad = torch.tensor([g is None for g in rows])
+    batch["labels"][pad] = -100
+    return batch

@@ -123,10 +123,11 @@ def label_bytes(
     input_ids: torch.Tensor, labels: torch.Tensor, nbytes: np.ndarray, prefixed: np.ndarray, eos_id: int
 ) -> int:
     """UTF-8 bytes of the text that ``labels [B, T]`` (the next tokens of ``input_ids [B, T]``,
-    int64) decode to, by :func:`piece_bytes`'s tables: a label starts a document when its input
-    token is an EOS."""
-    lab = labels.cpu().numpy()
-    starts = input_ids.cpu().numpy() == eos_id
+    int64; -100 ignored) decode to, by :func:`piece_bytes`'s tables: a label starts a document
+    when its input token is an EOS."""
+    keep = labels.cpu().numpy() != -100
+    lab = labels.cpu().numpy()[keep]
+    starts = (input_ids.cpu().numpy() == eos_id)[keep]
     return int(nbytes[lab].sum() - (prefixed[lab] & starts).sum())
 
 
@@ -136,7 +137,8 @@ def perplexity(checkpoint: Path, samples: int | None = None, device: str = "cpu"
     sequences (default: the config's train.eval_samples) of the fixed validation order, the
     sequences the trainer's validation scores (:func:`pretrain.data.validation_batches`).
 
-    Returns ``val_loss`` (mean nats/token, fp32 logits), ``val_ppl`` (its exponent),
+    Returns ``val_loss`` (mean nats/token, fp32 logits; the trainer's val_loss on the same
+    checkpoint up to the fused loss's rounding), ``val_ppl`` (its exponent),
     ``bits_per_byte``, ``tokens`` and ``bytes`` (the predicted tokens and their decoded UTF-8
     bytes), ``unigram_entropy`` (the prepared data's baseline, nats/token). Raises
     CheckpointError / DataError for an unusable checkpoint or data directory."""
@@ -154,9 +156,11 @@ def perplexity(checkpoint: Path, samples: int | None = None, device: str = "cpu"
         ids, pos, labels = (batch[k].to(device) for k in ("input_ids", "position_ids", "labels"))
         # one sequence per forward: fp32 logits [T, V] stay small at any micro-batch size
         for row in range(ids.shape[0]):
+            if (labels[row] == -100).all():  # padding of the last micro-batch: no token to score
+                continue
             logits = model(ids[row : row + 1], position_ids=pos[row : row + 1])[0]
-            nats += F.cross_entropy(logits.float(), labels[row], reduction="sum").item()
-        tokens += labels.numel()
+            nats += F.cross_entropy(logits.float(), labels[row], reduction="sum").item()  # -100 ignored
+        tokens += int((labels != -100).sum())
         text_bytes += label_bytes(ids, labels, nbytes, prefixed, eos_id)
     loss = nats / max(tokens, 1)
     return {

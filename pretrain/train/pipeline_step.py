@@ -62,7 +62,7 @@ from pretrain.models import build_model
 from pretrain.train import checkpoint as ckpt
 from pretrain.train import resume_checks
 from pretrain.train.optim import lr_at, set_lr
-from pretrain.train.trainer import Trainer
+from pretrain.train.trainer import Trainer, token_loss_sum
 
 _MODULES = ("embed", "norm", "head", "router_gru")
 
@@ -157,7 +157,7 @@ class PipelineTrainer(Trainer):
         last = next((m for m in self.stages if m.is_last), None)
         self.n_micro = self.dims.pp_microbatches
         # every micro-batch of the step divides its loss by their total count, as one process does
-        self.loss_fn = PipelineLoss(last.out_keys if last is not None else [], self.n_micro * self.grad_accum)
+        self.loss_fn = LabelledLoss(last.out_keys if last is not None else [], self.n_micro * self.grad_accum)
         pipe_stages = [pipeline_stage(m, self.device, group=pp_group) for m in self.stages]
         self.schedule = build_schedule(p.pp_schedule, pipe_stages, self.n_micro, self.loss_fn)
         holders = shared_holders(cfg.model, self.cuts, ranks)
@@ -255,9 +255,10 @@ class PipelineTrainer(Trainer):
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean validation LM loss through the pipeline (forward only), and its perplexity: the
-        fixed validation set in rounds of pp_microbatches micro-batches (so rounded up to a
-        multiple of micro_batch_size x pp_microbatches sequences). {} under 'zbv'."""
+        """The validation loss through the pipeline (forward only) and its perplexity, as
+        :meth:`Trainer.evaluate`: the same tokens as one process (the fixed set in rounds of
+        pp_microbatches micro-batches, padded with fully masked rows), each micro-batch's mean
+        weighted by its counted tokens, sums reduced over the ranks. {} under 'zbv'."""
         if self.cfg.parallel.pp_schedule == "zbv":
             if not self._eval_skipped:
                 self.log("validation skipped: torch 2.13 cannot run forward-only through a 'zbv' schedule")
@@ -269,11 +270,26 @@ class PipelineTrainer(Trainer):
                 cfg.data.dir, cfg.data.seq_len, cfg.train.eval_samples, cfg.train.micro_batch_size * self.n_micro,
                 self.dp_rank, self.dims.dp,
             )
-        losses = []
+        nats = torch.zeros((), dtype=torch.float64, device=self.device)
+        tokens = torch.zeros_like(nats)
         for batch in self._val_batches:
-            losses += [r["lm_loss"].float().item() for r in self._run(evaluate, self._round([batch]))]
-        loss = _mean_of_last_stages({"loss": sum(losses) / len(losses)} if self.is_last else {})["loss"]
+            for r in self._run(evaluate, self._round([batch])):  # the last stage's records, else none
+                s, n = token_loss_sum(r["lm_loss"], r["labels"])
+                nats += s
+                tokens += n
+        loss = self._token_mean(nats, tokens)
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+
+class LabelledLoss(PipelineLoss):
+    """:class:`PipelineLoss` whose records also keep each micro-batch's labels (under 'labels'),
+    so that validation weights each micro-batch's mean loss by its counted tokens whatever
+    order the schedule runs the micro-batches in."""
+
+    def __call__(self, outputs: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
+        loss = super().__call__(outputs, labels)
+        self.records[-1]["labels"] = labels
+        return loss
 
 
 def _mean_of_last_stages(record: dict[str, Any]) -> dict[str, Any]:

@@ -60,6 +60,14 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
 
 
+def token_loss_sum(mean_loss: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed token losses and the counted tokens (fp64 scalars) of a micro-batch, from its
+    ``mean_loss`` (scalar, mean over the labels [B, T] != -100, as the model returns it). A batch
+    of only -100 labels (validation padding) gives 0 and 0, not 0 * NaN."""
+    count = (labels != -100).sum().to(torch.float64)
+    return torch.where(count > 0, mean_loss.detach().to(torch.float64) * count, 0.0), count
+
+
 class Trainer:
     """Owns model, optimizer, data and checkpoints of one rank (without pipeline parallelism;
     :class:`~pretrain.train.pipeline_step.PipelineTrainer` runs parallel.pp > 1)."""
@@ -351,23 +359,40 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean validation loss over a fixed set of sequences, and its perplexity."""
+        """The validation loss, mean next-token cross-entropy in nats over every counted token
+        (label != -100) of the fixed validation set (:func:`~pretrain.data.validation_batches`),
+        and its perplexity. The same tokens whatever the layout and micro-batch size: each rank
+        sums its micro-batches' token losses and counts, and the sums are reduced across ranks
+        (Megatron/torchtitan style), never a mean of means."""
         if self._val_batches is None:  # the same fixed set every time: read it once
             cfg = self.cfg
             self._val_batches = validation_batches(
                 cfg.data.dir, cfg.data.seq_len, cfg.train.eval_samples, cfg.train.micro_batch_size,
                 self.dp_rank, self.dims.dp,
             )
-        batches = self._val_batches
         self.model.eval()
-        total = torch.zeros((), device=self.device)
-        for batch in batches:
+        nats = torch.zeros((), dtype=torch.float64, device=self.device)
+        tokens = torch.zeros_like(nats)
+        for batch in self._val_batches:
             batch = self._local(batch)
             with self._autocast():
-                total += self.model(batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"])
+                loss = self.model(batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"])
+            s, n = token_loss_sum(loss, batch["labels"])
+            nats += s
+            tokens += n
         self.model.train()
-        loss = self._all_reduce_mean(total / max(1, len(batches)))
+        loss = self._token_mean(nats, tokens)
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+    def _token_mean(self, nats: torch.Tensor, tokens: torch.Tensor) -> float:
+        """``sum(nats) / sum(tokens)`` over every rank (NaN for no token). Summing over all ranks,
+        not only data parallelism's, is exact: data- and context-parallel ranks hold disjoint
+        tokens, tensor-parallel ranks each add the same copy to both sums (the ratio cancels it)
+        and ranks without the pipeline's last stage add zeros."""
+        sums = torch.stack([nats, tokens])
+        if dist.is_initialized():
+            dist.all_reduce(sums)
+        return (sums[0] / sums[1]).item()
 
     def save(self) -> Path:
         """Checkpoint the current step (collective); CheckpointWriteError when it cannot be

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import torch
 from pretrain.data import DataError, PackedLoader, cu_seqlens_from_position_ids, prepared_datasets, validation_batches
 from pretrain.data import indexed
 from pretrain.data.blend import PERIOD, BlendedSampler, quantize_weights
-from pretrain.data.loader import PackedDataset, position_ids_from_eos
+from pretrain.data.loader import VALID_SEED, PackedDataset, position_ids_from_eos
 
 EOS = 2
 
@@ -151,20 +152,53 @@ def test_cu_seqlens() -> None:
     assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 5, 6, 10] and max_len == 4
 
 
-def test_validation_batches(corpus: dict) -> None:
+def _reference_validation_set(root: str, seq_len: int, n_samples: int) -> Counter:
+    """The first ``min(n_samples, available)`` samples of the blended validation order, each as
+    its ``seq_len + 1`` tokens sliced from the naive stream."""
+    valid = prepared_datasets(root, "valid")
+    streams = [stream(p) for p, _ in valid]
+    sizes = [max(1, (len(s) - 1) // seq_len) for s in streams]
+    sampler = BlendedSampler(sizes, [w for _, w in valid], VALID_SEED)
+    rows = Counter()
+    for g in range(min(n_samples, sum(sizes))):
+        d, i = sampler[g]
+        rows[tuple(streams[d][i * seq_len : (i + 1) * seq_len + 1].tolist())] += 1
+    return rows
+
+
+@pytest.mark.parametrize("n_samples", [2, 7, 10**6])
+def test_validation_set_does_not_depend_on_the_layout(corpus: dict, n_samples: int) -> None:
+    root, seq_len = corpus["cfg"].dir, 16
+    want = _reference_validation_set(root, seq_len, n_samples)
+    n = sum(want.values())
+    assert n == min(n_samples, sum(len(PackedDataset(p, seq_len)) for p, _ in prepared_datasets(root, "valid")))
+    for dp in (1, 2, 3):
+        for mbs in (1, 2, 3):
+            ranks = [validation_batches(root, seq_len, n_samples, mbs, r, dp) for r in range(dp)]
+            # every rank runs the same, smallest number of micro-batches holding its share
+            assert {len(b) for b in ranks} == {-(-(-(-n // dp)) // mbs)}, (dp, mbs)
+            got, padding = Counter(), 0
+            for batches in ranks:
+                for batch in batches:
+                    assert batch["input_ids"].shape == batch["labels"].shape == (mbs, seq_len)
+                    for x, y in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
+                        if all(t == -100 for t in y):
+                            padding += 1
+                            continue
+                        assert x[1:] == y[:-1]
+                        got[tuple(x + y[-1:])] += 1
+            assert got == want, (dp, mbs)
+            assert padding == dp * len(ranks[0]) * mbs - n
+
+
+def test_validation_batches_are_fixed(corpus: dict) -> None:
     root = corpus["cfg"].dir
-    a = validation_batches(root, 16, 10, 2, dp_rank=0, dp_size=2)
-    b = validation_batches(root, 16, 10, 2, dp_rank=0, dp_size=2)
-    other = validation_batches(root, 16, 10, 2, dp_rank=1, dp_size=2)
-    assert len(a) == len(other) == 3  # 10 samples rounded up to 12 = 3 micro-batches on each of 2 ranks
+    a = validation_batches(root, 16, 10, 2, dp_rank=1, dp_size=2)
+    b = validation_batches(root, 16, 10, 2, dp_rank=1, dp_size=2)
+    assert len(a) == len(b) == 3
     for x, y in zip(a, b):
-        torch.testing.assert_close(x["input_ids"], y["input_ids"])
-    single = validation_batches(root, 16, 12, 2)
-    torch.testing.assert_close(
-        torch.cat([x["labels"] for x in a + other]), torch.cat([x["labels"] for x in single])
-    )
-    n_valid = sum(len(PackedDataset(p, 16)) for p, _ in prepared_datasets(root, "valid"))
-    assert len(validation_batches(root, 16, 10**6, 1)) == n_valid  # capped at the distinct samples
+        for key in x:
+            torch.testing.assert_close(x[key], y[key])
 
 
 def test_not_prepared(tmp_path) -> None:

@@ -3,6 +3,7 @@ every gradient of one step in-process, and the losses of whole runs through torc
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -91,15 +92,21 @@ def test_fsdp_gradients_equal_single_process(tmp_path):
         torch.testing.assert_close(fsdp["grads"][name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def _val_losses(run_dir) -> list[tuple[int, float]]:
+    return [(r["step"], r["val_loss"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if "val_loss" in r]
+
+
 def test_torchrun_two_ranks_match_one_process(small_corpus, prepared_dir, tmp_path):
     single = tmp_path / "single"
-    result = run_cli(["train", *set_args(tiny_overrides(small_corpus, prepared_dir, single))])
+    overrides = {"train.eval_samples": 5}
+    result = run_cli(["train", *set_args(tiny_overrides(small_corpus, prepared_dir, single, **overrides))])
     assert result.returncode == 0, result.stderr
 
     double = tmp_path / "double"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "pretrain", "train", *set_args(tiny_overrides(small_corpus, prepared_dir, double))]
+           "-m", "pretrain", "train", *set_args(tiny_overrides(small_corpus, prepared_dir, double, **overrides))]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -107,9 +114,16 @@ def test_torchrun_two_ranks_match_one_process(small_corpus, prepared_dir, tmp_pa
     assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 9))
     for (step, la), (_, lb) in zip(a, b):
         assert lb == pytest.approx(la, rel=1e-4), step
+    # validation scores the same tokens on any number of ranks: sums of token losses and counts
+    # are reduced, never a mean of the ranks' means (eval_samples=5 leaves rank 1 a padding row)
+    va, vb = _val_losses(single), _val_losses(double)
+    assert [s for s, _ in va] == [s for s, _ in vb] == [4, 8]
+    print("dp2 vs one process, val_loss:", [(s, x, y, abs(y - x) / x) for (s, x), (_, y) in zip(va, vb)])
+    for (step, la), (_, lb) in zip(va, vb):
+        assert lb == pytest.approx(la, rel=1e-6), step
 
     # The 2-rank checkpoint resumes in one process (another layout) and continues the run.
-    more = tiny_overrides(small_corpus, prepared_dir, double, **{"train.max_steps": 10})
+    more = tiny_overrides(small_corpus, prepared_dir, double, **overrides, **{"train.max_steps": 10})
     result = run_cli(["train", *set_args(more)])
     assert result.returncode == 0, result.stderr
     assert "resumed from step 8" in result.stdout
