@@ -226,7 +226,7 @@ def main() -> None:
                 row, layers = _rows(label, PATTERNS[name], seq, r["one"], r[mode]["ranks"], r[mode]["plan"])
                 rows.append(row)
                 comm += layers
-                print(row, flush=True)
+                print(row, file=sys.stderr, flush=True)  # progress; the table follows on stdout
     table = ["| model | T | one process act MiB | cp2 act MiB/rank | ratio | one tok/s | cp2 tok/s | speed-up |",
              "|---|---|---|---|---|---|---|---|", *rows, "",
              "| model | T | layer | received MiB/layer (fwd, measured) | plan | all-gather of hidden states |",

@@ -84,8 +84,8 @@ def fill_cache(model: torch.nn.Module, batch: int, context: int, steps: int):
             window = block.mixer.window
             state.reserve(context + steps + 1, window)
             n = context if window is None else window
-            state.k[:, :n].normal_()
-            state.v[:, :n].normal_()
+            state.k[:, :, :n].normal_()
+            state.v[:, :, :n].normal_()
             state.length = context
     cache.offset = context
     return cache
@@ -111,7 +111,7 @@ def traffic_bytes(model: torch.nn.Module, cache, context: int, batch: int) -> in
         mixer, state = block.mixer, cache.states[name]
         if isinstance(state, KVState):
             keys = context if mixer.window is None else min(context, mixer.window)
-            row = state.k[0, 0].numel() * state.k.element_size()
+            row = state.k[0, :, 0].numel() * state.k.element_size()  # one token: [H_kv, D]
             total += 2 * batch * keys * row
             if mixer.window is None:
                 shared = 2 * batch * keys * row

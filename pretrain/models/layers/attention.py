@@ -221,12 +221,16 @@ def rope_step(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class KVState:
     """Cached keys/values after RoPE, written in place into preallocated buffers.
 
-    A full-attention layer appends to ``k, v [B, capacity, H_kv, head_dim]`` (the capacity
-    doubles when a step would overflow it, so a token costs O(1) amortised copies and
-    :meth:`reserve` makes it static). A sliding-window layer keeps a ring of ``window`` slots:
-    token i lives in slot ``i % window``, so a one-token step overwrites the one key that just
-    left the window and its query reads the whole ring in place. ``length`` counts every token
-    written (the next token's index).
+    The buffers ``k, v [B, H_kv, capacity, head_dim]`` are heads-major (SDPA's, vLLM's and
+    Hugging Face's layout): one KV head's keys are one contiguous ``[capacity, head_dim]``
+    matrix, which a decoding step streams (:func:`decode_attention`) at twice the speed of keys
+    interleaved across heads. A full-attention layer appends (the capacity doubles when a step
+    would overflow it, so a token costs O(1) amortised copies and :meth:`reserve` makes it
+    static). A sliding-window layer keeps a ring of ``window`` slots: token i lives in slot
+    ``i % window``, so a one-token step overwrites the one key that just left the window and
+    its query reads the whole ring in place. ``length`` counts every token written (the next
+    token's index). :meth:`update` takes and returns the model's ``[B, T, H_kv, D]`` order (the
+    returned keys are views of the buffers where it can).
     """
 
     k: Tensor
@@ -236,20 +240,25 @@ class KVState:
     @classmethod
     def empty(cls, weight: Tensor, batch_size: int, head_dim: int) -> "KVState":
         """No tokens yet, for the key projection ``weight [H_kv * head_dim, d]``."""
-        empty = weight.new_zeros(batch_size, 0, weight.shape[0] // head_dim, head_dim)  # [B, 0, H_kv, D]
+        empty = weight.new_zeros(batch_size, weight.shape[0] // head_dim, 0, head_dim)  # [B, H_kv, 0, D]
         return cls(empty, empty.clone())
+
+    @property
+    def capacity(self) -> int:
+        """Tokens the buffers hold (a window layer: its ring's slots)."""
+        return self.k.shape[2]
 
     def reserve(self, tokens: int, window: int | None = None) -> None:
         """Allocate room for ``tokens`` tokens in total (a window layer: its ring), so that no
         later step reallocates."""
         size = tokens if window is None else window
-        if size > self.k.shape[1]:
+        if size > self.capacity:
             self._resize(size)
 
     def _resize(self, size: int) -> None:
-        b, n, h, d = self.k.shape
-        k, v = self.k.new_zeros(b, size, h, d), self.v.new_zeros(b, size, h, d)
-        k[:, :n], v[:, :n] = self.k, self.v
+        b, h, n, d = self.k.shape
+        k, v = self.k.new_zeros(b, h, size, d), self.v.new_zeros(b, h, size, d)
+        k[:, :, :n], v[:, :, :n] = self.k, self.v
         self.k, self.v = k, v
 
     def update(self, k: Tensor, v: Tensor, window: int | None, ordered: bool = True) -> tuple[Tensor, Tensor]:
@@ -260,30 +269,31 @@ class KVState:
         that sees every key: softmax attention does not depend on the keys' order); otherwise
         the keys come in token order (a copy of at most window - 1 + T keys)."""
         t = k.shape[1]
+        k_in, v_in = k.transpose(1, 2), v.transpose(1, 2)  # [B, H_kv, T, D]
         if window is None:
             need = self.length + t
-            if need > self.k.shape[1]:
-                self._resize(max(need, 2 * self.k.shape[1]))
-            self.k[:, self.length : need], self.v[:, self.length : need] = k, v
+            if need > self.capacity:
+                self._resize(max(need, 2 * self.capacity))
+            self.k[:, :, self.length : need], self.v[:, :, self.length : need] = k_in, v_in
             self.length = need
-            return self.k[:, :need], self.v[:, :need]
-        if self.k.shape[1] < window:
+            return self.k[:, :, :need].transpose(1, 2), self.v[:, :, :need].transpose(1, 2)
+        if self.capacity < window:
             self._resize(window)
         start = self.length
         if t == 1 and not ordered:
             slot = start % window
-            self.k[:, slot : slot + 1], self.v[:, slot : slot + 1] = k, v
+            self.k[:, :, slot : slot + 1], self.v[:, :, slot : slot + 1] = k_in, v_in
             self.length += 1
             n = min(self.length, window)
-            return self.k[:, :n], self.v[:, :n]
+            return self.k[:, :, :n].transpose(1, 2), self.v[:, :, :n].transpose(1, 2)
         past = min(start, window - 1)
         slots = torch.arange(start - past, start, device=k.device) % window
-        k_all = torch.cat([self.k.index_select(1, slots), k], dim=1)
-        v_all = torch.cat([self.v.index_select(1, slots), v], dim=1)
+        k_all = torch.cat([self.k.index_select(2, slots).transpose(1, 2), k], dim=1)
+        v_all = torch.cat([self.v.index_select(2, slots).transpose(1, 2), v], dim=1)
         keep = min(t, window)  # the new tokens still inside the ring after this step
         slots = torch.arange(start + t - keep, start + t, device=k.device) % window
-        self.k.index_copy_(1, slots, k[:, t - keep :])
-        self.v.index_copy_(1, slots, v[:, t - keep :])
+        self.k.index_copy_(2, slots, k_in[:, :, t - keep :])
+        self.v.index_copy_(2, slots, v_in[:, :, t - keep :])
         self.length = start + t
         return k_all, v_all
 
