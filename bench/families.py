@@ -11,14 +11,16 @@ throughput as a ratio of the first config's.
 from __future__ import annotations
 
 import argparse
-import sys
 import json
+import sys
 import tempfile
 from pathlib import Path
 
-from pretrain.config import ConfigError, load_config
-from pretrain.models import count_parameters
-from pretrain.train.trainer import train
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, before bench/ (bench/kernels.py)
+
+from pretrain.config import ConfigError, load_config  # noqa: E402
+from pretrain.models import count_parameters  # noqa: E402
+from pretrain.train.trainer import train  # noqa: E402
 
 FAMILIES = [
     "configs/tiny.toml",

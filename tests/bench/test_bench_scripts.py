@@ -24,3 +24,34 @@ def test_seq_cost_prints_every_mixer_and_length():
     for row in rows:
         cells = row.split("|")[2:4]  # T=32 and T=64: 'us/tok (x first)'
         assert cells[0].strip().endswith("(1.00x)") and float(cells[1].split()[0]) > 0
+
+
+_IMPORT_EACH = """
+import runpy, sys
+bench, scripts = sys.argv[1], sys.argv[2:]
+base = [p for p in sys.path if p not in ('', '.')]
+failed = []
+for script in scripts:
+    for name in [m for m in sys.modules if m.split('.')[0] in ('pretrain', 'kernels', 'bench')]:
+        del sys.modules[name]
+    sys.path[:] = [bench] + base  # what `python bench/<script>.py` starts with
+    try:
+        runpy.run_path(script, run_name='bench_import_check')  # its imports, not its main()
+    except Exception as exc:
+        failed.append(f'{script}: {type(exc).__name__}: {exc}')
+print(chr(10).join(failed))
+"""
+
+
+def test_every_script_imports_when_run_as_a_script():
+    """``python bench/x.py`` puts bench/ first on sys.path, where bench/kernels.py shadows the
+    ``kernels`` package: a script that does not put the repository first fails at its first
+    ``pretrain`` import. Each script with a ``__main__`` block is loaded so (one interpreter,
+    the project's modules dropped between scripts)."""
+    bench = ROOT / "bench"
+    scripts = sorted(str(p) for p in bench.glob("*.py") if '__name__ == "__main__"' in p.read_text())
+    assert len(scripts) >= 10
+    result = subprocess.run([sys.executable, "-c", _IMPORT_EACH, str(bench), *scripts], cwd=ROOT / "tests",
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "", result.stdout
