@@ -1,6 +1,7 @@
 """Decoding speed against the memory-traffic bound: SambaY vs a Transformer vs transformers' Llama.
 
     python bench/decode.py [--contexts 1024 4096 16384 32768] [--steps 24] [--budget-gib 4] [--quick]
+                           [--device cuda --dtype bfloat16]
 
 Models (issue 13's shapes): d_model 256, 16 layers, 4 query heads / 1 KV head of 64, window 128,
 SwiGLU 1024, vocabulary 4096, fp32 on the CPU. SambaY is configs/sambay_d16.toml's pattern at
@@ -25,6 +26,10 @@ test in tests/bench uses a small one).
 
 Fixed memory budget: the largest batch whose caches fit ``--budget-gib`` at the context, and the
 tokens/s summed over that batch (SambaY holds one K/V instead of sixteen).
+
+``--device cuda`` runs the same tables on a GPU (``--dtype bfloat16`` for its usual precision):
+models, caches and the bandwidth probe on the device, each timed run between two
+``torch.cuda.synchronize()``; bench/cuda.py runs it so at 32K.
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ from pretrain.config import load_config  # noqa: E402
 from pretrain.models import build_model  # noqa: E402
 from pretrain.models.layers.attention import Attention, KVState  # noqa: E402
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 def shapes(d_model: int = 256) -> list[str]:
     """Issue 13's shapes at ``d_model`` 256: 4 query heads / 1 KV head of 64, SwiGLU 4 x d_model,
     window 128, vocabulary 4096, untied. Another width keeps the head size and the 4:1 GQA
@@ -54,11 +62,17 @@ def shapes(d_model: int = 256) -> list[str]:
             "model.attention.window=128", "model.tie_embeddings=false"]
 
 
-def build(kind: str, d_model: int = 256) -> torch.nn.Module:
+def build(kind: str, d_model: int = 256, device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     extra = ["model.layer_pattern='attn'", "model.attention.pos_encoding='rope'"] if kind == "transformer" else []
     cfg = load_config("configs/sambay_d16.toml", shapes(d_model) + extra)
     torch.manual_seed(0)
-    return build_model(cfg.model).eval()
+    return build_model(cfg.model).to(device=device, dtype=dtype).eval()
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def build_hf_llama(model: torch.nn.Module):
@@ -71,7 +85,8 @@ def build_hf_llama(model: torch.nn.Module):
                       num_key_value_heads=model.cfg.attention.n_kv_heads, head_dim=blk.head_dim,
                       max_position_embeddings=65536, attn_implementation="sdpa")
     torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).eval()
+    weight = model.embed.weight
+    return LlamaForCausalLM(cfg).to(device=weight.device, dtype=weight.dtype).eval()
 
 
 def fill_cache(model: torch.nn.Module, batch: int, context: int, steps: int):
@@ -96,8 +111,9 @@ def fill_hf_cache(hf, batch: int, context: int):
 
     c = hf.config
     cache = DynamicCache(config=c)
+    weight = hf.model.embed_tokens.weight
     for layer in range(c.num_hidden_layers):
-        kv = torch.randn(batch, c.num_key_value_heads, context, c.head_dim)
+        kv = torch.randn(batch, c.num_key_value_heads, context, c.head_dim, device=weight.device, dtype=weight.dtype)
         cache.update(kv, kv.clone(), layer)
     return cache
 
@@ -134,14 +150,16 @@ def cache_bytes(model: torch.nn.Module, context: int) -> int:
     return total
 
 
-def read_bandwidth(mib: int = 512, repeats: int = 5) -> float:
-    """Bytes/s of a sum over ``mib`` MiB (the median of ``repeats``)."""
-    x = torch.ones(mib * 2**18)
+def read_bandwidth(mib: int = 512, repeats: int = 5, device: torch.device = torch.device("cpu")) -> float:
+    """Bytes/s of a sum over ``mib`` MiB of fp32 on ``device`` (the median of ``repeats``)."""
+    x = torch.ones(mib * 2**18, device=device)
     x.sum()  # the pages are touched before timing
     times = []
     for _ in range(repeats):
+        synchronize(device)
         t = time.perf_counter()
         x.sum()
+        synchronize(device)
         times.append(time.perf_counter() - t)
     return x.numel() * 4 / statistics.median(times)
 
@@ -151,12 +169,12 @@ class Bandwidth:
     by tens of percent over minutes): each :meth:`probe` is :func:`read_bandwidth` once, and a
     row's bound divides by the median of the probes taken while its contenders ran."""
 
-    def __init__(self, mib: int) -> None:
-        self.mib = mib
+    def __init__(self, mib: int, device: torch.device = torch.device("cpu")) -> None:
+        self.mib, self.device = mib, device
         self.samples: list[float] = []
 
     def probe(self) -> None:
-        self.samples.append(read_bandwidth(self.mib, repeats=1))
+        self.samples.append(read_bandwidth(self.mib, repeats=1, device=self.device))
 
     def since(self, start: int) -> float:
         """Median bytes/s of the probes from index ``start`` on."""
@@ -164,7 +182,8 @@ class Bandwidth:
 
 
 @torch.no_grad()
-def step_seconds(contenders: dict, steps: int, repeats: int, bandwidth: Bandwidth | None = None) -> dict[str, float]:
+def step_seconds(contenders: dict, steps: int, repeats: int, bandwidth: Bandwidth | None = None,
+                 device: torch.device = torch.device("cpu")) -> dict[str, float]:
     """Median seconds per one-token step of each contender, run alternately; with
     ``bandwidth`` a probe before every contender's timed run."""
     out: dict[str, list[float]] = {k: [] for k in contenders}
@@ -173,8 +192,10 @@ def step_seconds(contenders: dict, steps: int, repeats: int, bandwidth: Bandwidt
             if bandwidth is not None:
                 bandwidth.probe()
             run(2)  # warm up (and refill after the previous repeat)
+            synchronize(device)
             t = time.perf_counter()
             run(steps)
+            synchronize(device)
             out[name].append((time.perf_counter() - t) / steps)
     return {k: statistics.median(v) for k, v in out.items()}
 
@@ -185,7 +206,7 @@ def ours(model, batch: int, context: int, steps: int):
     def run(n: int) -> None:
         if n == 2 or "cache" not in state:  # a fresh cache per timed repeat: same context each time
             state["cache"] = fill_cache(model, batch, context, steps + 2)
-        tok = torch.zeros(batch, 1, dtype=torch.long)
+        tok = torch.zeros(batch, 1, dtype=torch.long, device=model.embed.weight.device)
         for _ in range(n):
             model(tok, cache=state["cache"])
     return run
@@ -208,7 +229,7 @@ def hf(model, batch: int, context: int):
     def run(n: int) -> None:
         if n == 2 or "cache" not in state:
             state["cache"] = fill_hf_cache(model, batch, context)
-        tok = torch.zeros(batch, 1, dtype=torch.long)
+        tok = torch.zeros(batch, 1, dtype=torch.long, device=model.model.embed_tokens.weight.device)
         for _ in range(n):
             model(input_ids=tok, **{cache_arg: state["cache"]}, use_cache=True)
     return run
@@ -248,15 +269,23 @@ def main() -> None:
     p.add_argument("--d-model", type=int, default=256,
                    help="model width (issue 13's is 256; wider models read more bytes per operator)")
     p.add_argument("--plot", help="write a PNG of ms per token against context (with the bounds) here")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights and caches")
     args = p.parse_args()
+    if args.device not in ("cpu", "cuda"):
+        p.error(f"--device: {args.device!r} is not cpu or cuda")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device: 'cuda' requested but CUDA is not available")
     if args.quick:
         args.steps, args.repeats = 8, 2
     torch.set_grad_enabled(False)
-    sambay, transformer = build("sambay", args.d_model), build("transformer", args.d_model)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    sambay, transformer = (build(kind, args.d_model, device, dtype) for kind in ("sambay", "transformer"))
     llama = None if args.no_hf else build_hf_llama(transformer)
-    probes = Bandwidth(args.bandwidth_mib)
-    print(f"{torch.get_num_threads()} threads; the bound of each row divides by the median read bandwidth "
-          "probed between its timed runs (GB/s column)\n")
+    probes = Bandwidth(args.bandwidth_mib, device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"{where}, {args.dtype}, d_model {args.d_model}; the bound of each row divides by the median read "
+          "bandwidth probed between its timed runs (GB/s column)\n")
     print("## Batch 1: ms per token (x bound)\n")
     print("| context | SambaY | bound | Transformer | bound | HF Llama | SambaY/Transformer | bound ratio | ours/HF | GB/s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -266,7 +295,7 @@ def main() -> None:
         if llama is not None:
             runs["hf"] = hf(llama, 1, ctx)
         first = len(probes.samples)
-        sec = step_seconds(runs, args.steps, args.repeats, probes)
+        sec = step_seconds(runs, args.steps, args.repeats, probes, device)
         bw = probes.since(first)
         b_s = traffic_bytes(sambay, fill_cache(sambay, 1, ctx, 0), ctx, 1) / bw
         b_t = traffic_bytes(transformer, fill_cache(transformer, 1, ctx, 0), ctx, 1) / bw
@@ -290,7 +319,7 @@ def main() -> None:
         first, row = len(probes.samples), []
         for model in (sambay, transformer):
             batch = max(1, int(budget // cache_bytes(model, ctx)))
-            sec = step_seconds({"m": ours(model, batch, ctx, args.steps)}, args.steps, args.repeats, probes)["m"]
+            sec = step_seconds({"m": ours(model, batch, ctx, args.steps)}, args.steps, args.repeats, probes, device)["m"]
             row.append((batch, batch / sec, traffic_bytes(model, fill_cache(model, 1, ctx, 0), ctx, batch)))
         bw = probes.since(first)
         (bs, ts, bytes_s), (bt, tt, bytes_t) = row

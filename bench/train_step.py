@@ -13,14 +13,17 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from pretrain.config import ConfigError, load_config
-from pretrain.models import build_model, flops_per_token
-from pretrain.train.mfu import MFU, peak_flops
-from pretrain.train.optim import build_optimizer
-from pretrain.train.trainer import compute_dtype, lm_loss, resolve_device
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, before bench/ (bench/kernels.py)
+
+from pretrain.config import ConfigError, load_config  # noqa: E402
+from pretrain.models import build_model, flops_per_token  # noqa: E402
+from pretrain.train.mfu import MFU, peak_flops  # noqa: E402
+from pretrain.train.optim import build_optimizer  # noqa: E402
+from pretrain.train.trainer import compute_dtype, resolve_device  # noqa: E402
 
 
 def bench(path: str, overrides: list[str], steps: int) -> dict:
@@ -35,7 +38,7 @@ def bench(path: str, overrides: list[str], steps: int) -> dict:
 
     def step() -> None:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = lm_loss(model(x[:, :-1]), x[:, 1:])
+            loss = model(x[:, :-1], labels=x[:, 1:])  # the trainer's fused head + loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
