@@ -46,6 +46,8 @@ SUITE = (
     Bench("context_parallel", "Context parallelism: memory, exchanges and speed at cp 2", "context_parallel.py",
           (), ("--quick",)),
     Bench("kernels", "Kernels (GPU; on CPU the fused loss memory)", "kernels.py", (), ("--quick",)),
+    Bench("cuda", "On CUDA: training MFU at about 1B and decoding at 32K (skipped without a GPU)", "cuda.py",
+          (), ("--quick",)),
 )
 
 

@@ -55,3 +55,35 @@ def test_every_script_imports_when_run_as_a_script():
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "", result.stdout
+
+
+def test_cuda_bench_skips_without_a_gpu_and_builds_its_models():
+    """bench/cuda.py exits 0 with one line on a machine without CUDA (the suite runs it
+    everywhere), and its models are the sizes it names: Llama 3.2 1B's shapes (counted here from
+    the widths) and SambaY d16's ~1.0B, both without their two embedding matrices."""
+    import importlib.util
+
+    import torch
+
+    from pretrain.config import load_config
+    from pretrain.models import build_model
+
+    if not torch.cuda.is_available():
+        out = _run("bench/cuda.py", "--quick")
+        assert out.startswith("Skipped: no CUDA device") and len(out.strip().splitlines()) == 1
+    spec = importlib.util.spec_from_file_location("bench_cuda", ROOT / "bench" / "cuda.py")
+    cuda = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cuda)
+    d, ffn, kv, layers = 2048, 8192, 8 * 64, 16
+    llama_layer = d * (d + 2 * kv) + d * d + 3 * d * ffn + 2 * d  # q/k/v, o, SwiGLU, two RMSNorms
+    want = {"Llama-style 1B": layers * llama_layer + d, "SambaY d16": (0.99e9, 1.01e9)}
+    for name, path, extra, _ in cuda.MODELS:
+        cfg = load_config(str(ROOT / path), cuda.overrides(extra, 4, 4096)).with_vocab()
+        assert (cfg.train.device, cfg.train.dtype, cfg.data.seq_len) == ("cuda", "bf16", 4096)
+        with torch.device("meta"):
+            model = build_model(cfg.model)
+        body = sum(p.numel() for p in model.parameters()) - 2 * model.embed.weight.numel()
+        if isinstance(want[name], tuple):
+            assert want[name][0] < body < want[name][1], body
+        else:
+            assert body == want[name]

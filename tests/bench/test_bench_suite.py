@@ -31,5 +31,5 @@ def test_unknown_benchmark_is_one_line_exit_2(tmp_path):
     result = run_cli(["bench", "--only", "decode", "nope", "--out", str(tmp_path / "b")])
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "pretrain bench: error: unknown benchmark nope (known: decode, vs_hf, seq_cost, data_loading, pipeline, context_parallel, kernels)"]
+        "pretrain bench: error: unknown benchmark nope (known: decode, vs_hf, seq_cost, data_loading, pipeline, context_parallel, kernels, cuda)"]
     assert not (tmp_path / "b").exists()
