@@ -181,7 +181,7 @@ class Bandwidth:
         return statistics.median(self.samples[start:])
 
 
-@torch.no_grad()
+@torch.inference_mode()  # as pretrain.generate decodes (HF's Llama too: the same mode for every contender)
 def step_seconds(contenders: dict, steps: int, repeats: int, bandwidth: Bandwidth | None = None,
                  device: torch.device = torch.device("cpu")) -> dict[str, float]:
     """Median seconds per one-token step of each contender, run alternately; with

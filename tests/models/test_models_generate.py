@@ -194,3 +194,29 @@ def test_batched_generation_of_ragged_prompts_equals_one_by_one(make_cfg, patter
     cfg.doc_masking = False
     with pytest.raises(ValueError, match="doc_masking"):
         generate_batch(build_model(cfg), prompts, 3)
+
+
+@pytest.mark.parametrize("pattern", ["mamba swa attn", "gla mamba2 mag", "swa mamba_mem attn_kv gmu xattn"])
+def test_training_between_generations(make_cfg, pattern):
+    """generate() runs under inference_mode, so what it caches on the modules (fused decode
+    weights, derived constants, RoPE frequencies) is inference tensors. Training the same model
+    afterwards must work (nothing cached is saved for backward), the next generation must see the
+    trained weights (the caches are rebuilt), and it must equal the uncached argmax."""
+    cfg = make_cfg(pattern, init_std=0.3, attention={"pos_encoding": "rope"})
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    prompt = [3, 14, 15, 9, 2, 6, 5]
+    before = generate(model, prompt, 5, greedy=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    ids = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(2))
+    for _ in range(3):
+        model(ids[:, :-1], labels=ids[:, 1:]).backward()
+        opt.step()
+        opt.zero_grad()
+    after = generate(model, prompt, 5, greedy=True)
+    want = list(prompt)
+    with torch.no_grad():
+        for _ in range(5):
+            want.append(int(model(torch.tensor([want]))[0, -1].argmax()))
+    assert after == want[len(prompt):]
+    assert after != before  # the steps changed the model's choices: the rebuilt caches were used
