@@ -21,6 +21,15 @@ def naive_nucleus(probs, p):
     return set(kept)
 
 
+def uncached_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """The ``n`` argmax continuations of ``prompt``, each from a full forward without a cache."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
 def _support(logits, n=400, **kw):
     g = torch.Generator().manual_seed(0)
     draws = sample_next(logits.expand(n, -1), generator=g, **kw)
@@ -59,11 +68,7 @@ def test_generate_greedy_matches_uncached_argmax(make_cfg):
     model = build_model(cfg)
     prompt = [3, 14, 15, 9, 2, 6, 5]
     out = generate(model, prompt, 6, greedy=True)
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(6):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    assert out == ids[len(prompt) :]
+    assert out == uncached_greedy(model, prompt, 6)
 
 
 def test_generate_stops_at_eos_and_is_reproducible(make_cfg):
@@ -167,11 +172,7 @@ def test_generate_edges(make_cfg):
     # a prompt far longer than anything seen in training still decodes, greedily as uncached
     prompt = torch.randint(0, model.cfg.vocab_size, (300,), generator=torch.Generator().manual_seed(0)).tolist()
     out = generate(model, prompt, 3, temperature=1e-40)
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(3):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    assert out == ids[len(prompt) :]
+    assert out == uncached_greedy(model, prompt, 3)
 
 
 @pytest.mark.parametrize("pattern", ["mamba swa attn", "gla mamba2", "swa mamba_mem attn_kv gmu xattn"])
@@ -214,9 +215,5 @@ def test_training_between_generations(make_cfg, pattern):
         opt.step()
         opt.zero_grad()
     after = generate(model, prompt, 5, greedy=True)
-    want = list(prompt)
-    with torch.no_grad():
-        for _ in range(5):
-            want.append(int(model(torch.tensor([want]))[0, -1].argmax()))
-    assert after == want[len(prompt):]
+    assert after == uncached_greedy(model, prompt, 5)
     assert after != before  # the steps changed the model's choices: the rebuilt caches were used
