@@ -98,7 +98,9 @@ class TrainConfig:
     eval_interval: int = 100
     """Steps between validation passes; 0 disables them (a final one still runs)."""
     eval_samples: int = 64
-    """Validation sequences per validation pass."""
+    """Validation sequences per validation pass: the first ``min(eval_samples, the validation
+    split's samples)`` of its fixed order, the same whatever dp and micro-batch size (see
+    :func:`pretrain.data.loader.validation_batches`)."""
     log_interval: int = 10
     """Steps between metric records."""
     device: str = "auto"
