@@ -111,7 +111,8 @@ def causal_conv1d_update(
     Args:
         x: ``[B, C]`` the new token's inputs.
         conv_state: ``[B, C, W-1]`` the previous inputs, oldest first (any strides).
-        weight, bias, activation, backend: as :func:`causal_conv1d` (W >= 2).
+        weight, bias, activation, backend: as :func:`causal_conv1d` (W = 1, no state, runs the
+            PyTorch path: the Triton kernel needs W >= 2).
         positions: ``[B]`` integer position of the token in its document, or None: tap s reads
             the state only where ``positions >= s``. (A position, not a reset flag: two tokens
             into a new document the state still holds the previous document's last input.)
@@ -129,11 +130,12 @@ def causal_conv1d_update(
     b, c = x.shape
     _check_common("causal_conv1d_update", c, weight, bias, activation)
     k = weight.shape[1]
-    if k < 2 or conv_state.shape != (b, c, k - 1):
-        raise ValueError(f"causal_conv1d_update: conv_state {tuple(conv_state.shape)} must be {(b, c, k - 1)}, W >= 2")
+    if conv_state.shape != (b, c, k - 1):
+        raise ValueError(f"causal_conv1d_update: conv_state {tuple(conv_state.shape)} must be {(b, c, k - 1)} "
+                         f"(W - 1 = {k - 1} previous inputs)")
     if positions is not None and (positions.shape != (b,) or positions.is_floating_point()):
         raise ValueError(f"causal_conv1d_update: positions {tuple(positions.shape)} must be integer [{b}]")
-    if select("causal_conv1d_update", backend, x.device, "kernels.short_conv.recurrent") == "triton":
+    if k >= 2 and select("causal_conv1d_update", backend, x.device, "kernels.short_conv.recurrent") == "triton":
         from kernels.short_conv import recurrent  # noqa: PLC0415  (only where triton is installed)
 
         return recurrent.causal_conv1d_update_triton(x, conv_state, weight, bias, positions, activation)
