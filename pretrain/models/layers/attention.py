@@ -269,6 +269,7 @@ class KVState:
         that sees every key: softmax attention does not depend on the keys' order); otherwise
         the keys come in token order (a copy of at most window - 1 + T keys)."""
         t = k.shape[1]
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)  # the cache's dtype (bf16 keys under autocast)
         k_in, v_in = k.transpose(1, 2), v.transpose(1, 2)  # [B, H_kv, T, D]
         if window is None:
             need = self.length + t
