@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from kernels.linear_cross_entropy import AllReduce, linear_cross_entropy
 from pretrain.models.context import Cache, ForwardContext, build_context
 from pretrain.models.layers.attention import Attention, KVState, flash_available
-from pretrain.models.layers.decode_weights import decode_matmul, decoding
+from pretrain.models.layers.decode_weights import decode_matmul, decoding, new_session
 from pretrain.models.layers.moe import RouterGRU, uses_router_gru
 from pretrain.models.layers.norm import RMSNorm, at_least_fp32
 from pretrain.models.registry import FFNS, MIXERS
@@ -205,6 +205,7 @@ class HybridLM(nn.Module):
         """An empty decoding cache for this model's blocks; with ``max_tokens`` (prompt plus new
         tokens) the attention layers' K/V buffers are allocated whole now (static: no step
         reallocates them; a window layer's ring is ``window`` slots whatever ``max_tokens``)."""
+        new_session()  # the decode-time weight layouts are rebuilt from the weights as they are now
         cache = Cache({name: block.mixer.new_state(batch_size) for name, block in self.blocks.items()})
         if max_tokens is not None:
             for name, block in self.blocks.items():
@@ -234,6 +235,8 @@ class HybridLM(nn.Module):
         (with labels and model.z_loss_coef > 0, the z-loss joins them).
         """
         h = self.embed(input_ids) if self.embed is not None else input_ids
+        if cache is None and decoding(h):  # a one-token forward of its own: a session of its own
+            new_session()
         out, carry = self.forward_layers(h, {}, position_ids, cache, labels)
         if not return_aux:
             return out

@@ -108,3 +108,77 @@ def test_decoding_through_the_fast_paths_equals_the_full_forward(make_cfg, monke
     assert bool(steps) == ("mamba" in pattern)  # and the short Mamba step (SambaY's memory layer too)
     assert any("_decode_weights" in m.__dict__ for m in model.modules())  # and the fused projections
     assert "_decode_weights" in (model.head or model.tied_head).__dict__  # and the head's
+
+
+def _weights_now(model, prompt, n):
+    """Greedy continuation of ``prompt`` by uncached full forwards (no decode-time copies)."""
+    ids = list(prompt)
+    with torch.enable_grad():  # one-token paths are off with autograd on
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_writes_the_version_counter_misses_are_seen_by_the_next_session(make_cfg):
+    """Writes through ``.data`` (an EMA update, a weight copy between models) bump no version
+    counter, and inference tensors have none: the next decoding session (a new cache, or a
+    one-token forward of its own) must still decode with the weights as they are then."""
+    from pretrain.generate import generate
+
+    cfg = make_cfg("mamba swa attn", init_std=0.3)
+    torch.manual_seed(0)
+    model, other = build_model(cfg), build_model(cfg)
+    prompt = [3, 14, 15, 9, 2]
+    assert generate(model, prompt, 6, greedy=True) == _weights_now(model, prompt, 6)
+    for p, q in zip(model.parameters(), other.parameters()):
+        p.data.copy_(q.data)  # no version bump
+    assert generate(model, prompt, 6, greedy=True) == _weights_now(model, prompt, 6)
+    with torch.no_grad():  # a one-token forward without a cache, after another .data write
+        for p in model.parameters():
+            p.data.mul_(1.5)
+        one = model(torch.tensor([[7]]))
+    with torch.enable_grad():
+        assert torch.allclose(one, model(torch.tensor([[7]])), rtol=1e-5, atol=1e-5)
+
+    with torch.inference_mode():  # parameters that are inference tensors: no version counter at all
+        built = build_model(cfg)
+        built.load_state_dict(model.state_dict())
+    assert all(p.is_inference() for p in built.parameters())
+    with torch.inference_mode():
+        ids = list(prompt)
+        for _ in range(4):
+            ids.append(int(built(torch.tensor([ids]))[0, -1].argmax()))
+    assert generate(built, prompt, 4, greedy=True) == ids[len(prompt):]
+
+
+@pytest.mark.parametrize("pattern", ["mamba", "mamba_mem swa attn_kv gmu xattn"])
+def test_conv_width_one_decodes_as_the_full_forward(make_cfg, pattern):
+    """mamba.d_conv = 1 (no convolution history) through every decoding path: a one-token
+    prompt, batched ragged prompts (the general step with positions) and the short CPU step."""
+    from pretrain.generate import generate, generate_batch
+
+    cfg = make_cfg(pattern, init_std=0.3, mamba={"d_conv": 1})
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    prompts = [[4], [1, 2, 3, 5, 8]]
+    alone = [_weights_now(model, p, 4) for p in prompts]
+    assert [generate(model, p, 4, greedy=True) for p in prompts] == alone
+    assert generate_batch(model, prompts, 4, greedy=True) == alone
+
+
+@pytest.mark.parametrize("pattern", ["swa", "attn", "mamba swa attn", "mamba_mem swa attn_kv gmu xattn"])
+def test_decoding_under_bf16_autocast_runs(make_cfg, pattern):
+    """Under CPU bf16 autocast the projections give bf16 keys while the cache holds fp32: every
+    attention layer (ring buffers included) stores them in the cache's dtype, and the steps'
+    logits stay near the uncached forward's under the same autocast."""
+    cfg = make_cfg(pattern, init_std=0.2)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (1, 9))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full = model(ids).float()
+        cache = model.new_cache(1)
+        steps = [model(ids[:, :3], cache=cache)] + [model(ids[:, t : t + 1], cache=cache) for t in range(3, 9)]
+    got = torch.cat(steps, dim=1).float()
+    assert torch.isfinite(got).all()
+    assert (got - full).abs().max() <= 0.05 * full.abs().max()

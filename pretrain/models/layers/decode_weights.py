@@ -20,9 +20,13 @@ speed of ``F.linear`` with one row.
 
 A copy is built on first use and rebuilt when a weight changes: another tensor, device or
 dtype, an in-place update (the version counter, which optimizer steps, ``copy_`` and
-``load_state_dict`` bump; a write through ``.data`` is not seen), or another thread count. It
-costs the memory of the weights it copies; :func:`drop_decode_weights` frees it. Gradients never
-flow through it: the callers use it only with autograd off.
+``load_state_dict`` bump), another thread count, or a new decoding session
+(:func:`new_session`: every ``HybridLM.new_cache`` and every one-token forward without a cache
+starts one). Writes the version counter does not see (through ``.data``, as an EMA update or a
+weight copy between two models does; to inference tensors, which have none) are therefore seen
+by the next session; within one, the weights are those of its start. A copy costs the memory of
+the weights it copies; :func:`drop_decode_weights` frees it. Gradients never flow through it:
+the callers use it only with autograd off.
 """
 
 from __future__ import annotations
@@ -33,29 +37,39 @@ import torch
 from torch import Tensor, nn
 
 _ATTR = "_decode_weights"
+_session = [0]  # the current decoding session (see new_session)
+
+
+def new_session() -> None:
+    """Start a decoding session: every cached layout and constant is rebuilt on its next use
+    (the module docstring says why). Cheap: a counter."""
+    _session[0] += 1
 
 
 class _Sources:
     """What a cached decode-time tensor was built from: the tensors themselves (held, so their
     storage cannot be freed and reused at the same address while the entry names them), their
-    data pointers and version counters, and the thread count."""
+    data pointers and version counters (None for an inference tensor, which has none), the
+    thread count and the decoding session."""
 
-    __slots__ = ("weights", "ptrs", "versions", "threads")
+    __slots__ = ("weights", "ptrs", "versions", "threads", "session")
 
     def __init__(self, weights: tuple[Tensor, ...], threads: int) -> None:
         self.weights = weights
         self.ptrs = tuple(w.data_ptr() for w in weights)
-        self.versions = tuple(w._version for w in weights)
+        self.versions = tuple(None if w.is_inference() else w._version for w in weights)
         self.threads = threads
+        self.session = _session[0]
 
     def valid(self, weights: tuple[Tensor, ...], threads: int) -> bool:
-        """Built from these very tensors (identity: a replaced parameter is another tensor;
-        dtype, device and shape come with it), their current data (``.data = ...`` moves the
-        pointer, an in-place update bumps the version) and this thread count."""
-        if threads != self.threads or len(weights) != len(self.weights):
+        """Built in this decoding session from these very tensors (identity: a replaced
+        parameter is another tensor; dtype, device and shape come with it), their current data
+        (``.data = ...`` moves the pointer, an in-place update bumps the version) and this
+        thread count."""
+        if threads != self.threads or self.session != _session[0] or len(weights) != len(self.weights):
             return False
         for w, old, ptr, version in zip(weights, self.weights, self.ptrs, self.versions):
-            if w is not old or w._version != version or w.data_ptr() != ptr:
+            if w is not old or w.data_ptr() != ptr or (version is not None and w._version != version):
                 return False
         return True
 
