@@ -93,6 +93,12 @@ def sample_next(
     return flat.view(probs.shape[:-1])
 
 
+RESERVE_NEW_TOKENS = 8192
+"""New tokens the K/V buffers hold from the start (static: no step reallocates them). A longer
+``max_new_tokens`` grows them by doubling as the text reaches them, so a generous limit that
+``eos_id`` cuts short does not allocate its whole cache up front."""
+
+
 @torch.inference_mode()
 def generate(
     model: nn.Module,
@@ -127,7 +133,7 @@ def generate(
     if max_new_tokens == 0:
         return []
     device = next(model.parameters()).device
-    cache = model.new_cache(1, ids.numel() + max_new_tokens)  # static K/V buffers
+    cache = model.new_cache(1, ids.numel() + min(max_new_tokens, RESERVE_NEW_TOKENS))
     logits = model(ids.to(device).view(1, -1), cache=cache)[0, -1]  # [V]
     out: list[int] = []
     for _ in range(max_new_tokens):
@@ -185,7 +191,7 @@ def generate_batch(
     ids = torch.tensor([[p[0]] * (longest - len(p)) + list(p) for p in prompts], device=device)  # [B, L]
     t = torch.arange(longest, device=device)
     positions = torch.where(t >= pads[:, None], t - pads[:, None], t)  # the padding: a document of its own
-    cache = model.new_cache(len(prompts), longest + max_new_tokens)
+    cache = model.new_cache(len(prompts), longest + min(max_new_tokens, RESERVE_NEW_TOKENS))
     logits = model(ids, positions, cache=cache)[:, -1]  # [B, V]
     lengths_t = torch.tensor(lengths, device=device)
     out: list[list[int]] = [[] for _ in prompts]

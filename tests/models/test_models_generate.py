@@ -217,3 +217,23 @@ def test_training_between_generations(make_cfg, pattern):
     after = generate(model, prompt, 5, greedy=True)
     assert after == uncached_greedy(model, prompt, 5)
     assert after != before  # the steps changed the model's choices: the rebuilt caches were used
+
+
+def test_a_generous_limit_does_not_reserve_its_whole_cache(make_cfg, monkeypatch):
+    """max_new_tokens far beyond what eos lets through reserves at most RESERVE_NEW_TOKENS new
+    tokens up front (10**12 would be terabytes); decoding past the reservation grows the cache
+    and draws the same tokens as a full reservation."""
+    from pretrain import generate as gen
+
+    torch.manual_seed(0)
+    model = build_model(make_cfg("swa attn", init_std=0.3))
+    asked = []
+    real = model.new_cache
+    monkeypatch.setattr(model, "new_cache", lambda b, n=None: asked.append(n) or real(b, n))
+    prompt = [3, 1, 4]
+    first = generate(model, prompt, 12, greedy=True)
+    eos = first[1]
+    assert generate(model, prompt, 10**12, greedy=True, eos_id=eos) == first[: first.index(eos) + 1]
+    assert asked == [len(prompt) + 12, len(prompt) + gen.RESERVE_NEW_TOKENS]
+    monkeypatch.setattr(gen, "RESERVE_NEW_TOKENS", 2)  # the buffers grow during the generation
+    assert generate(model, prompt, 12, greedy=True) == first == uncached_greedy(model, prompt, 12)
