@@ -158,12 +158,15 @@ class PackedLoader:
         return self.datasets[d].sample(i)
 
     def batch(self, samples: range | list[int]) -> Batch:
-        """A micro-batch of global samples: input_ids, labels, position_ids, each int64 [mb, T]."""
+        """A micro-batch of global samples: input_ids, labels, position_ids, each int64 [mb, T],
+        each its own storage (a caller may mask labels in place)."""
         tokens, positions = zip(*(self.sample(g) for g in samples))
         x = torch.from_numpy(np.stack(tokens))  # [mb, T + 1]
+        # copies: with one row both slices are already contiguous, and .contiguous() would
+        # return views sharing x's storage (masking labels then rewrote the inputs)
         return {
-            "input_ids": x[:, :-1].contiguous(),
-            "labels": x[:, 1:].contiguous(),
+            "input_ids": x[:, :-1].clone(memory_format=torch.contiguous_format),
+            "labels": x[:, 1:].clone(memory_format=torch.contiguous_format),
             "position_ids": torch.from_numpy(np.stack(positions)),
         }
 

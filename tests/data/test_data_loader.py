@@ -182,7 +182,8 @@ def test_validation_set_does_not_depend_on_the_layout(corpus: dict, n_samples: i
                 for batch in batches:
                     assert batch["input_ids"].shape == batch["labels"].shape == (mbs, seq_len)
                     for x, y in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
-                        if all(t == -100 for t in y):
+                        if all(t == -100 for t in y):  # padding: a real sample's inputs, no label
+                            assert min(x) >= 0 and batch["input_ids"].data_ptr() != batch["labels"].data_ptr()
                             padding += 1
                             continue
                         assert x[1:] == y[:-1]
