@@ -42,6 +42,10 @@ def write_results(step_dir: Path, kind: str, record: dict[str, Any]) -> Path:
     replaced. The file appears whole or not at all: written beside it under a temporary name,
     then renamed."""
     folder = _eval_dir(step_dir)
+    if folder.exists() and not folder.is_dir():
+        from pretrain.train.checkpoint import CheckpointError
+
+        raise CheckpointError(f"{folder}: a file is where the evaluation results folder goes; move it away")
     folder.mkdir(parents=True, exist_ok=True)
     step = checkpoint_step(step_dir)
     tmp = folder / f".{kind}_{step}.{os.getpid()}.tmp"
@@ -50,19 +54,27 @@ def write_results(step_dir: Path, kind: str, record: dict[str, Any]) -> Path:
             f.write(json.dumps(record, indent=2, default=str) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        path = _new_name(folder, kind, step)
-        os.replace(tmp, path)
-    except BaseException:
+        path = _publish(tmp, folder, kind, step)
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
     return path
 
 
-def _new_name(folder: Path, kind: str, step: int) -> Path:
-    while True:  # another evaluation wrote one in this microsecond: take the next microsecond
+def _publish(tmp: Path, folder: Path, kind: str, step: int) -> Path:
+    """Give the written file ``tmp`` a new dated name: a hard link, which fails rather than
+    replace a file another evaluation linked in the same microsecond (then the next one is
+    tried). A filesystem without hard links gets a rename to a name not yet taken."""
+    while True:
         path = folder / f"{kind}_{step}_{datetime.now(timezone.utc):%Y-%m-%dT%H-%M-%S.%f}.json"
-        if not path.exists():
+        try:
+            os.link(tmp, path)
             return path
+        except FileExistsError:
+            continue
+        except OSError:  # no hard links here
+            if not path.exists():
+                os.replace(tmp, path)
+                return path
 
 
 def _eval_dir(step_dir: Path) -> Path:

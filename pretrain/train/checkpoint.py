@@ -286,11 +286,16 @@ def verify(path: Path) -> None:
 
 
 def read_train_state(path: Path) -> dict[str, Any]:
-    """train_state.json of step folder ``path``; CheckpointError when it is not valid JSON."""
+    """train_state.json of step folder ``path``; CheckpointError when it is not valid JSON or
+    not an object with an integer ``step`` >= 0."""
     try:
-        return json.loads((path / "train_state.json").read_text())
+        state = json.loads((path / "train_state.json").read_text())
     except (ValueError, OSError) as exc:
         raise CheckpointError(f"checkpoint {path}: train_state.json is unreadable ({exc})") from None
+    step = state.get("step") if isinstance(state, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"checkpoint {path}: train_state.json has no integer step >= 0 (got {step!r})")
+    return state
 
 
 def _reraise_interrupt(exc: BaseException) -> None:

@@ -85,6 +85,16 @@ def test_eval_bad_input(prepared_dir, tmp_path, capsys):
     one_line_error(capsys, "--limit")
     assert not (tmp_path / "run" / "eval").exists()
 
+    (tmp_path / "run" / "eval").write_text("")  # a file where the results folder goes
+    assert main(["eval", "--checkpoint", str(tmp_path / "run")]) == 2
+    one_line_error(capsys, "results folder")
+    (tmp_path / "run" / "eval").unlink()
+    (state,) = (tmp_path / "run" / "checkpoints").glob("step-*/train_state.json")
+    for damaged in ("{}", '{"step": "x"}', "[3]"):
+        state.write_text(damaged)
+        assert main(["eval", "--checkpoint", str(tmp_path / "run")]) == 2
+        one_line_error(capsys, "train_state.json")
+
 
 def test_eval_refuses_options_it_would_ignore(prepared_dir, tmp_path, capsys):
     """Each option that would be silently ignored, or a device this torch cannot use, is one

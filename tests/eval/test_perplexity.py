@@ -118,7 +118,7 @@ def test_results_written_whole_or_not_at_all(prepared_dir, tmp_path, monkeypatch
     save_checkpoint_on(prepared_dir, tmp_path / "run", LLAMA)
     step = resolve_checkpoint(tmp_path / "run")
     t0 = datetime(2025, 1, 31, 12, tzinfo=timezone.utc)
-    ticks = iter([t0, t0, t0 + timedelta(microseconds=1), t0 + timedelta(seconds=1)])
+    ticks = iter([t0, t0, t0 + timedelta(microseconds=1), t0 + timedelta(seconds=1), t0 + timedelta(seconds=2)])
 
     class Clock(datetime):
         @classmethod
@@ -134,8 +134,11 @@ def test_results_written_whole_or_not_at_all(prepared_dir, tmp_path, monkeypatch
     def fail(src, dst):
         raise OSError("disk full")
 
+    monkeypatch.setattr(os, "link", fail)  # a filesystem without hard links: renamed instead
+    third = pretrain.eval.write_results(step, "perplexity", {"val_loss": 3.0})
+    assert json.loads(third.read_text()) == {"val_loss": 3.0}
     monkeypatch.setattr(os, "replace", fail)
     with pytest.raises(OSError, match="disk full"):
-        pretrain.eval.write_results(step, "perplexity", {"val_loss": 3.0})
-    assert sorted((tmp_path / "run" / "eval").iterdir()) == [first, second]
-    assert [json.loads(p.read_text())["val_loss"] for p in results_files(step, "perplexity")] == [1.0, 2.0]
+        pretrain.eval.write_results(step, "perplexity", {"val_loss": 4.0})
+    assert sorted((tmp_path / "run" / "eval").iterdir()) == [first, second, third]
+    assert [json.loads(p.read_text())["val_loss"] for p in results_files(step, "perplexity")] == [1.0, 2.0, 3.0]
