@@ -16,6 +16,7 @@ from pretrain.models.layers.decode_weights import decode_linear, drop_decode_wei
 from pretrain.models.layers.mamba import Mamba
 from pretrain.models.layers.rope import rope_tables
 from tests.models.util import decode as _decode
+from tests.models.util import uncached_greedy
 
 
 def naive_attention(q, k, v):
@@ -110,15 +111,6 @@ def test_decoding_through_the_fast_paths_equals_the_full_forward(make_cfg, monke
     assert "_decode_weights" in (model.head or model.tied_head).__dict__  # and the head's
 
 
-def _weights_now(model, prompt, n):
-    """Greedy continuation of ``prompt`` by uncached full forwards (no decode-time copies)."""
-    ids = list(prompt)
-    with torch.enable_grad():  # one-token paths are off with autograd on
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
-
-
 def test_writes_the_version_counter_misses_are_seen_by_the_next_session(make_cfg):
     """Writes through ``.data`` (an EMA update, a weight copy between models) bump no version
     counter, and inference tensors have none: the next decoding session (a new cache, or a
@@ -129,10 +121,10 @@ def test_writes_the_version_counter_misses_are_seen_by_the_next_session(make_cfg
     torch.manual_seed(0)
     model, other = build_model(cfg), build_model(cfg)
     prompt = [3, 14, 15, 9, 2]
-    assert generate(model, prompt, 6, greedy=True) == _weights_now(model, prompt, 6)
+    assert generate(model, prompt, 6, greedy=True) == uncached_greedy(model, prompt, 6)
     for p, q in zip(model.parameters(), other.parameters()):
         p.data.copy_(q.data)  # no version bump
-    assert generate(model, prompt, 6, greedy=True) == _weights_now(model, prompt, 6)
+    assert generate(model, prompt, 6, greedy=True) == uncached_greedy(model, prompt, 6)
     with torch.no_grad():  # a one-token forward without a cache, after another .data write
         for p in model.parameters():
             p.data.mul_(1.5)
@@ -161,7 +153,7 @@ def test_conv_width_one_decodes_as_the_full_forward(make_cfg, pattern):
     torch.manual_seed(0)
     model = build_model(cfg)
     prompts = [[4], [1, 2, 3, 5, 8]]
-    alone = [_weights_now(model, p, 4) for p in prompts]
+    alone = [uncached_greedy(model, p, 4) for p in prompts]
     assert [generate(model, p, 4, greedy=True) for p in prompts] == alone
     assert generate_batch(model, prompts, 4, greedy=True) == alone
 

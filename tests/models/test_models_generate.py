@@ -7,6 +7,7 @@ import torch
 
 from pretrain.generate import SamplingError, generate, sample_next
 from pretrain.models import build_model
+from tests.models.util import uncached_greedy
 
 
 def naive_nucleus(probs, p):
@@ -19,15 +20,6 @@ def naive_nucleus(probs, p):
         if mass >= p:
             break
     return set(kept)
-
-
-def uncached_greedy(model, prompt: list[int], n: int) -> list[int]:
-    """The ``n`` argmax continuations of ``prompt``, each from a full forward without a cache."""
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 def _support(logits, n=400, **kw):

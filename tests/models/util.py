@@ -5,6 +5,16 @@ from __future__ import annotations
 import torch
 
 
+def uncached_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """The ``n`` argmax continuations of ``prompt``, each from a full forward without a cache
+    (autograd on: no one-token decoding path, no decode-time weight copy)."""
+    ids = list(prompt)
+    with torch.enable_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
 def decode_with_cache(model, ids: torch.Tensor, chunks: list[int], positions: torch.Tensor | None = None):
     """``(logits, cache)`` of ``ids [B, T]`` fed through one decoding cache in pieces of
     ``chunks`` tokens."""
