@@ -2,7 +2,7 @@
 logged losses, gradient norms and validation losses of GPipe, 1F1B and ZBV (no validation: torch
 cannot evaluate through it) runs of the tied-embedding SambaY, pp2 x dp_shard2 (FSDP2 inside
 the stages) and pp2 x dp_replicate2 (HSDP) on four ranks, checkpoints that resume across the
-layouts (pp2 -> one process, pp2 -> pp4, pp2 -> dp2 -> pp2, one process -> pp4 -> pp2) with the
+layouts (pp2 -> one process, pp2 -> dp2 -> pp2, one process -> pp4 -> pp2) with the
 same weights, optimizer state and data position as the uninterrupted single-process run, and
 `pretrain eval` and `pretrain generate` on a pp2 checkpoint. The zbv run and the pp4 resume cut
 stages inside blocks (parallel.pp_split "L.ffn"), with the same checkpoint names and values."""
@@ -168,15 +168,19 @@ def test_pipeline_train_equals_single_process(small_corpus, prepared_dir, tmp_pa
 
     # and the reverse, through pp4: a single-process checkpoint resumes under pp4 (four ranks, one
     # stage each, checkpoints every step), and its step-3 checkpoint under pp2 (1f1b)
+    # (pp4's four stages, one per rank, cut inside blocks 1 and 5: SambaY's GMU memory and shared
+    # K/V cross after block 5's mixer half)
     to_pp4 = tmp_path / "one_to_pp4"
     _resumable_copy(single, to_pp4, 2)
     result = _torchrun(_overrides(small_corpus, prepared_dir, to_pp4, **{
-        "parallel.pp": 4, "parallel.pp_microbatches": 4, "checkpoint.interval": 1}), nproc=4)
+        "parallel.pp": 4, "parallel.pp_microbatches": 4, "checkpoint.interval": 1,
+        "parallel.pp_split": '["1.ffn", 4, "5.ffn"]'}), nproc=4)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from step 2" in result.stdout and "at sample 16 " in result.stdout
     assert "4 stages starting at layers" in result.stdout
     # (its validation set is rounded up to 2 x 4 sequences, one round of 4 micro-batches)
-    _assert_same_log(_records(to_pp4), want, [3, 4], keys=("loss", "grad_norm"))
+    worst = _assert_same_log(_records(to_pp4), want, [3, 4], keys=("loss", "grad_norm"))
+    print(f"one_to_pp4: worst relative difference of loss/grad_norm vs one process {worst:.2e}")
     to_pp = tmp_path / "pp4_to_pp2"
     _resumable_copy(to_pp4, to_pp, 3)
     result = _torchrun(_overrides(small_corpus, prepared_dir, to_pp, **{"parallel.pp": 2,
@@ -190,20 +194,7 @@ def test_pipeline_train_equals_single_process(small_corpus, prepared_dir, tmp_pa
         print(f"{run.name}: max |weight| / |moment| difference vs one process %.1e / %.1e"
               % _max_differences(got, final))
 
-    # The same pp2 checkpoint resumes under pp4 (four stages, one per rank, cut inside blocks 1
-    # and 5: SambaY's GMU memory and shared K/V cross after block 5's mixer half) ...
-    pp2_to_pp4 = tmp_path / "pp2_to_pp4"
-    _resumable_copy(tmp_path / "gpipe", pp2_to_pp4, 2)
-    result = _torchrun(_overrides(small_corpus, prepared_dir, pp2_to_pp4, **{
-        "parallel.pp": 4, "parallel.pp_microbatches": 4, "parallel.pp_split": '["1.ffn", 4, "5.ffn"]'}), nproc=4)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "resumed from step 2" in result.stdout and "at sample 16 " in result.stdout
-    worst = _assert_same_log(_records(pp2_to_pp4), want, [3, 4], keys=("loss", "grad_norm"))
-    print(f"pp2_to_pp4: worst relative difference of loss/grad_norm vs one process {worst:.2e}")
-    _assert_same_checkpoint(got := _checkpoint(pp2_to_pp4 / "checkpoints/step-00000004", tmp_path), final)
-    print("pp2_to_pp4: max |weight| / |moment| difference vs one process %.1e / %.1e" % _max_differences(got, final))
-
-    # ... and under dp2 (FSDP2 over two ranks, no pipeline; checkpoints every step), whose step-3
+    # The pp2 checkpoint resumes under dp2 (FSDP2 over two ranks, no pipeline; checkpoints every step), whose step-3
     # checkpoint resumes under pp2 again (the reverse). FSDP's reduce-scatter sums in another order:
     # the tolerances of pp2 x dp_shard2 above.
     pp2_to_dp2 = tmp_path / "pp2_to_dp2"
